@@ -508,7 +508,9 @@ class PortInfo(Message):
         head = [_check_value(name, f, k, getattr(self, f)) for f, k in self.FIELDS]
         out = bytearray(self._STRUCT.pack(*head))
         for i, ch in enumerate(self.channels):
-            vals = [_check_value(f"{name}.channels[{i}]", f, k, getattr(ch, f)) for f, k in ch.FIELDS]
+            vals = [
+                _check_value(f"{name}.channels[{i}]", f, k, getattr(ch, f)) for f, k in ch.FIELDS
+            ]
             out += Channel.STRUCT.pack(*vals)
         return bytes(out)
 
@@ -630,7 +632,9 @@ class Telemetry(Message):
             )
         t, state, interlocks, fault = cls._STRUCT.unpack_from(payload)
         ports = tuple(
-            PortSample(*PortSample.STRUCT.unpack_from(payload, head_size + i * PortSample.STRUCT.size))
+            PortSample(
+                *PortSample.STRUCT.unpack_from(payload, head_size + i * PortSample.STRUCT.size)
+            )
             for i in range(rest // PortSample.STRUCT.size)
         )
         return cls(t, state, interlocks, fault, ports)
@@ -663,11 +667,28 @@ class Nak(Message):
 
 
 HOST_MESSAGES: tuple[type[Message], ...] = (
-    Hello, Ping, GetPort, SetTelemetry, Arm, Disarm, EmitStart, EmitStop, AllOff, ClearFault,
+    Hello,
+    Ping,
+    GetPort,
+    SetTelemetry,
+    Arm,
+    Disarm,
+    EmitStart,
+    EmitStop,
+    AllOff,
+    ClearFault,
     GetCounters,
 )
 DEVICE_MESSAGES: tuple[type[Message], ...] = (
-    Ack, Info, Pong, PortInfo, Stopped, Counters, Telemetry, Event, Nak,
+    Ack,
+    Info,
+    Pong,
+    PortInfo,
+    Stopped,
+    Counters,
+    Telemetry,
+    Event,
+    Nak,
 )
 
 

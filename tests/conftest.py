@@ -28,7 +28,9 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     current = asyncio.current_task()
     # One turn of the loop lets tasks that were cancelled finish unwinding.
     await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() if t not in before and t is not current and not t.done()]
+    leaked = [
+        t for t in asyncio.all_tasks() if t not in before and t is not current and not t.done()
+    ]
     for task in leaked:
         task.cancel()
     if leaked:

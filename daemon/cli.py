@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pbmd.daemon import demo
     from pbmd.hw_sim import cli as sim_cli
     from pbmd.protocols import cli as protocol_cli
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sim_cli.register(sub)
     protocol_cli.register_pbmd(sub)
+    demo.register(sub)
     return parser
 
 

@@ -1,0 +1,56 @@
+# pbmd: `make run` sets up and runs the main job, `make test` sets up and runs the checks.
+# Both create .venv and install the Debian packages pbmd needs when they are missing.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := mosquitto minisign socat libusb-1.0-0
+PACKAGES := pbmd.daemon pbmd.drivers pbmd.protocols pbmd.hw_sim
+
+.PHONY: run test setup system-deps lint typecheck pytest bench clean
+
+run: setup
+	$(BIN)/pbmd demo
+
+test: setup lint typecheck pytest
+
+setup: system-deps $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Debian packages: mosquitto (MQTT tests), minisign (protocol signatures), socat, libusb.
+system-deps:
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; else sudo=sudo; fi; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: setup
+	$(BIN)/ruff check .
+
+# mypy resolves `pbmd.*` through a tree of links, since the sub-packages live in
+# top-level folders that only setuptools maps into the namespace.
+typecheck: setup
+	@mkdir -p .typecheck/pbmd
+	@for d in daemon drivers protocols hw_sim; do ln -sfn ../../$$d .typecheck/pbmd/$$d; done
+	MYPYPATH=.typecheck $(BIN)/mypy $(addprefix -p ,$(PACKAGES))
+
+pytest: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,139 @@
+"""The host's dose channel: measured power integrated over device time.
+
+ICD §4 defines a telemetry sample's ``measured_power_uw`` as the *mean over
+the sample interval*, stamped with the device time at the interval's end. The
+energy of an interval is then exactly mean × length, so the integral is the
+sum of those products over device time (the trapezoid over instantaneous
+readings would lag a mean-valued signal by half a sample at every start and
+stop). Host time never enters: a late or bunched telemetry frame changes
+nothing, because each sample carries its own device time.
+
+The integrator also predicts *when* the dose will be reached, from the current
+rate and the device-clock mapping, so the stop can be sent to arrive on time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass
+class DoseIntegrator:
+    """Energy of one step on one port, across every emission of that step."""
+
+    area_cm2: float
+    energy_uj: float = 0.0
+    emitting_time_us: int = 0
+    peak_irradiance_mw_cm2: float = 0.0
+    samples: int = 0
+    last_device_time_us: int | None = None
+    last_power_uw: float = 0.0
+    _irradiance_time_product: float = field(default=0.0, repr=False)
+
+    def add(self, device_time_us: int, measured_power_uw: int, emitting: bool) -> float:
+        """Add one sample; returns the energy in µJ that this interval contributed."""
+        previous = self.last_device_time_us
+        self.last_device_time_us = device_time_us
+        self.last_power_uw = float(measured_power_uw)
+        if previous is None or device_time_us <= previous:
+            return 0.0
+        dt_us = device_time_us - previous
+        delta_uj = measured_power_uw * dt_us / 1e6
+        self.energy_uj += delta_uj
+        self.samples += 1
+        if emitting or measured_power_uw:
+            self.emitting_time_us += dt_us
+            irradiance = self.irradiance_mw_cm2(measured_power_uw)
+            self.peak_irradiance_mw_cm2 = max(self.peak_irradiance_mw_cm2, irradiance)
+        return delta_uj
+
+    def rebase(self, device_time_us: int) -> None:
+        """Start the next interval here (after a pause, at a new EMIT_START)."""
+        self.last_device_time_us = device_time_us
+
+    def irradiance_mw_cm2(self, power_uw: float) -> float:
+        return power_uw / 1000.0 / self.area_cm2
+
+    @property
+    def energy_j(self) -> float:
+        return self.energy_uj / 1e6
+
+    @property
+    def fluence_j_cm2(self) -> float:
+        return self.energy_j / self.area_cm2
+
+    @property
+    def mean_irradiance_mw_cm2(self) -> float:
+        if not self.emitting_time_us:
+            return 0.0
+        mean_power_uw = self.energy_uj / (self.emitting_time_us / 1e6)
+        return self.irradiance_mw_cm2(mean_power_uw)
+
+    def device_time_to_reach_us(self, target_uj: float, rate_uw: float | None = None) -> float:
+        """Device time from the last sample until `target_uj`, at the current rate."""
+        rate = self.last_power_uw if rate_uw is None else rate_uw
+        remaining = target_uj - self.energy_uj
+        if remaining <= 0:
+            return 0.0
+        if rate <= 0:
+            return float("inf")
+        return remaining / rate * 1e6
+
+
+def integrate_samples(
+    device_time_us: npt.NDArray[np.int64], measured_power_uw: npt.NDArray[np.int64]
+) -> float:
+    """Energy in µJ of a batch of samples (the same rule as :class:`DoseIntegrator`).
+
+    Used where whole series are at hand (reconstructing a record, benchmarks);
+    the live path adds one sample at a time, where numpy would only add overhead.
+    """
+    if len(device_time_us) < 2:
+        return 0.0
+    dt = np.diff(device_time_us.astype(np.float64))
+    return float(np.sum(measured_power_uw[1:].astype(np.float64) * np.clip(dt, 0, None)) / 1e6)
+
+
+class DeviceClock:
+    """Maps the controller's device time to this host's monotonic clock.
+
+    The ratio is measured, not assumed: a real controller runs at 1.0, a
+    simulator at its time scale. A long baseline (the first sample of the
+    connection to the latest) keeps host-side jitter out of the ratio; the
+    offset follows the latest sample minus the one-way link latency.
+    """
+
+    def __init__(self) -> None:
+        self._first: tuple[float, int] | None = None
+        self._last: tuple[float, int] | None = None
+        self.ratio = 1.0
+        self.one_way_latency_s = 0.0
+
+    def observe(self, host_monotonic_s: float, device_time_us: int) -> None:
+        if self._first is None or (self._last is not None and device_time_us < self._last[1]):
+            self._first = (host_monotonic_s, device_time_us)
+        self._last = (host_monotonic_s, device_time_us)
+        span_s = host_monotonic_s - self._first[0]
+        if span_s >= 0.2:
+            self.ratio = max((device_time_us - self._first[1]) / 1e6 / span_s, 1e-6)
+
+    @property
+    def ready(self) -> bool:
+        return self._last is not None
+
+    def host_time_at(self, device_time_us: float) -> float:
+        """Host monotonic time at which the device clock reaches `device_time_us`.
+
+        A sample stamped D arrived one link latency after the device stamped it.
+        """
+        assert self._last is not None
+        host_s, dev_us = self._last
+        return host_s - self.one_way_latency_s + (device_time_us - dev_us) / 1e6 / self.ratio
+
+    def device_time_now_us(self, host_monotonic_s: float) -> float:
+        assert self._last is not None
+        host_s, dev_us = self._last
+        return dev_us + (host_monotonic_s - host_s + self.one_way_latency_s) * self.ratio * 1e6

@@ -1,0 +1,320 @@
+"""Safety supervision: the one registry of trip causes, the limits, and the latch.
+
+Everything that can end a treatment abnormally is named here, once, with a
+distinct code and a sentence a clinician can act on. The :class:`Supervisor`
+holds the single latched :meth:`Supervisor.trip`: the first cause wins, ALL_OFF
+goes to every controller before anything else happens, emission is read back
+from telemetry and escalated if a port keeps emitting, and only then are the
+session, the record and the listeners told. Nothing here waits on MQTT, disk
+or a client: records and notifications are handed off after emission is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from pbmd.drivers import codec
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class CauseInfo:
+    code: str
+    message: str
+    needs_service: bool = False
+
+
+class TripCause(enum.Enum):
+    """Why a treatment was stopped by the system (not by the operator)."""
+
+    FLUENCE_CEILING = CauseInfo(
+        "E101", "The fluence ceiling for a site would have been exceeded; emission stopped."
+    )
+    IRRADIANCE_CEILING = CauseInfo(
+        "E102", "Measured irradiance exceeded the safe ceiling for this wavelength."
+    )
+    POWER_CEILING = CauseInfo(
+        "E103", "Measured optical power exceeded the applicator's maximum."
+    )
+    POWER_DEVIATION = CauseInfo(
+        "E104",
+        "Measured power differed from the setpoint by more than 20 %. "
+        "Check the applicator and its calibration.",
+    )
+    DOSE_CHANNELS_DISAGREE = CauseInfo(
+        "E105",
+        "The daemon's and the controller's dose measurements disagree. "
+        "The delivered dose cannot be trusted; have the system checked.",
+    )
+    TELEMETRY_STALE = CauseInfo(
+        "E201", "The controller stopped reporting measurements; emission stopped."
+    )
+    REPLY_TIMEOUT = CauseInfo(
+        "E202", "The controller did not answer in time; emission stopped."
+    )
+    LINK_LOST = CauseInfo(
+        "E203", "The connection to the controller was lost; emission stopped."
+    )
+    KEY_OFF = CauseInfo("E301", "The key switch was turned off.")
+    REMOTE_INTERLOCK_OPEN = CauseInfo(
+        "E302", "The remote interlock (door loop) opened."
+    )
+    EMERGENCY_STOP = CauseInfo("E303", "The emergency stop was pressed.")
+    CONTROLLER_FAULT = CauseInfo(
+        "E401", "The controller reported a fault and stopped emission."
+    )
+    APPLICATOR_REMOVED = CauseInfo(
+        "E402", "An applicator was unplugged during treatment."
+    )
+    UNEXPECTED_STOP = CauseInfo(
+        "E403", "The controller stopped an emission for a reason the daemon did not expect."
+    )
+    BACKUP_CHANNEL_STOP = CauseInfo(
+        "E404",
+        "A backup dose channel (energy budget or timer) ended an emission before the "
+        "prescribed dose was measured. Have the system checked.",
+    )
+    STUCK_EMISSION = CauseInfo(
+        "E501",
+        "A port kept emitting after it was told to stop. Disconnect the applicator; "
+        "the system needs service before further use.",
+        needs_service=True,
+    )
+    PLAN_HASH_MISMATCH = CauseInfo(
+        "E601", "The treatment plan changed after it was confirmed; nothing was emitted."
+    )
+    CALIBRATION_OVERDUE = CauseInfo(
+        "E602", "Calibration is overdue; recalibrate before treating."
+    )
+    RECORDS_FAILED = CauseInfo(
+        "E701", "Treatment records cannot be written (disk full or failing); emission stopped."
+    )
+    INTERNAL_ERROR = CauseInfo(
+        "E901", "An internal error occurred in the daemon; emission stopped."
+    )
+
+    @property
+    def code(self) -> str:
+        return self.value.code
+
+    @property
+    def message(self) -> str:
+        return self.value.message
+
+
+@dataclass(frozen=True)
+class Trip:
+    cause: TripCause
+    detail: str
+    port: int | None
+    monotonic_s: float
+    utc: float
+
+    def describe(self) -> str:
+        where = f" (port {self.port})" if self.port is not None else ""
+        return f"{self.cause.code} {self.cause.message}{where} {self.detail}".strip()
+
+
+@dataclass(frozen=True)
+class SafetyLimits:
+    """The supervisor's thresholds: one place, with units, each with its reason."""
+
+    power_deviation_fraction: float = 0.20
+    """Measured vs setpoint (21 CFR 1040.11(a): exposure accurate to ±20 %)."""
+    power_deviation_grace_us: int = 100_000
+    """A deviation must last this long (device time) after the rise to trip."""
+    dose_disagreement_fraction: float = 0.02
+    """Host vs controller delivered energy."""
+    dose_disagreement_floor_uj: int = 50_000
+    """Absolute floor so that tiny early energies do not trip on rounding."""
+    stale_telemetry_periods: float = 5.0
+    """Telemetry older than this many sample periods is a link fault (ICD §6)."""
+    stop_readback_timeout_s: float = 0.25
+    """After EMIT_STOP or ALL_OFF, telemetry must show the port dark within this."""
+    backup_timer_fraction: float = 0.20
+    """Host backup timer and controller max duration: planned time + 20 %."""
+    energy_budget_fraction: float = 0.05
+    """Controller energy budget: prescription + 5 %."""
+
+
+class ControllerPort(Protocol):
+    """What the supervisor needs of a controller: stop everything, read back."""
+
+    name: str
+
+    async def all_off(self) -> None: ...
+    async def disarm(self) -> None: ...
+    def emitting_ports(self) -> set[int]: ...
+    async def wait_dark(self, timeout_s: float) -> bool: ...
+
+
+TripListener = Callable[[Trip], None]
+
+
+class Supervisor:
+    """One task and one latch: the first trip turns everything off and stays."""
+
+    def __init__(self, controllers: Sequence[ControllerPort], limits: SafetyLimits) -> None:
+        self._controllers = list(controllers)
+        self.limits = limits
+        self._trip: Trip | None = None
+        self._wake = asyncio.Event()
+        self._done = asyncio.Event()
+        self._listeners: list[TripListener] = []
+        self._latch_hooks: list[TripListener] = []
+        self._task: asyncio.Task[None] | None = None
+        self.escalation: list[str] = []
+        self.service_required = False
+        self.all_off_sent_monotonic_s: float | None = None
+
+    @property
+    def tripped(self) -> Trip | None:
+        return self._trip
+
+    def add_listener(self, listener: TripListener) -> Callable[[], None]:
+        """Called once emission is off and read back; returns a remover."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def add_latch_hook(self, hook: TripListener) -> None:
+        """Called synchronously inside trip(), before anything awaits (inhibits)."""
+        self._latch_hooks.append(hook)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="safety-supervisor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def trip(self, cause: TripCause, detail: str = "", port: int | None = None) -> bool:
+        """Latch `cause` if nothing is latched yet. Safe from any callback; never blocks.
+
+        Returns True for the trip that latched, False for later ones (recorded
+        by the caller as consequences, not causes).
+        """
+        if self._trip is not None:
+            log.info("trip.ignored_latched", cause=cause.name, detail=detail, port=port)
+            return False
+        self._trip = Trip(cause, detail, port, time.monotonic(), time.time())
+        log.error("trip", code=cause.code, cause=cause.name, detail=detail, port=port)
+        for hook in list(self._latch_hooks):
+            try:
+                hook(self._trip)
+            except Exception:
+                log.exception("trip.latch_hook_failed")
+        self._wake.set()
+        return True
+
+    async def wait_done(self) -> Trip:
+        """Wait until a trip has been fully handled (emission off, listeners told)."""
+        await self._done.wait()
+        assert self._trip is not None
+        return self._trip
+
+    async def _run(self) -> None:
+        await self._wake.wait()
+        trip = self._trip
+        assert trip is not None
+        await self._all_off_everywhere()
+        await self._verify_dark()
+        for listener in list(self._listeners):
+            try:
+                listener(trip)
+            except Exception:
+                log.exception("trip.listener_failed")
+        self._done.set()
+
+    async def _all_off_everywhere(self) -> None:
+        results = await asyncio.gather(
+            *(c.all_off() for c in self._controllers), return_exceptions=True
+        )
+        self.all_off_sent_monotonic_s = time.monotonic()
+        for ctrl, res in zip(self._controllers, results, strict=True):
+            if isinstance(res, BaseException):
+                self.escalation.append(f"ALL_OFF to {ctrl.name} failed: {res!r}")
+                log.error("trip.all_off_failed", controller=ctrl.name, error=repr(res))
+
+    async def _verify_dark(self) -> None:
+        """Read back that every port stopped; escalate ALL_OFF → DISARM → service."""
+        timeout = self.limits.stop_readback_timeout_s
+        for ctrl in self._controllers:
+            if await self._dark(ctrl, timeout):
+                continue
+            self.escalation.append(f"{ctrl.name}: still emitting after ALL_OFF; ALL_OFF again")
+            try:
+                await ctrl.all_off()
+            except Exception as exc:
+                self.escalation.append(f"{ctrl.name}: second ALL_OFF failed: {exc!r}")
+            if await self._dark(ctrl, timeout):
+                continue
+            self.escalation.append(f"{ctrl.name}: still emitting; DISARM")
+            try:
+                await ctrl.disarm()
+            except Exception as exc:
+                self.escalation.append(f"{ctrl.name}: DISARM failed: {exc!r}")
+            if await self._dark(ctrl, timeout):
+                continue
+            ports = sorted(ctrl.emitting_ports())
+            self.escalation.append(
+                f"{ctrl.name}: ports {ports} still emitting after ALL_OFF and DISARM: "
+                "hardware fault, service required"
+            )
+            self.service_required = True
+        for line in self.escalation:
+            log.critical("trip.escalation", step=line)
+
+    @staticmethod
+    async def _dark(ctrl: ControllerPort, timeout_s: float) -> bool:
+        try:
+            return await ctrl.wait_dark(timeout_s)
+        except Exception:
+            log.exception("trip.readback_failed", controller=ctrl.name)
+            return False
+
+
+def interlock_cause(bits: int) -> TripCause | None:
+    """The trip cause for a set of interlock bits, or None when all are in run state."""
+    if not bits & codec.Interlock.ESTOP_RELEASED:
+        return TripCause.EMERGENCY_STOP
+    if not bits & codec.Interlock.KEY:
+        return TripCause.KEY_OFF
+    if not bits & codec.Interlock.REMOTE:
+        return TripCause.REMOTE_INTERLOCK_OPEN
+    return None
+
+
+def stop_reason_cause(reason: int) -> TripCause:
+    """Map a controller stop reason that the host did not ask for to a trip cause."""
+    mapping = {
+        codec.StopReason.ENERGY_BUDGET: TripCause.BACKUP_CHANNEL_STOP,
+        codec.StopReason.MAX_DURATION: TripCause.BACKUP_CHANNEL_STOP,
+        codec.StopReason.INTERLOCK: TripCause.REMOTE_INTERLOCK_OPEN,
+        codec.StopReason.WATCHDOG: TripCause.CONTROLLER_FAULT,
+        codec.StopReason.OVERPOWER: TripCause.CONTROLLER_FAULT,
+        codec.StopReason.OVER_TEMPERATURE: TripCause.CONTROLLER_FAULT,
+        codec.StopReason.APPLICATOR_REMOVED: TripCause.APPLICATOR_REMOVED,
+    }
+    try:
+        return mapping.get(codec.StopReason(reason), TripCause.UNEXPECTED_STOP)
+    except ValueError:
+        return TripCause.UNEXPECTED_STOP

@@ -1,0 +1,94 @@
+"""The host dose channel: interval means × device time, and the stop prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pbmd.daemon.dose import DeviceClock, DoseIntegrator, integrate_samples
+
+
+def test_interval_means_integrate_exactly() -> None:
+    integ = DoseIntegrator(area_cm2=180.0)
+    integ.rebase(1_000_000)
+    # 1.8 W for 3 intervals of 0.5 s, then a tail interval of 0.1 s at a mean of 0.9 W.
+    for t_us, p_uw in ((1_500_000, 1_800_000), (2_000_000, 1_800_000), (2_500_000, 1_800_000),
+                       (3_000_000, 360_000)):
+        integ.add(t_us, p_uw, emitting=True)
+    assert integ.energy_j == pytest.approx(1.8 * 1.5 + 0.36 * 0.5)
+    assert integ.fluence_j_cm2 == pytest.approx(integ.energy_j / 180.0)
+    assert integ.emitting_time_us == 2_000_000
+
+
+def test_host_time_never_enters() -> None:
+    """Bunched or late samples change nothing: each carries its device time."""
+    a, b = DoseIntegrator(0.5), DoseIntegrator(0.5)
+    samples = [(i * 20_000, 200_000) for i in range(1, 200)]
+    a.rebase(0)
+    b.rebase(0)
+    for t, p in samples:
+        a.add(t, p, True)
+    for t, p in samples[::2]:  # every other sample lost: the next covers both
+        b.add(t, p, True)
+    assert a.energy_uj == pytest.approx(b.energy_uj, rel=0.02)
+
+
+def test_out_of_order_sample_adds_nothing() -> None:
+    integ = DoseIntegrator(1.0)
+    integ.rebase(100)
+    integ.add(200, 1000, True)
+    before = integ.energy_uj
+    assert integ.add(150, 10**9, True) == 0.0
+    assert integ.energy_uj == before
+
+
+@given(
+    powers=st.lists(st.integers(0, 3_000_000), min_size=2, max_size=200),
+    steps=st.lists(st.integers(1, 2_000_000), min_size=2, max_size=200),
+)
+def test_batch_and_live_paths_agree(powers: list[int], steps: list[int]) -> None:
+    n = min(len(powers), len(steps))
+    times = np.cumsum(np.array(steps[:n], dtype=np.int64))
+    pw = np.array(powers[:n], dtype=np.int64)
+    live = DoseIntegrator(1.0)
+    live.rebase(int(times[0]))
+    for t, p in zip(times[1:], pw[1:], strict=True):
+        live.add(int(t), int(p), True)
+    assert integrate_samples(times, pw) == pytest.approx(live.energy_uj, rel=1e-9, abs=1e-6)
+
+
+def test_prediction_of_time_to_dose() -> None:
+    integ = DoseIntegrator(180.0)
+    integ.rebase(0)
+    integ.add(1_000_000, 2_700_000, True)  # 2.7 J
+    assert integ.device_time_to_reach_us(27_000_000) == pytest.approx(9_000_000)
+    assert integ.device_time_to_reach_us(1_000_000) == 0.0
+    integ.add(2_000_000, 0, False)
+    assert integ.device_time_to_reach_us(27_000_000) == float("inf")
+
+
+def test_device_clock_measures_the_ratio() -> None:
+    clock = DeviceClock()
+    for i in range(50):
+        clock.observe(100.0 + i * 0.02, 5_000_000 + i * 1_200_000)  # ×60 at 50 Hz
+    assert clock.ratio == pytest.approx(60.0)
+    clock.one_way_latency_s = 0.0005
+    # Device time 1.2 s after the last sample is reached 20 ms later on the host.
+    last_host = 100.0 + 49 * 0.02
+    assert clock.host_time_at(5_000_000 + 50 * 1_200_000) == pytest.approx(
+        last_host + 0.02 - 0.0005
+    )
+    assert clock.device_time_now_us(last_host) == pytest.approx(
+        5_000_000 + 49 * 1_200_000 + 0.0005 * 60e6
+    )
+
+
+def test_device_clock_restarts_after_device_reset() -> None:
+    clock = DeviceClock()
+    clock.observe(0.0, 10_000_000)
+    clock.observe(1.0, 11_000_000)
+    clock.observe(2.0, 50)  # device restarted
+    clock.observe(3.0, 2_000_050)
+    assert clock.ratio == pytest.approx(2.0)

@@ -478,6 +478,7 @@ class ControllerClient:
         self._telemetry_subs: list[Subscription[Telemetry]] = []
         self._event_subs: list[Subscription[Event]] = []
         self._rtts_ms: deque[float] = deque(maxlen=rtt_window)
+        self._rtt_cache: RoundTrip | None = None
         self._tally = _Tally()
         self._info: Info | None = None
         self.ports: dict[int, PortInfo] = {}
@@ -523,13 +524,6 @@ class ControllerClient:
     def stats(self) -> LinkStats:
         t = self._tally
         d = self._decoder.stats
-        ordered = sorted(self._rtts_ms)
-        rtt = RoundTrip(
-            count=len(ordered),
-            p50_ms=_percentile(ordered, 0.50) if ordered else None,
-            p99_ms=_percentile(ordered, 0.99) if ordered else None,
-            max_ms=ordered[-1] if ordered else None,
-        )
         return LinkStats(
             frames_rx=d.frames,
             frames_tx=t.frames_tx,
@@ -552,8 +546,21 @@ class ControllerClient:
             listener_errors=t.listener_errors,
             heartbeats_sent=t.heartbeats_sent,
             heartbeat_failures=t.heartbeat_failures,
-            rtt_ms=rtt,
+            rtt_ms=self.round_trip,
         )
+
+    @property
+    def round_trip(self) -> RoundTrip:
+        """Round-trip percentiles, recomputed only after a new reply."""
+        if self._rtt_cache is None:
+            ordered = sorted(self._rtts_ms)
+            self._rtt_cache = RoundTrip(
+                count=len(ordered),
+                p50_ms=_percentile(ordered, 0.50) if ordered else None,
+                p99_ms=_percentile(ordered, 0.99) if ordered else None,
+                max_ms=ordered[-1] if ordered else None,
+            )
+        return self._rtt_cache
 
     # ---- lifecycle
 
@@ -912,6 +919,12 @@ class ControllerClient:
                 future = await self._submit(Ping(), None, urgent=False)
             except LinkClosed:
                 return
+            except Exception as exc:
+                # Without a heartbeat the controller's watchdog will stop
+                # everything within 250 ms: say so now rather than then.
+                self._log.exception("heartbeat failed")
+                self._lose(f"heartbeat failed: {exc!r}")
+                return
             self._tally.heartbeats_sent += 1
             future.add_done_callback(self._heartbeat_done)
             # A fixed schedule, not "sleep after each ping", so the cadence
@@ -946,8 +959,15 @@ class ControllerClient:
                 self._lose("end of stream")
                 return
             self._tally.bytes_rx += len(data)
-            for frame in self._decoder.feed(data):
-                self._dispatch(frame)
+            try:
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+            except Exception as exc:
+                # A bug here would otherwise kill the reader silently and every
+                # later reply would time out; failing the link is loud and safe.
+                self._log.exception("reader failed")
+                self._lose(f"reader failed: {exc!r}")
+                return
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.msg_type in (Telemetry.TYPE, Event.TYPE):
@@ -999,6 +1019,7 @@ class ControllerClient:
             p.timer.cancel()
         if p.sent_at is not None:
             self._rtts_ms.append((asyncio.get_running_loop().time() - p.sent_at) * 1000.0)
+            self._rtt_cache = None
         try:
             reply = frame.message()
         except CodecError as exc:

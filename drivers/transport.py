@@ -72,6 +72,10 @@ class Link(abc.ABC):
       into several transfers (USB) need not lock.
     - ``close()`` releases the device; it is idempotent, and a ``read()`` after
       it returns ``b""``.
+
+    The USB transport maps onto this directly: ``read()`` is one bulk-IN
+    transfer on endpoint 0x81 and ``write()`` bulk-OUT transfers on 0x01 (both
+    in an executor, with pyusb's own timeouts), so the client is unchanged.
     """
 
     @property

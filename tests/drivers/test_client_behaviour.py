@@ -453,3 +453,17 @@ async def test_async_context_manager(link: ScriptedLink) -> None:
 async def test_info_before_hello_is_an_error(client: ControllerClient) -> None:
     with pytest.raises(RuntimeError, match="HELLO"):
         _ = client.info
+
+
+async def test_a_reader_bug_fails_the_link_loudly(
+    link: ScriptedLink, client: ControllerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(frame: codec.Frame) -> None:
+        raise AssertionError("bug")
+
+    lost: list[LinkClosed] = []
+    client.add_link_lost_listener(lost.append)
+    monkeypatch.setattr(client, "_dispatch", explode)
+    link.feed(telemetry(1))
+    await wait_until(lambda: bool(lost))
+    assert "reader failed" in lost[0].reason

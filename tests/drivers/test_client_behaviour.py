@@ -467,3 +467,36 @@ async def test_a_reader_bug_fails_the_link_loudly(
     link.feed(telemetry(1))
     await wait_until(lambda: bool(lost))
     assert "reader failed" in lost[0].reason
+
+
+async def test_a_request_cancelled_in_the_write_queue_is_never_sent(
+    link: ScriptedLink, client: ControllerClient
+) -> None:
+    link.hold_writes = asyncio.Event()
+    link.responder = pong_responder
+    first = asyncio.create_task(client.ping())
+    await asyncio.wait_for(link.write_entered.wait(), WAIT_S)
+    queued = asyncio.create_task(client.emit_stop(1))
+    await wait_until(lambda: client.pending_count == 2)
+    queued.cancel()
+    link.hold_writes.set()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await client.ping()  # the gate is free again
+    assert [frames_of(w)[0].msg_type for w in link.writes] == [codec.Ping.TYPE] * 2
+
+
+async def test_write_gate_passes_on_a_grant_its_waiter_no_longer_wants() -> None:
+    from pbmd.drivers.client import _WriteGate
+
+    gate = _WriteGate()
+    await gate.acquire(urgent=False)
+    waiter = asyncio.create_task(gate.acquire(urgent=False))
+    await wait_until(lambda: len(gate._normal) == 1)
+    gate.release()  # granted to the waiter...
+    waiter.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.wait_for(gate.acquire(urgent=True), WAIT_S)  # not stuck
+    gate.release()

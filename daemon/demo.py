@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import secrets
 from dataclasses import dataclass, field
 
+import structlog
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -91,34 +94,42 @@ class PortView:
         self.emitting = sample.emitting
 
 
+_SHORT_REASON = {
+    codec.StopReason.HOST_STOP: "host stop",
+    codec.StopReason.ENERGY_BUDGET: "budget",
+    codec.StopReason.MAX_DURATION: "max time",
+}
+
+
 def _render(views: dict[int, PortView], state: str, device_time_s: float, note: str) -> Group:
-    table = Table(title=f"pbmd demo — simulated controller, device time {device_time_s:7.1f} s")
-    for col in (
-        "port", "λ nm", "setpoint mW", "measured mW", "host J", "controller J", "target J",
-        "progress", "°C", "state",
-    ):  # fmt: skip
-        table.add_column(col, justify="right")
+    table = Table(
+        title=f"pbmd demo — simulated controller, device time {device_time_s:7.1f} s",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    for col in ("port", "λ nm", "mW", "host J", "ctrl J", "target J", "progress", "°C", "state"):
+        table.add_column(col, justify="right", no_wrap=True)
     for port, v in sorted(views.items()):
         e = v.emission
         frac = min(v.controller_energy_uj / (e.energy_j * 1e6), 1.0)
-        bar = "█" * round(frac * 20) + "·" * (20 - round(frac * 20))
+        bar = "█" * round(frac * 8) + "·" * (8 - round(frac * 8))
         if v.stopped is not None:
-            status = codec.describe(codec.StopReason, v.stopped.stop_reason)
+            status = _SHORT_REASON.get(v.stopped.stop_reason, str(v.stopped.stop_reason))
         else:
-            status = "EMITTING" if v.emitting else "waiting"
+            status = "emitting" if v.emitting else "waiting"
         table.add_row(
             str(port),
             str(e.wavelength_nm),
-            f"{e.power_mw:.0f}",
-            f"{v.last_power_uw / 1000:.1f}",
+            f"{v.last_power_uw / 1000:.0f}",
             f"{v.host_energy_uj / 1e6:.2f}",
             f"{v.controller_energy_uj / 1e6:.2f}",
             f"{e.energy_j:.1f}",
-            f"{bar} {frac * 100:5.1f}%",
+            f"{bar}{frac * 100:4.0f}%",
             f"{v.temp_c:.1f}",
             status,
         )
-    return Group(table, Text(f"controller: {state}   {note}"))
+    return Group(table, Text(f"controller: {state}   {note}\n"))
 
 
 async def run_demo(time_scale: float, console: Console) -> int:
@@ -188,6 +199,10 @@ async def _drive(client: ControllerClient, console: Console) -> int:
             for e in SCRIPT:
                 await client.emit_start(e.request())
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in ended.values())), 600)
+            # The sample after the last stop carries the tail of each emission.
+            tail = asyncio.Event()
+            client.add_telemetry_listener(lambda _t: tail.set())
+            await asyncio.wait_for(tail.wait(), timeout=5)
             for port, v in views.items():
                 v.stopped = await client.emit_stop(port)  # idempotent: the last emission
                 v.counters = await client.get_counters(port)
@@ -203,9 +218,9 @@ async def _drive(client: ControllerClient, console: Console) -> int:
 
 
 def _summary(views: dict[int, PortView], console: Console) -> None:
-    table = Table(title="controller STOPPED / COUNTERS vs host integral")
-    for col in ("port", "stop reason", "duration s", "controller J", "host J", "host−ctrl %"):
-        table.add_column(col, justify="right")
+    table = Table(title="controller STOPPED vs host integral")
+    for col in ("port", "stop reason", "duration s", "ctrl J", "host J", "host−ctrl %"):
+        table.add_column(col, justify="right", no_wrap=True)
     for port, v in sorted(views.items()):
         if v.stopped is None:
             continue
@@ -232,6 +247,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _main(args: argparse.Namespace) -> int:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     console = Console()
     try:
         return asyncio.run(run_demo(args.time_scale, console))

@@ -80,6 +80,14 @@ class Clock:
         return self.wall0 + device_s / self.scale
 
 
+def _us(t_s: float) -> int:
+    return max(0, round(t_s * 1e6))
+
+
+def _uj(energy: float) -> int:
+    return max(0, round(energy))
+
+
 @dataclass
 class PortSlot:
     """A port: its physics plus the controller's per-port bookkeeping."""
@@ -88,7 +96,9 @@ class PortSlot:
     phys: PortPhysics
     serial: str = ""
     plugged: int = 0
-    session_uj: float = 0.0  # finished emissions since the ARM with the current token
+    # reported energies of finished emissions since the ARM with the current token; integer
+    # so that session_delivered_uj is exactly the sum of what STOPPED reported
+    session_uj: int = 0
     tm_prev_pd_uj: float = 0.0  # photodiode integral at the previous telemetry sample
     tm_prev_power_uw: int = 0
 
@@ -96,17 +106,9 @@ class PortSlot:
     def model(self) -> ApplicatorModel | None:
         return self.phys.model
 
-    def session_delivered_uj(self) -> float:
-        running = self.phys.emission.energy_uj if self.phys.emission is not None else 0.0
-        return self.session_uj + running
-
-
-def _us(t_s: float) -> int:
-    return max(0, round(t_s * 1e6))
-
-
-def _uj(energy: float) -> int:
-    return max(0, round(energy))
+    def session_delivered_uj(self) -> int:
+        running = _uj(self.phys.emission.energy_uj) if self.phys.emission is not None else 0
+        return max(0, self.session_uj + running)
 
 
 class Controller:
@@ -250,7 +252,7 @@ class Controller:
         em = slot.phys.stop(int(reason))
         if em is None:
             return
-        slot.session_uj += em.energy_uj
+        slot.session_uj += _uj(em.energy_uj)
         self._event(slot.number, EventCode.EMISSION_ENDED, int(reason))
 
     def _stop_all(self, reason: StopReason) -> None:
@@ -378,7 +380,7 @@ class Controller:
             for slot in self.slots.values():
                 # the sum restarts here; a running emission counts from now on
                 em = slot.phys.emission
-                slot.session_uj = -em.energy_uj if em is not None else 0.0
+                slot.session_uj = -_uj(em.energy_uj) if em is not None else 0
         if self.state == ControllerState.STANDBY:
             self.state = ControllerState.ARMED_DELAY
             self.arm_t = self.t
@@ -478,7 +480,7 @@ class Controller:
             delivered_uj=_uj(em.energy_uj) if em is not None else 0,
             duration_ms=em.duration_ms(self.t) if em is not None else 0,
             last_stop_reason=slot.phys.last.stop_reason if slot.phys.last is not None else 0,
-            session_delivered_uj=_uj(slot.session_delivered_uj()),
+            session_delivered_uj=slot.session_delivered_uj(),
         )
 
     def _counters(self, port: int) -> codec.Message:
@@ -692,7 +694,7 @@ class Controller:
                     "contact": bool(slot.model and slot.model.has_contact_sensor and p.contact),
                     "counters": {
                         "last_stop_reason": p.last.stop_reason if p.last else 0,
-                        "session_delivered_uj": _uj(slot.session_delivered_uj()),
+                        "session_delivered_uj": slot.session_delivered_uj(),
                     },
                     "faults": {
                         "power_factor": p.power_factor,

@@ -99,6 +99,14 @@ class _Scan:
 
 
 @dataclass
+class _DarkScan:
+    """A scan with no light: only the interval is kept."""
+
+    a: float
+    b: float
+
+
+@dataclass
 class PortPhysics:
     """One port: the applicator plugged in, its emitter, photodiode and temperature."""
 
@@ -131,7 +139,7 @@ class PortPhysics:
     _rng: np.random.Generator | None = field(default=None, repr=False)
     _noise: FloatArray = field(default_factory=lambda: np.zeros(0), repr=False)
     _noise_k0: int = 0
-    _scan: _Scan | None = field(default=None, repr=False)
+    _scan: _Scan | _DarkScan | None = field(default=None, repr=False)
 
     # -- emitter --------------------------------------------------------------------
 
@@ -216,14 +224,30 @@ class PortPhysics:
             self.light_uw * self.power_factor * self.droop(self.temp_c) if self.has_light else 0.0
         )
 
+    def _level_over(self, a: float, b: float) -> float:
+        """True power level over (a, b], with droop at the interval's mean temperature.
+
+        The temperature is predicted from the level at its start (first order), so
+        the result hardly depends on how the model's time is cut into intervals.
+        """
+        level0 = self.level_uw()
+        if self.model is None or b <= a:
+            return level0
+        tau = self.model.thermal_tau_s
+        span = b - a
+        temp_ss = AMBIENT_C + self.model.rise_c_per_w * level0 / 1e6
+        temp_mean = temp_ss + (self.temp_c - temp_ss) * tau / span * -math.expm1(-span / tau)
+        return self.light_uw * self.power_factor * self.droop(temp_mean)
+
     # -- noise ----------------------------------------------------------------------
 
     def _noise_for(self, k: npt.NDArray[np.int64]) -> FloatArray:
         if self._rng is None or k.size == 0:
             return np.zeros(k.size)
-        need = int(k.max()) + 1 - (self._noise_k0 + self._noise.size)
-        if need > 0:
-            self._noise = np.concatenate([self._noise, self._rng.standard_normal(need)])
+        need = int(k[-1]) + 1 - (self._noise_k0 + self._noise.size)
+        if need > 0:  # drawn in sample order, in blocks: the same values however it is cut
+            block = max(need, 1024)
+            self._noise = np.concatenate([self._noise, self._rng.standard_normal(block)])
         out: FloatArray = self._noise[k - self._noise_k0]
         return out
 
@@ -237,32 +261,27 @@ class PortPhysics:
 
     def scan(self, a: float, b: float, detect_faults: bool) -> tuple[float, PhysicsEvent] | None:
         """Compute (a, b] and return the earliest event in it, without committing."""
-        if self.has_light and b > a:
-            dt = ADC_PERIOD_S
-            k_first = math.floor((a - self.t_on_s) / dt)
-            k_last = math.ceil((b - self.t_on_s) / dt)
-            inner = self.t_on_s + dt * np.arange(k_first + 1, k_last, dtype=np.float64)
-            inner = inner[(inner > a) & (inner < b)]
-            edges = np.concatenate(([a], inner, [b]))
-            widths = np.diff(edges)
-            mids = 0.5 * (edges[:-1] + edges[1:])
-            k = np.floor((mids - self.t_on_s) / dt).astype(np.int64)
-            x0 = (edges[:-1] - self.t_on_s) / RISE_TAU_S
-            x1 = (edges[1:] - self.t_on_s) / RISE_TAU_S
-            rise_s = widths - RISE_TAU_S * (np.exp(-x0) - np.exp(-x1))
-            true_uj = self.level_uw() * np.maximum(rise_s, 0.0)
-            gain = np.maximum(
-                0.0, self.pd_gain * (1.0 + self.drift_per_hour * (mids - self.drift_t0_s) / 3600)
-            )
-            noise = np.maximum(0.0, 1.0 + self.noise_fraction * self._noise_for(k))
-            measured_uj = true_uj * gain * noise
-            rate_uw = measured_uj / widths
-        else:
-            edges = np.array([a, b]) if b > a else np.array([a])
-            widths = np.diff(edges)
-            measured_uj = np.zeros(widths.size)
-            true_uj = np.zeros(widths.size)
-            rate_uw = np.zeros(widths.size)
+        if not self.has_light or b <= a:
+            return self._scan_dark(a, b)
+        dt = ADC_PERIOD_S
+        k_first = math.floor((a - self.t_on_s) / dt)
+        k_last = math.ceil((b - self.t_on_s) / dt)
+        inner = self.t_on_s + dt * np.arange(k_first + 1, k_last, dtype=np.float64)
+        inner = inner[(inner > a) & (inner < b)]
+        edges = np.concatenate(([a], inner, [b]))
+        widths = edges[1:] - edges[:-1]
+        mids = 0.5 * (edges[:-1] + edges[1:])
+        k = np.floor((mids - self.t_on_s) / dt).astype(np.int64)
+        x0 = (edges[:-1] - self.t_on_s) / RISE_TAU_S
+        x1 = (edges[1:] - self.t_on_s) / RISE_TAU_S
+        rise_s = widths - RISE_TAU_S * (np.exp(-x0) - np.exp(-x1))
+        true_uj = self._level_over(a, b) * np.maximum(rise_s, 0.0)
+        gain = np.maximum(
+            0.0, self.pd_gain * (1.0 + self.drift_per_hour * (mids - self.drift_t0_s) / 3600)
+        )
+        noise = np.maximum(0.0, 1.0 + self.noise_fraction * self._noise_for(k))
+        measured_uj = true_uj * gain * noise
+        rate_uw = measured_uj / widths
         n = widths.size
         events: list[tuple[float, PhysicsEvent]] = []
 
@@ -321,10 +340,29 @@ class PortPhysics:
             return None
         return min(events, key=lambda e: (e[0], int(e[1])))
 
+    def _scan_dark(self, a: float, b: float) -> tuple[float, PhysicsEvent] | None:
+        """No light (or no time): only cooling, and a backup timer that may run out."""
+        self._scan = _DarkScan(a, b)
+        em = self.emission
+        if em is not None and em.t_limit_s <= b:
+            return (max(a, em.t_limit_s), PhysicsEvent.MAX_DURATION)
+        return None
+
     def commit(self, t: float) -> None:
         """Advance the port's state to ``t`` (within the last scan's interval)."""
         sc = self._scan
         self._scan = None
+        if isinstance(sc, _DarkScan):
+            t = min(max(t, sc.a), sc.b)
+            if self.model is not None and t > sc.a:
+                self.temp_c = AMBIENT_C + (self.temp_c - AMBIENT_C) * math.exp(
+                    -(t - sc.a) / self.model.thermal_tau_s
+                )
+            if not self.has_light:
+                self.over_run_s = 0.0
+                self.last_rate_uw = self.last_true_uw = 0.0
+            self.t_s = max(self.t_s, t)
+            return
         if sc is None or t <= sc.a:
             self.t_s = max(self.t_s, t)
             return
@@ -363,9 +401,9 @@ class PortPhysics:
     def predict(self, now_s: float, detect_faults: bool) -> float | None:
         """Device time of the next likely event, so the simulator can wake for it."""
         times: list[float] = []
-        rate = self.last_rate_uw
-        if rate <= 0.0 and self.has_light:
-            rate = self.level_uw() * self.gain_at(now_s)
+        # expected measured power from the present factors (noise-free), so an injected
+        # change is predicted at once rather than after the next sample
+        rate = self.level_uw() * self.gain_at(now_s) if self.has_light else 0.0
         em = self.emission
         if em is not None:
             times.append(em.t_limit_s)

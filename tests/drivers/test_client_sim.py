@@ -205,9 +205,9 @@ async def test_dropped_link_is_reported(sim: Simulator, url: str) -> None:
             with pytest.raises(LinkClosed):
                 await client.ping()
         else:
-            await wait_until(lambda: len(timeouts) >= 3)
+            await wait_until(lambda: client.stats.heartbeat_failures >= 3)
+            assert len(timeouts) >= 3 and lost == []
             assert all(isinstance(t.request, codec.Ping) for t in timeouts)
-            assert client.stats.heartbeat_failures >= 3 and lost == []
     finally:
         await client.close()
     # Reopening the line (or reconnecting) brings the controller back.

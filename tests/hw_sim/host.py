@@ -331,6 +331,15 @@ class PtyHost(TestHost):
             self.fd = -1
 
 
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = BOUND_S) -> None:
+    """Poll an in-process condition (simulator state) until it holds; the timeout fails."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(0.002)  # a polling interval, not a synchronisation delay
+
+
 def emit(
     port: int,
     wavelength_nm: int,

@@ -116,11 +116,11 @@ def test_probes_warm_more_and_normal_use_stays_below_41_c() -> None:
     probe = _port("probe_905")
     _start(probe, 200_000)
     for p in (pad, probe):
-        _run(p, 600.0, 1.0)
+        _run(p, 600.0, 2.0)
     assert probe.temp_c - AMBIENT_C > pad.temp_c - AMBIENT_C
     full = _port("probe_830")
     _start(full, 250_000)
-    assert _run(full, 3600.0, 1.0) == []
+    assert _run(full, 3600.0, 5.0) == []
     assert full.temp_c < OVER_TEMPERATURE_C - 3
 
 

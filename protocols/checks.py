@@ -49,6 +49,8 @@ from pbmd.protocols.model import (
 PREGNANCY_REGIONS = frozenset({Region.LUMBAR, Region.SACRAL, Region.PELVIS, Region.ABDOMEN})
 THYROID_REGIONS = frozenset({Region.NECK, Region.CERVICAL})
 _PULSE_FIELDS = ("pulse_hz", "duty_permille", "pulse_width_ns", "peak_power_mw")
+_SETPOINTS = frozenset({"power_mw", "irradiance_mw_cm2"})
+_TARGETS = frozenset({"fluence_j_cm2", "energy_j", "time_s", "target"})
 
 
 def _g(value: float) -> str:
@@ -92,6 +94,9 @@ class PortView:
     number: int
     applicator: Applicator | None
     steps: list[tuple[int, Step]] = field(default_factory=list)
+    # fields of a step that failed validation and were left out: checks that
+    # depend on them are skipped rather than reporting a consequence as a cause
+    dropped: dict[int, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,7 +256,7 @@ def check_step_structure(
                     allowed='pulse parameters only with mode = "pulsed"',
                     fix=f'remove {name}, or set mode = "pulsed"',
                 )
-    else:
+    elif not (port.dropped.get(index, frozenset()) & set(_PULSE_FIELDS)):
         if step.pulse_hz is None:
             yield Issue(
                 "pulse-params-missing",
@@ -316,7 +321,8 @@ def check_step_structure(
                 severity=Severity.WARNING if listed else Severity.ERROR,
             )
 
-    if step.power_mw is None and step.irradiance_mw_cm2 is None:
+    dropped = port.dropped.get(index, frozenset())
+    if step.power_mw is None and step.irradiance_mw_cm2 is None and not (dropped & _SETPOINTS):
         yield Issue(
             "setpoint-missing",
             "the step has no power or irradiance setpoint",
@@ -326,6 +332,50 @@ def check_step_structure(
         )
 
     stated = _stated_targets(step)
+    if not (dropped & _TARGETS):
+        yield from _check_targets(path, step, stated, applicator)
+
+    if applicator is not None and applicator.kind is ApplicatorKind.PROBE:
+        if step.technique is not Technique.CONTACT:
+            yield Issue(
+                "probe-technique",
+                "a probe emits only in skin contact (ICD §1)",
+                path=(*path, "technique"),
+                value=show_value(step.technique.value),
+                allowed='"contact"',
+                fix='set technique = "contact"',
+            )
+        missing = [
+            name for name in ("confirm_placement", "skin_contact") if not getattr(step.gating, name)
+        ]
+        if missing and "gating" not in dropped:
+            yield Issue(
+                "probe-gating",
+                "a probe step must wait for the operator to confirm the point and for skin contact",
+                path=(*path, "gating", missing[0]),
+                value="false",
+                allowed="true",
+                fix="set gating = { confirm_placement = true, skin_contact = true }",
+            )
+    if (
+        applicator is not None
+        and applicator.kind is ApplicatorKind.PAD
+        and step.gating.skin_contact
+    ):
+        yield Issue(
+            "pad-contact-gating",
+            "pads have no skin-contact sensor; this step could never start",
+            path=(*path, "gating", "skin_contact"),
+            value="true",
+            allowed="false for a pad",
+            fix="remove skin_contact (use confirm_placement for pads)",
+        )
+
+
+def _check_targets(
+    path: Path, step: Step, stated: list[Target], applicator: Applicator | None
+) -> Iterable[Issue]:
+    """The dose target: present, unambiguous, and in the unit the applicator is dosed in."""
     if not stated:
         yield Issue(
             "dose-missing",
@@ -372,42 +422,6 @@ def check_step_structure(
                 allowed="energy_j or time_s for a probe",
                 fix="state energy_j (fluence × beam area) instead of fluence_j_cm2",
             )
-
-    if applicator is not None and applicator.kind is ApplicatorKind.PROBE:
-        if step.technique is not Technique.CONTACT:
-            yield Issue(
-                "probe-technique",
-                "a probe emits only in skin contact (ICD §1)",
-                path=(*path, "technique"),
-                value=show_value(step.technique.value),
-                allowed='"contact"',
-                fix='set technique = "contact"',
-            )
-        missing = [
-            name for name in ("confirm_placement", "skin_contact") if not getattr(step.gating, name)
-        ]
-        if missing:
-            yield Issue(
-                "probe-gating",
-                "a probe step must wait for the operator to confirm the point and for skin contact",
-                path=(*path, "gating", missing[0]),
-                value="false",
-                allowed="true",
-                fix="set gating = { confirm_placement = true, skin_contact = true }",
-            )
-    if (
-        applicator is not None
-        and applicator.kind is ApplicatorKind.PAD
-        and step.gating.skin_contact
-    ):
-        yield Issue(
-            "pad-contact-gating",
-            "pads have no skin-contact sensor; this step could never start",
-            path=(*path, "gating", "skin_contact"),
-            value="true",
-            allowed="false for a pad",
-            fix="remove skin_contact (use confirm_placement for pads)",
-        )
 
 
 def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) -> Iterable[Issue]:
@@ -612,8 +626,9 @@ def check_view(view: ProtocolView, limits: Limits) -> tuple[list[Issue], list[St
         for index, step in port.steps:
             structural = list(check_step_structure(view, port, index, step))
             issues += structural
-            if port.applicator is None:
-                continue
+            failed = port.dropped.get(index, frozenset()) & Step.model_fields.keys()
+            if port.applicator is None or failed:
+                continue  # a value the arithmetic needs failed validation: reported already
             dose = resolve_step(port.number, port.key, index, step, port.applicator.beam_area_cm2)
             if dose is None:
                 continue

@@ -209,19 +209,20 @@ def parse_protocol(
 # A partial view of a structurally invalid file, for the cross-field checks
 
 
-def _lenient(model: type[_M], raw: Any) -> _M:
+def _lenient(model: type[_M], raw: Any) -> tuple[_M, frozenset[str]]:
     """Validate, and if that fails, once more without the fields that failed.
 
     The failures are reported already; this only lets the cross-field checks
     see the rest of the table (a required field that failed still fails).
+    Returns the model and the names of the fields it had to leave out.
     """
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw), frozenset()
     except ValidationError as exc:
         if not isinstance(raw, dict):
             raise
-        bad = {e["loc"][0] for e in exc.errors() if e["loc"]}
-        return model.model_validate({k: v for k, v in raw.items() if k not in bad})
+        bad = frozenset(str(e["loc"][0]) for e in exc.errors() if e["loc"])
+        return model.model_validate({k: v for k, v in raw.items() if k not in bad}), bad
 
 
 def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
@@ -230,7 +231,7 @@ def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
     if isinstance(raw_sites, dict):
         for key, raw in raw_sites.items():
             try:
-                view.sites[key] = _lenient(Site, raw)
+                view.sites[key] = _lenient(Site, raw)[0]
             except ValidationError:
                 view.sites_complete = False
     else:
@@ -247,14 +248,14 @@ def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
     if isinstance(raw_evidence, list):
         for index, raw in enumerate(raw_evidence):
             with contextlib.suppress(ValidationError):
-                view.evidence.append((index, _lenient(Evidence, raw)))
+                view.evidence.append((index, _lenient(Evidence, raw)[0]))
     raw_ports = document.get("ports")
     if isinstance(raw_ports, dict):
         for key, raw_port in sorted(raw_ports.items()):
             if not (key.isdigit() and 1 <= int(key) <= MAX_PORTS) or not isinstance(raw_port, dict):
                 continue
             try:
-                applicator: Applicator | None = _lenient(Applicator, raw_port.get("applicator"))
+                applicator: Applicator | None = _lenient(Applicator, raw_port.get("applicator"))[0]
             except ValidationError:
                 applicator = None
             port = PortView(key, int(key), applicator)
@@ -262,7 +263,10 @@ def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
             if isinstance(raw_steps, list):
                 for index, raw_step in enumerate(raw_steps):
                     with contextlib.suppress(ValidationError):
-                        port.steps.append((index, _lenient(Step, raw_step)))
+                        step, dropped = _lenient(Step, raw_step)
+                        port.steps.append((index, step))
+                        if dropped:
+                            port.dropped[index] = dropped
             view.ports.append(port)
     return view
 

@@ -179,7 +179,7 @@ class Step(_Model):
     mode: ModeField = Field(description='"continuous" or "pulsed".')
     technique: TechniqueField = Field(description='"contact" or "projection" (Jenkins & Carroll).')
     power_mw: float | None = Field(
-        default=None, ge=0.01, le=10_000, description="Average optical power setpoint, mW."
+        default=None, ge=0.01, le=100_000, description="Average optical power setpoint, mW."
     )
     irradiance_mw_cm2: float | None = Field(
         default=None, ge=0.01, le=1000, description="Average irradiance setpoint at the skin."
@@ -200,7 +200,7 @@ class Step(_Model):
         default=None, ge=0.001, le=100, description="Radiant exposure target (pads)."
     )
     energy_j: float | None = Field(
-        default=None, ge=0.001, le=1000, description="Radiant energy per point target (probes)."
+        default=None, ge=0.001, le=10_000, description="Radiant energy target (per point)."
     )
     time_s: float | None = Field(
         default=None,

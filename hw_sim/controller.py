@@ -35,6 +35,10 @@ from .physics import MAX_SCAN_S, OVER_TEMPERATURE_C, Emission, PhysicsEvent, Por
 log = logging.getLogger(__name__)
 
 RUN_BITS = int(Interlock.run_state())
+_FLAG_APPLICATOR = int(PortFlag.APPLICATOR)
+_FLAG_EMITTING = int(PortFlag.EMITTING)
+_FLAG_CONTACT = int(PortFlag.CONTACT)
+_FLAG_FAULT = int(PortFlag.FAULT)
 DEFAULT_INTERLOCKS = RUN_BITS  # key on, loop closed, e-stop released, footswitch up
 PERIODIC_WAKE_S = 0.1  # wall: keeps temperatures and light checks current between events
 MIN_WAKE_S = 0.0002  # wall: never spin on a prediction that keeps landing "now"
@@ -515,18 +519,19 @@ class Controller:
     def _sample(self, slot: PortSlot, power_uw: int) -> codec.PortSample:
         p = slot.phys
         flags = 0
-        if slot.model is not None:
-            flags |= PortFlag.APPLICATOR
-            if slot.model.has_contact_sensor and p.contact:
-                flags |= PortFlag.CONTACT
+        model = p.model
+        if model is not None:
+            flags |= _FLAG_APPLICATOR
+            if p.contact and model.has_contact_sensor:
+                flags |= _FLAG_CONTACT
         if p.emission is not None:
-            flags |= PortFlag.EMITTING
-        if self.state == ControllerState.FAULT and self.fault_port == slot.number:
-            flags |= PortFlag.FAULT
+            flags |= _FLAG_EMITTING
+        if self.fault_port == slot.number and self.state == ControllerState.FAULT:
+            flags |= _FLAG_FAULT
         em = p.emission or p.last
         temp = round(p.temp_c * 100) if slot.model is not None else 0
         return codec.PortSample(
-            flags=int(flags),
+            flags=flags,
             wavelength_nm=p.emission.wavelength_nm if p.emission is not None else 0,
             measured_power_uw=power_uw,
             delivered_uj=_uj(em.energy_uj) if em is not None else 0,

@@ -158,7 +158,19 @@ def parse_protocol(
                 )
             ],
         ) from None
-    except (RecursionError, ValueError) as exc:
+    except RecursionError:
+        raise ProtocolInvalid(
+            source,
+            [
+                Issue(
+                    "toml-syntax",
+                    "arrays or tables are nested too deeply to read",
+                    file=source,
+                    fix="a protocol needs at most a few levels of nesting",
+                )
+            ],
+        ) from None
+    except ValueError as exc:  # e.g. an integer too long to convert
         raise ProtocolInvalid(
             source,
             [Issue("toml-syntax", f"cannot read the TOML: {exc}", file=source)],

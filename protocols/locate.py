@@ -218,7 +218,7 @@ class _Scanner:
 def key_lines(text: str) -> dict[Path, int]:
     """Map every key path in `text` to its 1-based line (best effort, never raises)."""
     scanner = _Scanner(text)
-    with contextlib.suppress(_Stop, IndexError):
+    with contextlib.suppress(_Stop, IndexError, RecursionError):
         scanner.document()
     return scanner.lines
 

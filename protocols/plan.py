@@ -17,12 +17,20 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pbmd.drivers import codec
-from pbmd.protocols.checks import StepDose, check_dose, check_totals, resolve_step
+from pbmd.protocols.checks import (
+    ProtocolView,
+    StepDose,
+    check_dose,
+    check_totals,
+    check_view,
+    resolve_step,
+)
 from pbmd.protocols.errors import Issue, PlanError, Severity
 from pbmd.protocols.limits import (
     AREA_TOLERANCE,
@@ -183,6 +191,13 @@ def plan(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Plan:
     """Bind a validated protocol to the reported applicators; PlanError lists every misfit."""
+    # A Plan exists only for a protocol that passes every check under these
+    # limits, however the Protocol object was made (not only via the loader).
+    findings, _ = check_view(ProtocolView.of(protocol), limits)
+    refusals = [i for i in findings if i.severity is Severity.ERROR]
+    if refusals:
+        raise PlanError(protocol.id, [_on_protocol(i, protocol) for i in refusals])
+
     errors: list[Issue] = []
     warnings: list[Issue] = []
     doses: list[StepDose] = []
@@ -334,16 +349,16 @@ def plan(
             expected_ms = max(1, round(duration_s * 1000.0))
             max_time_ms = round(step.max_time_s * 1000.0)
             max_duration_ms = min(math.ceil(expected_ms * (1 + MAX_DURATION_MARGIN)), max_time_ms)
-            site = protocol.sites.get(step.site)
+            site = protocol.sites[step.site]  # checked by check_view above
             doses.append(dose)
             emissions.append(
                 PlannedEmission(
                     port=number,
                     step_index=index,
                     site_id=step.site,
-                    site_label=site.label if site else step.site,
-                    region=site.region if site else Region.LUMBAR,
-                    area_covered_cm2=site.area_covered_cm2 if site else area_cm2,
+                    site_label=site.label,
+                    region=site.region,
+                    area_covered_cm2=site.area_covered_cm2,
                     technique=step.technique,
                     wavelength_nm=step.wavelength_nm,
                     mode=codec.EmitMode.PULSED if pulsed else codec.EmitMode.CONTINUOUS,
@@ -402,6 +417,4 @@ def plan(
 
 def _on_protocol(issue: Issue, protocol: Protocol) -> Issue:
     """Name the protocol where a file name would be."""
-    from dataclasses import replace
-
     return replace(issue, file=f"{protocol.id} v{protocol.version}")

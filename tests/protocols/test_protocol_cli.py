@@ -14,6 +14,7 @@ from pbmd.daemon import pbmctl
 from pbmd.protocols import library
 
 FILES = [str(p) for p in library.protocol_files()]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocols.md"
 BIN = Path(sys.executable).parent
 
 
@@ -125,3 +126,24 @@ def test_console_scripts(script: str, args: list[str], expect: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert expect in result.stdout
+
+
+def test_the_example_in_the_documentation_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "lumbar-example.toml"
+    path.write_text(example, encoding="utf-8")
+    code, out = run(["protocol", "validate", str(path)], capsys)
+    assert code == 0, out
+    assert "session: 25 min 00 s" in out
+
+
+def test_deeply_nested_input_is_refused_not_crashed_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "]" * 5000)
+    code, out = run(["protocol", "validate", str(path)], capsys)
+    assert code == 1 and "nested too deeply" in out

@@ -12,7 +12,7 @@ from pbmd.drivers import codec
 from pbmd.protocols.errors import PlanError
 from pbmd.protocols.limits import Limits
 from pbmd.protocols.loader import parse_protocol
-from pbmd.protocols.model import Protocol, Target
+from pbmd.protocols.model import Mode, Protocol, Target
 from pbmd.protocols.plan import Plan, PlanIntegrityError, content_hash, plan, verify_plan
 
 
@@ -231,3 +231,14 @@ def test_energy_budget_and_duration_round_up() -> None:
     assert emission.energy_budget_uj == math.ceil(4_000_001 * 1.05)
     assert emission.expected_duration_ms == 80_000
     assert emission.max_duration_ms == 96_000
+
+
+def test_a_protocol_object_that_bypassed_the_loader_is_checked_too() -> None:
+    protocol = base()
+    port = protocol.ports[4]
+    continuous = port.steps[0].model_copy(update={"mode": Mode.CONTINUOUS})
+    unsafe = protocol.model_copy(
+        update={"ports": {**protocol.ports, 4: port.model_copy(update={"steps": [continuous]})}}
+    )
+    refused = refuse(unsafe, icd_applicators())
+    assert "pulsed-only" in refused.rules

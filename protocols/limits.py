@@ -9,9 +9,9 @@ figure comes from is said next to it (shared DOSIMETRY.md, DESIGN.md).
 from __future__ import annotations
 
 import math
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 # Skin maximum permissible exposure, ICNIRP / IEC 60825-1 as tabled in
 # Directive 2006/25/EC, 400–1400 nm, exposures of 10 s to 30 000 s:
@@ -101,9 +101,10 @@ class Limits(BaseModel):
         gt=0,
         description="Site ceiling for every wavelength (the skin MPE applies as well).",
     )
-    irradiance_ceiling_by_wavelength_mw_cm2: dict[int, float] = Field(
+    irradiance_ceiling_by_wavelength_mw_cm2: dict[Annotated[int, Strict(False)], float] = Field(
         default_factory=dict,
-        description="Site ceilings for particular wavelengths, in mW/cm².",
+        description="Site ceilings for particular wavelengths, in mW/cm² (keys in nm; "
+        'a TOML configuration writes them as "905" = 300.0).',
     )
     step_time_min_s: float = Field(
         default=HARD_STEP_TIME_MIN_S, ge=HARD_STEP_TIME_MIN_S, le=HARD_STEP_TIME_MAX_S

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 
 import pytest
@@ -597,3 +598,16 @@ def test_hard_ceilings_cannot_be_raised_by_configuration() -> None:
         Limits(session_time_max_s=7200.0)
     with pytest.raises(ValueError, match="skin MPE"):
         Limits(irradiance_ceiling_by_wavelength_mw_cm2={660: 300.0})
+
+
+def test_limits_read_from_a_toml_configuration() -> None:
+    config = tomllib.loads(
+        "fluence_ceiling_j_cm2 = 8\nirradiance_ceiling_mw_cm2 = 150.0\n"
+        '[irradiance_ceiling_by_wavelength_mw_cm2]\n"905" = 100.0\n'
+    )
+    limits = Limits.model_validate(config)
+    assert limits.irradiance_ceiling_at(905) == (100.0, "site irradiance ceiling at 905 nm")
+    assert limits.irradiance_ceiling_at(660)[0] == 150.0
+    assert Limits.model_validate(limits.model_dump(mode="json")) == limits
+    with pytest.raises(ValueError, match="Extra inputs"):
+        Limits.model_validate({"fluence_ceiling": 8})

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import csv
 import io
 import itertools
 import json
 import os
-import queue
 import shutil
 import sqlite3
 import threading
@@ -619,7 +619,10 @@ class RecordStore:
         self.min_free_bytes = int(min_free_bytes)
         self._busy_timeout_s = busy_timeout_s
         self._integrity_check = integrity_check
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        # Writes only append here (atomic, no thread wake-up); control items also
+        # kick the writer awake. One deque keeps writes and barriers in call order.
+        self._items: collections.deque[_Item] = collections.deque()
+        self._kick = threading.Event()
         self._health = _Health()
         self._health_lock = threading.Lock()
         self._stats = StoreStats()
@@ -629,6 +632,7 @@ class RecordStore:
         self._closed = False
         self._close_future: asyncio.Future[None] | None = None
         self._emission_seq_iter: Iterator[int] = itertools.count(1)
+        self._commit_listeners: list[Callable[[int], None]] = []
 
     # ----------------------------------------------------------------- life cycle
 
@@ -688,7 +692,7 @@ class RecordStore:
             self._closed = True
             assert self._loop is not None
             self._close_future = self._loop.create_future()
-            self._queue.put(_Close(self._close_future))
+            self._control(_Close(self._close_future))
         try:
             await asyncio.shield(self._close_future)
         finally:
@@ -710,7 +714,7 @@ class RecordStore:
         if thread is None or not thread.is_alive():
             return
         self._closed = True
-        self._queue.put(_Close(None))
+        self._control(_Close(None))
         thread.join(timeout=10.0)
 
     # ----------------------------------------------------------------- health
@@ -778,7 +782,11 @@ class RecordStore:
                 f"The records store {self.path} is closed; record {item.label!r} was not kept."
             )
         self._stats.enqueued += 1
-        self._queue.put(item)
+        self._items.append(item)
+
+    def _control(self, item: _Item) -> None:
+        self._items.append(item)
+        self._kick.set()
 
     def session_started(self, record: SessionStart) -> None:
         """Record a new session with its protocol, frozen plan, patient and answers."""
@@ -1073,6 +1081,8 @@ class RecordStore:
         _check_choice(outcome, SESSION_OUTCOMES, "session outcome")
         now = utc_text(utc)
         cause = stop_cause_message or outcome
+        # A step still open when a session "completes" did not complete.
+        open_outcome = "interrupted" if outcome == "completed" else outcome
         self._put(
             _Write(
                 "session_ended",
@@ -1080,7 +1090,7 @@ class RecordStore:
                     (_SQL_CLOSE_OPEN_EMISSIONS, (now, cause, session_id)),
                     (
                         _SQL_CLOSE_OPEN_STEPS,
-                        (now, outcome, stop_cause_code, stop_cause_message, session_id),
+                        (now, open_outcome, stop_cause_code, stop_cause_message, session_id),
                     ),
                     (_SQL_STEP_DERIVED, (session_id, None, None, None)),
                     (
@@ -1105,7 +1115,7 @@ class RecordStore:
             raise RecordsUnavailable(f"The records store {self.path} is closed.")
         assert self._loop is not None
         future: asyncio.Future[None] = self._loop.create_future()
-        self._queue.put(_Barrier(future))
+        self._control(_Barrier(future))
         await future
 
     def retry(self, *, recreate: bool = False) -> None:
@@ -1115,7 +1125,7 @@ class RecordStore:
         (with the schema); otherwise only the existing file is reopened.
         """
         if not self._closed:
-            self._queue.put(_Retry(recreate))
+            self._control(_Retry(recreate))
 
     async def debug_limit_pages(self, extra_pages: int | None) -> int:
         """Test hook: cap the database at its current size + ``extra_pages`` pages
@@ -1137,7 +1147,7 @@ class RecordStore:
             raise RecordsUnavailable(f"The records store {self.path} is closed.")
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put(_Call(fn, future))
+        self._control(_Call(fn, future))
         result: T = await future
         return result
 
@@ -1159,6 +1169,18 @@ class RecordStore:
             future.set_exception(error)
         else:
             future.set_result(result)
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(records_written)`` on the event loop after every commit
+        (status displays, metrics, tests that wait for the periodic commit)."""
+        self._commit_listeners.append(listener)
+
+    def _notify_commit(self, written: int) -> None:
+        for listener in list(self._commit_listeners):
+            try:
+                listener(written)
+            except Exception:
+                log.exception("records.commit_listener_failed")
 
     def _notify_failure(self, error: BaseException) -> None:
         callback = self.on_failure
@@ -1412,9 +1434,8 @@ class _Pending:
 
     writes: list[_Write] = field(default_factory=list)
     progress_index: dict[int, int] = field(default_factory=dict)
-    first_mono_s: float | None = None
 
-    def add(self, w: _Write, now_s: float, stats: StoreStats) -> None:
+    def add(self, w: _Write, stats: StoreStats) -> None:
         if w.coalesce_key is not None:
             i = self.progress_index.get(w.coalesce_key)
             if i is not None:
@@ -1426,13 +1447,10 @@ class _Pending:
             # a later progress update must not jump ahead of the end it follows
             self.progress_index.pop(int(w.statements[0][1][-1]), None)
         self.writes.append(w)
-        if self.first_mono_s is None:
-            self.first_mono_s = now_s
 
     def clear(self) -> None:
         self.writes.clear()
         self.progress_index.clear()
-        self.first_mono_s = None
 
 
 class _Writer:
@@ -1447,6 +1465,7 @@ class _Writer:
         self.default_max_pages: int | None = None
         self.pending = _Pending()
         self.next_retry_mono_s = 0.0
+        self.next_tick_mono_s = time.monotonic() + store.sync_interval_s
         self.last_free_mono_s = 0.0
         self.failed_at_utc: str | None = None
         self.recreate = False
@@ -1563,7 +1582,10 @@ class _Writer:
         if isinstance(exc, RecordsError):
             return exc
         name = str(getattr(exc, "sqlite_errorname", ""))
-        if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        # Undecodable schema text and generic DatabaseErrors come from damaged pages too.
+        if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or isinstance(
+            exc, UnicodeDecodeError
+        ) or type(exc) is sqlite3.DatabaseError:
             err: RecordsError = RecordsCorrupt(
                 f"{self.path} is not a usable pbmd records database ({exc}). Move it aside "
                 "(keep it for investigation) and start pbmd again to create a new one, or "
@@ -1576,23 +1598,21 @@ class _Writer:
         return err
 
     def step(self) -> bool:
-        """One turn: wait for work or a deadline, take everything queued, commit if due.
-        Returns True when the store is closed."""
+        """One turn: sleep until the next tick or a kick, take everything queued, commit
+        if due. Ticks come every ``sync_interval_s``, so no record waits longer than
+        that; writes never wake the thread, which keeps a burst from ping-ponging the
+        GIL between the loop and the writer. Returns True when the store is closed."""
         store = self.store
         interval = store.sync_interval_s
-        now = time.monotonic()
-        timeout = interval
-        if self.pending.first_mono_s is not None:
-            timeout = min(timeout, self.pending.first_mono_s + interval - now)
-        if not store._health.healthy:
-            timeout = min(timeout, self.next_retry_mono_s - now)
+        healthy = store._health.healthy
+        deadline = self.next_tick_mono_s if healthy else self.next_retry_mono_s
+        store._kick.wait(max(0.0, deadline - time.monotonic()))
+        store._kick.clear()
         items: list[_Item] = []
-        with contextlib.suppress(queue.Empty):
-            items.append(store._queue.get(timeout=max(0.0, timeout)))
         while True:
             try:
-                items.append(store._queue.get_nowait())
-            except queue.Empty:
+                items.append(store._items.popleft())
+            except IndexError:
                 break
 
         now = time.monotonic()
@@ -1601,7 +1621,7 @@ class _Writer:
         force = False
         for item in items:
             if isinstance(item, _Write):
-                self.pending.add(item, now, store._stats)
+                self.pending.add(item, store._stats)
             elif isinstance(item, _Barrier):
                 barriers.append(item)
                 force = True
@@ -1616,11 +1636,10 @@ class _Writer:
         store._stats.held = len(self.pending.writes)
 
         error: BaseException | None = None
-        first = self.pending.first_mono_s
-        if store._health.healthy:
-            due = force or (first is not None and now >= first + interval)
-        else:
-            due = force or now >= self.next_retry_mono_s
+        tick = now >= deadline
+        if tick and healthy:
+            self.next_tick_mono_s = now + interval
+        due = force or tick
         if due and (self.pending.writes or not store._health.healthy):
             error = self.commit()
         for b in barriers:
@@ -1682,6 +1701,7 @@ class _Writer:
         store._stats.written += len(writes) - len(rejected)
         self.pending.clear()
         store._stats.held = 0
+        store._post(store._notify_commit, len(writes) - len(rejected))
         if recovering:
             with store._health_lock:
                 store._health.healthy = True
@@ -1743,9 +1763,7 @@ class _Writer:
             "records.failed", path=str(self.path), error=str(exc), held=len(self.pending.writes)
         )
         self.pending.add(
-            self._records_event("records.failed", "critical", f"{what}. {fix}"),
-            time.monotonic(),
-            store._stats,
+            self._records_event("records.failed", "critical", f"{what}. {fix}"), store._stats
         )
         store._stats.held = len(self.pending.writes)
         with store._health_lock:

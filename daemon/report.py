@@ -209,7 +209,9 @@ class TreatmentReport:
     """Events of severity warning and above, in order."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-shaped: dicts, lists, numbers, strings and None."""
+        plain: dict[str, Any] = _plain(asdict(self))
+        return plain
 
     def to_json(self) -> str:
         """Stable JSON: keys in model order, units in the names, null for not recorded."""
@@ -217,6 +219,14 @@ class TreatmentReport:
 
     def to_text(self) -> str:
         return render_text(self)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- building

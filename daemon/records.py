@@ -674,8 +674,11 @@ class RecordStore:
         try:
             next_seq = await asyncio.wrap_future(opened)
         except BaseException:
+            # Failed, or cancelled while opening: make sure the thread ends either way.
             self._closed = True
+            self._control(_Close(None))
             await asyncio.to_thread(self._thread.join)
+            self._thread = None
             raise
         self._emission_seq_iter = itertools.count(next_seq)
         atexit.register(self._close_at_exit)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 
-from .harness import ControlClient, Rig, SimProcess, handshake, start_sim
+from .harness import (
+    Baseline,
+    ControlClient,
+    Rig,
+    SimPool,
+    SimProcess,
+    handshake,
+    reset_to_baseline,
+    take_baseline,
+)
 from .pbmlink_peer import PbmLinkPeer
 
 SimFactory = Callable[..., SimProcess]
@@ -19,13 +30,20 @@ def _stop_all(sims: list[SimProcess]) -> None:
         sim.stop()
 
 
+@pytest.fixture(scope="session")
+def sim_pool() -> Iterator[SimPool]:
+    pool = SimPool()
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def sim_factory() -> Iterator[SimFactory]:
-    """Starts `pbmd sim` processes; each is SIGTERMed and reaped at teardown."""
+def sim_factory(sim_pool: SimPool) -> Iterator[SimFactory]:
+    """Fresh `pbmd sim` processes; each is SIGTERMed and reaped at teardown."""
     sims: list[SimProcess] = []
 
     def factory(time_scale: float = 60.0, *extra: str) -> SimProcess:
-        sim = start_sim(time_scale, *extra)
+        sim = sim_pool.take(float(time_scale), *extra)
         sims.append(sim)
         return sim
 
@@ -34,9 +52,9 @@ def sim_factory() -> Iterator[SimFactory]:
 
 
 @pytest.fixture(scope="module", params=[1, 60], ids=lambda s: f"x{s}")
-def shared_sim(request: pytest.FixtureRequest) -> Iterator[SimProcess]:
+def shared_sim(request: pytest.FixtureRequest, sim_pool: SimPool) -> Iterator[SimProcess]:
     """One simulator per module and time scale, for tests that change no state."""
-    sim = start_sim(float(request.param))
+    sim = sim_pool.take(float(request.param))
     yield sim
     sim.stop()
 
@@ -73,16 +91,59 @@ async def control() -> AsyncIterator[Callable[[SimProcess], Awaitable[ControlCli
         await client.close()
 
 
+@dataclass
+class ModuleSim:
+    sim: SimProcess
+    baseline: Baseline
+
+
+@pytest.fixture(scope="module")
+def module_sims() -> Iterator[dict[float, ModuleSim]]:
+    """One reusable simulator per time scale for the tests of a module."""
+    sims: dict[float, ModuleSim] = {}
+    yield sims
+    for entry in sims.values():
+        entry.sim.stop()
+
+
 @pytest.fixture
 async def rig_factory(
+    sim_pool: SimPool,
     sim_factory: SimFactory,
+    module_sims: dict[float, ModuleSim],
     connect: PeerFactory,
     control: Callable[[SimProcess], Awaitable[ControlClient]],
 ) -> RigFactory:
-    """A fresh simulator (state matters) with a handshaken peer and a control client."""
+    """A simulator in its start-up state, with a handshaken peer and a control client.
 
-    async def factory(time_scale: float = 60.0, *extra: str, telemetry_hz: int = 100) -> Rig:
-        sim = sim_factory(time_scale, *extra)
+    `fresh=True` (or extra command-line arguments) starts a new process for the test;
+    otherwise the module's simulator for that time scale is reset to its start-up
+    baseline (and replaced by a new process if that does not bring it back).
+    Counters are the one thing a reset cannot undo: tests use their own session tokens.
+    """
+
+    async def factory(
+        time_scale: float = 60.0, *extra: str, telemetry_hz: int = 100, fresh: bool = False
+    ) -> Rig:
+        scale = float(time_scale)
+        if fresh or extra:
+            sim = sim_factory(scale, *extra)
+        else:
+            entry = module_sims.get(scale)
+            if entry is not None:
+                problem = await reset_to_baseline(
+                    await connect(entry.sim), await control(entry.sim), entry.baseline
+                )
+                if problem:
+                    warnings.warn(f"replacing a simulator left unclean: {problem}", stacklevel=1)
+                    entry.sim.stop()
+                    entry = None
+            if entry is None:
+                sim = sim_pool.take(scale)
+                first = await connect(sim)
+                _info, ports = await handshake(first)
+                entry = module_sims[scale] = ModuleSim(sim, await take_baseline(first, ports))
+            sim = entry.sim
         peer = await connect(sim)
         info, ports = await handshake(peer, telemetry_hz)
         return Rig(sim, peer, await control(sim), info, ports)

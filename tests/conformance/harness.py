@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import queue
 import signal
@@ -33,6 +34,16 @@ W660, W830, W905 = 660, 830, 905
 PAD_660_MAX_UW = 1_800_000
 PAD_830_MAX_UW = 2_700_000
 PROBE_905_MAX_UW = 200_000
+DEFAULT_APPLICATORS = {1: "duo_pad", 2: "duo_pad", 3: "duo_pad", 4: "probe_905"}
+RUN_INTERLOCKS = 0b0111  # key on, remote closed, e-stop released; footswitch not pressed
+_tokens = itertools.count(0x5E55_0001)
+
+
+def new_token() -> int:
+    """A session token no other test has used (an ARM with a used token continues its sums)."""
+    return next(_tokens) & 0xFFFF_FFFF or next(_tokens)
+
+
 # A 905 nm superpulsed emission that the probe can do: 10 kHz, 200 ns pulses (2 permille).
 PROBE_PULSED = {"mode": 1, "pulse_hz": 10_000, "duty_permille": 2}
 
@@ -47,7 +58,7 @@ class SimProcess:
     link_port: int
     control_host: str
     control_port: int
-    stdout_lines: queue.Queue[str]
+    stdout_lines: queue.Queue[str | None]
     stderr_file: Any
     exit_code: int | None = None
 
@@ -71,59 +82,109 @@ class SimProcess:
         return self.exit_code
 
 
-def _drain(stream: Any, lines: queue.Queue[str]) -> None:
+def _drain(stream: Any, lines: queue.Queue[str | None]) -> None:
     for raw in iter(stream.readline, b""):
         lines.put(raw.decode(errors="replace").rstrip("\n"))
+    lines.put(None)  # end of output: the process is gone
+
+
+class PendingSim:
+    """A `pbmd sim` process that has been started but not yet waited for."""
+
+    def __init__(self, time_scale: float, *extra: str) -> None:
+        self.time_scale = time_scale
+        self.cmd = [
+            str(PBMD), "sim", "--tcp", "127.0.0.1:0", "--control", "127.0.0.1:0",
+            "--time-scale", f"{time_scale:g}", *extra,
+        ]  # fmt: skip
+        self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=self.stderr_file, stdin=subprocess.DEVNULL
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_drain, args=(self.proc.stdout, self.lines), daemon=True).start()
+
+    def wait_ready(self) -> SimProcess:
+        """Parse the `link`, `control` and `ready` lines (in that order)."""
+        link: tuple[str, int] | None = None
+        control: tuple[str, int] | None = None
+        seen: list[str] = []
+        try:
+            while True:
+                try:
+                    line = self.lines.get(timeout=START_TIMEOUT_S)
+                except queue.Empty:
+                    raise AssertionError(f"no `ready` within {START_TIMEOUT_S} s") from None
+                if line is None:
+                    raise AssertionError(f"exited with code {self.proc.wait()}")
+                seen.append(line)
+                word, _, rest = line.partition(" ")
+                if word == "link":
+                    assert rest.startswith("socket://"), f"link line {line!r} is not socket://"
+                    host, _, port = rest.removeprefix("socket://").rpartition(":")
+                    link = (host, int(port))
+                elif word == "control":
+                    host, _, port = rest.rpartition(":")
+                    control = (host, int(port))
+                elif line == "ready":
+                    break
+            assert link is not None and control is not None, "no link or control line"
+            assert [w.split(" ")[0] for w in seen[:3]] == ["link", "control", "ready"], (
+                "`pbmd sim` must print link, control, ready in that order"
+            )
+        except BaseException as exc:
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr_file.seek(0)
+            err = self.stderr_file.read().decode(errors="replace")
+            self.stderr_file.close()
+            raise AssertionError(
+                f"`{' '.join(self.cmd)}` did not start ({exc}): stdout {seen}, stderr:\n{err}"
+            ) from None
+        return SimProcess(self.proc, self.time_scale, *link, *control, self.lines, self.stderr_file)
+
+    def discard(self) -> None:
+        """Stop a spare that no test took (SIGTERM, reap)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.stderr_file.close()
 
 
 def start_sim(time_scale: float, *extra: str) -> SimProcess:
     """Start `pbmd sim --tcp 127.0.0.1:0 --control 127.0.0.1:0` and wait for `ready`."""
-    cmd = [
-        str(PBMD), "sim", "--tcp", "127.0.0.1:0", "--control", "127.0.0.1:0",
-        "--time-scale", f"{time_scale:g}", *extra,
-    ]  # fmt: skip
-    stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True).start()
-    link: tuple[str, int] | None = None
-    control: tuple[str, int] | None = None
-    seen: list[str] = []
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                raise AssertionError(
-                    f"`{' '.join(cmd)}` printed no `ready` within {START_TIMEOUT_S} s"
-                ) from None
-            seen.append(line)
-            word, _, rest = line.partition(" ")
-            if word == "link":
-                assert rest.startswith("socket://"), f"link line {line!r} is not socket://"
-                host, _, port = rest.removeprefix("socket://").rpartition(":")
-                link = (host, int(port))
-            elif word == "control":
-                host, _, port = rest.rpartition(":")
-                control = (host, int(port))
-            elif line == "ready":
-                break
-        assert link is not None and control is not None, f"no link/control line in {seen}"
-        assert (
-            seen[:3] == [seen[0], seen[1], "ready"]
-            and seen[0].startswith("link ")
-            and (seen[1].startswith("control "))
-        ), f"`pbmd sim` must print link, control, ready in that order, printed {seen}"
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        stderr_file.seek(0)
-        err = stderr_file.read().decode(errors="replace")
-        stderr_file.close()
-        raise AssertionError(f"`pbmd sim` did not start: stdout {seen}, stderr:\n{err}") from None
-    return SimProcess(proc, time_scale, *link, *control, lines, stderr_file)
+    return PendingSim(time_scale, *extra).wait_ready()
+
+
+class SimPool:
+    """Starts the next simulator while the current test runs.
+
+    `pbmd sim` takes a second or two to import and start; every stateful test gets a
+    fresh one, so the suite keeps one spare per plain time scale already starting in
+    the background. A taken simulator belongs to the test (and its teardown).
+    """
+
+    def __init__(self) -> None:
+        self._spares: dict[float, PendingSim] = {}
+
+    def take(self, time_scale: float, *extra: str) -> SimProcess:
+        if extra:  # one-off command lines get no spare
+            return start_sim(time_scale, *extra)
+        spare = self._spares.pop(time_scale, None)
+        pending = spare if spare is not None else PendingSim(time_scale)
+        self._spares[time_scale] = PendingSim(time_scale)
+        return pending.wait_ready()
+
+    def close(self) -> None:
+        for spare in self._spares.values():
+            spare.discard()
+        self._spares.clear()
 
 
 class ControlError(RuntimeError):
@@ -183,8 +244,9 @@ class Rig:
         """A failure bound for something that takes `device_ms` of device time."""
         return self.wall_s(device_ms) + margin_s
 
-    async def arm_ready(self, token: int = 0x5EED0001) -> None:
+    async def arm_ready(self, token: int | None = None) -> None:
         """ARM and wait until the controller reports state 2 (emission delay over)."""
+        token = new_token() if token is None else token
         reply = await self.peer.arm(token)
         assert reply == Ack(), f"ARM({token:#x}) answered {reply}"
         await self.peer.wait_telemetry(
@@ -251,3 +313,60 @@ async def stop_record(rig: Rig, port: int, reason: int) -> Stopped:
         f"{stopped.delivered_uj} (ICD §5a: held until the next EMIT_START)"
     )
     return stopped
+
+
+@dataclass
+class Baseline:
+    """What a freshly started simulator looks like; a reused one is brought back to it."""
+
+    applicators: dict[int, tuple[int, tuple[int, ...]]]  # port -> (kind, wavelengths)
+    temp_centi_c: dict[int, int]
+    interlocks: int
+
+
+def _fingerprint(info: PortInfo) -> tuple[int, tuple[int, ...]]:
+    return info.applicator_kind, tuple(c.wavelength_nm for c in info.channels)
+
+
+async def take_baseline(peer: PbmLinkPeer, ports: dict[int, PortInfo]) -> Baseline:
+    t = await peer.wait_telemetry()
+    return Baseline(
+        {n: _fingerprint(p) for n, p in ports.items()},
+        {n: t.port(n).temp_centi_c for n in ports},
+        t.interlocks,
+    )
+
+
+async def reset_to_baseline(peer: PbmLinkPeer, control: ControlClient, base: Baseline) -> str:
+    """Undo what an earlier test did to a shared simulator; '' when clean, else what is not.
+
+    Uses its own host connection, which the next test's connection then replaces, so a
+    test's stream starts clean too.
+    """
+    await control.call("clear")
+    await control.call("interlocks", bits=base.interlocks)
+    await control.call("footswitch", pressed=bool(base.interlocks & 0x08))
+    await peer.hello()
+    await peer.all_off()
+    await peer.disarm()
+    for port, print_ in base.applicators.items():
+        info = await peer.get_port(port)
+        if not isinstance(info, PortInfo) or _fingerprint(info) != print_:
+            with contextlib.suppress(ControlError):
+                await control.call("unplug", port=port)
+            await control.call("plug", port=port, applicator=DEFAULT_APPLICATORS[port])
+        if print_[0] == 2:
+            await control.call("contact", port=port, on=True)
+        await control.call("temperature", port=port, celsius=base.temp_centi_c[port] / 100)
+    await peer.set_telemetry(100)
+    await peer.wait_telemetry(lambda t: all(p.temp_centi_c < 4100 for p in t.ports))
+    await peer.clear_fault()
+    t = await peer.wait_telemetry()
+    problems = []
+    if (t.state, t.fault_code, t.interlocks) != (0, 0, base.interlocks):
+        problems.append(f"state {t.state} fault {t.fault_code} interlocks {t.interlocks:#06b}")
+    for port, rec in enumerate(t.ports, 1):
+        want = 0x01 | (0x04 if base.applicators[port][0] == 2 else 0)
+        if rec.flags != want:
+            problems.append(f"port {port} flags {rec.flags:#06b}")
+    return "; ".join(problems)

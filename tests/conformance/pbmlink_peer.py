@@ -470,6 +470,7 @@ class PbmLinkPeer:
         self._next_seq = 1
         self._pending: dict[int, asyncio.Future[Received]] = {}
         self._heartbeat_seqs: set[int] = set()
+        self._requests_per_seq: dict[int, int] = {}  # valid frames sent with each seq
         self._wake = asyncio.Event()
         self._heartbeat_on = False
         self._heartbeat_s = 0.05
@@ -507,8 +508,12 @@ class PbmLinkPeer:
     async def send(self, msg_type: int, payload: bytes = b"", *, seq: int | None = None) -> int:
         """Send one valid frame without waiting for its reply; returns its seq."""
         seq = self.new_seq() if seq is None else seq
-        await self.send_raw(frame_bytes(build_body(msg_type, seq, payload)))
+        await self._send_frame(msg_type, seq, payload)
         return seq
+
+    async def _send_frame(self, msg_type: int, seq: int, payload: bytes) -> None:
+        self._requests_per_seq[seq] = self._requests_per_seq.get(seq, 0) + 1
+        await self.send_raw(frame_bytes(build_body(msg_type, seq, payload)))
 
     async def request(
         self,
@@ -523,7 +528,7 @@ class PbmLinkPeer:
         fut: asyncio.Future[Received] = asyncio.get_running_loop().create_future()
         self._pending[seq] = fut
         try:
-            await self.send_raw(frame_bytes(build_body(msg_type, seq, payload)))
+            await self._send_frame(msg_type, seq, payload)
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
             except TimeoutError:
@@ -599,7 +604,7 @@ class PbmLinkPeer:
                 seq = self.new_seq()
                 self._heartbeat_seqs.add(seq)
                 try:
-                    await self.send_raw(frame_bytes(build_body(PING, seq)))
+                    await self._send_frame(PING, seq, b"")
                 except (ConnectionError, OSError):
                     return
             await asyncio.sleep(self._heartbeat_s)
@@ -651,7 +656,7 @@ class PbmLinkPeer:
         if frame.msg_type in REPLY_TYPES:
             answered = self.replies_by_seq.setdefault(frame.seq, [])
             answered.append(rec)
-            if len(answered) > 1:
+            if len(answered) > max(1, self._requests_per_seq.get(frame.seq, 0)):
                 self.violations.append(f"second reply to seq {frame.seq}: {message}")
             fut = self._pending.get(frame.seq)
             if fut is not None and not fut.done():

@@ -16,6 +16,7 @@ from .harness import (
     W830,
     W905,
     Rig,
+    new_token,
     set_interlock,
     stop_record,
 )
@@ -37,7 +38,7 @@ async def test_emission_delay_is_2000_ms_of_device_time_with_nak_6_before(
     rig = await rig_factory(scale, telemetry_hz=200)
     peer = rig.peer
     before_us = (await peer.ping()).device_time_us
-    arm = await peer.request(pl.ARM, struct.pack("<I", 0xC0FFEE))
+    arm = await peer.request(pl.ARM, struct.pack("<I", new_token()))
     assert arm.message == Ack()
     # Right after ARM (same write burst): refused with NAK 6.
     assert await peer.emit_start(1, W660, 100_000) == Nak(pl.NAK_EMISSION_DELAY)
@@ -74,8 +75,9 @@ async def test_arm_while_armed_restarts_nothing_and_a_new_token_is_acked(
 ) -> None:
     rig = await rig_factory(60, telemetry_hz=200)
     peer = rig.peer
+    token = new_token()
     arm_us = (await peer.ping()).device_time_us
-    first = await peer.request(pl.ARM, struct.pack("<I", 11))
+    first = await peer.request(pl.ARM, struct.pack("<I", token))
     assert first.message == Ack()
     first_upper_us = (await peer.ping()).device_time_us
     mid = await peer.wait_telemetry(
@@ -83,10 +85,10 @@ async def test_arm_while_armed_restarts_nothing_and_a_new_token_is_acked(
     )
     if mid.state != pl.DELAY:
         pytest.skip("the host was too slow to ARM again inside the delay")
-    again = await peer.request(pl.ARM, struct.pack("<I", 11))
+    again = await peer.request(pl.ARM, struct.pack("<I", token))
     assert again.message == Ack()
-    new_token = await peer.request(pl.ARM, struct.pack("<I", 12))
-    assert new_token.message == Ack()
+    other = await peer.request(pl.ARM, struct.pack("<I", new_token()))
+    assert other.message == Ack()
     ready = await peer.wait_telemetry(lambda t: t.state == pl.READY, after=first.index)
     later = peer.telemetry(first.index + 1)
     last_delay = [t for t in later if t.state == pl.DELAY][-1]
@@ -95,7 +97,7 @@ async def test_arm_while_armed_restarts_nothing_and_a_new_token_is_acked(
     )
     assert ready.device_time_us >= arm_us + DELAY_US
     # Armed and ready: ARM again is ACKed and stays in state 2.
-    again_ready = await peer.request(pl.ARM, struct.pack("<I", 13))
+    again_ready = await peer.request(pl.ARM, struct.pack("<I", new_token()))
     assert again_ready.message == Ack()
     t = await peer.wait_telemetry(after=again_ready.index)
     assert t.state == pl.READY
@@ -111,7 +113,8 @@ async def test_interlock_opening_stops_all_disarms_and_needs_a_manual_rearm(
 ) -> None:
     rig = await rig_factory(scale)
     peer = rig.peer
-    await rig.arm_ready(0xAB)
+    token = new_token()
+    await rig.arm_ready(token)
     await rig.start(1, W660, 300_000)
     await rig.start(2, W830, 300_000)
     await rig.start(PROBE_PORT, W905, 100_000, **PROBE_PULSED)
@@ -134,7 +137,7 @@ async def test_interlock_opening_stops_all_disarms_and_needs_a_manual_rearm(
     for port in (1, 2, PROBE_PORT):
         await stop_record(rig, port, pl.SR_INTERLOCK)
 
-    assert await peer.arm(0xAB) == Nak(pl.NAK_INTERLOCK)
+    assert await peer.arm(token) == Nak(pl.NAK_INTERLOCK)
     assert await peer.emit_start(1, W660, 1000) == Nak(pl.NAK_INTERLOCK)
 
     closed = peer.mark()
@@ -144,7 +147,7 @@ async def test_interlock_opening_stops_all_disarms_and_needs_a_manual_rearm(
     t = await peer.wait_telemetry()
     assert t.state == pl.STANDBY, "closing the interlock must not re-arm by itself"
     assert await peer.emit_start(1, W660, 1000) == Nak(pl.NAK_NOT_ARMED)
-    arm = await peer.request(pl.ARM, struct.pack("<I", 0xAB))
+    arm = await peer.request(pl.ARM, struct.pack("<I", token))
     assert arm.message == Ack()
     assert (await peer.wait_telemetry(after=arm.index)).state in (pl.DELAY, pl.READY)
 
@@ -196,8 +199,17 @@ async def test_interlock_opening_while_a_fault_is_latched_leaves_state_3(
     t = await peer.wait_telemetry()
     assert (t.state, t.fault_code) == (pl.FAULTED, pl.FAULT_OVER_TEMPERATURE)
     # Precedence 8 before 7.
-    assert await peer.arm(5) == Nak(pl.NAK_FAULT)
+    assert await peer.arm(new_token()) == Nak(pl.NAK_FAULT)
     assert await peer.emit_start(1, W660, 1000) == Nak(pl.NAK_FAULT)
+    # The over-temperature is gone but the e-stop is still pressed: CLEAR_FAULT gets NAK 7.
+    await rig.control.call("temperature", port=3, celsius=30.0)
+    await peer.wait_telemetry(lambda t: t.port(3).temp_centi_c < 4000)
+    assert await peer.clear_fault() == Nak(pl.NAK_INTERLOCK)
+    await set_interlock(rig, "estop", run=True)
+    await peer.wait_telemetry(lambda t: bool(t.interlocks & pl.IL_ESTOP))
+    assert await peer.clear_fault() == Ack()
+    t = await peer.wait_telemetry()
+    assert (t.state, t.fault_code) == (pl.STANDBY, 0)
 
 
 @pytest.mark.parametrize("scale", [1, 60])
@@ -227,7 +239,7 @@ async def test_all_off_stops_every_port_and_keeps_the_arming_state(
 async def test_all_off_during_the_emission_delay_stays_armed(rig_factory: RigFactory) -> None:
     rig = await rig_factory(1)
     peer = rig.peer
-    assert await peer.arm(9) == Ack()
+    assert await peer.arm(new_token()) == Ack()
     off = await peer.request(pl.ALL_OFF)
     assert off.message == Ack()
     assert (await peer.wait_telemetry(after=off.index)).state == pl.DELAY
@@ -252,7 +264,7 @@ async def test_disarm_stops_every_port_with_reason_10(rig_factory: RigFactory) -
 
 async def test_disarm_during_the_delay_returns_to_standby(rig_factory: RigFactory) -> None:
     rig = await rig_factory(1)
-    assert await rig.peer.arm(9) == Ack()
+    assert await rig.peer.arm(new_token()) == Ack()
     disarm = await rig.peer.request(pl.DISARM)
     assert disarm.message == Ack()
     assert (await rig.peer.wait_telemetry(after=disarm.index)).state == pl.STANDBY

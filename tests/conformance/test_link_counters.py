@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from . import pbmlink_peer as pl
-from .harness import W660, W830, Rig, handshake, set_interlock, stop_record
+from .harness import W660, W830, Rig, handshake, new_token, set_interlock, stop_record
 from .pbmlink_peer import Ack, Counters, PbmLinkPeer, Stopped
 
 RigFactory = Callable[..., Awaitable[Rig]]
 PeerFactory = Callable[..., Awaitable[PbmLinkPeer]]
-T1, T2 = 0x1111_2222, 0x3333_4444
 
 
 async def _counters(peer: PbmLinkPeer, port: int) -> Counters:
@@ -35,24 +34,25 @@ async def _emit_and_stop(rig: Rig, port: int, wavelength_nm: int, power_uw: int)
 
 @pytest.mark.parametrize("scale", [1, 60])
 async def test_session_sums_follow_the_token(rig_factory: RigFactory, scale: int) -> None:
-    rig = await rig_factory(scale)
+    rig = await rig_factory(scale, fresh=True)  # never armed: token 0
     peer = rig.peer
+    t1, t2 = new_token(), new_token()
     assert await _counters(peer, 1) == Counters(1, 0, 0, 0, 0, 0, 0)
-    assert await peer.arm(T1) == Ack()
+    assert await peer.arm(t1) == Ack()
     c = await _counters(peer, 1)
     assert (c.session_token, c.emitting, c.last_stop_reason, c.session_delivered_uj) == (
-        T1,
+        t1,
         0,
         0,
         0,
     )
-    await rig.arm_ready(T1)
+    await rig.arm_ready(t1)
 
     # A running emission is in the counters, and in the session sum.
     await rig.start(1, W660, 500_000)
     await peer.wait_telemetry(lambda t: t.port(1).delivered_uj > 0)
     c = await _counters(peer, 1)
-    assert (c.session_token, c.emitting, c.last_stop_reason) == (T1, 1, 0)
+    assert (c.session_token, c.emitting, c.last_stop_reason) == (t1, 1, 0)
     assert c.delivered_uj > 0
     assert c.session_delivered_uj >= c.delivered_uj
     s1 = await peer.emit_stop(1)
@@ -65,31 +65,32 @@ async def test_session_sums_follow_the_token(rig_factory: RigFactory, scale: int
 
     # DISARM, then ARM with the same token: the sum continues.
     assert await peer.disarm() == Ack()
-    await rig.arm_ready(T1)
+    await rig.arm_ready(t1)
     s2 = await _emit_and_stop(rig, 1, W830, 300_000)
     c = await _counters(peer, 1)
-    assert c.session_token == T1
+    assert c.session_token == t1
     assert c.session_delivered_uj == s1.delivered_uj + s2.delivered_uj
 
     # A new token while armed: ACKed, no new delay, the sum starts at zero.
-    arm = await peer.request(pl.ARM, T2.to_bytes(4, "little"))
+    arm = await peer.request(pl.ARM, t2.to_bytes(4, "little"))
     assert arm.message == Ack()
     assert (await peer.wait_telemetry(after=arm.index)).state == pl.READY
     c = await _counters(peer, 1)
-    assert (c.session_token, c.session_delivered_uj) == (T2, 0)
+    assert (c.session_token, c.session_delivered_uj) == (t2, 0)
     assert (c.delivered_uj, c.last_stop_reason) == (s2.delivered_uj, pl.SR_HOST_STOP), (
         "delivered_uj is still the last emission's"
     )
     s3 = await _emit_and_stop(rig, 1, W660, 200_000)
     assert (await _counters(peer, 1)).session_delivered_uj == s3.delivered_uj
     other = await _counters(peer, 2)
-    assert (other.session_token, other.session_delivered_uj, other.last_stop_reason) == (T2, 0, 0)
+    assert (other.session_token, other.session_delivered_uj, other.last_stop_reason) == (t2, 0, 0)
 
 
 async def test_same_token_after_an_interlock_continues_the_sum(rig_factory: RigFactory) -> None:
     rig = await rig_factory(60)
     peer = rig.peer
-    await rig.arm_ready(T1)
+    t1 = new_token()
+    await rig.arm_ready(t1)
     s1 = await _emit_and_stop(rig, 2, W660, 400_000)
     await rig.start(2, W660, 400_000)
     await peer.wait_telemetry(lambda t: t.port(2).delivered_uj > 0)
@@ -99,9 +100,9 @@ async def test_same_token_after_an_interlock_continues_the_sum(rig_factory: RigF
     s2 = await stop_record(rig, 2, pl.SR_INTERLOCK)
     await set_interlock(rig, "remote", run=True)
     await peer.wait_telemetry(lambda t: bool(t.interlocks & pl.IL_REMOTE))
-    await rig.arm_ready(T1)
+    await rig.arm_ready(t1)
     c = await _counters(peer, 2)
-    assert c.session_token == T1
+    assert c.session_token == t1
     assert c.session_delivered_uj == s1.delivered_uj + s2.delivered_uj
 
 
@@ -111,7 +112,8 @@ async def test_counters_survive_a_host_reconnect(
 ) -> None:
     rig = await rig_factory(scale)
     first = rig.peer
-    await rig.arm_ready(T1)
+    t1 = new_token()
+    await rig.arm_ready(t1)
     await rig.start(1, W660, 400_000)
     await first.wait_telemetry(lambda t: t.port(1).delivered_uj > 0)
 
@@ -120,7 +122,7 @@ async def test_counters_survive_a_host_reconnect(
     await handshake(second)
     await asyncio.wait_for(first.eof.wait(), 2.0)  # the old connection is closed
     c = await _counters(second, 1)
-    assert (c.session_token, c.emitting) == (T1, 1) and c.delivered_uj > 0
+    assert (c.session_token, c.emitting) == (t1, 1) and c.delivered_uj > 0
     t = await second.wait_telemetry()
     assert (t.state, t.fault_code) == (pl.READY, 0) and t.port(1).emitting
 
@@ -130,7 +132,7 @@ async def test_counters_survive_a_host_reconnect(
     third = await connect(rig.sim)
     await handshake(third)
     c2 = await _counters(third, 1)
-    assert (c2.session_token, c2.emitting) == (T1, 1) and c2.delivered_uj > c.delivered_uj
+    assert (c2.session_token, c2.emitting) == (t1, 1) and c2.delivered_uj > c.delivered_uj
 
     # The host is gone for longer than the watchdog: the controller stops the emission,
     # and the next host learns from COUNTERS what was delivered while it was away.
@@ -139,7 +141,7 @@ async def test_counters_survive_a_host_reconnect(
     fourth = await connect(rig.sim)
     await handshake(fourth)
     c3 = await _counters(fourth, 1)
-    assert (c3.session_token, c3.emitting, c3.last_stop_reason) == (T1, 0, pl.SR_WATCHDOG)
+    assert (c3.session_token, c3.emitting, c3.last_stop_reason) == (t1, 0, pl.SR_WATCHDOG)
     assert c3.delivered_uj >= c2.delivered_uj
     assert c3.session_delivered_uj == c3.delivered_uj
     t = await fourth.wait_telemetry()

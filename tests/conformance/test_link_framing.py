@@ -90,10 +90,20 @@ async def test_invalid_frames_are_dropped_silently_and_the_link_still_works(
 ) -> None:
     peer = shared_rig.peer
     bad_seq = 0xBEEF
+    dropped_before = await _dropped_count(shared_rig)
     await peer.send_raw(pl.frame_bytes(_bad_bodies(bad_seq)[case]))
     sentinel = await _sentinel_ping(shared_rig)
     answered = [r.message for r in peer.received[: sentinel.index] if r.frame.seq == bad_seq]
     assert answered == [], f"{case}: ICD §2 says drop silently, controller answered {answered}"
+    if dropped_before is not None:  # "the receiver counts it"
+        assert await _dropped_count(shared_rig) == dropped_before + 1
+
+
+async def _dropped_count(rig: Rig) -> int | None:
+    """Frames the simulator dropped, from its control-channel snapshot (if it reports them)."""
+    link = (await rig.control.call("snapshot")).get("link", {})
+    total = link.get("rx_dropped_total")
+    return int(total) if isinstance(total, int) else None
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from .harness import (
     W830,
     W905,
     Rig,
+    new_token,
     set_interlock,
 )
 from .pbmlink_peer import Ack, Message, Nak, Telemetry
@@ -66,7 +67,12 @@ async def test_refusals_with_an_interlock_open(rig_factory: RigFactory) -> None:
     await _check(
         rig,
         [
-            ("ARM with estop pressed", pl.ARM, struct.pack("<I", 1), Nak(pl.NAK_INTERLOCK)),
+            (
+                "ARM with estop pressed",
+                pl.ARM,
+                struct.pack("<I", new_token()),
+                Nak(pl.NAK_INTERLOCK),
+            ),
             ("7 before 10 (token 0)", pl.ARM, struct.pack("<I", 0), Nak(pl.NAK_INTERLOCK)),
             ("7 before 5", pl.EMIT_START, emit(1, W660), Nak(pl.NAK_INTERLOCK)),
             ("7 before 5 and 1", pl.EMIT_START, _everything_wrong(9), Nak(pl.NAK_INTERLOCK)),
@@ -74,7 +80,7 @@ async def test_refusals_with_an_interlock_open(rig_factory: RigFactory) -> None:
     )
     await set_interlock(rig, "estop", run=True)
     await rig.peer.wait_telemetry(lambda t: bool(t.interlocks & pl.IL_ESTOP))
-    assert await rig.peer.arm(1) == Ack()
+    assert await rig.peer.arm(new_token()) == Ack()
 
 
 async def test_refusals_with_a_fault_latched(rig_factory: RigFactory) -> None:
@@ -90,7 +96,7 @@ async def test_refusals_with_a_fault_latched(rig_factory: RigFactory) -> None:
     await _check(
         rig,
         [
-            ("8 before 7 (ARM)", pl.ARM, struct.pack("<I", 1), Nak(pl.NAK_FAULT)),
+            ("8 before 7 (ARM)", pl.ARM, struct.pack("<I", new_token()), Nak(pl.NAK_FAULT)),
             ("8 before 7 and 10 (ARM token 0)", pl.ARM, struct.pack("<I", 0), Nak(pl.NAK_FAULT)),
             ("8 before 7 (EMIT_START)", pl.EMIT_START, emit(1, W660), Nak(pl.NAK_FAULT)),
             ("8 before everything", pl.EMIT_START, _everything_wrong(9), Nak(pl.NAK_FAULT)),
@@ -102,7 +108,7 @@ async def test_refusals_with_a_fault_latched(rig_factory: RigFactory) -> None:
 
 async def test_refusals_during_the_emission_delay(rig_factory: RigFactory) -> None:
     rig = await rig_factory(1)  # 2 s of wall time in state 1
-    assert await rig.peer.arm(1) == Ack()
+    assert await rig.peer.arm(new_token()) == Ack()
     await _check(
         rig,
         [

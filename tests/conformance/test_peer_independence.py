@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from . import pbmlink_peer as peer
+from .harness import SimProcess
 
 PEER_PATH = Path(peer.__file__)
 
@@ -95,3 +97,8 @@ def test_splitter_reassembles_across_chunks_and_skips_empty_frames() -> None:
     frames = [peer.parse_body(peer.cobs_decode(p)) for chunk in pieces for p in chunk]
     assert frames == [peer.Frame(peer.PING, 7, b"")] * 2
     assert splitter.empty_frames == 1
+
+
+def test_pbmd_sim_exits_cleanly_on_sigterm(sim_factory: Callable[..., SimProcess]) -> None:
+    sim = sim_factory(60.0)
+    assert sim.stop() == 0, f"`pbmd sim` exit code {sim.exit_code}, stderr:\n{sim.stderr_text()}"

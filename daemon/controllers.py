@@ -40,7 +40,12 @@ class ControllerHandle:
         self._next_sample: asyncio.Future[codec.Telemetry] | None = None
         self._unsubscribe = [
             client.add_telemetry_listener(self._on_telemetry),
+            client.add_pong_listener(
+                lambda p: self.clock.observe_pong(p[0], p[1], p[2].device_time_us)
+            ),
         ]
+        self.stop_lead_s = 0.0
+        """Learned lateness of host stops (wall s), subtracted from the next stop time."""
 
     def detach(self) -> None:
         for undo in self._unsubscribe:
@@ -51,15 +56,9 @@ class ControllerHandle:
     def info(self) -> codec.Info:
         return self.client.info
 
-    @property
-    def telemetry_period_s(self) -> float:
-        """Set by the engine from the rate it asked for."""
-        return self._period_s
-
-    _period_s: float = 0.02
-
-    def set_telemetry_period(self, period_s: float) -> None:
-        self._period_s = period_s
+    def learn_stop_lateness(self, late_s: float) -> None:
+        """Fold one measured stop lateness into the lead (bounded, slow to move)."""
+        self.stop_lead_s = min(max(self.stop_lead_s + 0.3 * late_s, -0.005), 0.02)
 
     def add_sample_listener(self, listener: SampleListener) -> Callable[[], None]:
         self._sample_listeners.append(listener)
@@ -72,9 +71,6 @@ class ControllerHandle:
 
     def _on_telemetry(self, t: codec.Telemetry) -> None:
         now = time.monotonic()
-        rtt = self.client.stats.rtt_ms.p50_ms
-        if rtt is not None:
-            self.clock.one_way_latency_s = rtt / 2000.0
         self.clock.observe(now, t.device_time_us)
         self.telemetry = t
         self.telemetry_host_s = now
@@ -159,10 +155,7 @@ class PortMap(Mapping[int, PortTarget]):
     def single(cls, controller: ControllerHandle) -> PortMap:
         """Every port of one controller, numbered as the controller numbers them."""
         return cls(
-            {
-                p: PortTarget(p, controller, p)
-                for p in range(1, controller.info.port_count + 1)
-            }
+            {p: PortTarget(p, controller, p) for p in range(1, controller.info.port_count + 1)}
         )
 
     def __getitem__(self, port: int) -> PortTarget:

@@ -94,7 +94,7 @@ class PortView:
         self.emitting = sample.emitting
 
 
-_SHORT_REASON = {
+_SHORT_REASON: dict[int, str] = {
     codec.StopReason.HOST_STOP: "host stop",
     codec.StopReason.ENERGY_BUDGET: "budget",
     codec.StopReason.MAX_DURATION: "max time",

@@ -14,6 +14,7 @@ rate and the device-clock mapping, so the stop can be sent to arrive on time.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,40 +101,60 @@ def integrate_samples(
 class DeviceClock:
     """Maps the controller's device time to this host's monotonic clock.
 
-    The ratio is measured, not assumed: a real controller runs at 1.0, a
-    simulator at its time scale. A long baseline (the first sample of the
-    connection to the latest) keeps host-side jitter out of the ratio; the
-    offset follows the latest sample minus the one-way link latency.
+    The rate is measured, not assumed: a real controller runs at 1.0, a
+    simulator at its time scale; a long baseline of telemetry keeps host-side
+    jitter out of it. The offset comes from PING/PONG, NTP-style: a PONG's
+    device time was taken about half-way between the PING leaving and the
+    PONG arriving, and the exchange with the shortest round trip in the
+    recent window is the one least disturbed by queueing, so it anchors the
+    mapping. Without PONGs the latest telemetry sample anchors it instead.
     """
+
+    PONG_WINDOW = 40
 
     def __init__(self) -> None:
         self._first: tuple[float, int] | None = None
         self._last: tuple[float, int] | None = None
+        self._pongs: deque[tuple[float, float, int]] = deque(maxlen=self.PONG_WINDOW)
         self.ratio = 1.0
-        self.one_way_latency_s = 0.0
 
     def observe(self, host_monotonic_s: float, device_time_us: int) -> None:
+        """A telemetry sample stamped `device_time_us` arrived at `host_monotonic_s`."""
         if self._first is None or (self._last is not None and device_time_us < self._last[1]):
             self._first = (host_monotonic_s, device_time_us)
+            self._pongs.clear()
         self._last = (host_monotonic_s, device_time_us)
         span_s = host_monotonic_s - self._first[0]
         if span_s >= 0.2:
             self.ratio = max((device_time_us - self._first[1]) / 1e6 / span_s, 1e-6)
 
+    def observe_pong(self, sent_s: float, received_s: float, device_time_us: int) -> None:
+        self._pongs.append((received_s - sent_s, (sent_s + received_s) / 2, device_time_us))
+
     @property
     def ready(self) -> bool:
-        return self._last is not None
+        return self._last is not None or bool(self._pongs)
+
+    @property
+    def one_way_latency_s(self) -> float:
+        """Half the best recent round trip: how long a frame takes to reach the device."""
+        if not self._pongs:
+            return 0.0
+        return min(p[0] for p in self._pongs) / 2
+
+    def _anchor(self) -> tuple[float, float]:
+        """(host time, device time in µs) of one instant."""
+        if self._pongs:
+            _, mid_s, dev_us = min(self._pongs)
+            return mid_s, float(dev_us)
+        assert self._last is not None
+        return self._last[0], float(self._last[1])
 
     def host_time_at(self, device_time_us: float) -> float:
-        """Host monotonic time at which the device clock reaches `device_time_us`.
-
-        A sample stamped D arrived one link latency after the device stamped it.
-        """
-        assert self._last is not None
-        host_s, dev_us = self._last
-        return host_s - self.one_way_latency_s + (device_time_us - dev_us) / 1e6 / self.ratio
+        """Host monotonic time at which the device clock reaches `device_time_us`."""
+        host_s, dev_us = self._anchor()
+        return host_s + (device_time_us - dev_us) / 1e6 / self.ratio
 
     def device_time_now_us(self, host_monotonic_s: float) -> float:
-        assert self._last is not None
-        host_s, dev_us = self._last
-        return dev_us + (host_monotonic_s - host_s + self.one_way_latency_s) * self.ratio * 1e6
+        host_s, dev_us = self._anchor()
+        return dev_us + (host_monotonic_s - host_s) * self.ratio * 1e6

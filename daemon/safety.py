@@ -12,6 +12,7 @@ or a client: records and notifications are handed off after emission is off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Sequence
@@ -41,9 +42,7 @@ class TripCause(enum.Enum):
     IRRADIANCE_CEILING = CauseInfo(
         "E102", "Measured irradiance exceeded the safe ceiling for this wavelength."
     )
-    POWER_CEILING = CauseInfo(
-        "E103", "Measured optical power exceeded the applicator's maximum."
-    )
+    POWER_CEILING = CauseInfo("E103", "Measured optical power exceeded the applicator's maximum.")
     POWER_DEVIATION = CauseInfo(
         "E104",
         "Measured power differed from the setpoint by more than 20 %. "
@@ -57,23 +56,13 @@ class TripCause(enum.Enum):
     TELEMETRY_STALE = CauseInfo(
         "E201", "The controller stopped reporting measurements; emission stopped."
     )
-    REPLY_TIMEOUT = CauseInfo(
-        "E202", "The controller did not answer in time; emission stopped."
-    )
-    LINK_LOST = CauseInfo(
-        "E203", "The connection to the controller was lost; emission stopped."
-    )
+    REPLY_TIMEOUT = CauseInfo("E202", "The controller did not answer in time; emission stopped.")
+    LINK_LOST = CauseInfo("E203", "The connection to the controller was lost; emission stopped.")
     KEY_OFF = CauseInfo("E301", "The key switch was turned off.")
-    REMOTE_INTERLOCK_OPEN = CauseInfo(
-        "E302", "The remote interlock (door loop) opened."
-    )
+    REMOTE_INTERLOCK_OPEN = CauseInfo("E302", "The remote interlock (door loop) opened.")
     EMERGENCY_STOP = CauseInfo("E303", "The emergency stop was pressed.")
-    CONTROLLER_FAULT = CauseInfo(
-        "E401", "The controller reported a fault and stopped emission."
-    )
-    APPLICATOR_REMOVED = CauseInfo(
-        "E402", "An applicator was unplugged during treatment."
-    )
+    CONTROLLER_FAULT = CauseInfo("E401", "The controller reported a fault and stopped emission.")
+    APPLICATOR_REMOVED = CauseInfo("E402", "An applicator was unplugged during treatment.")
     UNEXPECTED_STOP = CauseInfo(
         "E403", "The controller stopped an emission for a reason the daemon did not expect."
     )
@@ -91,9 +80,7 @@ class TripCause(enum.Enum):
     PLAN_HASH_MISMATCH = CauseInfo(
         "E601", "The treatment plan changed after it was confirmed; nothing was emitted."
     )
-    CALIBRATION_OVERDUE = CauseInfo(
-        "E602", "Calibration is overdue; recalibrate before treating."
-    )
+    CALIBRATION_OVERDUE = CauseInfo("E602", "Calibration is overdue; recalibrate before treating.")
     RECORDS_FAILED = CauseInfo(
         "E701", "Treatment records cannot be written (disk full or failing); emission stopped."
     )
@@ -200,10 +187,8 @@ class Supervisor:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     def trip(self, cause: TripCause, detail: str = "", port: int | None = None) -> bool:

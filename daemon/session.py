@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import secrets
 import time
 import uuid
@@ -138,16 +139,30 @@ class Recorder(Protocol):
     def session_started(self, session: Session) -> None: ...
     def step_started(self, session: Session, step: StepOrder) -> None: ...
     def emission_started(
-        self, session: Session, step: StepOrder, emission_no: int, request: codec.EmitStart,
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        request: codec.EmitStart,
         device_time_us: int | None,
     ) -> None: ...
     def emission_progress(
-        self, session: Session, step: StepOrder, emission_no: int, host_energy_uj: float,
-        controller_energy_uj: int, device_time_us: int,
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        controller_energy_uj: int,
+        device_time_us: int,
     ) -> None: ...
     def emission_ended(
-        self, session: Session, step: StepOrder, emission_no: int, host_energy_uj: float,
-        stopped: codec.Stopped | None, host_stop_cause: str,
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        stopped: codec.Stopped | None,
+        host_stop_cause: str,
     ) -> None: ...
     def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None: ...
     def event(self, event: SessionEvent) -> None: ...
@@ -186,8 +201,14 @@ class StepProgress:
 class _Emission:
     """State of one EMIT_START … STOPPED on one port."""
 
-    def __init__(self, number: int, request: codec.EmitStart, start_host_s: float,
-                 start_device_us: float, energy_before_uj: float) -> None:
+    def __init__(
+        self,
+        number: int,
+        request: codec.EmitStart,
+        start_host_s: float,
+        start_device_us: float,
+        energy_before_uj: float,
+    ) -> None:
         self.number = number
         self.request = request
         self.start_host_s = start_host_s
@@ -254,8 +275,11 @@ class PortRunner:
     # ------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"port": self.port, "state": self.state.value,
-                               "wait_reason": self.wait_reason or None}
+        out: dict[str, Any] = {
+            "port": self.port,
+            "state": self.state.value,
+            "wait_reason": self.wait_reason or None,
+        }
         if self.current is None:
             return out
         prog = self.progress[self.current]
@@ -313,8 +337,13 @@ class PortRunner:
                     prog.outcome = "skipped"
                     reason = ", ".join(sorted(blocked))
                     prog.stop_causes.append(f"blocked by contraindication: {reason}")
-                    self.session.emit("step_skipped", f"step blocked by {reason}", self.port,
-                                      order.index, {"contraindications": sorted(blocked)})
+                    self.session.emit(
+                        "step_skipped",
+                        f"step blocked by {reason}",
+                        self.port,
+                        order.index,
+                        {"contraindications": sorted(blocked)},
+                    )
                     self.session.recorder.step_ended(self.session, order, prog)
                     continue
                 await self._run_step(prog)
@@ -327,9 +356,13 @@ class PortRunner:
         order = prog.order
         session = self.session
         session.recorder.step_started(session, order)
-        session.emit("step_started", f"{order.label or order.site}: {order.wavelength_nm} nm",
-                     self.port, order.index, {"site": order.site,
-                                              "wavelength_nm": order.wavelength_nm})
+        session.emit(
+            "step_started",
+            f"{order.label or order.site}: {order.wavelength_nm} nm",
+            self.port,
+            order.index,
+            {"site": order.site, "wavelength_nm": order.wavelength_nm},
+        )
         self._confirmed.clear()
         while True:
             await self._gate(order)
@@ -344,11 +377,14 @@ class PortRunner:
             "step_completed",
             f"delivered {prog.host_energy_uj / 1e6:.3f} J "
             f"(controller {prog.controller_energy_uj / 1e6:.3f} J)",
-            self.port, order.index,
-            {"energy_j": prog.host_energy_uj / 1e6,
-             "controller_energy_j": prog.controller_energy_uj / 1e6,
-             "prescribed_energy_j": order.target_energy_uj / 1e6,
-             "fluence_j_cm2": prog.integrator.fluence_j_cm2},
+            self.port,
+            order.index,
+            {
+                "energy_j": prog.host_energy_uj / 1e6,
+                "controller_energy_j": prog.controller_energy_uj / 1e6,
+                "prescribed_energy_j": order.target_energy_uj / 1e6,
+                "fluence_j_cm2": prog.integrator.fluence_j_cm2,
+            },
         )
 
     async def _gate(self, order: StepOrder) -> None:
@@ -374,11 +410,14 @@ class PortRunner:
             reason = "; ".join(reasons)
             if reason != self.wait_reason:
                 self.wait_reason = reason
-                self.session.emit("port_waiting", reason, self.port, order.index,
-                                  {"reasons": reasons})
+                self.session.emit(
+                    "port_waiting", reason, self.port, order.index, {"reasons": reasons}
+                )
             self._gate_changed.clear()
-            waits = [asyncio.ensure_future(self._gate_changed.wait()),
-                     asyncio.ensure_future(self._confirmed.wait())]
+            waits = [
+                asyncio.ensure_future(self._gate_changed.wait()),
+                asyncio.ensure_future(self._confirmed.wait()),
+            ]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -400,8 +439,9 @@ class PortRunner:
         backup_total_us = order.planned_time_s * 1e6 * (1 + session.limits.backup_timer_fraction)
         backup_left_us = backup_total_us - integ.emitting_time_us
         if order.target_kind is TargetKind.TIME:
-            remaining_uj = order.power_uw * max(order.target_time_s * 1e6
-                                                - integ.emitting_time_us, 0) / 1e6
+            remaining_uj = (
+                order.power_uw * max(order.target_time_s * 1e6 - integ.emitting_time_us, 0) / 1e6
+            )
         else:
             remaining_uj = max(order.target_energy_uj - integ.energy_uj, 0.0)
         if remaining_uj <= 0 or backup_left_us <= 0:
@@ -439,13 +479,21 @@ class PortRunner:
             raise
         self.state = PortState.EMITTING
         self.wait_reason = ""
-        session.recorder.emission_started(session, order, em.number, request,
-                                          int(start_dev) if clock.ready else None)
-        session.emit("emission_started", f"{order.wavelength_nm} nm at "
-                     f"{order.power_uw / 1000:.1f} mW", self.port, order.index,
-                     {"emission": em.number, "power_mw": order.power_uw / 1000,
-                      "energy_budget_j": request.energy_budget_uj / 1e6,
-                      "max_duration_ms": request.max_duration_ms})
+        session.recorder.emission_started(
+            session, order, em.number, request, int(start_dev) if clock.ready else None
+        )
+        session.emit(
+            "emission_started",
+            f"{order.wavelength_nm} nm at {order.power_uw / 1000:.1f} mW",
+            self.port,
+            order.index,
+            {
+                "emission": em.number,
+                "power_mw": order.power_uw / 1000,
+                "energy_budget_j": request.energy_budget_uj / 1e6,
+                "max_duration_ms": request.max_duration_ms,
+            },
+        )
         try:
             host_cause = await self._until_stop(em, prog)
         finally:
@@ -468,24 +516,41 @@ class PortRunner:
             raise
         sample = ctrl.sample(self.target.device_port)
         if sample is not None and sample.emitting:
-            session.trip(TripCause.STUCK_EMISSION, "port still emitting after EMIT_STOP",
-                         self.port)
+            session.trip(TripCause.STUCK_EMISSION, "port still emitting after EMIT_STOP", self.port)
             raise _Stopped()
         self._emission = None
         prog.controller_energy_uj += stopped.delivered_uj
+        if host_cause == "dose reached" and order.target_kind is TargetKind.ENERGY:
+            # Learn how late the stop landed, by the controller's own count.
+            over_uj = prog.controller_energy_uj - order.target_energy_uj
+            if order.power_uw > 0 and ctrl.clock.ratio > 0:
+                ctrl.learn_stop_lateness(over_uj / order.power_uw / ctrl.clock.ratio)
         emission_host_uj = integ.energy_uj - em.energy_before_uj
-        session.recorder.emission_ended(session, order, em.number, emission_host_uj, stopped,
-                                        host_cause)
+        session.recorder.emission_ended(
+            session, order, em.number, emission_host_uj, stopped, host_cause
+        )
         self._check_channels(emission_host_uj, stopped.delivered_uj, final=True)
-        session.emit("emission_ended", host_cause, self.port, order.index,
-                     {"emission": em.number, "energy_j": emission_host_uj / 1e6,
-                      "controller_energy_j": stopped.delivered_uj / 1e6,
-                      "duration_ms": stopped.duration_ms,
-                      "stop_reason": codec.describe(codec.StopReason, stopped.stop_reason)})
+        session.emit(
+            "emission_ended",
+            host_cause,
+            self.port,
+            order.index,
+            {
+                "emission": em.number,
+                "energy_j": emission_host_uj / 1e6,
+                "controller_energy_j": stopped.delivered_uj / 1e6,
+                "duration_ms": stopped.duration_ms,
+                "stop_reason": codec.describe(codec.StopReason, stopped.stop_reason),
+            },
+        )
         if em.ended_by_device is not None and em.ended_by_device not in _OPERATOR_REASONS:
             cause = stop_reason_cause(em.ended_by_device)
-            session.trip(cause, "controller ended the emission: "
-                         + codec.describe(codec.StopReason, em.ended_by_device), self.port)
+            session.trip(
+                cause,
+                "controller ended the emission: "
+                + codec.describe(codec.StopReason, em.ended_by_device),
+                self.port,
+            )
             raise _Stopped()
         if host_cause == "dose reached":
             return "done"
@@ -501,8 +566,13 @@ class PortRunner:
             return "footswitch"
         prog.stop_causes.append("paused by operator")
         self.state = PortState.PAUSED
-        session.emit("port_paused", "paused; delivered dose kept", self.port, order.index,
-                     {"energy_j": integ.energy_j})
+        session.emit(
+            "port_paused",
+            "paused; delivered dose kept",
+            self.port,
+            order.index,
+            {"energy_j": integ.energy_j},
+        )
         return "paused"
 
     async def _until_stop(self, em: _Emission, prog: StepProgress) -> str:
@@ -534,8 +604,10 @@ class PortRunner:
 
     def _footswitch_released(self, order: StepOrder) -> bool:
         tele = self.target.controller.telemetry
-        return order.footswitch and tele is not None and not (
-            tele.interlocks & codec.Interlock.FOOTSWITCH
+        return (
+            order.footswitch
+            and tele is not None
+            and not (tele.interlocks & codec.Interlock.FOOTSWITCH)
         )
 
     # --------------------------------------------------- telemetry (reader)
@@ -570,20 +642,30 @@ class PortRunner:
         # Ceilings: measured power, irradiance, fluence per site and wavelength.
         power = sample.measured_power_uw
         if order.channel_max_power_uw and power > order.channel_max_power_uw * 1.05:
-            session.trip(TripCause.POWER_CEILING, f"{power / 1000:.1f} mW measured, "
-                         f"applicator maximum {order.channel_max_power_uw / 1000:.1f} mW",
-                         self.port)
+            session.trip(
+                TripCause.POWER_CEILING,
+                f"{power / 1000:.1f} mW measured, "
+                f"applicator maximum {order.channel_max_power_uw / 1000:.1f} mW",
+                self.port,
+            )
             return
         irradiance = integ.irradiance_mw_cm2(power)
         if irradiance > order.irradiance_ceiling_mw_cm2:
-            session.trip(TripCause.IRRADIANCE_CEILING, f"{irradiance:.1f} mW/cm² measured, "
-                         f"ceiling {order.irradiance_ceiling_mw_cm2:.1f} mW/cm²", self.port)
+            session.trip(
+                TripCause.IRRADIANCE_CEILING,
+                f"{irradiance:.1f} mW/cm² measured, "
+                f"ceiling {order.irradiance_ceiling_mw_cm2:.1f} mW/cm²",
+                self.port,
+            )
             return
         site_fluence = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
         if site_fluence > order.fluence_ceiling_j_cm2:
-            session.trip(TripCause.FLUENCE_CEILING, f"{site_fluence:.2f} J/cm² at {order.site} "
-                         f"{order.wavelength_nm} nm, ceiling {order.fluence_ceiling_j_cm2} J/cm²",
-                         self.port)
+            session.trip(
+                TripCause.FLUENCE_CEILING,
+                f"{site_fluence:.2f} J/cm² at {order.site} "
+                f"{order.wavelength_nm} nm, ceiling {order.fluence_ceiling_j_cm2} J/cm²",
+                self.port,
+            )
             return
         # Measured vs setpoint, after the first full interval (the rise is ~1 ms).
         if sample.emitting and em.samples >= 2 and order.power_uw > 0:
@@ -594,9 +676,11 @@ class PortRunner:
                 if t.device_time_us - em.deviation_since_us >= (
                     session.limits.power_deviation_grace_us
                 ):
-                    session.trip(TripCause.POWER_DEVIATION,
-                                 f"{power / 1000:.1f} mW measured, setpoint "
-                                 f"{order.power_uw / 1000:.1f} mW", self.port)
+                    session.trip(
+                        TripCause.POWER_DEVIATION,
+                        f"{power / 1000:.1f} mW measured, setpoint {order.power_uw / 1000:.1f} mW",
+                        self.port,
+                    )
                     return
             else:
                 em.deviation_since_us = None
@@ -607,14 +691,22 @@ class PortRunner:
         # Host backup timer.
         backup_us = order.planned_time_s * 1e6 * (1 + session.limits.backup_timer_fraction)
         if integ.emitting_time_us > backup_us:
-            session.trip(TripCause.BACKUP_CHANNEL_STOP, "host backup timer expired before "
-                         "the prescribed dose was measured", self.port)
+            session.trip(
+                TripCause.BACKUP_CHANNEL_STOP,
+                "host backup timer expired before the prescribed dose was measured",
+                self.port,
+            )
             return
         if host_s - em.last_progress_host_s >= session.progress_interval_s:
             em.last_progress_host_s = host_s
-            session.recorder.emission_progress(session, order, em.number,
-                                               integ.energy_uj - em.energy_before_uj,
-                                               sample.delivered_uj, t.device_time_us)
+            session.recorder.emission_progress(
+                session,
+                order,
+                em.number,
+                integ.energy_uj - em.energy_before_uj,
+                sample.delivered_uj,
+                t.device_time_us,
+            )
         if self._footswitch_released(order):
             em.stop_due.set()
             return
@@ -623,8 +715,9 @@ class PortRunner:
             return
         self._schedule_stop(em, prog, t, host_s)
 
-    def _schedule_stop(self, em: _Emission, prog: StepProgress, t: codec.Telemetry,
-                       host_s: float) -> None:
+    def _schedule_stop(
+        self, em: _Emission, prog: StepProgress, t: codec.Telemetry, host_s: float
+    ) -> None:
         order = prog.order
         integ = prog.integrator
         clock = self.target.controller.clock
@@ -636,7 +729,8 @@ class PortRunner:
             return
         reach_device_us = t.device_time_us + max(left_us, 0.0)
         # Send so that the frame arrives when the device clock reaches the dose.
-        stop_at = clock.host_time_at(reach_device_us) - clock.one_way_latency_s
+        ctrl = self.target.controller
+        stop_at = clock.host_time_at(reach_device_us) - clock.one_way_latency_s - ctrl.stop_lead_s
         horizon = host_s + 2.5 * self.session.telemetry_period_s
         if stop_at > horizon:
             return
@@ -652,8 +746,9 @@ class PortRunner:
 
     def _check_channels(self, host_uj: float, controller_uj: int, final: bool = False) -> None:
         limits = self.session.limits
-        allowed = max(limits.dose_disagreement_fraction * controller_uj,
-                      limits.dose_disagreement_floor_uj)
+        allowed = max(
+            limits.dose_disagreement_fraction * controller_uj, limits.dose_disagreement_floor_uj
+        )
         if abs(host_uj - controller_uj) > allowed:
             self.session.trip(
                 TripCause.DOSE_CHANNELS_DISAGREE,
@@ -779,11 +874,18 @@ class Session:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
-    def emit(self, kind: str, message: str, port: int | None = None, step: int | None = None,
-             data: Mapping[str, Any] | None = None) -> None:
+    def emit(
+        self,
+        kind: str,
+        message: str,
+        port: int | None = None,
+        step: int | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
         event = SessionEvent(kind, self.id, message, port, step, dict(data or {}))
-        log.info("session.event", kind=kind, session_id=self.id, port=port, step=step,
-                 message=message)
+        log.info(
+            "session.event", kind=kind, session_id=self.id, port=port, step=step, message=message
+        )
         try:
             self.recorder.event(event)
         except Exception:
@@ -797,8 +899,11 @@ class Session:
     def _set_state(self, state: SessionState, cause: str) -> None:
         previous = self.state
         self.state = state
-        self.emit("state", f"{previous.value} → {state.value}: {cause}",
-                  data={"from": previous.value, "to": state.value, "cause": cause})
+        self.emit(
+            "state",
+            f"{previous.value} → {state.value}: {cause}",
+            data={"from": previous.value, "to": state.value, "cause": cause},
+        )
 
     # ---------------------------------------------------------- operator
 
@@ -825,8 +930,9 @@ class Session:
         self.aborting = True
         self.cause_code = "A001"
         self.cause_message = reason
-        await asyncio.gather(*(c.all_off() for c in self.port_map.controllers()),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(c.all_off() for c in self.port_map.controllers()), return_exceptions=True
+        )
         self.emit("abort", reason)
         if self._task is not None:
             self._task.cancel()
@@ -840,8 +946,9 @@ class Session:
         try:
             return self.runners[port]
         except KeyError:
-            raise SessionError(f"port {port} is not part of this session "
-                               f"(ports {sorted(self.runners)})") from None
+            raise SessionError(
+                f"port {port} is not part of this session (ports {sorted(self.runners)})"
+            ) from None
 
     def _runners(self, port: int | None) -> list[PortRunner]:
         return list(self.runners.values()) if port is None else [self._runner(port)]
@@ -853,8 +960,9 @@ class Session:
 
     def check_before_emission(self, order: StepOrder) -> None:
         if not self._verify_plan():
-            self.trip(TripCause.PLAN_HASH_MISMATCH, f"plan {self.plan_hash[:12]} changed",
-                      order.port)
+            self.trip(
+                TripCause.PLAN_HASH_MISMATCH, f"plan {self.plan_hash[:12]} changed", order.port
+            )
             raise _Stopped()
         if self.supervisor.tripped is not None or self.aborting:
             raise _Stopped()
@@ -896,12 +1004,15 @@ class Session:
     async def _main(self) -> None:
         self._unsubscribe.append(self.supervisor.add_listener(self._on_trip))
         for ctrl in self.port_map.controllers():
-            self._unsubscribe.append(ctrl.client.add_event_listener(
-                lambda ev, c=ctrl: self._on_event(c.name, ev)))
-            self._unsubscribe.append(ctrl.client.add_link_lost_listener(
-                lambda exc, c=ctrl: self.trip(TripCause.LINK_LOST, f"{c.name}: {exc}")))
-            self._unsubscribe.append(ctrl.add_sample_listener(
-                lambda t, host_s, c=ctrl: self._check_controller(c.name, t)))
+            client = ctrl.client
+            self._unsubscribe += [
+                client.add_event_listener(functools.partial(self._on_event, ctrl.name)),
+                client.add_link_lost_listener(functools.partial(self._on_link_lost, ctrl.name)),
+                client.add_reply_timeout_listener(
+                    functools.partial(self._on_reply_timeout, ctrl.name)
+                ),
+                ctrl.add_sample_listener(functools.partial(self._check_controller, ctrl.name)),
+            ]
         self._stale_task = asyncio.create_task(self._watch_staleness(), name="telemetry-stale")
         # READY: plan hash, interlocks, no fault.
         if not self._verify_plan():
@@ -940,49 +1051,70 @@ class Session:
         limit_s = self.limits.stale_telemetry_periods * self.telemetry_period_s
         while True:
             now = time.monotonic()
-            oldest = min(
-                (c.telemetry_host_s or now) for c in self.port_map.controllers()
-            )
+            oldest = min((c.telemetry_host_s or now) for c in self.port_map.controllers())
             age = now - oldest
             if age > limit_s:
-                self.trip(TripCause.TELEMETRY_STALE,
-                          f"last telemetry {age * 1000:.0f} ms ago "
-                          f"(limit {limit_s * 1000:.0f} ms)")
+                self.trip(
+                    TripCause.TELEMETRY_STALE,
+                    f"last telemetry {age * 1000:.0f} ms ago (limit {limit_s * 1000:.0f} ms)",
+                )
                 return
             await asyncio.sleep(max(limit_s - age, 0.001) + 0.001)
 
-    def _check_controller(self, name: str, t: codec.Telemetry) -> None:
+    def _on_link_lost(self, name: str, exc: BaseException) -> None:
+        self.trip(TripCause.LINK_LOST, f"{name}: {exc}")
+
+    def _on_reply_timeout(self, name: str, exc: BaseException) -> None:
+        """A missed reply deadline is a link fault (ICD §6), heartbeats included."""
+        if not self.state.final:
+            self.trip(TripCause.REPLY_TIMEOUT, f"{name}: {exc}")
+
+    def _check_controller(self, name: str, t: codec.Telemetry, host_s: float = 0.0) -> None:
         if self.state.final or self.state is SessionState.IDLE:
             return
         if t.state == codec.ControllerState.FAULT or t.fault_code:
-            self.trip(TripCause.CONTROLLER_FAULT, f"{name}: fault "
-                      f"{codec.describe(codec.FaultCode, t.fault_code)}")
+            self.trip(
+                TripCause.CONTROLLER_FAULT,
+                f"{name}: fault {codec.describe(codec.FaultCode, t.fault_code)}",
+            )
             return
         cause = interlock_cause(t.interlocks)
         if cause is not None:
             self.trip(cause, f"{name}: interlock bits {t.interlocks:04b}")
 
     def _on_event(self, controller: str, ev: codec.Event) -> None:
-        data = {"controller": controller, "code": codec.describe(codec.EventCode, ev.code),
-                "value": ev.value, "device_time_us": ev.device_time_us}
+        data = {
+            "controller": controller,
+            "code": codec.describe(codec.EventCode, ev.code),
+            "value": ev.value,
+            "device_time_us": ev.device_time_us,
+        }
         if ev.code == codec.EventCode.EMISSION_ENDED:
             for runner in self.runners.values():
-                if runner.target.controller.name == controller and \
-                        runner.target.device_port == ev.port:
+                if (
+                    runner.target.controller.name == controller
+                    and runner.target.device_port == ev.port
+                ):
                     runner.on_emission_ended(ev.value)
         elif ev.code == codec.EventCode.FAULT:
-            self.trip(TripCause.CONTROLLER_FAULT,
-                      f"{controller}: {codec.describe(codec.FaultCode, ev.value)}")
+            self.trip(
+                TripCause.CONTROLLER_FAULT,
+                f"{controller}: {codec.describe(codec.FaultCode, ev.value)}",
+            )
         elif ev.code == codec.EventCode.WATCHDOG_EXPIRED:
-            self.trip(TripCause.CONTROLLER_FAULT, f"{controller}: watchdog expired after "
-                      f"{ev.value} ms of silence")
+            self.trip(
+                TripCause.CONTROLLER_FAULT,
+                f"{controller}: watchdog expired after {ev.value} ms of silence",
+            )
         elif ev.code == codec.EventCode.INTERLOCK_CHANGED:
             cause = interlock_cause(ev.value)
             if cause is not None:
                 self.trip(cause, f"{controller}: interlock bits {ev.value:04b}")
         elif ev.code == codec.EventCode.APPLICATOR_CHANGED:
-            self.trip(TripCause.APPLICATOR_REMOVED, f"{controller} port {ev.port}: applicator "
-                      f"changed to kind {ev.value}")
+            self.trip(
+                TripCause.APPLICATOR_REMOVED,
+                f"{controller} port {ev.port}: applicator changed to kind {ev.value}",
+            )
         elif ev.code == codec.EventCode.CONTACT_CHANGED:
             for runner in self.runners.values():
                 runner.gate_inputs_changed()

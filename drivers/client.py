@@ -184,6 +184,14 @@ class ProtocolMismatch(ClientError):
         self.info = info
 
 
+class EmissionInhibited(ClientError):
+    """EMIT_START refused on the host side: emission is inhibited (a trip latched)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"emission inhibited: {reason}")
+        self.reason = reason
+
+
 class SubscriptionOverflow(ClientError):
     """A lossless subscription fell behind and lost items; resynchronise."""
 
@@ -424,6 +432,7 @@ TelemetryListener = Callable[[Telemetry], None]
 EventListener = Callable[[Event], None]
 LinkLostListener = Callable[[LinkClosed], None]
 ReplyTimeoutListener = Callable[[ReplyTimeout], None]
+PongListener = Callable[[tuple[float, float, Pong]], None]
 
 
 @dataclass(slots=True)
@@ -432,6 +441,7 @@ class _Listeners:
     events: list[EventListener] = field(default_factory=list)
     link_lost: list[LinkLostListener] = field(default_factory=list)
     reply_timeout: list[ReplyTimeoutListener] = field(default_factory=list)
+    pong: list[PongListener] = field(default_factory=list)
 
 
 class ControllerClient:
@@ -481,6 +491,7 @@ class ControllerClient:
         self._rtt_cache: RoundTrip | None = None
         self._tally = _Tally()
         self._info: Info | None = None
+        self._inhibit: str | None = None
         self.ports: dict[int, PortInfo] = {}
         """The last PORT_INFO of each port (filled by get_port / the handshake)."""
         self.last_telemetry_monotonic: float | None = None
@@ -672,6 +683,11 @@ class ControllerClient:
         """Called once if the link fails (EOF or I/O error), not on close()."""
         return _add(self._listeners.link_lost, callback)
 
+    def add_pong_listener(self, callback: PongListener) -> Callable[[], None]:
+        """Called with (sent_s, received_s, Pong) for every PING answered, heartbeats
+        included, in event-loop time: what a host needs to map the device clock."""
+        return _add(self._listeners.pong, callback)
+
     def add_reply_timeout_listener(self, callback: ReplyTimeoutListener) -> Callable[[], None]:
         """Called for every missed reply deadline, heartbeats included (ICD §6 link fault)."""
         return _add(self._listeners.reply_timeout, callback)
@@ -749,6 +765,10 @@ class ControllerClient:
             try:
                 if self._down is not None:
                     raise self._closed_error()
+                if self._inhibit is not None and isinstance(msg, EmitStart):
+                    # Checked at the moment of writing: an EMIT_START that queued
+                    # behind an urgent ALL_OFF never follows it onto the wire.
+                    raise EmissionInhibited(self._inhibit)
                 pending.sent_at = loop.time()
                 await self._link.write(frame)
             except OSError as exc:
@@ -847,8 +867,25 @@ class ControllerClient:
         await self._call(Disarm(), Ack)
 
     async def emit_start(self, command: EmitStart) -> None:
-        """ACK means emission has begun (ICD §3)."""
+        """ACK means emission has begun (ICD §3). Raises EmissionInhibited while inhibited."""
+        if self._inhibit is not None:
+            raise EmissionInhibited(self._inhibit)
         await self._call(command, Ack)
+
+    def inhibit_emission(self, reason: str = "safety trip latched") -> None:
+        """Refuse every EMIT_START from now on, including any already queued.
+
+        Synchronous, so a safety trip can call it before it awaits anything.
+        """
+        self._inhibit = reason
+
+    def release_emission(self) -> None:
+        """Allow EMIT_START again (a person starting a new session does this)."""
+        self._inhibit = None
+
+    @property
+    def emission_inhibited(self) -> str | None:
+        return self._inhibit
 
     async def emit_stop(self, port: int) -> Stopped:
         return await self._call(EmitStop(port), Stopped)
@@ -1052,6 +1089,10 @@ class ControllerClient:
             )
             return
         p.future.set_result(reply)
+        if isinstance(reply, Pong) and p.sent_at is not None:
+            received = asyncio.get_running_loop().time()
+            for callback in list(self._listeners.pong):
+                self._call_listener(callback, (p.sent_at, received, reply), "pong")
 
 
 def _add(listeners: list[T], callback: T) -> Callable[[], None]:

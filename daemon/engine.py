@@ -1,0 +1,567 @@
+"""The treatment engine: controllers, the records store and one session at a time.
+
+The engine is the library the service wraps. It refuses a session that could
+not be delivered or recorded safely (records unavailable, calibration
+overdue, a controller fault or open interlock, an applicator that is not the
+one the plan was made for, a contraindicated protocol), turns a frozen plan
+into the steps each port runs, and on start reconciles sessions that a crash
+left open from the controllers' own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from pbmd.daemon.controllers import ControllerHandle, PortMap
+from pbmd.daemon.records import (
+    RecordStore,
+    RecordsUnavailable,
+    SessionPort,
+    SessionStart,
+    StepStart,
+)
+from pbmd.daemon.safety import SafetyLimits, Supervisor, Trip, TripCause, interlock_cause
+from pbmd.daemon.session import (
+    Session,
+    SessionError,
+    SessionEvent,
+    SessionListener,
+    StepOrder,
+    StepProgress,
+    TargetKind,
+)
+from pbmd.drivers import codec
+from pbmd.drivers.client import ClientError
+from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, skin_mpe_mw_cm2
+from pbmd.protocols.model import Contraindication, Region, Target
+from pbmd.protocols.plan import Plan, PlannedEmission, canonical_json, content_hash
+
+log = structlog.get_logger()
+
+
+class StartRefused(SessionError):
+    """A session was not started; the message says why and what to do."""
+
+    def __init__(self, message: str, cause: TripCause | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+# Contraindications that block only the steps they concern; every other one
+# answered "yes" refuses a protocol that lists it.
+_REGIONS_BLOCKED: dict[Contraindication, frozenset[Region]] = {
+    Contraindication.PREGNANCY: frozenset(
+        {Region.LUMBAR, Region.SACRAL, Region.PELVIS, Region.ABDOMEN}
+    ),
+    Contraindication.HYPERTHYROIDISM: frozenset({Region.NECK, Region.CERVICAL}),
+}
+
+
+def blocked_by(e: PlannedEmission) -> frozenset[str]:
+    """The contraindications that block this emission by themselves."""
+    out = {c.value for c, regions in _REGIONS_BLOCKED.items() if e.region in regions}
+    if (
+        e.mode == codec.EmitMode.PULSED
+        and e.wavelength_nm < RED_MAX_NM
+        and 0 < e.pulse_hz <= EPILEPSY_MAX_PULSE_HZ
+    ):
+        out.add(Contraindication.EPILEPSY.value)
+    return frozenset(out)
+
+
+def steps_from_plan(plan: Plan, port_map: PortMap) -> dict[int, list[StepOrder]]:
+    """The engine's view of each planned emission, with ceilings and backstops."""
+    limits = plan.limits
+    out: dict[int, list[StepOrder]] = {}
+    for port_plan in plan.ports:
+        target = port_map[port_plan.port]
+        for e in port_plan.emissions:
+            channel = target.applicator.channel(e.wavelength_nm)
+            ceiling = min(skin_mpe_mw_cm2(e.wavelength_nm), _site_irradiance_ceiling(limits))
+            out.setdefault(port_plan.port, []).append(
+                StepOrder(
+                    port=port_plan.port,
+                    index=e.step_index,
+                    site=e.site_id,
+                    label=e.site_label,
+                    wavelength_nm=e.wavelength_nm,
+                    mode=e.mode,
+                    power_uw=e.power_uw,
+                    pulse_hz=e.pulse_hz,
+                    duty_permille=e.duty_permille,
+                    area_cm2=e.area_mm2 / 100.0,
+                    target_kind=TargetKind.TIME if e.target == Target.TIME else TargetKind.ENERGY,
+                    target_energy_uj=float(e.target_energy_uj),
+                    target_time_s=e.expected_duration_ms / 1000.0,
+                    planned_time_s=e.expected_duration_ms / 1000.0,
+                    energy_budget_uj=e.energy_budget_uj,
+                    max_duration_ms=e.max_duration_ms,
+                    confirm_placement=e.gating.confirm_placement,
+                    skin_contact=e.gating.skin_contact,
+                    footswitch=e.gating.footswitch,
+                    blocked_by=blocked_by(e),
+                    # Measured irradiance may exceed the setpoint's by the deviation
+                    # band before that check trips; the ceiling is the hard limit.
+                    irradiance_ceiling_mw_cm2=ceiling,
+                    fluence_ceiling_j_cm2=_fluence_ceiling(limits) * 1.0,
+                    channel_max_power_uw=channel.max_power_uw if channel else 0,
+                )
+            )
+    return out
+
+
+def _site_irradiance_ceiling(limits: Any) -> float:
+    value = getattr(limits, "irradiance_ceiling_mw_cm2", None)
+    return float(value) if value is not None else float("inf")
+
+
+def _fluence_ceiling(limits: Any) -> float:
+    return float(getattr(limits, "fluence_ceiling_j_cm2", 10.0))
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    plan: Plan
+    patient_ref: str
+    contraindications: Mapping[str, bool]
+    ports: tuple[int, ...] | None = None
+    signing_key_id: str | None = None
+    protocol_title: str | None = None
+    operator: str | None = None
+    contraindicated_by_protocol: frozenset[str] = frozenset()
+
+
+class StoreRecorder:
+    """Writes one session to the records store (the session's Recorder)."""
+
+    def __init__(
+        self, store: RecordStore, request: SessionRequest, controller: ControllerHandle
+    ) -> None:
+        self.store = store
+        self.request = request
+        self.controller = controller
+        self._emissions: dict[tuple[int, int, int], int] = {}
+
+    def session_started(self, session: Session) -> None:
+        plan = self.request.plan
+        ports = [
+            SessionPort(
+                port=p,
+                applicator_kind=codec.describe(
+                    codec.ApplicatorKind, session.port_map[p].applicator.applicator_kind
+                ),
+                applicator_serial=session.port_map[p].applicator.applicator_serial,
+                beam_area_cm2=session.port_map[p].applicator.area_mm2 / 100.0,
+                channels_nm=tuple(c.wavelength_nm for c in session.port_map[p].applicator.channels),
+            )
+            for p in session.runners
+        ]
+        self.store.session_started(
+            SessionStart(
+                session_id=session.id,
+                protocol_id=plan.protocol_id,
+                protocol_version=plan.protocol_version,
+                protocol_sha256=plan.protocol_sha256,
+                plan_hash=plan.content_hash,
+                plan_json=canonical_json(plan).decode("utf-8"),
+                patient_ref=session.patient_ref,
+                contraindications=dict(self.request.contraindications),
+                ports=ports,
+                session_token=session.token,
+                signing_key_id=self.request.signing_key_id,
+                protocol_title=plan.protocol_title,
+                controller_serial=self.controller.info.serial,
+                controller_firmware=self.controller.info.firmware,
+                operator=self.request.operator,
+                course_sessions=plan.course.sessions,
+                course_interval_days=plan.course.interval_days,
+                time_scale=self.controller.clock.ratio,
+            )
+        )
+
+    def _emission(self, port: int, step: int) -> PlannedEmission:
+        return next(e for e in self.request.plan.port(port).emissions if e.step_index == step)
+
+    def step_started(self, session: Session, step: StepOrder) -> None:
+        e = self._emission(step.port, step.index)
+        self.store.step_started(
+            StepStart(
+                session_id=session.id,
+                port=step.port,
+                step_index=step.index,
+                site=e.site_id,
+                site_label=e.site_label,
+                region=e.region.value,
+                area_covered_cm2=e.area_covered_cm2,
+                technique=e.technique.value,
+                wavelength_nm=e.wavelength_nm,
+                mode="pulsed" if e.mode == codec.EmitMode.PULSED else "continuous",
+                pulse_hz=e.pulse_hz or None,
+                duty_permille=e.duty_permille if e.mode == codec.EmitMode.PULSED else None,
+                pulse_width_ns=e.pulse_width_ns,
+                peak_power_mw=e.peak_power_mw,
+                power_setpoint_mw=e.power_uw / 1000.0,
+                area_cm2=e.area_mm2 / 100.0,
+                target_kind=e.target.value,
+                target_value=e.target_value,
+                prescribed_energy_j=e.target_energy_uj / 1e6,
+                prescribed_fluence_j_cm2=e.target_energy_uj / 1e6 / (e.area_mm2 / 100.0),
+                planned_time_s=e.expected_duration_ms / 1000.0,
+                max_time_s=e.backup_time_s,
+            )
+        )
+
+    def emission_started(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        request: codec.EmitStart,
+        device_time_us: int | None,
+    ) -> None:
+        seq = self.store.emission_started(
+            session.id, step.index, request, port=step.port, device_time_us=device_time_us
+        )
+        self._emissions[(step.port, step.index, emission_no)] = seq
+
+    def emission_progress(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        controller_energy_uj: int,
+        device_time_us: int,
+    ) -> None:
+        seq = self._emissions.get((step.port, step.index, emission_no))
+        if seq is not None:
+            self.store.emission_progress(
+                seq,
+                host_energy_uj=host_energy_uj,
+                controller_energy_uj=controller_energy_uj,
+                device_time_us=device_time_us,
+            )
+
+    def emission_ended(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        stopped: codec.Stopped | None,
+        host_stop_cause: str,
+    ) -> None:
+        seq = self._emissions.get((step.port, step.index, emission_no))
+        if seq is None:
+            return
+        self.store.emission_ended(
+            seq,
+            host_stop_cause=host_stop_cause,
+            host_energy_uj=host_energy_uj,
+            controller_energy_uj=stopped.delivered_uj if stopped else None,
+            duration_ms=stopped.duration_ms if stopped else None,
+            stop_reason=stopped.stop_reason if stopped else None,
+        )
+
+    def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None:
+        outcome = {"completed": "completed", "skipped": "skipped"}.get(progress.outcome)
+        if outcome is None:
+            outcome = "faulted" if session.supervisor.tripped else "aborted"
+        integ = progress.integrator
+        self.store.step_ended(
+            session.id,
+            step.port,
+            step.index,
+            outcome=outcome,  # type: ignore[arg-type]
+            stop_cause_code=session.cause_code if outcome in ("faulted", "aborted") else None,
+            stop_cause_message="; ".join(progress.stop_causes) or None,
+            delivered_host_j=integ.energy_j,
+            delivered_controller_j=progress.controller_energy_uj / 1e6,
+            delivered_fluence_j_cm2=integ.fluence_j_cm2,
+            mean_irradiance_mw_cm2=integ.mean_irradiance_mw_cm2,
+            emitting_time_s=integ.emitting_time_us / 1e6,
+        )
+
+    def event(self, event: SessionEvent) -> None:
+        severity = "error" if event.kind in ("trip", "abort") else "info"
+        self.store.event(
+            event.kind,
+            event.message,
+            session_id=event.session_id,
+            port=event.port,
+            severity=severity,  # type: ignore[arg-type]
+            data=dict(event.data) | ({"step": event.step} if event.step is not None else {}),
+        )
+
+    def session_ended(self, session: Session) -> None:
+        self.store.session_ended(
+            session.id,
+            outcome=session.state.value,  # type: ignore[arg-type]
+            stop_cause_code=session.cause_code,
+            stop_cause_message=session.cause_message,
+        )
+
+    async def sync(self) -> None:
+        await self.store.sync()
+
+
+class Engine:
+    """Controllers, records and the current session."""
+
+    def __init__(
+        self,
+        port_map: PortMap,
+        store: RecordStore,
+        *,
+        limits: SafetyLimits | None = None,
+        telemetry_hz: int = 50,
+        calibration_due: dt.date | None = None,
+        today: Callable[[], dt.date] = dt.date.today,
+    ) -> None:
+        self.port_map = port_map
+        self.store = store
+        self.limits = limits or SafetyLimits()
+        self.telemetry_hz = telemetry_hz
+        self.calibration_due = calibration_due
+        self._today = today
+        self.session: Session | None = None
+        self.service_required: str | None = None
+        self._listeners: list[SessionListener] = []
+
+    def add_listener(self, listener: SessionListener) -> None:
+        """Session events of every session this engine runs."""
+        self._listeners.append(listener)
+
+    @property
+    def controllers(self) -> list[ControllerHandle]:
+        return self.port_map.controllers()
+
+    # ------------------------------------------------------------------ checks
+
+    def check_ready(self, ports: tuple[int, ...] | None = None) -> None:
+        """Raise StartRefused with what to do, unless a session could start now."""
+        if self.session is not None and not self.session.state.final:
+            raise StartRefused(
+                f"session {self.session.id} is {self.session.state.value}; "
+                "end it before starting another"
+            )
+        if self.service_required:
+            raise StartRefused(
+                f"the system needs service: {self.service_required}", TripCause.STUCK_EMISSION
+            )
+        try:
+            self.store.check_ready()
+        except RecordsUnavailable as exc:
+            raise StartRefused(
+                f"{TripCause.RECORDS_FAILED.code} {exc}", TripCause.RECORDS_FAILED
+            ) from exc
+        if self.calibration_due is not None and self._today() > self.calibration_due:
+            raise StartRefused(
+                f"{TripCause.CALIBRATION_OVERDUE.code} calibration was due on "
+                f"{self.calibration_due.isoformat()}; recalibrate and update the due date",
+                TripCause.CALIBRATION_OVERDUE,
+            )
+        for ctrl in self.controllers:
+            if not ctrl.client.is_open:
+                raise StartRefused(f"controller {ctrl.name} is not connected", TripCause.LINK_LOST)
+            t = ctrl.telemetry
+            if t is None:
+                raise StartRefused(
+                    f"no telemetry from controller {ctrl.name} yet", TripCause.TELEMETRY_STALE
+                )
+            if t.state == codec.ControllerState.FAULT:
+                raise StartRefused(
+                    f"controller {ctrl.name} has a latched fault "
+                    f"({codec.describe(codec.FaultCode, t.fault_code)}): find the cause, then "
+                    "clear the fault",
+                    TripCause.CONTROLLER_FAULT,
+                )
+            cause = interlock_cause(t.interlocks)
+            if cause is not None:
+                raise StartRefused(
+                    f"{cause.code} {cause.message} Close it, then start again.", cause
+                )
+
+    # ----------------------------------------------------------------- sessions
+
+    async def start_session(self, request: SessionRequest) -> Session:
+        plan = request.plan
+        if not plan.verify():
+            raise StartRefused(
+                f"{TripCause.PLAN_HASH_MISMATCH.code} the plan does not match its hash; plan again",
+                TripCause.PLAN_HASH_MISMATCH,
+            )
+        ports = request.ports or tuple(p.port for p in plan.ports)
+        unknown = [p for p in ports if p not in {pp.port for pp in plan.ports}]
+        if unknown:
+            raise StartRefused(
+                f"ports {unknown} are not in protocol {plan.protocol_id!r} "
+                f"(it uses {[p.port for p in plan.ports]})"
+            )
+        self.check_ready(ports)
+        answers = {str(k): bool(v) for k, v in request.contraindications.items()}
+        known = {c.value for c in Contraindication}
+        bad = sorted(set(answers) - known)
+        if bad:
+            raise StartRefused(f"unknown contraindication(s) {bad}; known: {sorted(known)}")
+        present = {k for k, v in answers.items() if v}
+        refusing = sorted(
+            present
+            & set(request.contraindicated_by_protocol)
+            - {c.value for c in _REGIONS_BLOCKED}
+            - {Contraindication.EPILEPSY.value}
+        )
+        if refusing:
+            raise StartRefused(
+                f"protocol {plan.protocol_id!r} is contraindicated for this "
+                f"patient: {', '.join(refusing)}"
+            )
+        for port in ports:
+            pp = plan.port(port)
+            info = self.port_map[port].applicator
+            if (
+                info.applicator_kind != pp.applicator_kind
+                or info.applicator_serial != pp.applicator_serial
+                or info.area_mm2 != pp.area_mm2
+            ):
+                raise StartRefused(
+                    f"port {port}: the applicator now reported ({info.applicator_serial}) is "
+                    f"not the one the plan was made for ({pp.applicator_serial}); plan again"
+                )
+        all_steps = steps_from_plan(plan, self.port_map)
+        steps = {p: all_steps[p] for p in ports}
+        sub_map = PortMap({p: self.port_map[p] for p in ports})
+        supervisor = Supervisor(sub_map.controllers(), self.limits)
+        for ctrl in sub_map.controllers():
+            supervisor.add_latch_hook(functools.partial(_inhibit, ctrl))
+        supervisor.start()
+        expected_hash = plan.content_hash
+        recorder = StoreRecorder(self.store, request, sub_map.controllers()[0])
+        session = Session(
+            plan_hash=expected_hash,
+            verify_plan=lambda: content_hash(plan) == expected_hash,
+            steps=steps,
+            port_map=sub_map,
+            supervisor=supervisor,
+            recorder=recorder,
+            limits=self.limits,
+            telemetry_hz=self.telemetry_hz,
+            patient_ref=request.patient_ref,
+            contraindications=frozenset(present),
+            protocol_id=plan.protocol_id,
+            protocol_version=plan.protocol_version,
+        )
+        for listener in self._listeners:
+            session.add_listener(listener)
+        supervisor.add_listener(
+            lambda trip: session.emit(
+                "trip",
+                trip.describe(),
+                trip.port,
+                data={
+                    "code": trip.cause.code,
+                    "cause": trip.cause.name,
+                    "escalation": list(supervisor.escalation),
+                    "service_required": supervisor.service_required,
+                },
+            )
+        )
+
+        def on_trip(trip: Any) -> None:
+            if supervisor.service_required:
+                self.service_required = trip.describe()
+
+        supervisor.add_listener(on_trip)
+        for ctrl in sub_map.controllers():
+            ctrl.client.release_emission()
+        self.session = session
+        task = session.start()
+        task.add_done_callback(lambda _t: asyncio.ensure_future(supervisor.close()))
+        return session
+
+    def on_records_failure(self, exc: BaseException) -> None:
+        """The store could not write: a running treatment that cannot be recorded stops."""
+        s = self.session
+        if s is not None and not s.state.final:
+            s.trip(TripCause.RECORDS_FAILED, str(exc))
+
+    # ------------------------------------------------------------ reconciliation
+
+    async def reconcile(self) -> list[str]:
+        """Close sessions a crash left open with the dose the controllers counted."""
+        closed: list[str] = []
+        for row in await self.store.unfinished_sessions():
+            session_id = str(row["id"])
+            token = row.get("session_token")
+            for port_row in _ports_of(row):
+                port = int(port_row)
+                if port not in self.port_map:
+                    continue
+                target = self.port_map[port]
+                try:
+                    counters = await target.controller.client.get_counters(target.device_port)
+                except ClientError as exc:
+                    log.error(
+                        "reconcile.counters_failed",
+                        session_id=session_id,
+                        port=port,
+                        error=str(exc),
+                    )
+                    continue
+                if counters.emitting:
+                    # Nothing may emit for a session nobody is running.
+                    await target.controller.client.all_off()
+                if token is not None and counters.session_token == int(token):
+                    for em in row.get("emissions", []):
+                        if em.get("port") == port and em.get("ended_utc") is None:
+                            self.store.reconcile_emission(
+                                int(em["seq"]),
+                                controller_energy_uj=counters.delivered_uj,
+                                duration_ms=counters.duration_ms,
+                                stop_reason=counters.last_stop_reason,
+                            )
+                    self.store.reconcile_port(
+                        session_id,
+                        port,
+                        controller_session_delivered_uj=counters.session_delivered_uj,
+                    )
+            self.store.event(
+                "reconciled",
+                "session closed as interrupted after a restart; "
+                "delivered dose taken from the controller's counters",
+                session_id=session_id,
+                severity="warning",
+            )
+            self.store.session_ended(
+                session_id,
+                outcome="interrupted",
+                stop_cause_code="E902",
+                stop_cause_message="daemon stopped during the session; "
+                "dose reconciled from controller counters",
+            )
+            closed.append(session_id)
+        if closed:
+            await self.store.sync()
+        return closed
+
+
+def _inhibit(ctrl: ControllerHandle, trip: Trip) -> None:
+    ctrl.client.inhibit_emission(f"{trip.cause.code} {trip.cause.name}")
+
+
+def _ports_of(row: Mapping[str, Any]) -> list[int]:
+    ports = row.get("ports")
+    if isinstance(ports, str):
+        ports = json.loads(ports)
+    out: list[int] = []
+    for p in ports or []:
+        out.append(int(p["port"]) if isinstance(p, Mapping) else int(p))
+    return out

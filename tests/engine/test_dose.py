@@ -74,15 +74,24 @@ def test_device_clock_measures_the_ratio() -> None:
     for i in range(50):
         clock.observe(100.0 + i * 0.02, 5_000_000 + i * 1_200_000)  # ×60 at 50 Hz
     assert clock.ratio == pytest.approx(60.0)
-    clock.one_way_latency_s = 0.0005
-    # Device time 1.2 s after the last sample is reached 20 ms later on the host.
+    # Telemetry alone anchors the mapping at the latest sample.
     last_host = 100.0 + 49 * 0.02
-    assert clock.host_time_at(5_000_000 + 50 * 1_200_000) == pytest.approx(
-        last_host + 0.02 - 0.0005
-    )
-    assert clock.device_time_now_us(last_host) == pytest.approx(
-        5_000_000 + 49 * 1_200_000 + 0.0005 * 60e6
-    )
+    assert clock.host_time_at(5_000_000 + 50 * 1_200_000) == pytest.approx(last_host + 0.02)
+    assert clock.one_way_latency_s == 0.0
+
+
+def test_device_clock_anchors_on_the_fastest_pong() -> None:
+    clock = DeviceClock()
+    for i in range(50):
+        clock.observe(100.0 + i * 0.02, i * 1_200_000)
+    # Device time is 60 × (host − 100 s) + 30 ms; PONGs with queueing delays on one side.
+    truth = lambda host_s: (host_s - 100.0) * 60e6 + 30_000  # noqa: E731
+    clock.observe_pong(101.000, 101.004, int(truth(101.003)))  # 4 ms, skewed
+    clock.observe_pong(101.050, 101.0504, int(truth(101.0502)))  # 0.4 ms, symmetric
+    clock.observe_pong(101.100, 101.103, int(truth(101.1005)))  # 3 ms, skewed
+    assert clock.one_way_latency_s == pytest.approx(0.0002)
+    assert clock.host_time_at(truth(101.5)) == pytest.approx(101.5, abs=1e-6)
+    assert clock.device_time_now_us(101.2) == pytest.approx(truth(101.2), abs=1.0)
 
 
 def test_device_clock_restarts_after_device_reset() -> None:

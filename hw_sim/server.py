@@ -114,6 +114,14 @@ class _PtyHost:
 
     # -- host presence ---------------------------------------------------------------
 
+    @property
+    def host_open(self) -> bool:
+        return self._host_open
+
+    @property
+    def silenced(self) -> bool:
+        return self._silenced
+
     def _schedule_poll(self, delay_s: float) -> None:
         if not self._closed:
             self._poll_handle = self._loop.call_later(delay_s, self._poll)
@@ -393,7 +401,11 @@ class Simulator:
         for frame in frames:
             if link is not self._link:
                 return
-            self._controller.handle_frame(frame)
+            try:
+                self._controller.handle_frame(frame)
+            except Exception:  # a bug must cost one reply, never the link or the process
+                log.exception("request type 0x%02X failed", frame.msg_type)
+                self._controller.internal_errors += 1
 
     # -- output (the controller's Outbox) ----------------------------------------------
 
@@ -497,6 +509,10 @@ class Simulator:
             "tx_frames": self.tx_frames,
             "tx_corrupted": self.tx_corrupted,
             "tx_dropped": dict(self.tx_dropped),
+            "ptys": [
+                {"path": p.path, "host_open": p.host_open, "silenced": p.silenced}
+                for p in self._ptys
+            ],
             "faults": {
                 "telemetry_stall": lf.telemetry_stall,
                 "corrupt_rate": lf.corrupt_rate,

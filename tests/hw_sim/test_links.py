@@ -218,7 +218,8 @@ async def test_pty_serves_raw_bytes_and_survives_the_host_closing(lab: Lab) -> N
     await host.ack(codec.SetTelemetry(200))
     await host.wait_telemetry()
     await host.close()  # with telemetry unread; the master now reads EIO: no host
-    await wait_until(lambda: sim.snapshot()["link"]["host"] is None, "host gone")
+    await wait_until(lambda: not sim.snapshot()["link"]["ptys"][0]["host_open"], "pty closed")
+    assert sim.snapshot()["link"]["host"] is None
     reopened_us = sim.device_time_us
     again = lab.pty(path)
     await again.expect(codec.Hello(), codec.Info)
@@ -349,3 +350,25 @@ def test_pbmd_sim_refuses_bad_arguments(
     assert exc.value.code == 2
     out = capsys.readouterr()
     assert out.out == "" and "pbmd sim" in out.err
+
+
+async def test_drop_link_silences_a_pty_host_until_it_reopens(lab: Lab) -> None:
+    sim = await lab.sim()
+    path = await sim.listen_pty()
+    host = lab.pty(path)
+    await host.ack(codec.SetTelemetry(200))
+    await host.wait_telemetry()
+    sim.faults.drop_link()
+    mark = host.mark()
+    dropped = sim.snapshot()["link"]["tx_dropped"]["no_host"]
+    host.send(codec.Ping())  # ignored: the line is cut
+    await wait_until(
+        lambda: sim.snapshot()["link"]["tx_dropped"]["no_host"] >= dropped + 5,
+        "telemetry with no host",
+    )
+    assert host.received[mark:] == []
+    assert sim.snapshot()["link"]["ptys"] == [{"path": path, "host_open": True, "silenced": True}]
+    await host.close()
+    await wait_until(lambda: not sim.snapshot()["link"]["ptys"][0]["host_open"], "pty closed")
+    again = lab.pty(path)
+    assert isinstance(await again.request(codec.Hello()), codec.Info)

@@ -245,6 +245,10 @@ class TestHost:
             self.send(codec.Ping())
             await asyncio.sleep(interval_s)  # pacing, not synchronisation
 
+    async def close(self) -> None:
+        """Close the link (each transport implements it)."""
+        raise NotImplementedError
+
     async def stop_heartbeat(self) -> None:
         beat, self._beat = self._beat, None
         if beat is not None:

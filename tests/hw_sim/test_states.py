@@ -242,7 +242,7 @@ async def test_counters_before_arm_and_session_sums_per_token(lab: Lab) -> None:
         1, 0, 0, 0, 0, 0, 0
     )
     await host.arm_ready(token=111)
-    stops = []
+    stops: list[codec.Stopped] = []
     for _ in range(2):
         await host.ack(emit(1, 660, 1_000_000))
         running = await host.expect(codec.GetCounters(1), codec.Counters)

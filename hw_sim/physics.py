@@ -32,9 +32,9 @@ from .applicators import ApplicatorModel
 
 FloatArray = npt.NDArray[np.float64]
 
-ADC_PERIOD_S = 5e-3  # photodiode sample period (device time); the CPU cost of a tick
-# is mostly per-sample array work, and a controller host at ×60 time scale
-# feels every millisecond the simulator spends computing as 60 ms of device time
+ADC_PERIOD_S = 5e-3  # photodiode sample period (device time); fewer samples per tick
+# keep the simulator's loop free, and a host at ×60 time scale feels every
+# millisecond the simulator spends computing as 60 ms of device time
 RISE_TIME_S = 1e-3  # 10–90 % optical rise time on start
 RISE_TAU_S = RISE_TIME_S / math.log(9.0)  # first-order rise: t90 − t10 = τ·ln 9
 AMBIENT_C = 25.0

@@ -145,3 +145,24 @@ async def test_invalid_frames_do_not_feed_the_watchdog(rig_factory: RigFactory) 
         break
     rec = next(r for r in peer.received[start:] if r.message == event)
     assert WATCHDOG_S - 0.005 <= rec.wall_s - last_valid_s <= WATCHDOG_S + LATENESS_S
+
+
+async def test_any_valid_frame_feeds_the_watchdog(rig_factory: RigFactory) -> None:
+    """Not only PING: a valid frame that is refused (unknown type, wrong length) feeds it too."""
+    rig = await rig_factory(60)
+    peer = rig.peer
+    await rig.arm_ready()
+    peer.set_heartbeat(False)
+    start = peer.mark()
+    began = peer.last_tx_s
+    refused = [(0x42, b""), (pl.GET_COUNTERS, b"\x01\x02")]
+    i = 0
+    while peer.last_tx_s - began < 4 * WATCHDOG_S:  # a second of refused requests, 50 ms apart
+        msg_type, payload = refused[i % 2]
+        i += 1
+        rec = await peer.request(msg_type, payload)
+        assert isinstance(rec.message, Nak)
+        await asyncio.sleep(0.05)
+    assert peer.events(start, pl.EV_WATCHDOG_EXPIRED) == []
+    t = await peer.wait_telemetry()
+    assert (t.state, t.fault_code) == (pl.READY, 0)

@@ -101,35 +101,55 @@ def integrate_samples(
 class DeviceClock:
     """Maps the controller's device time to this host's monotonic clock.
 
-    The rate is measured, not assumed: a real controller runs at 1.0, a
-    simulator at its time scale; a long baseline of telemetry keeps host-side
-    jitter out of it. The offset comes from PING/PONG, NTP-style: a PONG's
-    device time was taken about half-way between the PING leaving and the
-    PONG arriving, and the exchange with the shortest round trip in the
-    recent window is the one least disturbed by queueing, so it anchors the
-    mapping. Without PONGs the latest telemetry sample anchors it instead.
+    The mapping comes from PING/PONG, NTP-style: a PONG's device time was
+    taken about half-way between the PING leaving and the PONG arriving, and
+    the exchange with the shortest round trip in a window is the one least
+    disturbed by queueing. The most recent such exchange anchors the offset;
+    the rate (1.0 for a real controller, the time scale for a simulator) is
+    measured between the best exchange of the first window and the current
+    anchor, a baseline that grows with the connection. Telemetry stands in for
+    both until PONGs arrive.
     """
 
-    PONG_WINDOW = 40
+    PONG_WINDOW = 20
+    MIN_RATE_SPAN_S = 0.5
 
     def __init__(self) -> None:
         self._first: tuple[float, int] | None = None
         self._last: tuple[float, int] | None = None
         self._pongs: deque[tuple[float, float, int]] = deque(maxlen=self.PONG_WINDOW)
+        self._base: tuple[float, float, int] | None = None
+        self._base_candidates = 0
         self.ratio = 1.0
 
     def observe(self, host_monotonic_s: float, device_time_us: int) -> None:
         """A telemetry sample stamped `device_time_us` arrived at `host_monotonic_s`."""
         if self._first is None or (self._last is not None and device_time_us < self._last[1]):
             self._first = (host_monotonic_s, device_time_us)
-            self._pongs.clear()
         self._last = (host_monotonic_s, device_time_us)
         span_s = host_monotonic_s - self._first[0]
-        if span_s >= 0.2:
+        if self._base is None and span_s >= 0.2:
             self.ratio = max((device_time_us - self._first[1]) / 1e6 / span_s, 1e-6)
 
     def observe_pong(self, sent_s: float, received_s: float, device_time_us: int) -> None:
-        self._pongs.append((received_s - sent_s, (sent_s + received_s) / 2, device_time_us))
+        if self._pongs and device_time_us < self._pongs[-1][2]:
+            # The device clock restarted: forget everything measured against it.
+            self._pongs.clear()
+            self._base = None
+            self._base_candidates = 0
+            self._first = self._last = None
+        exchange = (received_s - sent_s, (sent_s + received_s) / 2, device_time_us)
+        self._pongs.append(exchange)
+        if self._base_candidates < self.PONG_WINDOW:
+            self._base_candidates += 1
+            if self._base is None or exchange[0] < self._base[0]:
+                self._base = exchange
+        anchor = min(self._pongs)
+        base = self._base
+        assert base is not None
+        span_s = anchor[1] - base[1]
+        if span_s >= self.MIN_RATE_SPAN_S:
+            self.ratio = max((anchor[2] - base[2]) / 1e6 / span_s, 1e-6)
 
     @property
     def ready(self) -> bool:

@@ -101,3 +101,19 @@ def test_device_clock_restarts_after_device_reset() -> None:
     clock.observe(2.0, 50)  # device restarted
     clock.observe(3.0, 2_000_050)
     assert clock.ratio == pytest.approx(2.0)
+
+
+def test_device_clock_rate_from_pongs_ignores_telemetry_jitter() -> None:
+    clock = DeviceClock()
+    # Telemetry arrives with bursts of host-side delay: its rate estimate is off.
+    clock.observe(10.000, 0)
+    clock.observe(10.300, 18_000_000 - 600_000)
+    assert abs(clock.ratio - 60.0) > 0.5
+    # PONGs every 50 ms; every fifth has a clean 0.2 ms round trip, others are delayed.
+    for i in range(60):
+        sent = 10.0 + i * 0.05
+        rtt = 0.0002 if i % 5 == 0 else 0.004
+        mid = sent + (rtt / 2 if i % 5 == 0 else 0.003)  # delayed replies are skewed
+        clock.observe_pong(sent, sent + rtt, round((mid - 10.0) * 60e6))
+    assert clock.ratio == pytest.approx(60.0, rel=1e-4)
+    assert clock.host_time_at(60e6 * 3.5) == pytest.approx(13.5, abs=1e-5)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbmd.daemon import demo
+    from pbmd.daemon import demo, service
     from pbmd.hw_sim import cli as sim_cli
     from pbmd.protocols import cli as protocol_cli
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pbmd", description="pbmd: control daemon of a multi-port photobiomodulation system"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    service.register(sub)
     sim_cli.register(sub)
     protocol_cli.register_pbmd(sub)
     demo.register(sub)

@@ -1,34 +1,667 @@
 """`pbmctl`: the clinician's and technician's command line.
 
-Each command group lives with the part of pbmd it belongs to and registers
-itself here (`protocol` from pbmd.protocols; the daemon's status, sessions
-and records join beside it), so this file only builds the parser and
-dispatches.
+Every command but `protocol validate` (offline, from pbmd.protocols) talks to
+the daemon over its control socket (JSON-RPC 2.0, docs/api.md). `--json`
+prints what the daemon returned, for scripts; otherwise the output is for
+people, with a live view of a running session. Exit statuses are listed by
+`pbmctl --help` and in docs/api.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from pbmd.daemon import ctl_view as view
+from pbmd.daemon.ctl_client import (
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SESSION_FAILED,
+    EXIT_USAGE,
+    Client,
+    CtlError,
+    DaemonUnreachable,
+    RemoteError,
+    find_socket,
+    parse_answers,
+    parse_ports,
+)
+
+
+class Out:
+    """Where results go: JSON for scripts, rich for people; errors to stderr."""
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json = json_mode
+        self.console = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def data(self, value: Any) -> None:
+        sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    def line(self, value: Any) -> None:
+        sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    def result(self, value: Any, human: Callable[[Console], None]) -> None:
+        if self.json:
+            self.data(value)
+        else:
+            human(self.console)
+
+    def error(self, exc: CtlError) -> None:
+        if self.json:
+            self.data({"error": exc.as_dict()})
+            return
+        self.err.print(f"[bold red]pbmctl:[/] {exc.message}", markup=True)
+        data = exc.data if isinstance(exc, RemoteError) else None
+        if isinstance(data, Mapping):
+            for issue in (data.get("issues") or [])[:20]:
+                if isinstance(issue, Mapping):
+                    self.err.print(f"  {issue.get('message')}", markup=False)
+            for err in (data.get("errors") or [])[:20]:
+                if isinstance(err, Mapping):
+                    self.err.print(f"  {err.get('param')}: {err.get('problem')}", markup=False)
+
+
+Command = Callable[[argparse.Namespace, Client, Out], Awaitable[int]]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def cmd_status(args: argparse.Namespace, client: Client, out: Out) -> int:
+    st = await client.call("status")
+    out.result(st, lambda c: view.render_status(c, st))
+    return EXIT_OK
+
+
+async def cmd_protocol_list(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("protocol.list")
+    out.result(res, lambda c: view.render_protocol_list(c, res["protocols"]))
+    return EXIT_OK
+
+
+async def cmd_protocol_show(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("protocol.show", {"id": args.id, "source": args.source})
+
+    def human(c: Console) -> None:
+        view.render_protocol(c, res)
+        if args.source:
+            c.print(res["source"], markup=False, highlight=False)
+
+    out.result(res, human)
+    return EXIT_OK
+
+
+def _read_protocol_files(path: Path, signature: Path | None) -> dict[str, Any]:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError(f"cannot read {path}: {exc}") from None
+    sig_path = signature or Path(str(path) + ".minisig")
+    params: dict[str, Any] = {"content": content, "filename": path.name}
+    try:
+        params["signature"] = sig_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if signature is not None:
+            raise CtlError(f"no signature file {signature}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError(f"cannot read {sig_path}: {exc}") from None
+    return params
+
+
+async def cmd_protocol_install(args: argparse.Namespace, client: Client, out: Out) -> int:
+    params = _read_protocol_files(args.file, args.signature)
+    res = await client.call("protocol.install", params)
+    e = res["installed"]
+    out.result(
+        res,
+        lambda c: c.print(
+            f"installed [bold]{e['id']}[/] v{e['version']} — {e['title']} "
+            f"({'signed by ' + e['signed_by'] if e.get('signed_by') else '[bold red]UNSIGNED[/]'})"
+        ),
+    )
+    return EXIT_OK
+
+
+async def cmd_protocol_remove(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("protocol.remove", {"id": args.id})
+    e = res["removed"]
+    out.result(
+        res,
+        lambda c: c.print(
+            f"removed {e['id']} v{e['version']}; a later install needs a version above "
+            f"{e['version']}"
+        ),
+    )
+    return EXIT_OK
+
+
+async def cmd_protocol_check(args: argparse.Namespace, client: Client, out: Out) -> int:
+    """`protocol validate --daemon FILE`: check a file against the daemon's keys and limits."""
+    params = _read_protocol_files(args.file, args.signature)
+    res = await client.call("protocol.validate", params)
+
+    def human(c: Console) -> None:
+        if res["valid"]:
+            c.print(f"[bold green]VALID[/] for this daemon, signed by {res.get('signed_by')}")
+            view.render_protocol(c, res)
+        else:
+            c.print(f"[bold red]REFUSED[/] ({res['fault']}): {res['message']}")
+
+    out.result(res, human)
+    return EXIT_OK if res["valid"] else EXIT_REFUSED
+
+
+def _ask_contraindications(out: Out, data: Mapping[str, Any]) -> dict[str, bool]:
+    answers: dict[str, bool] = {}
+    out.console.print("[bold]Screening: answer each contraindication of this protocol.[/]")
+    descriptions = data.get("descriptions") or {}
+    for name in data.get("missing") or []:
+        while True:
+            text = out.console.input(f"  {name} — {descriptions.get(name, '')}? [y/n] ")
+            if text.strip().lower() in ("y", "yes", "n", "no"):
+                answers[name] = text.strip().lower() in ("y", "yes")
+                break
+    return answers
+
+
+async def cmd_session_start(args: argparse.Namespace, client: Client, out: Out) -> int:
+    try:
+        answers = parse_answers(args.contraindication)
+        ports = parse_ports(args.ports) if args.ports else None
+    except ValueError as exc:
+        out.err.print(f"pbmctl: {exc}")
+        return EXIT_USAGE
+    watch = args.watch or args.auto_confirm
+    params: dict[str, Any] = {
+        "protocol": args.protocol,
+        "patient_ref": args.patient,
+        "contraindications": answers,
+        "watch": watch,
+    }
+    if ports:
+        params["ports"] = ports
+    try:
+        res = await client.call("session.start", params)
+    except RemoteError as exc:
+        data = exc.data if isinstance(exc.data, Mapping) else {}
+        if data.get("missing") and not out.json and sys.stdin.isatty():
+            out.err.print(f"pbmctl: {exc.message}")
+            params["contraindications"] = {**answers, **_ask_contraindications(out, data)}
+            res = await client.call("session.start", params)
+        else:
+            raise
+    if not watch:
+        out.result(
+            res,
+            lambda c: c.print(
+                f"session [bold]{res['session_id']}[/] started ({args.protocol}, patient "
+                f"{args.patient}); follow it with `pbmctl session watch`"
+            ),
+        )
+        return EXIT_OK
+    return await follow(client, out, res["session_id"], res["status"], args.auto_confirm)
+
+
+async def cmd_session_watch(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("session.watch")
+    if res["session_id"] is None:
+        if out.json:
+            out.data(res)
+        else:
+            out.err.print(
+                "pbmctl: no session since pbmd started; start one with `pbmctl session start`"
+            )
+        return EXIT_REFUSED
+    if not res["watching"]:
+        status = res["status"]
+        out.result(
+            res,
+            lambda c: c.print(
+                view.SessionView(status, auto_confirm=False, interactive=False).render_final()
+            ),
+        )
+        return EXIT_OK if status["state"] == "completed" else EXIT_SESSION_FAILED
+    return await follow(client, out, res["session_id"], res["status"], args.auto_confirm)
+
+
+async def _simple(client: Client, out: Out, method: str, params: dict[str, Any], text: str) -> int:
+    res = await client.call(method, params)
+    out.result(res, lambda c: c.print(text))
+    return EXIT_OK
+
+
+async def cmd_session_confirm(args: argparse.Namespace, client: Client, out: Out) -> int:
+    return await _simple(
+        client,
+        out,
+        "session.confirm",
+        {"port": args.port},
+        f"port {args.port}: placement confirmed",
+    )
+
+
+async def cmd_session_pause(args: argparse.Namespace, client: Client, out: Out) -> int:
+    params = {"port": args.port} if args.port is not None else {}
+    which = f"port {args.port}" if args.port is not None else "all ports"
+    return await _simple(
+        client,
+        out,
+        "session.pause",
+        params,
+        f"{which}: paused; resume with `pbmctl session resume`",
+    )
+
+
+async def cmd_session_resume(args: argparse.Namespace, client: Client, out: Out) -> int:
+    params = {"port": args.port} if args.port is not None else {}
+    which = f"port {args.port}" if args.port is not None else "all ports"
+    return await _simple(client, out, "session.resume", params, f"{which}: resumed")
+
+
+async def cmd_session_abort(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("session.abort", {"reason": args.reason})
+    out.result(res, lambda c: c.print(f"session {res['session_id']}: {res['state']}; emission off"))
+    return EXIT_OK
+
+
+async def cmd_records_list(args: argparse.Namespace, client: Client, out: Out) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.since:
+        params["since_utc"] = args.since
+    res = await client.call("records.list", params)
+    out.result(res, lambda c: view.render_records(c, res["sessions"]))
+    return EXIT_OK
+
+
+async def cmd_records_show(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("records.show", {"session_id": args.session})
+    out.result(res, lambda c: view.render_record(c, res["session"]))
+    return EXIT_OK
+
+
+async def cmd_records_export(args: argparse.Namespace, client: Client, out: Out) -> int:
+    params: dict[str, Any] = {"format": args.format}
+    if args.since:
+        params["since_utc"] = args.since
+    if args.session:
+        params["session_ids"] = args.session
+    res = await client.call("records.export", params, timeout_s=600)
+    if args.output is not None:
+        try:
+            args.output.write_text(res["content"], encoding="utf-8")
+        except OSError as exc:
+            raise CtlError(f"cannot write {args.output}: {exc}") from None
+        summary = {
+            "format": res["format"],
+            "output": str(args.output),
+            "bytes": len(res["content"].encode()),
+        }
+        out.result(summary, lambda c: c.print(f"wrote {summary['bytes']} bytes to {args.output}"))
+    elif out.json:
+        out.data(res)
+    else:
+        sys.stdout.write(res["content"])
+    return EXIT_OK
+
+
+async def cmd_report(args: argparse.Namespace, client: Client, out: Out) -> int:
+    fmt = "json" if out.json else "text"
+    res = await client.call("report.get", {"session_id": args.session, "format": fmt})
+    if out.json:
+        out.data(res)
+    else:
+        sys.stdout.write(res["text"])
+    return EXIT_OK
+
+
+async def cmd_calibration_show(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("calibration.get")
+    out.result(
+        res,
+        lambda c: c.print(
+            f"calibration due {res['due'] or '(none)'}"
+            + (" [bold red]OVERDUE[/]" if res["overdue"] else "")
+            + f" · {res['source']}"
+        ),
+    )
+    return EXIT_OK
+
+
+async def cmd_calibration_set(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("calibration.set", {"due": args.due})
+    out.result(res, lambda c: c.print(f"calibration due {res['due']} ({res['source']})"))
+    return EXIT_OK
+
+
+async def cmd_clear_fault(args: argparse.Namespace, client: Client, out: Out) -> int:
+    return await _simple(
+        client,
+        out,
+        "controller.clear_fault",
+        {"controller": args.controller},
+        f"controller {args.controller}: fault cleared",
+    )
+
+
+# --------------------------------------------------------------------------- live view
+
+
+async def follow(
+    client: Client, out: Out, session_id: str, status: Mapping[str, Any], auto_confirm: bool
+) -> int:
+    """Follow a session until it ends: live on a terminal, lines otherwise, JSON lines
+    with --json. Returns 0 if it completed, 4 otherwise."""
+    interactive = not out.json and sys.stdin.isatty() and out.console.is_terminal
+    sv = view.SessionView(status, auto_confirm=auto_confirm, interactive=interactive)
+    with contextlib.suppress(CtlError):
+        st = await client.call("status")
+        scales = [
+            c.get("time_scale") or 1.0 for c in st.get("controllers", []) if c.get("simulated")
+        ]
+        sv.time_scale = max(scales) if scales else None
+    confirmed: set[tuple[int, int]] = set()
+    tasks: set[asyncio.Task[None]] = set()
+    live: Live | None = None
+    line_mode = not out.json and not out.console.is_terminal
+
+    def say(text: str, style: str = "") -> None:
+        sv.note(text, style)
+        if out.json:
+            out.line({"pbmctl": text})
+        elif line_mode:
+            out.console.print(text, style=style)
+
+    async def send(method: str, params: dict[str, Any], done: str) -> None:
+        try:
+            await client.call(method, params)
+            say(done)
+        except CtlError as exc:
+            say(f"{method} refused: {exc.message}", "bold red")
+        if live is not None:
+            live.update(sv.render(), refresh=True)
+
+    def spawn(method: str, params: dict[str, Any], done: str) -> None:
+        task = asyncio.create_task(send(method, params, done))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def check_waits() -> None:
+        if not auto_confirm:
+            return
+        for port, step, site in view.placement_waits(sv.status):
+            if (port, step) in confirmed:
+                continue
+            confirmed.add((port, step))
+            spawn(
+                "session.confirm",
+                {"port": port},
+                f"port {port}: placement at {site} confirmed automatically (--auto-confirm)",
+            )
+
+    def on_key() -> None:
+        text = sys.stdin.readline().strip().lower()
+        waits = view.placement_waits(sv.status)
+        if text == "":
+            if waits:
+                port, _step, site = waits[0]
+                spawn(
+                    "session.confirm", {"port": port}, f"port {port}: placement at {site} confirmed"
+                )
+        elif text.isdigit():
+            spawn("session.confirm", {"port": int(text)}, f"port {text}: placement confirmed")
+        elif text == "p":
+            spawn("session.pause", {}, "all ports paused")
+        elif text == "r":
+            spawn("session.resume", {}, "all ports resumed")
+        elif text == "abort":
+            spawn("session.abort", {"reason": "aborted by operator at pbmctl"}, "session aborted")
+        else:
+            say(f"unknown input {text!r}", "yellow")
+
+    if auto_confirm:
+        say(
+            "--auto-confirm: pbmctl confirms every gated placement by itself, for this "
+            "demonstration only; in a clinic the clinician confirms each placement",
+            "bold yellow",
+        )
+    loop = asyncio.get_running_loop()
+    final = "unknown"
+    reading_keys = False
+    try:
+        if interactive:
+            loop.add_reader(sys.stdin.fileno(), on_key)
+            reading_keys = True
+        if not out.json and not line_mode:
+            live = Live(sv.render(), console=out.console, auto_refresh=False, transient=False)
+            live.start()
+        elif out.json:
+            out.line({"session_id": session_id, "status": status})
+        check_waits()
+        while True:
+            msg = await client.notifications.get()
+            if msg is None:
+                raise DaemonUnreachable(
+                    f"{client.closed_reason}; the session goes on in pbmd (emission is "
+                    "governed there). Follow it again with `pbmctl session watch`"
+                )
+            method = msg.get("method")
+            params = msg.get("params") or {}
+            if out.json:
+                out.line(msg)
+            if method == "session.status":
+                sv.status = params.get("status") or sv.status
+            elif method == "session.event":
+                text = sv.add_event(params.get("event") or {})
+                if line_mode and text is not None:
+                    out.console.print(text)
+            elif method == "session.ended":
+                sv.status = params.get("status") or sv.status
+                final = str(params.get("state"))
+                break
+            elif method == "daemon.stopping":
+                say(f"pbmd: {params.get('message')}", "bold red")
+            check_waits()
+            if live is not None:
+                live.update(sv.render(), refresh=True)
+    finally:
+        if reading_keys:
+            loop.remove_reader(sys.stdin.fileno())
+        if live is not None:
+            live.update(sv.render(), refresh=True)
+            live.stop()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if out.json:
+        out.line({"session_id": session_id, "state": final})
+    else:
+        out.console.print(sv.render_final())
+    return EXIT_OK if final == "completed" else EXIT_SESSION_FAILED
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise LookupError("parser has no sub-commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pbmd.protocols import cli as protocol_cli
 
     parser = argparse.ArgumentParser(
-        prog="pbmctl", description="pbmctl: control and inspect a pbmd photobiomodulation daemon"
+        prog="pbmctl",
+        description="pbmctl: control and inspect a pbmd photobiomodulation daemon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status:\n"
+        + "\n".join(f"  {code:3d}  {text}" for code, text in EXIT_CODES.items()),
     )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="the daemon's control socket (default: $PBMD_SOCKET, the configuration, "
+        "/run/pbmd/control.sock, the user's runtime or state directory)",
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="read the socket path from this configuration"
+    )
+    parser.add_argument("--json", dest="global_json", action="store_true", help="JSON output")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="reply timeout (default 60 s)"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output"
+    )
+    common.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the daemon's control socket",
+    )
+
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        subs: argparse._SubParsersAction[Any], name: str, fn: Command, text: str
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subs.add_parser(
+            name, help=text, description=text, parents=[common]
+        )
+        p.set_defaults(run=fn)
+        return p
+
+    add(sub, "status", cmd_status, "daemon, controllers, ports, records, current session")
+
     protocol_cli.register_pbmctl(sub)
+    psub = _subparsers(sub.choices["protocol"])
+    add(psub, "list", cmd_protocol_list, "installed protocols")
+    p = add(psub, "show", cmd_protocol_show, "an installed protocol, step by step")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--source", action="store_true", help="also print the file")
+    p = add(psub, "install", cmd_protocol_install, "install a signed protocol file (technician)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--signature", type=Path, metavar="SIG", help="default: FILE.minisig")
+    p = add(psub, "remove", cmd_protocol_remove, "uninstall a protocol (technician)")
+    p.add_argument("id", metavar="ID")
+    p = add(
+        psub,
+        "check",
+        cmd_protocol_check,
+        "check a file as the daemon would install it (its keys and limits), without installing",
+    )
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--signature", type=Path, metavar="SIG", help="default: FILE.minisig")
+
+    session = sub.add_parser("session", help="treatment sessions")
+    ssub = session.add_subparsers(dest="session_command", required=True, metavar="COMMAND")
+    p = add(ssub, "start", cmd_session_start, "start a protocol for a patient (clinician)")
+    p.add_argument("protocol", metavar="PROTOCOL")
+    p.add_argument("--patient", required=True, metavar="REF", help="the patient's reference")
+    p.add_argument("--ports", metavar="LIST", help="a subset of the protocol's ports, e.g. 1,2")
+    p.add_argument(
+        "--contraindication",
+        action="append",
+        default=[],
+        metavar="NAME=yes|no",
+        help="a screening answer (repeat for each; asked for when missing on a terminal)",
+    )
+    p.add_argument("--watch", action="store_true", help="follow the session live")
+    p.add_argument(
+        "--auto-confirm",
+        action="store_true",
+        help="confirm every gated placement automatically (demonstration only; implies --watch)",
+    )
+    p = add(ssub, "watch", cmd_session_watch, "follow the running session live")
+    p.add_argument("--auto-confirm", action="store_true", help="demonstration only")
+    p = add(ssub, "confirm", cmd_session_confirm, "confirm the placement on a port (clinician)")
+    p.add_argument("port", type=int, metavar="PORT")
+    p = add(ssub, "pause", cmd_session_pause, "pause one port or all (clinician)")
+    p.add_argument("port", type=int, nargs="?", metavar="PORT")
+    p = add(ssub, "resume", cmd_session_resume, "resume one port or all (clinician)")
+    p.add_argument("port", type=int, nargs="?", metavar="PORT")
+    p = add(ssub, "abort", cmd_session_abort, "stop all emission, end the session (clinician)")
+    p.add_argument("--reason", default="aborted by operator", metavar="TEXT")
+
+    records = sub.add_parser("records", help="treatment records")
+    rsub = records.add_subparsers(dest="records_command", required=True, metavar="COMMAND")
+    p = add(rsub, "list", cmd_records_list, "sessions, newest first")
+    p.add_argument("--limit", type=int, default=20, metavar="N")
+    p.add_argument("--since", metavar="UTC", help="ISO date or time, e.g. 2025-01-31")
+    p = add(rsub, "show", cmd_records_show, "one session's record")
+    p.add_argument("session", metavar="SESSION")
+    p = add(rsub, "export", cmd_records_export, "export records (technician)")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--since", metavar="UTC")
+    p.add_argument("--session", action="append", metavar="SESSION", help="only these (repeat)")
+    p.add_argument("--output", "-o", type=Path, metavar="FILE")
+
+    p = add(sub, "report", cmd_report, "a session's treatment report")
+    p.add_argument("session", metavar="SESSION")
+
+    cal = sub.add_parser("calibration", help="the calibration due date")
+    csub = cal.add_subparsers(dest="calibration_command", required=True, metavar="COMMAND")
+    add(csub, "show", cmd_calibration_show, "the due date and where it is set")
+    p = add(csub, "set", cmd_calibration_set, "record the next due date (technician)")
+    p.add_argument("due", metavar="DATE", help="ISO date, e.g. 2025-06-30")
+
+    ctl = sub.add_parser("controller", help="controllers")
+    ksub = ctl.add_subparsers(dest="controller_command", required=True, metavar="COMMAND")
+    p = add(ksub, "clear-fault", cmd_clear_fault, "clear a latched fault (technician)")
+    p.add_argument("controller", metavar="NAME")
     return parser
+
+
+async def _run(args: argparse.Namespace, out: Out) -> int:
+    fn: Command = args.run
+    path = find_socket(args.socket, args.config)
+    client = await Client.connect(path)
+    client.timeout_s = args.timeout
+    try:
+        return await fn(args, client, out)
+    finally:
+        await client.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
+    args.json = bool(args.global_json or getattr(args, "json", False))
+    if not hasattr(args, "run"):
+        code: int = args.func(args)  # offline commands (protocol validate)
+        return code
+    out = Out(args.json)
+    try:
+        return asyncio.run(_run(args, out))
+    except CtlError as exc:
+        out.error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.err.print(
+            "pbmctl: interrupted; a running session is not affected (follow it with "
+            "`pbmctl session watch`, stop it with `pbmctl session abort`)"
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,0 +1,547 @@
+"""pbmctl's human output: status, protocols, records and the live session view (rich).
+
+Everything here renders the JSON the API returns; nothing is computed that
+the daemon did not report, so the screen and `--json` always agree.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+FINAL_STATES = ("completed", "aborted", "faulted", "interrupted")
+
+STATE_STYLE = {
+    "emitting": "bold green",
+    "gated": "bold yellow",
+    "paused": "yellow",
+    "waiting": "dim",
+    "done": "green",
+    "skipped": "dim",
+    "stopped": "bold red",
+    "completed": "bold green",
+    "aborted": "bold red",
+    "faulted": "bold red",
+    "interrupted": "bold red",
+    "running": "bold green",
+    "armed": "bold yellow",
+    "ready": "yellow",
+}
+
+
+def _num(v: Any, fmt: str = ".1f", dash: str = "—") -> str:
+    if v is None:
+        return dash
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def mmss(seconds: Any) -> str:
+    if seconds is None:
+        return "—"
+    s = max(0, round(float(seconds)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def short_site(label: str | None, site: str | None = None) -> str:
+    """ "L4–5, left, 2 cm lateral …" → "L4–5 left"; long pad labels are cut."""
+    text = label or site or "?"
+    parts = [p.strip() for p in text.split(",")]
+    short = " ".join(parts[:2]) if len(parts) > 1 and len(parts[0]) <= 8 else parts[0]
+    return short if len(short) <= 34 else short[:33] + "…"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_WAITS = {
+    "confirm placement": "confirm",
+    "waiting for skin contact": "contact?",
+    "paused by operator": "paused",
+    "press the footswitch": "footswitch",
+}
+
+
+def _short_wait(reason: str) -> str:
+    """ "confirm placement; waiting for skin contact" → "confirm+contact?"."""
+    return "+".join(_WAITS.get(r.strip(), r.strip()) for r in reason.split(";"))
+
+
+def _cell_site(p: Mapping[str, Any]) -> str:
+    short = short_site(p.get("label"), p.get("site"))
+    if len(short) > 18 and p.get("site"):
+        short = str(p["site"])
+    return _cut(short, 18)
+
+
+def ago(utc: Any) -> str:
+    if not isinstance(utc, int | float):
+        return ""
+    return dt.datetime.fromtimestamp(float(utc)).strftime("%H:%M:%S")
+
+
+# --------------------------------------------------------------------------- status
+
+
+def render_status(console: Console, st: Mapping[str, Any]) -> None:
+    d = st["daemon"]
+    console.print(
+        f"[bold]pbmd {d['version']}[/] · pid {d['pid']} · up {mmss(d['uptime_s'])} · "
+        f"config {d['config']} · socket {d['socket']}",
+        highlight=False,
+    )
+    for line in d.get("warnings", []):
+        console.print(f"[bold yellow]⚠ {line}[/]", highlight=False)
+    for c in st.get("controllers", []):
+        if not c.get("connected"):
+            console.print(
+                f"[bold red]controller {c['name']}: not connected[/] ({c.get('lost') or c['url']})",
+                highlight=False,
+            )
+            continue
+        il = c.get("interlocks") or {}
+        marks = " ".join(
+            f"{name} {'[green]✓[/]' if il.get(key) else '[red]✗[/]'}"
+            for key, name in (("key", "key"), ("remote", "remote"), ("estop_released", "e-stop"))
+        )
+        scale = c.get("time_scale") or 1.0
+        speed = f" · [yellow]simulated, device clock ×{scale:.0f}[/]" if c.get("simulated") else ""
+        fault = f" · [bold red]FAULT {c['fault']}[/]" if c.get("fault") else ""
+        console.print(
+            f"controller [bold]{c['name']}[/] {c.get('serial')} fw {c.get('firmware')} · "
+            f"{c.get('state')}{fault} · interlocks {marks}{speed}",
+            highlight=False,
+        )
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in (
+        "port",
+        "controller",
+        "applicator",
+        "λ nm",
+        "area cm²",
+        "emitting",
+        "mW",
+        "°C",
+        "contact",
+    ):
+        table.add_column(col, justify="left" if col in ("controller", "applicator") else "right")
+    for p in st.get("ports", []):
+        app = p.get("applicator")
+        table.add_row(
+            str(p["port"]),
+            f"{p['controller']}:{p['device_port']}",
+            f"{app['kind']} {app['serial']}" if app else "[dim]none[/]",
+            "/".join(str(w) for w in app["channels_nm"]) if app else "",
+            _num(app["area_cm2"], "g") if app else "",
+            "[bold green]yes[/]" if p.get("emitting") else "no",
+            _num(p.get("power_mw"), ".0f"),
+            _num(p.get("temperature_c"), ".1f"),
+            "yes" if p.get("contact") else "no",
+        )
+    console.print(table)
+    ready = st["ready"]
+    if ready["ok"]:
+        console.print("ready for a session: [bold green]yes[/]")
+    else:
+        console.print(f"ready for a session: [bold red]no[/] — {ready['reason']}", highlight=False)
+    rec = st["records"]
+    free = rec.get("free_bytes")
+    console.print(
+        f"records: {'[green]healthy[/]' if rec['healthy'] else '[bold red]FAILING[/]'} · "
+        f"{rec['path']}" + (f" · {free / 1e9:.1f} GB free" if free else ""),
+        highlight=False,
+    )
+    cal = st["calibration"]
+    if cal["due"]:
+        flag = "[bold red]OVERDUE[/]" if cal["overdue"] else "[green]ok[/]"
+        console.print(f"calibration due {cal['due']} {flag} ({cal['source']})", highlight=False)
+    else:
+        console.print("calibration: no due date configured", highlight=False)
+    if st.get("service_required"):
+        console.print(f"[bold red]SERVICE REQUIRED: {st['service_required']}[/]", highlight=False)
+    s = st.get("session")
+    if s is None:
+        console.print("session: none since pbmd started")
+    else:
+        style = STATE_STYLE.get(s["state"], "")
+        console.print(
+            f"session {s['session_id']} · {s['protocol_id']} v{s['protocol_version']} · "
+            f"patient {s.get('patient_ref') or '(hidden)'} · [{style}]{s['state']}[/]"
+            + (f" · {s['cause_code']} {s['cause_message']}" if s.get("cause_code") else ""),
+            highlight=False,
+        )
+    you = st.get("caller") or {}
+    if you:
+        roles = ", ".join(r for r in you.get("roles", []) if r != "reader") or "read-only"
+        console.print(f"you: {you.get('user')} ({roles})", style="dim", highlight=False)
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def render_protocol_list(console: Console, protocols: Sequence[Mapping[str, Any]]) -> None:
+    if not protocols:
+        console.print("no protocols installed; install one with `pbmctl protocol install FILE`")
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("id", "v", "title", "signed by", "installed"):
+        table.add_column(col, justify="right" if col == "v" else "left")
+    for p in protocols:
+        table.add_row(
+            p["id"],
+            str(p["version"]),
+            p["title"],
+            p.get("signed_by") or "[bold red]UNSIGNED[/]",
+            str(p.get("installed_at", "")),
+        )
+    console.print(table)
+
+
+def render_protocol(console: Console, data: Mapping[str, Any]) -> None:
+    entry = data.get("installed") or {}
+    proto = data["protocol"]
+    console.print(f"[bold]{proto['id']}[/] v{proto['version']} — {proto['title']}", highlight=False)
+    if entry:
+        console.print(
+            f"signed by {entry.get('signed_by') or 'nobody (UNSIGNED)'} · installed "
+            f"{entry.get('installed_at')} · sha256 {proto['sha256'][:16]}…",
+            style="dim",
+            highlight=False,
+        )
+    for port in proto["ports"]:
+        app = port["applicator"]
+        table = Table(
+            title=f"port {port['port']}: {app['kind']}, "
+            f"{', '.join(str(c) for c in app['channels_nm'])} nm, {app['beam_area_cm2']:g} cm²",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        for col in ("#", "site", "λ nm", "mode", "mW", "mW/cm²", "time", "J", "J/cm²", "gate"):
+            table.add_column(col, justify="left" if col in ("site", "mode") else "right")
+        for s in port["steps"]:
+            gating = s.get("gating") or {}
+            gates = "".join(
+                letter
+                for letter, key in (
+                    ("P", "confirm_placement"),
+                    ("C", "skin_contact"),
+                    ("F", "footswitch"),
+                )
+                if gating.get(key)
+            )
+            mode = s["mode"]
+            if mode == "pulsed":
+                mode = f"pulsed {s['pulse_hz']} Hz"
+            table.add_row(
+                str(s["index"] + 1),
+                s["site"],
+                str(s["wavelength_nm"]),
+                mode,
+                _num(s["power_mw"], ".4g"),
+                _num(s["irradiance_mw_cm2"], ".4g"),
+                mmss(s["time_s"]),
+                _num(s["energy_j"], ".4g"),
+                _num(s["fluence_j_cm2"], ".3g"),
+                gates or "-",
+            )
+        console.print(table)
+    console.print(
+        f"session {mmss(proto['session_time_s'])} of emission (ports run at once) · gates: P "
+        "placement confirmed, C skin contact, F footswitch",
+        highlight=False,
+    )
+    contra = data.get("contraindications") or []
+    if contra:
+        console.print("contraindications (answer each with --contraindication NAME=yes|no):")
+        for c in contra:
+            console.print(f"  {c['name']}: {c['description']}", highlight=False)
+    runnable = data.get("runnable")
+    if runnable is not None:
+        if runnable["ok"]:
+            console.print("runs on the connected applicators: [green]yes[/]")
+        else:
+            console.print("runs on the connected applicators: [bold red]no[/]")
+            for issue in runnable["issues"]:
+                console.print(f"  {issue.get('message')}", highlight=False)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def render_records(console: Console, sessions: Sequence[Mapping[str, Any]]) -> None:
+    if not sessions:
+        console.print("no sessions in the records")
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in (
+        "session",
+        "started (UTC)",
+        "protocol",
+        "patient",
+        "outcome",
+        "steps",
+        "prescribed J",
+        "delivered J",
+        "cause",
+    ):
+        table.add_column(col, justify="right" if col.endswith("J") or col == "steps" else "left")
+    for s in sessions:
+        outcome = s.get("outcome") or s.get("state") or "?"
+        table.add_row(
+            str(s["id"]),
+            str(s.get("started_utc", ""))[:19].replace("T", " "),
+            f"{s.get('protocol_id')} v{s.get('protocol_version')}",
+            str(s.get("patient_ref") or ""),
+            f"[{STATE_STYLE.get(outcome, '')}]{outcome}[/]",
+            str(s.get("steps") or 0),
+            _num(s.get("prescribed_energy_j"), ".1f"),
+            _num(s.get("delivered_controller_j") or s.get("delivered_host_j"), ".1f"),
+            str(s.get("stop_cause_code") or ""),
+        )
+    console.print(table)
+
+
+def render_record(console: Console, s: Mapping[str, Any]) -> None:
+    console.print(
+        f"[bold]session {s['id']}[/] · {s.get('protocol_id')} v{s.get('protocol_version')} · "
+        f"patient {s.get('patient_ref')} · operator {s.get('operator') or '—'}",
+        highlight=False,
+    )
+    outcome = s.get("outcome") or s.get("state")
+    console.print(
+        f"started {s.get('started_utc')} · ended {s.get('ended_utc') or '—'} · "
+        f"[{STATE_STYLE.get(str(outcome), '')}]{outcome}[/]"
+        + (
+            f" · {s['stop_cause_code']} {s.get('stop_cause_message')}"
+            if s.get("stop_cause_code")
+            else ""
+        ),
+        highlight=False,
+    )
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in (
+        "port",
+        "#",
+        "site",
+        "λ nm",
+        "prescribed J",
+        "host J",
+        "ctrl J",
+        "J/cm²",
+        "time s",
+        "outcome",
+    ):
+        table.add_column(col, justify="left" if col in ("site", "outcome") else "right")
+    for st in s.get("steps") or []:
+        table.add_row(
+            str(st["port"]),
+            str(int(st["step_index"]) + 1),
+            str(st["site"]),
+            str(st["wavelength_nm"]),
+            _num(st.get("prescribed_energy_j"), ".3f"),
+            _num(st.get("delivered_host_j"), ".3f"),
+            _num(st.get("delivered_controller_j"), ".3f"),
+            _num(st.get("delivered_fluence_j_cm2"), ".3f"),
+            _num(st.get("emitting_time_s"), ".1f"),
+            str(st.get("outcome") or "—"),
+        )
+    console.print(table)
+    events = s.get("events") or []
+    if events:
+        console.print(f"{len(events)} events; `--json` shows them all", style="dim")
+
+
+# --------------------------------------------------------------------------- live view
+
+_EVENT_KINDS = {
+    "state",
+    "step_started",
+    "step_completed",
+    "step_skipped",
+    "port_waiting",
+    "confirmed",
+    "trip",
+    "abort",
+    "pause_requested",
+    "resumed",
+    "emission_ended",
+}
+
+
+def placement_waits(status: Mapping[str, Any] | None) -> list[tuple[int, int, str]]:
+    """Ports waiting for the operator to confirm a placement: (port, step, site)."""
+    out = []
+    for p in (status or {}).get("ports") or []:
+        reason = p.get("wait_reason") or ""
+        if (
+            p.get("state") == "gated"
+            and "confirm placement" in reason
+            and p.get("step") is not None
+        ):
+            out.append((int(p["port"]), int(p["step"]), short_site(p.get("label"), p.get("site"))))
+    return out
+
+
+class SessionView:
+    """The live view of one session: a row per port, prompts, recent events."""
+
+    def __init__(self, status: Mapping[str, Any], *, auto_confirm: bool, interactive: bool) -> None:
+        self.status: dict[str, Any] = dict(status)
+        self.auto_confirm = auto_confirm
+        self.interactive = interactive
+        self.events: collections.deque[Text] = collections.deque(maxlen=7)
+        self.notes: collections.deque[Text] = collections.deque(maxlen=4)
+        self.time_scale: float | None = None
+        self.started = time.monotonic()
+        self.final_state: str | None = None
+
+    def note(self, text: str, style: str = "") -> None:
+        self.notes.append(Text(f"{time.strftime('%H:%M:%S')} {text}", style=style))
+
+    def event_text(self, ev: Mapping[str, Any]) -> Text | None:
+        kind = ev.get("kind")
+        if kind not in _EVENT_KINDS:
+            return None
+        port = ev.get("port")
+        step = ev.get("step")
+        where = f"port {port}" if port is not None else "session"
+        if step is not None:
+            where += f" step {int(step) + 1}"
+        style = {
+            "trip": "bold red",
+            "abort": "bold red",
+            "step_completed": "green",
+            "port_waiting": "yellow",
+        }.get(str(kind), "")
+        return Text(
+            f"{ago(ev.get('utc'))} {where}: {kind.replace('_', ' ')} — {ev.get('message')}",
+            style=style,
+        )
+
+    def add_event(self, ev: Mapping[str, Any]) -> Text | None:
+        text = self.event_text(ev)
+        if text is not None:
+            self.events.append(text)
+        return text
+
+    def render(self) -> RenderableType:
+        s = self.status
+        state = str(s.get("state"))
+        head = Text.assemble(
+            ("session ", "bold"),
+            (str(s.get("session_id", ""))[:8], "bold"),
+            f" · {s.get('protocol_id')} v{s.get('protocol_version')} · patient "
+            f"{s.get('patient_ref') or '(hidden)'} · ",
+            (state.upper(), STATE_STYLE.get(state, "")),
+            f" · {mmss(time.monotonic() - self.started)} on screen",
+        )
+        parts: list[RenderableType] = [head]
+        if self.time_scale and self.time_scale > 1.5:
+            parts.append(
+                Text(
+                    f"simulated controller, device clock ×{self.time_scale:.0f}: doses and "
+                    "times are treatment (device) time",
+                    style="yellow",
+                )
+            )
+        if s.get("cause_code"):
+            parts.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
+        table = Table(
+            box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0), expand=False
+        )
+        for col, just, width in (
+            ("port", "right", 4),
+            ("step", "right", 4),
+            ("site", "left", 18),
+            ("λ nm", "right", 4),
+            ("state", "left", 10),
+            ("dose", "left", 14),
+            ("", "right", 4),
+            ("mW/cm²", "right", 6),
+            ("J/cm²", "right", 9),
+            ("left", "right", 7),
+            ("°C", "right", 4),
+        ):
+            table.add_column(col, justify=just, no_wrap=True, width=width)  # type: ignore[arg-type]
+        for p in s.get("ports") or []:
+            pstate = str(p.get("state"))
+            frac = float(p.get("fraction") or 0.0)
+            if pstate == "done":
+                frac = max(frac, 1.0) if p.get("step") is not None else frac
+            shown_state = pstate
+            if pstate in ("gated", "paused") and p.get("wait_reason"):
+                shown_state = _short_wait(str(p["wait_reason"]))
+            step_text = (
+                f"{int(p['step']) + 1}/{p.get('steps')}" if p.get("step") is not None else "—"
+            )
+            table.add_row(
+                str(p["port"]),
+                step_text,
+                _cell_site(p),
+                str(p.get("wavelength_nm") or "—"),
+                Text(shown_state, style=STATE_STYLE.get(pstate, "")),
+                ProgressBar(total=1.0, completed=min(frac, 1.0), width=14),
+                f"{min(frac, 1.0) * 100:3.0f}%",
+                _num(p.get("irradiance_mw_cm2"), ".1f"),
+                _num(p.get("fluence_j_cm2"), ".2f")
+                + "/"
+                + _num(p.get("target_fluence_j_cm2"), ".2f"),
+                mmss(p.get("remaining_s")) if pstate not in ("done", "skipped") else "—",
+                _num(p.get("temperature_c"), ".1f"),
+            )
+        parts.append(table)
+        waits = placement_waits(s) if state not in FINAL_STATES else []
+        for port, _step, site in waits:
+            if self.auto_confirm:
+                continue
+            hint = " [enter]" if self.interactive else " (pbmctl session confirm " + str(port) + ")"
+            parts.append(
+                Text(f"port {port}: confirm placement at {site}{hint}", style="bold yellow")
+            )
+        parts.extend(self.notes)
+        if self.events:
+            parts.append(Text("recent events", style="dim"))
+            parts.extend(self.events)
+        if self.interactive and state not in FINAL_STATES:
+            parts.append(
+                Text(
+                    "enter: confirm the first prompt · N enter: confirm port N · p: pause all · "
+                    "r: resume all · abort: stop everything · Ctrl-C: leave this view (the "
+                    "session keeps running)",
+                    style="dim",
+                )
+            )
+        return Group(*parts)
+
+    def render_final(self) -> RenderableType:
+        s = self.status
+        state = str(s.get("state"))
+        lines: list[RenderableType] = [
+            Text.assemble(
+                ("session ", "bold"),
+                (str(s.get("session_id")), "bold"),
+                " ended: ",
+                (state.upper(), STATE_STYLE.get(state, "")),
+            )
+        ]
+        if s.get("cause_code"):
+            lines.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
+        lines.append(
+            Text(f"the treatment report: pbmctl report {s.get('session_id')}", style="dim")
+        )
+        return Group(*lines)

@@ -1,0 +1,974 @@
+"""`pbmd run`: the daemon that wires controllers, records, protocols, the engine and the API.
+
+Start order is the order of trust: the records store first (a treatment that
+cannot be recorded must not run), then the protocol library, the controller
+links (each must answer HELLO and send telemetry), the engine, which closes
+any session a crash left open from the controllers' own counters, then the
+control socket and the MQTT publisher; only then does systemd hear READY=1.
+
+Stopping (SIGTERM, SIGINT) runs the other way: STOPPING=1, a running session
+is aborted (ALL_OFF first, the session closed with its record), every
+controller gets ALL_OFF and DISARM, the API says goodbye and removes its
+socket, the records are flushed and closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import fcntl
+import importlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pbmd.daemon import config as cfg
+from pbmd.daemon import log as daemon_log
+from pbmd.daemon.api import JsonRpcServer, RoleResolver, WatchHub, build_registry, redact_session
+from pbmd.daemon.controllers import ControllerHandle, PortMap, PortTarget
+from pbmd.daemon.engine import Engine, StartRefused
+from pbmd.daemon.records import RecordsError, RecordStore
+from pbmd.daemon.session import SessionEvent
+from pbmd.drivers import codec
+from pbmd.drivers.client import ClientError, ControllerClient, open_controller
+from pbmd.drivers.transport import LinkURLError
+from pbmd.hw_sim import SimConfig, Simulator
+from pbmd.protocols.errors import PlanError
+from pbmd.protocols.loader import LoadedProtocol
+from pbmd.protocols.plan import plan as make_plan
+from pbmd.protocols.store import InstalledProtocol, LibraryError, LibraryFault, ProtocolLibrary
+
+log = structlog.get_logger()
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): systemd does not restart-loop on it by default
+
+VERSION = "0.1.0"
+STOP_SESSION_TIMEOUT_S = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what failed and what to do."""
+
+
+# --------------------------------------------------------------------------- systemd
+
+
+class Notifier:
+    """sd_notify(3) without libsystemd: one datagram per message to $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.address: str | None = None
+        self._sock: socket.socket | None = None
+        raw = os.environ.get("NOTIFY_SOCKET")
+        if raw:
+            self.address = "\0" + raw[1:] if raw.startswith("@") else raw
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        self.watchdog_s: float | None = None
+        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+            self.watchdog_s = int(usec) / 1e6
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, *lines: str) -> bool:
+        if self.address is None:
+            return False
+        try:
+            if self._sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                sock.setblocking(False)
+                sock.connect(self.address)
+                self._sock = sock
+            self._sock.send("\n".join(lines).encode("utf-8"))
+            return True
+        except OSError as exc:
+            log.warning("systemd.notify_failed", error=str(exc), message=lines[0])
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# --------------------------------------------------------------------------- controllers
+
+
+class ControllerLink:
+    """One configured controller: its (embedded) simulator, client and handle."""
+
+    def __init__(self, config: cfg.ControllerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.sim: Simulator | None = None
+        self.url: str | None = None
+        self.control_address: str | None = None
+        self.client: ControllerClient | None = None
+        self.handle: ControllerHandle | None = None
+        self.lost: str | None = None
+        self.connected_utc: float | None = None
+
+    async def open(self, telemetry_hz: int, on_lost: Callable[[ControllerLink, str], None]) -> None:
+        c = self.config
+        if c.link == "sim" and self.sim is None:
+            opts = c.sim_options
+            sim = Simulator(
+                SimConfig(
+                    time_scale=opts.time_scale,
+                    ports=opts.port_map(),
+                    seed=opts.seed,
+                    emission_delay_ms=opts.emission_delay_ms,
+                    serial=opts.serial,
+                )
+            )
+            await sim.start()
+            self.sim = sim
+            try:
+                if opts.transport == "pty":
+                    self.url = await sim.listen_pty()
+                else:
+                    self.url = await sim.listen_tcp("127.0.0.1", 0)
+                if opts.control is not None:
+                    host, _, port = opts.control.rpartition(":")
+                    self.control_address = await sim.listen_control(host.strip("[]"), int(port))
+            except OSError as exc:
+                raise StartupError(
+                    f"controller {c.name}: the embedded simulator cannot open its "
+                    f'{opts.transport} link ({exc}); try transport = "tcp" in '
+                    "[controllers.sim]"
+                ) from exc
+            log.info(
+                "controller.simulated",
+                controller=c.name,
+                link=self.url,
+                time_scale=opts.time_scale,
+                control=self.control_address,
+            )
+        elif c.link != "sim":
+            self.url = c.link
+        assert self.url is not None
+        try:
+            client = await asyncio.wait_for(
+                open_controller(self.url, telemetry_hz=telemetry_hz), c.connect_timeout_s
+            )
+        except TimeoutError:
+            raise StartupError(
+                f"controller {c.name} at {self.url} did not complete the handshake within "
+                f"{c.connect_timeout_s:g} s; check that it is powered and connected (and the "
+                "link URL), then start pbmd again"
+            ) from None
+        except (OSError, ClientError, LinkURLError) as exc:
+            raise StartupError(
+                f"controller {c.name} at {self.url}: {exc}; check the link URL in "
+                "[[controllers]], the cable or the simulator, then start pbmd again"
+            ) from exc
+        handle = ControllerHandle(c.name, client)
+        try:
+            await handle.next_sample(max(2.0, 20.0 / telemetry_hz))
+        except TimeoutError:
+            handle.detach()
+            await client.close()
+            raise StartupError(
+                f"controller {c.name} at {self.url} answered but sends no telemetry; check "
+                "its firmware (ICD §7), then start pbmd again"
+            ) from None
+        client.add_link_lost_listener(lambda exc: on_lost(self, str(exc)))
+        self.client = client
+        self.handle = handle
+        self.lost = None
+        self.connected_utc = time.time()
+        info = client.info
+        log.info(
+            "controller.connected",
+            controller=c.name,
+            link=self.url,
+            serial=info.serial,
+            firmware=info.firmware,
+            ports=info.port_count,
+        )
+
+    async def close_client(self) -> None:
+        if self.handle is not None:
+            self.handle.detach()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+
+    async def close(self) -> None:
+        await self.close_client()
+        if self.sim is not None:
+            await self.sim.close()
+            self.sim = None
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "link": self.config.link,
+            "url": self.url,
+            "simulated": self.config.link == "sim",
+            "connected": bool(self.client is not None and self.client.is_open),
+            "lost": self.lost,
+        }
+        if self.control_address is not None:
+            out["sim_control"] = self.control_address
+        client, handle = self.client, self.handle
+        if client is None or handle is None:
+            return out
+        info = client.info
+        t = handle.telemetry
+        age = (
+            None if handle.telemetry_host_s is None else time.monotonic() - handle.telemetry_host_s
+        )
+        stats = client.stats
+        out.update(
+            serial=info.serial,
+            firmware=info.firmware,
+            port_count=info.port_count,
+            watchdog_ms=info.watchdog_ms,
+            emission_delay_ms=info.emission_delay_ms,
+            time_scale=round(handle.clock.ratio, 3),
+            telemetry_age_s=None if age is None else round(age, 3),
+            rtt_ms_p99=stats.rtt_ms.p99_ms,
+            frames_dropped=stats.dropped_total,
+            emission_inhibited=client.emission_inhibited,
+        )
+        if t is not None:
+            out.update(
+                state=codec.describe(codec.ControllerState, t.state).lower(),
+                fault=None if not t.fault_code else codec.describe(codec.FaultCode, t.fault_code),
+                interlocks={
+                    "key": bool(t.interlocks & codec.Interlock.KEY),
+                    "remote": bool(t.interlocks & codec.Interlock.REMOTE),
+                    "estop_released": bool(t.interlocks & codec.Interlock.ESTOP_RELEASED),
+                    "footswitch": bool(t.interlocks & codec.Interlock.FOOTSWITCH),
+                },
+                device_time_s=t.device_time_us / 1e6,
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- loop health
+
+
+class LoopMonitor:
+    """How late the event loop runs a timer: the figure API load must not move."""
+
+    PERIOD_S = 0.05
+
+    def __init__(self) -> None:
+        self.lag_ms: collections.deque[float] = collections.deque(maxlen=1200)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="loop-monitor")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.PERIOD_S
+            await asyncio.sleep(self.PERIOD_S)
+            self.lag_ms.append(max(0.0, (loop.time() - due) * 1000.0))
+
+    def summary(self) -> dict[str, float | None]:
+        lat = sorted(self.lag_ms)
+        if not lat:
+            return {"lag_ms_p50": None, "lag_ms_p99": None, "lag_ms_max": None}
+        return {
+            "lag_ms_p50": round(lat[len(lat) // 2], 3),
+            "lag_ms_p99": round(lat[min(int(0.99 * len(lat)), len(lat) - 1)], 3),
+            "lag_ms_max": round(lat[-1], 3),
+        }
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# --------------------------------------------------------------------------- service
+
+
+@dataclass
+class Calibration:
+    due: dt.date | None
+    source: str
+    set_by: str | None = None
+    set_utc: str | None = None
+
+
+class Service:
+    """The running daemon (one per state directory)."""
+
+    def __init__(self, config: cfg.Config, source: str) -> None:
+        self.config = config
+        self.source = source
+        self.state_dir = config.resolved_state_dir
+        self.socket_path = config.socket_path
+        self.device_id = config.resolved_device_id
+        self.roles = RoleResolver(config.api.clinician_group, config.api.technician_group)
+        self.notifier = Notifier()
+        self.links = [ControllerLink(c) for c in config.controllers]
+        self.watch_hub = WatchHub(config.api.watch_interval_s)
+        self.loop_monitor = LoopMonitor()
+        self.started_monotonic = time.monotonic()
+        self.warnings: list[str] = []
+        self._store: RecordStore | None = None
+        self._library: ProtocolLibrary | None = None
+        self._engine: Engine | None = None
+        self.api: JsonRpcServer | None = None
+        self.mqtt: Any = None
+        self.calibration = Calibration(config.calibration.due, "configuration")
+        self._lock_fd: int | None = None
+        self._stop = asyncio.Event()
+        self.stop_reason = ""
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.reconciled: list[str] = []
+
+    # -- parts (set once started)
+
+    @property
+    def store(self) -> RecordStore:
+        assert self._store is not None, "records store not open"
+        return self._store
+
+    @property
+    def library(self) -> ProtocolLibrary:
+        assert self._library is not None, "protocol library not open"
+        return self._library
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None, "engine not started"
+        return self._engine
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        cfg_ = self.config
+        for line in cfg_.development:
+            self.warnings.append(line)
+            log.warning("config.development", setting=line)
+        self._lock_state_dir()
+        self._load_calibration()
+        try:
+            self._store = await RecordStore.open(
+                cfg_.records_path,
+                on_failure=self._records_failed,
+                sync_interval_s=cfg_.records.sync_interval_s,
+                min_free_bytes=cfg_.records.min_free_mb * 1024 * 1024,
+            )
+        except RecordsError as exc:
+            raise StartupError(str(exc)) from exc
+        log.info("records.opened", path=str(cfg_.records_path))
+        await asyncio.to_thread(self._open_library)
+        for link in self.links:
+            await link.open(cfg_.engine.telemetry_hz, self._link_lost)
+        port_map = self._port_map()
+        self._engine = Engine(
+            port_map,
+            self.store,
+            telemetry_hz=cfg_.engine.telemetry_hz,
+            calibration_due=self.calibration.due,
+        )
+        self.engine.add_listener(self._on_session_event)
+        try:
+            self.reconciled = await self.engine.reconcile()
+        except (ClientError, RecordsError) as exc:
+            raise StartupError(f"reconciling unfinished sessions failed: {exc}") from exc
+        if self.reconciled:
+            log.warning("sessions.reconciled", sessions=self.reconciled)
+        missing = self.roles.missing_groups()
+        if missing:
+            text = (
+                f"group(s) {', '.join(missing)} do not exist: only root and the daemon's user "
+                "hold those roles (create them, e.g. with systemd-sysusers)"
+            )
+            self.warnings.append(text)
+            log.warning("api.groups_missing", groups=missing)
+        registry = build_registry(self)
+        api = cfg_.api
+        self.api = JsonRpcServer(
+            registry,
+            self.roles,
+            self.socket_path,
+            socket_mode=int(api.socket_mode, 8),
+            max_request_bytes=api.max_request_bytes,
+            max_clients=api.max_clients,
+            queue_messages=api.send_queue_messages,
+            send_timeout_s=api.send_timeout_s,
+            requests_per_tick=api.requests_per_tick,
+        )
+        try:
+            await self.api.start()
+        except OSError as exc:
+            raise StartupError(f"control socket {self.socket_path}: {exc}") from exc
+        await self._start_mqtt()
+        self.loop_monitor.start()
+        if self.notifier.watchdog_s:
+            self._spawn(self._watchdog(self.notifier.watchdog_s / 2), "systemd-watchdog")
+        self.notifier.send("READY=1", f"STATUS=serving on {self.socket_path}")
+        log.info(
+            "daemon.ready",
+            socket=str(self.socket_path),
+            state_dir=str(self.state_dir),
+            config=self.source,
+            controllers=[link.name for link in self.links],
+            ports=list(port_map),
+            pid=os.getpid(),
+        )
+
+    def _lock_state_dir(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            path = self.state_dir / "pbmd.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise StartupError(
+                f"state directory {self.state_dir}: {exc.strerror or exc}; create it writable "
+                "for the user pbmd runs as, or set state_dir (or --state-dir)"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(
+                f"another pbmd (pid {other}) is using the state directory {self.state_dir}; "
+                "stop it first, or give this one another state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock_state_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open_library(self) -> None:
+        c = self.config.protocols
+        try:
+            keys = cfg.check_trusted_keys(self.config)
+        except Exception as exc:
+            raise StartupError(f"trusted protocol keys: {exc}") from exc
+        if c.trust_test_key:
+            log.warning(
+                "protocols.test_key_trusted",
+                message="DEVELOPMENT CONFIGURATION: the shipped pbmd TEST protocol key is "
+                "trusted. NOT FOR CLINICAL USE.",
+            )
+        if c.allow_unsigned:
+            log.warning(
+                "protocols.unsigned_allowed",
+                message="DEVELOPMENT CONFIGURATION: unsigned protocol files are accepted. "
+                "NOT FOR CLINICAL USE.",
+            )
+        try:
+            self._library = ProtocolLibrary(
+                self.config.protocols_dir,
+                keys,
+                allow_unsigned=c.allow_unsigned,
+                limits=self.config.limits,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"protocol library {self.config.protocols_dir}: {exc}; make it writable for "
+                "the user pbmd runs as"
+            ) from exc
+        if c.preload_shipped:
+            self._preload_shipped()
+
+    def _preload_shipped(self) -> None:
+        from pbmd.protocols.library import protocol_files
+
+        installed = []
+        for path in protocol_files():
+            try:
+                entry = self.library.install(path)
+                installed.append(f"{entry.id} v{entry.version}")
+            except LibraryError as exc:
+                if exc.fault is not LibraryFault.ROLLBACK:
+                    log.error("protocols.preload_failed", file=path.name, error=str(exc))
+        if installed:
+            log.warning(
+                "protocols.preloaded",
+                protocols=installed,
+                message="shipped TEST-signed protocols: NOT FOR CLINICAL USE",
+            )
+
+    def _port_map(self) -> PortMap:
+        handles = {link.name: link.handle for link in self.links if link.handle is not None}
+        targets = self.config.port_targets()
+        if targets is None:
+            only = next(iter(handles.values()))
+            return PortMap.single(only)
+        out: dict[int, PortTarget] = {}
+        for logical, (name, device_port) in targets.items():
+            handle = handles[name]
+            if device_port > handle.info.port_count:
+                raise StartupError(
+                    f'ports.{logical} = "{name}:{device_port}": controller {name} has '
+                    f"{handle.info.port_count} ports; correct the [ports] map"
+                )
+            out[logical] = PortTarget(logical, handle, device_port)
+        return PortMap(out)
+
+    async def _start_mqtt(self) -> None:
+        raw = self.config.mqtt
+        if raw is None:
+            return
+        if importlib.util.find_spec("pbmd.daemon.mqtt") is None:
+            text = "an [mqtt] table is configured but this pbmd has no MQTT publisher"
+            self.warnings.append(text)
+            log.warning("mqtt.unavailable", message=text)
+            return
+        module = importlib.import_module("pbmd.daemon.mqtt")
+        model = cfg.mqtt_config_model()
+        if model is None:
+            return
+        mqtt_config = model.model_validate(raw)
+        publisher = module.MqttPublisher(
+            mqtt_config, store=self.store, engine=self.engine, device_id=self.device_id
+        )
+        try:
+            await publisher.start()
+        except Exception as exc:  # MQTT is never on the safety path: log, serve without it
+            log.error("mqtt.start_failed", error=str(exc))
+            self.warnings.append(f"MQTT publisher failed to start: {exc}")
+            return
+        self.mqtt = publisher
+        log.info("mqtt.started", device_id=self.device_id)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval_s)  # keep-alive cadence
+
+    # ------------------------------------------------------------------ events
+
+    def _records_failed(self, exc: BaseException) -> None:
+        log.critical("records.unavailable", error=str(exc))
+        if self._engine is not None:
+            self._engine.on_records_failure(exc)
+
+    def _on_session_event(self, ev: SessionEvent) -> None:
+        # Bind the session (and in a port's task the port and step) to the log context of
+        # the task that reports it; the tasks it starts inherit the binding.
+        task = asyncio.current_task()
+        name = task.get_name() if task is not None else ""
+        if ev.kind == "state" and ev.data.get("to") == "ready" and name.startswith("session-"):
+            daemon_log.bind(session_id=ev.session_id)
+        elif ev.kind == "step_started" and name.startswith("port-"):
+            daemon_log.bind(session_id=ev.session_id, port=ev.port, step=ev.step)
+        self.watch_hub.on_event(ev)
+
+    def _link_lost(self, link: ControllerLink, reason: str) -> None:
+        if self._stopping:
+            return
+        link.lost = reason
+        log.error("controller.link_lost", controller=link.name, reason=reason)
+        self._spawn(self._reconnect(link), f"reconnect-{link.name}")
+
+    async def _reconnect(self, link: ControllerLink) -> None:
+        """Reopen a lost link once no session runs; nothing emits until an operator starts."""
+        delay_s = 1.0
+        while not self._stopping:
+            s = self._engine.session if self._engine is not None else None
+            if s is not None and not s.state.final:
+                await s.wait()
+            await link.close_client()
+            try:
+                await link.open(self.config.engine.telemetry_hz, self._link_lost)
+            except StartupError as exc:
+                log.warning(
+                    "controller.reconnect_failed",
+                    controller=link.name,
+                    error=str(exc),
+                    retry_s=delay_s,
+                )
+                await asyncio.sleep(delay_s)  # retry back-off
+                delay_s = min(delay_s * 2, 30.0)
+                continue
+            if self._engine is not None:
+                self._engine.port_map = self._port_map()
+            log.warning("controller.reconnected", controller=link.name)
+            return
+
+    # ------------------------------------------------------------------ run / stop
+
+    def request_stop(self, reason: str) -> None:
+        if self._stop.is_set():
+            log.warning("daemon.already_stopping", signal=reason)
+            return
+        self.stop_reason = reason
+        log.info("daemon.stop_requested", reason=reason)
+        self._stop.set()
+
+    async def wait_stop(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Emission off, session closed with its record, clients told, records flushed."""
+        self._stopping = True
+        self.notifier.send("STOPPING=1", f"STATUS=stopping ({self.stop_reason or 'requested'})")
+        if self.api is not None:
+            self.api.stopping = True
+        engine = self._engine
+        if engine is not None:
+            s = engine.session
+            if s is not None and not s.state.final:
+                log.warning("session.interrupted_by_stop", session_id=s.id)
+                try:
+                    await asyncio.wait_for(
+                        s.abort(f"pbmd stopping ({self.stop_reason or 'requested'})"),
+                        STOP_SESSION_TIMEOUT_S,
+                    )
+                except Exception as exc:
+                    log.error("session.stop_failed", session_id=s.id, error=repr(exc))
+        for link in self.links:
+            if link.client is not None and link.client.is_open:
+                with contextlib.suppress(Exception):
+                    await link.client.all_off(timeout_s=1.0)
+                with contextlib.suppress(Exception):
+                    await link.client.disarm()
+        # Watchers hear how the session ended before the socket closes.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self.api is not None:
+            await self.api.close(f"pbmd is stopping ({self.stop_reason or 'requested'})")
+        await self.watch_hub.close()
+        if self.mqtt is not None:
+            try:
+                await self.mqtt.close()
+            except Exception as exc:
+                log.error("mqtt.close_failed", error=str(exc))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.loop_monitor.close()
+        for link in self.links:
+            await link.close()
+        if self._store is not None:
+            try:
+                await self._store.close()
+            except RecordsError as exc:
+                log.critical("records.close_failed", error=str(exc))
+        self._unlock_state_dir()
+        self.notifier.close()
+        log.info("daemon.stopped", reason=self.stop_reason)
+
+    # ------------------------------------------------------------------ views
+
+    def status(self, *, full: bool) -> dict[str, Any]:
+        engine = self.engine
+        try:
+            engine.check_ready()
+            ready: dict[str, Any] = {"ok": True, "reason": None, "code": None}
+        except StartRefused as exc:
+            ready = {"ok": False, "reason": str(exc), "code": exc.cause.code if exc.cause else None}
+        session = engine.session
+        session_status = session.status() if session is not None else None
+        store = self.store
+        stats = store.stats
+        ports = []
+        for logical, target in engine.port_map.items():
+            info = target.applicator
+            sample = target.controller.sample(target.device_port)
+            ports.append(
+                {
+                    "port": logical,
+                    "controller": target.controller.name,
+                    "device_port": target.device_port,
+                    "applicator": None
+                    if info.applicator_kind == codec.ApplicatorKind.NONE
+                    else {
+                        "kind": codec.describe(codec.ApplicatorKind, info.applicator_kind).lower(),
+                        "serial": info.applicator_serial,
+                        "area_cm2": info.area_mm2 / 100.0,
+                        "channels_nm": [c.wavelength_nm for c in info.channels],
+                    },
+                    "emitting": bool(sample.emitting) if sample is not None else None,
+                    "power_mw": sample.measured_power_uw / 1000.0 if sample is not None else None,
+                    "temperature_c": sample.temp_centi_c / 100.0 if sample is not None else None,
+                    "contact": bool(sample.contact) if sample is not None else None,
+                }
+            )
+        api = self.api
+        return {
+            "daemon": {
+                "version": VERSION,
+                "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
+                "config": self.source,
+                "device_id": self.device_id,
+                "state_dir": str(self.state_dir),
+                "socket": str(self.socket_path),
+                "development": list(self.config.development),
+                "warnings": list(self.warnings),
+                "stopping": self._stopping,
+                "log_dropped": daemon_log.dropped(),
+                "loop": self.loop_monitor.summary(),
+            },
+            "ready": ready,
+            "service_required": engine.service_required,
+            "calibration": self.calibration_status(),
+            "records": {
+                "path": str(store.path),
+                "healthy": store.healthy,
+                "free_bytes": store.free_bytes,
+                "held": stats.held,
+                "written": stats.written,
+            },
+            "controllers": [link.status() for link in self.links],
+            "ports": ports,
+            "api": {
+                "clients": len(api.connections) if api is not None else 0,
+                "watchers": self.watch_hub.count,
+                **(api.stats.as_dict() if api is not None else {}),
+            },
+            "mqtt": None if self.mqtt is None else {"enabled": True},
+            "session": session_status if full else redact_session(session_status),
+        }
+
+    def load_protocol(self, protocol_id: str) -> tuple[LoadedProtocol, InstalledProtocol]:
+        """An installed protocol, re-verified, and its index entry (worker thread)."""
+        return self.library.load(protocol_id), self.library.show(protocol_id)
+
+    def describe_protocol(self, protocol_id: str, source: bool) -> dict[str, Any]:
+        from pbmd.protocols.cli import _report as protocol_report
+
+        loaded, entry = self.load_protocol(protocol_id)
+        out: dict[str, Any] = {
+            "installed": entry.as_dict(),
+            "protocol": protocol_report(loaded),
+            "contraindications": [
+                {"name": c.value, "description": c.description}
+                for c in loaded.protocol.contraindications
+            ],
+            "cautions": list(loaded.protocol.cautions),
+            "warnings": [i.as_dict() for i in loaded.warnings],
+        }
+        try:
+            make_plan(loaded.protocol, self.engine.port_map.applicators(), self.library.limits)
+            out["runnable"] = {"ok": True, "issues": []}
+        except PlanError as exc:
+            out["runnable"] = {"ok": False, "issues": [i.as_dict() for i in exc.errors]}
+        if source:
+            out["source"] = (self.library.directory / entry.file).read_text(encoding="utf-8")
+        return out
+
+    def validate_protocol(self, content: str, signature: str | None, source: str) -> dict[str, Any]:
+        from pbmd.protocols.cli import _report as protocol_report
+
+        try:
+            loaded, verified = self.library.check(content.encode("utf-8"), signature, source=source)
+        except LibraryError as exc:
+            return {
+                "valid": False,
+                "fault": exc.fault.value,
+                "message": str(exc),
+                "issues": [i.as_dict() for i in exc.issues],
+            }
+        highest = self.library.highest_version(loaded.protocol.id)
+        return {
+            "valid": True,
+            "signed_by": verified.key.id_hex if verified else None,
+            "protocol": protocol_report(loaded),
+            "warnings": [i.as_dict() for i in loaded.warnings],
+            "installed_version": highest or None,
+            "installable": loaded.protocol.version > highest,
+        }
+
+    # -- calibration
+
+    def _calibration_file(self) -> Path:
+        return self.state_dir / "calibration.json"
+
+    def _load_calibration(self) -> None:
+        path = self._calibration_file()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.calibration = Calibration(
+                dt.date.fromisoformat(data["due"]),
+                f"set through the API ({path})",
+                data.get("set_by"),
+                data.get("set_utc"),
+            )
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StartupError(
+                f"{path} is unreadable ({exc}); set the date again with `pbmctl calibration set "
+                "DATE` after removing the file, or restore it"
+            ) from exc
+
+    def calibration_status(self) -> dict[str, Any]:
+        c = self.calibration
+        today = dt.date.today()
+        return {
+            "due": c.due.isoformat() if c.due else None,
+            "overdue": bool(c.due and today > c.due),
+            "source": c.source,
+            "set_by": c.set_by,
+            "set_utc": c.set_utc,
+        }
+
+    def set_calibration_due(self, due: dt.date, user: str) -> None:
+        """Persist first, then apply (worker thread; the engine reads one attribute)."""
+        path = self._calibration_file()
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"due": due.isoformat(), "set_by": user, "set_utc": now}) + "\n")
+        os.replace(tmp, path)
+        self.calibration = Calibration(due, f"set through the API ({path})", user, now)
+        self.engine.calibration_due = due
+        log.info("calibration.set", due=due.isoformat(), user=user)
+
+    async def clear_fault(self, controller: str, user: str) -> dict[str, Any]:
+        from pbmd.daemon.api import NOT_FOUND, REFUSED, RpcError
+
+        link = next((x for x in self.links if x.name == controller), None)
+        if link is None:
+            raise RpcError(
+                NOT_FOUND,
+                f"no controller {controller!r}; controllers: "
+                f"{', '.join(x.name for x in self.links)}",
+            )
+        s = self.engine.session
+        if s is not None and not s.state.final:
+            raise RpcError(REFUSED, "a session is running; end it before clearing a fault")
+        if link.client is None or not link.client.is_open:
+            raise RpcError(REFUSED, f"controller {controller} is not connected")
+        try:
+            await link.client.clear_fault()
+        except ClientError as exc:
+            raise RpcError(REFUSED, f"controller {controller} refused CLEAR_FAULT: {exc}") from None
+        log.warning("controller.fault_cleared", controller=controller, user=user)
+        return {"controller": controller, "cleared": True}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+async def run_service(config: cfg.Config, source: str) -> int:
+    service = Service(config, source)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop, sig.name)
+    try:
+        try:
+            await service.start()
+        except StartupError as exc:
+            log.error("daemon.start_failed", error=str(exc))
+            print(f"pbmd: cannot start: {exc}", file=sys.stderr)
+            await service.stop()
+            return EXIT_FAILED
+        await service.wait_stop()
+        await service.stop()
+        return EXIT_OK
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config, source = cfg.load(args.config)
+        config = cfg.with_overrides(
+            config,
+            source,
+            state_dir=args.state_dir,
+            socket_path=args.socket,
+            sim_time_scale=args.sim_time_scale,
+        )
+    except cfg.ConfigError as exc:
+        print(f"pbmd: {exc.render()}", file=sys.stderr)
+        return EXIT_CONFIG
+    daemon_log.configure(
+        args.log_level or config.logging.level, args.log_format or config.logging.format
+    )
+    try:
+        return asyncio.run(run_service(config, source))
+    finally:
+        daemon_log.shutdown()
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "default":
+        sys.stdout.write(cfg.DEFAULT_TOML)
+        return 0
+    try:
+        config, source = cfg.load(args.config)
+    except cfg.ConfigError as exc:
+        print(f"pbmd: {exc.render()}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.config_command == "check":
+        print(f"{source}: OK")
+        for line in config.development:
+            print(f"  development setting: {line}")
+        return 0
+    sys.stdout.write(f"# effective configuration from {source}\n" + cfg.render_toml(config))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`pbmd run` and `pbmd config`."""
+    run = subparsers.add_parser(
+        "run",
+        help="run the daemon in the foreground (systemd runs this)",
+        description="Run pbmd in the foreground until SIGTERM or SIGINT. Without --config it "
+        "runs the embedded development default: a simulated controller in-process, state "
+        "under the user's state directory. Exit status: 0 stopped cleanly, 1 could not start, "
+        "78 configuration error.",
+    )
+    run.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    run.add_argument("--state-dir", type=Path, metavar="DIR", help="override state_dir")
+    run.add_argument("--socket", type=Path, metavar="PATH", help="override api.socket")
+    run.add_argument(
+        "--sim-time-scale",
+        type=float,
+        metavar="X",
+        help="override the device clock speed-up of simulated controllers (1..120)",
+    )
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.add_argument("--log-format", choices=("auto", "json", "console"))
+    run.set_defaults(func=_cmd_run)
+
+    conf = subparsers.add_parser("config", help="check or show the configuration")
+    sub = conf.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("check", "check a configuration file and report every error"),
+        ("show", "print the effective configuration (defaults filled in)"),
+        ("default", "print the embedded default configuration"),
+    ):
+        p = sub.add_parser(name, help=text)
+        if name != "default":
+            p.add_argument("--config", type=Path, metavar="FILE")
+        p.set_defaults(func=_cmd_config)

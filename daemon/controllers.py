@@ -18,9 +18,18 @@ import structlog
 
 from pbmd.daemon.dose import DeviceClock
 from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient
+from pbmd.drivers.client import ClientError, ControllerClient
 
 log = structlog.get_logger()
+
+CLOCK_SETTLE_S = 0.6
+"""Telemetry and PONGs over this long give the device clock's rate (a simulator's
+time scale) to well under 1 %; stops are not timed from a guessed rate."""
+
+DARK_POWER_UW = 500
+"""Measured power above this on a port the controller reports idle is light that
+should not be there (a stuck emitter). Far above photodiode offset, far below
+any therapeutic setpoint."""
 
 SampleListener = Callable[[codec.Telemetry, float], None]
 """Called with each TELEMETRY and the host monotonic time it arrived."""
@@ -36,10 +45,14 @@ class ControllerHandle:
         self.telemetry: codec.Telemetry | None = None
         self.telemetry_host_s: float | None = None
         self.telemetry_count = 0
+        self._first_telemetry: tuple[float, int] | None = None
+        self.interlocks: int | None = None
+        """Latest interlock bits, from telemetry or an INTERLOCK_CHANGED event."""
         self._sample_listeners: list[SampleListener] = []
         self._next_sample: asyncio.Future[codec.Telemetry] | None = None
         self._unsubscribe = [
             client.add_telemetry_listener(self._on_telemetry),
+            client.add_event_listener(self._on_event),
             client.add_pong_listener(
                 lambda p: self.clock.observe_pong(p[0], p[1], p[2].device_time_us)
             ),
@@ -71,9 +84,13 @@ class ControllerHandle:
 
     def _on_telemetry(self, t: codec.Telemetry) -> None:
         now = time.monotonic()
+        first = self._first_telemetry
+        if first is None or t.device_time_us < first[1]:
+            self._first_telemetry = (now, t.device_time_us)
         self.clock.observe(now, t.device_time_us)
         self.telemetry = t
         self.telemetry_host_s = now
+        self.interlocks = t.interlocks
         self.telemetry_count += 1
         for listener in list(self._sample_listeners):
             try:
@@ -85,6 +102,33 @@ class ControllerHandle:
         if fut is not None and not fut.done():
             fut.set_result(t)
         self._next_sample = None
+
+    @property
+    def clock_settled(self) -> bool:
+        """The device clock's rate has been measured (not assumed): the mapping's
+        rate agrees within 2 % with the one telemetry shows over CLOCK_SETTLE_S."""
+        first = self._first_telemetry
+        last = self.telemetry
+        if first is None or last is None or self.telemetry_host_s is None:
+            return False
+        span_s = self.telemetry_host_s - first[0]
+        if span_s < CLOCK_SETTLE_S:
+            return False
+        rate = (last.device_time_us - first[1]) / 1e6 / span_s
+        return rate > 0 and abs(self.clock.ratio / rate - 1.0) < 0.02
+
+    async def wait_clock_settled(self, timeout_s: float) -> None:
+        """Return once `clock_settled`; TimeoutError if telemetry does not come."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.clock_settled:
+            await self.next_sample(max(deadline - loop.time(), 0.0))
+
+    def _on_event(self, ev: codec.Event) -> None:
+        # Registered before any session's listener, so a session reading
+        # `interlocks` while handling the same event sees the new bits.
+        if ev.code == codec.EventCode.INTERLOCK_CHANGED:
+            self.interlocks = ev.value
 
     async def next_sample(self, timeout_s: float) -> codec.Telemetry:
         """The next TELEMETRY to arrive; TimeoutError if none within `timeout_s`.
@@ -117,19 +161,58 @@ class ControllerHandle:
     async def disarm(self) -> None:
         await self.client.disarm()
 
-    async def wait_dark(self, timeout_s: float) -> bool:
-        """Read back that no port emits: next telemetry, else GET_COUNTERS per port."""
+    def lit_ports(self, dark_power_uw: int = DARK_POWER_UW) -> set[int]:
+        """Ports the latest sample shows emitting or with light on the photodiode."""
+        t = self.telemetry
+        if t is None:
+            return set()
+        return {i + 1 for i, p in enumerate(t.ports) if port_lit(p, dark_power_uw)}
+
+    async def wait_dark(self, timeout_s: float, dark_power_uw: int = DARK_POWER_UW) -> bool | None:
+        """Read back that every port is dark: True, False (still lit), None (cannot tell).
+
+        Dark means the controller reports no port emitting *and* no photodiode
+        sees light: a stuck emitter keeps shining after the controller has
+        marked its port stopped (ICD §5a: measured power is the photodiode's).
+        A sample's power is the mean over its interval, so the first sample
+        after a stop may still carry the tail of the light; samples are read
+        until one is dark or `timeout_s` has passed. Without telemetry the
+        controller is asked port by port (COUNTERS shows emission, not light);
+        without a link nothing can be read back (None).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        lit = True
+        seen = False
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                t = await self.next_sample(left)
+            except TimeoutError:
+                break
+            seen = True
+            lit = any(port_lit(p, dark_power_uw) for p in t.ports)
+            if not lit:
+                return True
+        if seen:
+            return not lit
+        if not self.client.is_open:
+            return None
         try:
-            t = await self.next_sample(timeout_s)
-            return not any(p.emitting for p in t.ports)
-        except TimeoutError:
-            pass
-        # Telemetry is not arriving: ask each port directly.
-        for port in range(1, self.info.port_count + 1):
-            counters = await self.client.get_counters(port)
-            if counters.emitting:
-                return False
+            for port in range(1, self.info.port_count + 1):
+                counters = await self.client.get_counters(port)
+                if counters.emitting:
+                    return False
+        except ClientError:
+            return None
         return True
+
+
+def port_lit(sample: codec.PortSample, dark_power_uw: int = DARK_POWER_UW) -> bool:
+    """The controller reports the port emitting, or its photodiode sees light."""
+    return sample.emitting or sample.measured_power_uw > dark_power_uw
 
 
 @dataclass(frozen=True)

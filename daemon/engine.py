@@ -10,7 +10,6 @@ left open from the controllers' own counters.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import json
@@ -22,6 +21,7 @@ import structlog
 
 from pbmd.daemon.controllers import ControllerHandle, PortMap
 from pbmd.daemon.records import (
+    RecordsError,
     RecordStore,
     RecordsUnavailable,
     SessionPort,
@@ -30,6 +30,7 @@ from pbmd.daemon.records import (
 )
 from pbmd.daemon.safety import SafetyLimits, Supervisor, Trip, TripCause, interlock_cause
 from pbmd.daemon.session import (
+    RecordingFailed,
     Session,
     SessionError,
     SessionEvent,
@@ -85,7 +86,7 @@ def steps_from_plan(plan: Plan, port_map: PortMap) -> dict[int, list[StepOrder]]
         target = port_map[port_plan.port]
         for e in port_plan.emissions:
             channel = target.applicator.channel(e.wavelength_nm)
-            ceiling = min(skin_mpe_mw_cm2(e.wavelength_nm), _site_irradiance_ceiling(limits))
+            ceiling = _irradiance_ceiling(limits, e.wavelength_nm)
             out.setdefault(port_plan.port, []).append(
                 StepOrder(
                     port=port_plan.port,
@@ -111,16 +112,20 @@ def steps_from_plan(plan: Plan, port_map: PortMap) -> dict[int, list[StepOrder]]
                     # Measured irradiance may exceed the setpoint's by the deviation
                     # band before that check trips; the ceiling is the hard limit.
                     irradiance_ceiling_mw_cm2=ceiling,
-                    fluence_ceiling_j_cm2=_fluence_ceiling(limits) * 1.0,
+                    fluence_ceiling_j_cm2=_fluence_ceiling(limits),
                     channel_max_power_uw=channel.max_power_uw if channel else 0,
+                    backup_time_s=e.backup_time_s,
                 )
             )
     return out
 
 
-def _site_irradiance_ceiling(limits: Any) -> float:
-    value = getattr(limits, "irradiance_ceiling_mw_cm2", None)
-    return float(value) if value is not None else float("inf")
+def _irradiance_ceiling(limits: Any, wavelength_nm: int) -> float:
+    """The lowest ceiling at a wavelength: skin MPE, site, site per wavelength."""
+    at = getattr(limits, "irradiance_ceiling_at", None)
+    if at is not None:
+        return float(at(wavelength_nm)[0])
+    return skin_mpe_mw_cm2(wavelength_nm)
 
 
 def _fluence_ceiling(limits: Any) -> float:
@@ -143,15 +148,21 @@ class StoreRecorder:
     """Writes one session to the records store (the session's Recorder)."""
 
     def __init__(
-        self, store: RecordStore, request: SessionRequest, controller: ControllerHandle
+        self,
+        store: RecordStore,
+        request: SessionRequest,
+        controller: ControllerHandle,
+        plan: Plan | None = None,
     ) -> None:
         self.store = store
         self.request = request
         self.controller = controller
+        self.plan = plan or request.plan
+        """The plan as verified at start (a private copy): what the records describe."""
         self._emissions: dict[tuple[int, int, int], int] = {}
 
     def session_started(self, session: Session) -> None:
-        plan = self.request.plan
+        plan = self.plan
         ports = [
             SessionPort(
                 port=p,
@@ -188,7 +199,7 @@ class StoreRecorder:
         )
 
     def _emission(self, port: int, step: int) -> PlannedEmission:
-        return next(e for e in self.request.plan.port(port).emissions if e.step_index == step)
+        return next(e for e in self.plan.port(port).emissions if e.step_index == step)
 
     def step_started(self, session: Session, step: StepOrder) -> None:
         e = self._emission(step.port, step.index)
@@ -286,15 +297,17 @@ class StoreRecorder:
             delivered_host_j=integ.energy_j,
             delivered_controller_j=progress.controller_energy_uj / 1e6,
             delivered_fluence_j_cm2=integ.fluence_j_cm2,
-            mean_irradiance_mw_cm2=integ.mean_irradiance_mw_cm2,
-            emitting_time_s=integ.emitting_time_us / 1e6,
+            mean_irradiance_mw_cm2=_mean_irradiance(progress),
+            emitting_time_s=progress.emitted_us / 1e6 if progress.emissions else None,
         )
 
     def event(self, event: SessionEvent) -> None:
-        severity = "error" if event.kind in ("trip", "abort") else "info"
+        severity = _SEVERITY.get(event.kind, "info")
+        code = event.data.get("code") if event.kind in _SEVERITY else None
         self.store.event(
             event.kind,
             event.message,
+            code=str(code) if code is not None else None,
             session_id=event.session_id,
             port=event.port,
             severity=severity,  # type: ignore[arg-type]
@@ -310,7 +323,23 @@ class StoreRecorder:
         )
 
     async def sync(self) -> None:
-        await self.store.sync()
+        try:
+            await self.store.sync()
+        except RecordsError as exc:
+            raise RecordingFailed(str(exc)) from exc
+
+
+_SEVERITY = {"trip": "error", "abort": "warning", "service_required": "critical"}
+"""Event kinds that carry a cause code, and how severe they are."""
+
+
+def _mean_irradiance(progress: StepProgress) -> float | None:
+    """Delivered energy over the controller's emitting time, per area (DOSIMETRY.md)."""
+    if not progress.emitted_us:
+        return None
+    seconds = progress.emitted_us / 1e6
+    energy_j = (progress.controller_energy_uj or progress.integrator.energy_uj) / 1e6
+    return energy_j / seconds * 1000.0 / progress.order.area_cm2
 
 
 class Engine:
@@ -334,7 +363,12 @@ class Engine:
         self._today = today
         self.session: Session | None = None
         self.service_required: str | None = None
+        self.unreconciled: dict[str, str] = {}
+        """Sessions a crash left open that could not be reconciled yet, with why."""
         self._listeners: list[SessionListener] = []
+        if store.on_failure is None:
+            # A treatment that cannot be recorded stops, whoever opened the store.
+            store.on_failure = self.on_records_failure
 
     def add_listener(self, listener: SessionListener) -> None:
         """Session events of every session this engine runs."""
@@ -345,6 +379,15 @@ class Engine:
         return self.port_map.controllers()
 
     # ------------------------------------------------------------------ checks
+
+    def calibration_overdue(self) -> str | None:
+        """Why calibration is overdue, or None while it is valid."""
+        if self.calibration_due is not None and self._today() > self.calibration_due:
+            return (
+                f"calibration was due on {self.calibration_due.isoformat()}; recalibrate "
+                "and update the due date"
+            )
+        return None
 
     def check_ready(self, ports: tuple[int, ...] | None = None) -> None:
         """Raise StartRefused with what to do, unless a session could start now."""
@@ -363,11 +406,17 @@ class Engine:
             raise StartRefused(
                 f"{TripCause.RECORDS_FAILED.code} {exc}", TripCause.RECORDS_FAILED
             ) from exc
-        if self.calibration_due is not None and self._today() > self.calibration_due:
+        if self.unreconciled:
+            ids = ", ".join(sorted(self.unreconciled))
             raise StartRefused(
-                f"{TripCause.CALIBRATION_OVERDUE.code} calibration was due on "
-                f"{self.calibration_due.isoformat()}; recalibrate and update the due date",
-                TripCause.CALIBRATION_OVERDUE,
+                f"session(s) {ids} left open by a restart could not be reconciled "
+                "with the controller's counters yet; reconnect the controller and "
+                "reconcile before starting a session (a new session would reset them)"
+            )
+        overdue = self.calibration_overdue()
+        if overdue:
+            raise StartRefused(
+                f"{TripCause.CALIBRATION_OVERDUE.code} {overdue}", TripCause.CALIBRATION_OVERDUE
             )
         for ctrl in self.controllers:
             if not ctrl.client.is_open:
@@ -389,10 +438,44 @@ class Engine:
                 raise StartRefused(
                     f"{cause.code} {cause.message} Close it, then start again.", cause
                 )
+            lit = sorted(ctrl.lit_ports(self.limits.dark_power_uw))
+            if lit:
+                raise StartRefused(
+                    f"controller {ctrl.name}: ports {lit} emit while no session runs; "
+                    "disconnect the applicators and have the system checked",
+                    TripCause.STUCK_EMISSION,
+                )
 
     # ----------------------------------------------------------------- sessions
 
     async def start_session(self, request: SessionRequest) -> Session:
+        """Start a session, or raise StartRefused (recorded as an event) saying why."""
+        try:
+            return self._start_session(request)
+        except StartRefused as exc:
+            self._record_refusal(request, exc)
+            raise
+
+    def _record_refusal(self, request: SessionRequest, exc: StartRefused) -> None:
+        cause = exc.cause
+        try:
+            self.store.event(
+                "start_refused",
+                str(exc),
+                code=cause.code if cause is not None else None,
+                severity="warning",
+                data={
+                    "cause": cause.name if cause is not None else None,
+                    "protocol_id": request.plan.protocol_id,
+                    "protocol_version": request.plan.protocol_version,
+                    "patient_ref": request.patient_ref,
+                },
+            )
+        except Exception:
+            log.exception("engine.record_refusal_failed")
+        log.warning("session.refused", reason=str(exc))
+
+    def _start_session(self, request: SessionRequest) -> Session:
         plan = request.plan
         if not plan.verify():
             raise StartRefused(
@@ -436,18 +519,35 @@ class Engine:
                     f"port {port}: the applicator now reported ({info.applicator_serial}) is "
                     f"not the one the plan was made for ({pp.applicator_serial}); plan again"
                 )
-        all_steps = steps_from_plan(plan, self.port_map)
+        # The session runs from a private copy of the verified plan; the caller's
+        # object is checked against the same hash before every emission too, so an
+        # edit anywhere is caught rather than silently ignored.
+        frozen = plan.model_copy(deep=True)
+        all_steps = steps_from_plan(frozen, self.port_map)
         steps = {p: all_steps[p] for p in ports}
+        blocked = {
+            p: all(s.blocked_by & present for s in port_steps) for p, port_steps in steps.items()
+        }
+        if all(blocked.values()):
+            names = sorted({c for ss in steps.values() for s in ss for c in s.blocked_by & present})
+            raise StartRefused(
+                f"every step of protocol {plan.protocol_id!r} on ports {list(ports)} is "
+                f"contraindicated for this patient ({', '.join(names)}); nothing would be "
+                "delivered"
+            )
         sub_map = PortMap({p: self.port_map[p] for p in ports})
         supervisor = Supervisor(sub_map.controllers(), self.limits)
         for ctrl in sub_map.controllers():
             supervisor.add_latch_hook(functools.partial(_inhibit, ctrl))
-        supervisor.start()
         expected_hash = plan.content_hash
-        recorder = StoreRecorder(self.store, request, sub_map.controllers()[0])
+
+        def verify() -> bool:
+            return content_hash(plan) == expected_hash and content_hash(frozen) == expected_hash
+
+        recorder = StoreRecorder(self.store, request, sub_map.controllers()[0], frozen)
         session = Session(
             plan_hash=expected_hash,
-            verify_plan=lambda: content_hash(plan) == expected_hash,
+            verify_plan=verify,
             steps=steps,
             port_map=sub_map,
             supervisor=supervisor,
@@ -458,6 +558,7 @@ class Engine:
             contraindications=frozenset(present),
             protocol_id=plan.protocol_id,
             protocol_version=plan.protocol_version,
+            calibration_overdue=self.calibration_overdue,
         )
         for listener in self._listeners:
             session.add_listener(listener)
@@ -471,20 +572,32 @@ class Engine:
                     "cause": trip.cause.name,
                     "escalation": list(supervisor.escalation),
                     "service_required": supervisor.service_required,
+                    "all_off_after_ms": (
+                        (supervisor.all_off_sent_monotonic_s - trip.monotonic_s) * 1000
+                        if supervisor.all_off_sent_monotonic_s is not None
+                        else None
+                    ),
                 },
             )
         )
 
-        def on_trip(trip: Any) -> None:
+        def on_trip(trip: Trip) -> None:
             if supervisor.service_required:
                 self.service_required = trip.describe()
+                session.emit(
+                    "service_required",
+                    "a port kept emitting after ALL_OFF and DISARM; no session can start "
+                    "until the system has been serviced",
+                    trip.port,
+                    data={"code": TripCause.STUCK_EMISSION.code},
+                )
 
         supervisor.add_listener(on_trip)
+        supervisor.start()
         for ctrl in sub_map.controllers():
             ctrl.client.release_emission()
         self.session = session
-        task = session.start()
-        task.add_done_callback(lambda _t: asyncio.ensure_future(supervisor.close()))
+        session.start()
         return session
 
     def on_records_failure(self, exc: BaseException) -> None:
@@ -496,57 +609,92 @@ class Engine:
     # ------------------------------------------------------------ reconciliation
 
     async def reconcile(self) -> list[str]:
-        """Close sessions a crash left open with the dose the controllers counted."""
+        """Close sessions a crash left open with the dose the controllers counted.
+
+        Nothing is emitted: a port found emitting for a session nobody runs is
+        switched off. A session whose counters cannot be read (controller not
+        connected) stays open and is listed in ``unreconciled``; new sessions
+        are refused until it is reconciled, because a new session's ARM would
+        reset the counters that hold its dose.
+        """
         closed: list[str] = []
         for row in await self.store.unfinished_sessions():
             session_id = str(row["id"])
+            if self.session is not None and self.session.id == session_id:
+                continue  # this engine's own session, still running
             token = row.get("session_token")
-            for port_row in _ports_of(row):
-                port = int(port_row)
+            readings: dict[int, codec.Counters] = {}
+            failure: str | None = None
+            for port in _ports_of(row):
                 if port not in self.port_map:
                     continue
                 target = self.port_map[port]
                 try:
                     counters = await target.controller.client.get_counters(target.device_port)
+                    if counters.emitting:
+                        # Nothing may emit for a session nobody is running.
+                        await target.controller.client.all_off()
                 except ClientError as exc:
+                    failure = f"port {port}: {exc}"
                     log.error(
                         "reconcile.counters_failed",
                         session_id=session_id,
                         port=port,
                         error=str(exc),
                     )
+                    break
+                readings[port] = counters
+            if failure is not None:
+                self.unreconciled[session_id] = failure
+                continue
+            matched = False
+            for port, counters in readings.items():
+                if token is None or counters.session_token != int(token):
                     continue
-                if counters.emitting:
-                    # Nothing may emit for a session nobody is running.
-                    await target.controller.client.all_off()
-                if token is not None and counters.session_token == int(token):
-                    for em in row.get("emissions", []):
-                        if em.get("port") == port and em.get("ended_utc") is None:
-                            self.store.reconcile_emission(
-                                int(em["seq"]),
-                                controller_energy_uj=counters.delivered_uj,
-                                duration_ms=counters.duration_ms,
-                                stop_reason=counters.last_stop_reason,
-                            )
-                    self.store.reconcile_port(
-                        session_id,
-                        port,
-                        controller_session_delivered_uj=counters.session_delivered_uj,
-                    )
+                matched = True
+                for em in row.get("emissions", []):
+                    if em.get("port") == port and em.get("ended_utc") is None:
+                        self.store.reconcile_emission(
+                            int(em["seq"]),
+                            controller_energy_uj=counters.delivered_uj,
+                            duration_ms=counters.duration_ms,
+                            stop_reason=counters.last_stop_reason,
+                        )
+                self.store.reconcile_port(
+                    session_id,
+                    port,
+                    controller_session_delivered_uj=counters.session_delivered_uj,
+                )
             self.store.event(
                 "reconciled",
                 "session closed as interrupted after a restart; "
-                "delivered dose taken from the controller's counters",
+                + (
+                    "delivered dose taken from the controller's counters"
+                    if matched
+                    else "the controller holds no counters of this session (another session "
+                    "or a power cycle reset them): the dose recorded before the restart stands"
+                ),
+                code="E902",
                 session_id=session_id,
                 severity="warning",
+                data={
+                    str(p): {
+                        "session_delivered_uj": c.session_delivered_uj,
+                        "delivered_uj": c.delivered_uj,
+                        "last_stop_reason": c.last_stop_reason,
+                        "session_token": c.session_token,
+                    }
+                    for p, c in readings.items()
+                },
             )
             self.store.session_ended(
                 session_id,
                 outcome="interrupted",
                 stop_cause_code="E902",
                 stop_cause_message="daemon stopped during the session; "
-                "dose reconciled from controller counters",
+                + ("dose reconciled from controller counters" if matched else "no counters"),
             )
+            self.unreconciled.pop(session_id, None)
             closed.append(session_id)
         if closed:
             await self.store.sync()

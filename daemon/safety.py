@@ -130,6 +130,13 @@ class SafetyLimits:
     """Host backup timer and controller max duration: planned time + 20 %."""
     energy_budget_fraction: float = 0.05
     """Controller energy budget: prescription + 5 %."""
+    dark_power_uw: int = 500
+    """Measured power above this on a port that should be dark is light that should
+    not be there (a stuck emitter): far above photodiode offset, far below any dose."""
+    fluence_ceiling_tolerance_fraction: float = 0.01
+    """The host stops a step where the site's fluence would reach its ceiling and trips
+    there; a sample that shows the ceiling passed by more than this also trips (the
+    stop did not land)."""
 
 
 class ControllerPort(Protocol):
@@ -139,8 +146,10 @@ class ControllerPort(Protocol):
 
     async def all_off(self) -> None: ...
     async def disarm(self) -> None: ...
-    def emitting_ports(self) -> set[int]: ...
-    async def wait_dark(self, timeout_s: float) -> bool: ...
+    def lit_ports(self, dark_power_uw: int = ...) -> set[int]: ...
+    async def wait_dark(self, timeout_s: float, dark_power_uw: int = ...) -> bool | None:
+        """True: every port dark; False: still lit; None: cannot be read back (no link)."""
+        ...
 
 
 TripListener = Callable[[Trip], None]
@@ -201,13 +210,13 @@ class Supervisor:
             log.info("trip.ignored_latched", cause=cause.name, detail=detail, port=port)
             return False
         self._trip = Trip(cause, detail, port, time.monotonic(), time.time())
-        log.error("trip", code=cause.code, cause=cause.name, detail=detail, port=port)
         for hook in list(self._latch_hooks):
             try:
                 hook(self._trip)
             except Exception:
                 log.exception("trip.latch_hook_failed")
         self._wake.set()
+        log.error("trip", code=cause.code, cause=cause.name, detail=detail, port=port)
         return True
 
     async def wait_done(self) -> Trip:
@@ -220,14 +229,19 @@ class Supervisor:
         await self._wake.wait()
         trip = self._trip
         assert trip is not None
-        await self._all_off_everywhere()
-        await self._verify_dark()
-        for listener in list(self._listeners):
-            try:
-                listener(trip)
-            except Exception:
-                log.exception("trip.listener_failed")
-        self._done.set()
+        try:
+            await self._all_off_everywhere()
+            await self._verify_dark()
+        except Exception as exc:  # a bug here must not keep the listeners from hearing
+            log.exception("trip.handling_failed")
+            self.escalation.append(f"trip handling failed: {exc!r}")
+        finally:
+            for listener in list(self._listeners):
+                try:
+                    listener(trip)
+                except Exception:
+                    log.exception("trip.listener_failed")
+            self._done.set()
 
     async def _all_off_everywhere(self) -> None:
         results = await asyncio.gather(
@@ -240,38 +254,53 @@ class Supervisor:
                 log.error("trip.all_off_failed", controller=ctrl.name, error=repr(res))
 
     async def _verify_dark(self) -> None:
-        """Read back that every port stopped; escalate ALL_OFF → DISARM → service."""
+        """Read back that every port stopped; escalate ALL_OFF → DISARM → service.
+
+        A controller that cannot be read back (its link is gone) is not a stuck
+        emitter: its own watchdog stops emission within watchdog_ms of the
+        last frame (ICD §5), which is noted, not escalated to service.
+        """
         timeout = self.limits.stop_readback_timeout_s
         for ctrl in self._controllers:
-            if await self._dark(ctrl, timeout):
+            dark = await self._dark(ctrl, timeout)
+            if dark is None:
+                self.escalation.append(
+                    f"{ctrl.name}: cannot read back (link down); the controller's watchdog "
+                    "stops emission"
+                )
                 continue
-            self.escalation.append(f"{ctrl.name}: still emitting after ALL_OFF; ALL_OFF again")
+            if dark:
+                continue
+            self.escalation.append(
+                f"{ctrl.name}: ports {self._lit(ctrl)} still lit after ALL_OFF; ALL_OFF again"
+            )
             try:
                 await ctrl.all_off()
             except Exception as exc:
                 self.escalation.append(f"{ctrl.name}: second ALL_OFF failed: {exc!r}")
-            if await self._dark(ctrl, timeout):
+            if await self._dark(ctrl, timeout) is not False:
                 continue
-            self.escalation.append(f"{ctrl.name}: still emitting; DISARM")
+            self.escalation.append(f"{ctrl.name}: ports {self._lit(ctrl)} still lit; DISARM")
             try:
                 await ctrl.disarm()
             except Exception as exc:
                 self.escalation.append(f"{ctrl.name}: DISARM failed: {exc!r}")
-            if await self._dark(ctrl, timeout):
+            if await self._dark(ctrl, timeout) is not False:
                 continue
-            ports = sorted(ctrl.emitting_ports())
             self.escalation.append(
-                f"{ctrl.name}: ports {ports} still emitting after ALL_OFF and DISARM: "
+                f"{ctrl.name}: ports {self._lit(ctrl)} still lit after ALL_OFF and DISARM: "
                 "hardware fault, service required"
             )
             self.service_required = True
         for line in self.escalation:
             log.critical("trip.escalation", step=line)
 
-    @staticmethod
-    async def _dark(ctrl: ControllerPort, timeout_s: float) -> bool:
+    def _lit(self, ctrl: ControllerPort) -> list[int]:
+        return sorted(ctrl.lit_ports(self.limits.dark_power_uw))
+
+    async def _dark(self, ctrl: ControllerPort, timeout_s: float) -> bool | None:
         try:
-            return await ctrl.wait_dark(timeout_s)
+            return await ctrl.wait_dark(timeout_s, self.limits.dark_power_uw)
         except Exception:
             log.exception("trip.readback_failed", controller=ctrl.name)
             return False

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from pbmd.daemon.controllers import PortMap, PortTarget
+from pbmd.daemon.controllers import PortMap, PortTarget, port_lit
 from pbmd.daemon.dose import DoseIntegrator
 from pbmd.daemon.safety import (
     SafetyLimits,
@@ -39,7 +39,13 @@ from pbmd.daemon.safety import (
     stop_reason_cause,
 )
 from pbmd.drivers import codec
-from pbmd.drivers.client import ClientError, LinkClosed, NakReceived, ReplyTimeout
+from pbmd.drivers.client import (
+    ClientError,
+    EmissionInhibited,
+    LinkClosed,
+    NakReceived,
+    ReplyTimeout,
+)
 
 log = structlog.get_logger()
 
@@ -111,6 +117,8 @@ class StepOrder:
     fluence_ceiling_j_cm2: float = float("inf")
     channel_max_power_uw: int = 0
     label: str = ""
+    backup_time_s: float | None = None
+    """Host backup timer (the step's max_time_s); None: planned time + 20 %."""
 
     @property
     def gated(self) -> bool:
@@ -174,6 +182,10 @@ class SessionError(Exception):
     """An operator request that cannot be done now, with what to do instead."""
 
 
+class RecordingFailed(Exception):
+    """The recorder could not make a record durable (raised by Recorder.sync)."""
+
+
 @dataclass
 class StepProgress:
     """Live and final figures of one step (host and controller channels)."""
@@ -184,17 +196,25 @@ class StepProgress:
     emissions: int = 0
     outcome: str = "pending"
     stop_causes: list[str] = field(default_factory=list)
-    emitting_backup_us: int = 0
+    emitted_us: int = 0
+    """Device time the finished emissions of this step lasted (the controller's
+    STOPPED durations): the backup timer's reading, kept across pauses."""
+    running_us: float = 0.0
+    """Device time the running emission has lasted so far (0 when none runs)."""
 
     @property
     def host_energy_uj(self) -> float:
         return self.integrator.energy_uj
 
     @property
+    def emitting_us(self) -> float:
+        return self.emitted_us + self.running_us
+
+    @property
     def fraction(self) -> float:
         o = self.order
         if o.target_kind is TargetKind.TIME:
-            return min(self.integrator.emitting_time_us / 1e6 / o.target_time_s, 1.0)
+            return min(self.emitting_us / 1e6 / o.target_time_s, 1.0)
         return min(self.integrator.energy_uj / o.target_energy_uj, 1.0)
 
 
@@ -213,15 +233,20 @@ class _Emission:
         self.request = request
         self.start_host_s = start_host_s
         self.start_device_us = start_device_us
+        """Device time the emission began (estimated from the EMIT_START round trip)."""
         self.energy_before_uj = energy_before_uj
         self.samples = 0
         self.deviation_since_us: int | None = None
         self.stop_at_host_s: float | None = None
+        self.stop_kind = "dose reached"
         self.stop_due = asyncio.Event()
         self.ended_by_device: int | None = None  # stop reason when the controller ended it
         self.ended = asyncio.Event()
         self.stop_requested = False
         self.seen_emitting = False
+        self.tail_taken = False
+        """The first sample showing the port stopped (its mean holds the end of the
+        light) has been integrated; later samples belong to no emission."""
         self.timer: asyncio.TimerHandle | None = None
         self.last_progress_host_s = start_host_s
 
@@ -241,9 +266,11 @@ class PortRunner:
         self.current: int | None = None
         self._emission: _Emission | None = None
         self._confirmed = asyncio.Event()
+        self._reconfirm = False
         self._resume = asyncio.Event()
         self._pause_requested = False
         self._gate_changed = asyncio.Event()
+        self._lit_idle_samples = 0
         self.wait_reason = ""
         self._remove_listener = target.controller.add_sample_listener(self._on_sample)
 
@@ -253,6 +280,7 @@ class PortRunner:
         if self.state is not PortState.GATED:
             raise SessionError(f"port {self.port} is not waiting for a confirmation")
         self._confirmed.set()
+        self._gate_changed.set()
 
     def request_pause(self) -> None:
         self._pause_requested = True
@@ -289,7 +317,7 @@ class PortRunner:
         power_uw = sample.measured_power_uw if sample is not None and sample.emitting else 0
         rate = integ.last_power_uw or o.power_uw
         if o.target_kind is TargetKind.TIME:
-            remaining_s = max(o.target_time_s - integ.emitting_time_us / 1e6, 0.0)
+            remaining_s = max(o.target_time_s - prog.emitting_us / 1e6, 0.0)
         else:
             remaining_s = max(o.target_energy_uj - integ.energy_uj, 0.0) / max(rate, 1.0)
         out.update(
@@ -310,7 +338,7 @@ class PortRunner:
             target_energy_j=o.target_energy_uj / 1e6,
             target_fluence_j_cm2=o.target_energy_uj / 1e6 / o.area_cm2,
             target_time_s=o.target_time_s,
-            elapsed_s=integ.emitting_time_us / 1e6,
+            elapsed_s=prog.emitting_us / 1e6,
             remaining_s=remaining_s,
             fraction=prog.fraction,
             temperature_c=sample.temp_centi_c / 100 if sample is not None else None,
@@ -321,36 +349,36 @@ class PortRunner:
     def _running_ctrl_j(self) -> float:
         em = self._emission
         sample = self.target.controller.sample(self.target.device_port)
-        if em is None or sample is None:
+        if em is None or sample is None or not em.seen_emitting:
             return 0.0
         return sample.delivered_uj / 1e6
 
     # ------------------------------------------------------------ the run
 
     async def run(self) -> None:
-        try:
-            for i, order in enumerate(self.steps):
-                self.current = i
-                prog = self.progress[i]
-                blocked = order.blocked_by & self.session.contraindications
-                if blocked:
-                    prog.outcome = "skipped"
-                    reason = ", ".join(sorted(blocked))
-                    prog.stop_causes.append(f"blocked by contraindication: {reason}")
-                    self.session.emit(
-                        "step_skipped",
-                        f"step blocked by {reason}",
-                        self.port,
-                        order.index,
-                        {"contraindications": sorted(blocked)},
-                    )
-                    self.session.recorder.step_ended(self.session, order, prog)
-                    continue
-                await self._run_step(prog)
-            self.state = PortState.DONE
-            self.wait_reason = ""
-        finally:
-            self.detach()
+        for i, order in enumerate(self.steps):
+            self.current = i
+            prog = self.progress[i]
+            blocked = order.blocked_by & self.session.contraindications
+            if blocked:
+                prog.outcome = "skipped"
+                reason = ", ".join(sorted(blocked))
+                prog.stop_causes.append(f"blocked by contraindication: {reason}")
+                self.session.recorder.step_started(self.session, order)
+                self.session.emit(
+                    "step_skipped",
+                    f"step blocked by {reason}",
+                    self.port,
+                    order.index,
+                    {"contraindications": sorted(blocked)},
+                )
+                self.session.recorder.step_ended(self.session, order, prog)
+                continue
+            await self._run_step(prog)
+        self.state = PortState.DONE
+        self.wait_reason = ""
+        # The listener stays until the session ends: a finished port is still
+        # watched for light that should not be there.
 
     async def _run_step(self, prog: StepProgress) -> None:
         order = prog.order
@@ -364,6 +392,7 @@ class PortRunner:
             {"site": order.site, "wavelength_nm": order.wavelength_nm},
         )
         self._confirmed.clear()
+        self._reconfirm = False
         while True:
             await self._gate(order)
             outcome = await self._emit_once(prog)
@@ -371,8 +400,9 @@ class PortRunner:
                 break
             # paused, contact lost or footswitch released: wait for the operator
         prog.outcome = "completed"
+        self.state = PortState.WAITING
         session.recorder.step_ended(session, order, prog)
-        await session.recorder.sync()
+        await session.sync_records()
         session.emit(
             "step_completed",
             f"delivered {prog.host_energy_uj / 1e6:.3f} J "
@@ -384,8 +414,12 @@ class PortRunner:
                 "controller_energy_j": prog.controller_energy_uj / 1e6,
                 "prescribed_energy_j": order.target_energy_uj / 1e6,
                 "fluence_j_cm2": prog.integrator.fluence_j_cm2,
+                "emitting_time_s": prog.emitted_us / 1e6,
             },
         )
+
+    def _needs_confirmation(self, order: StepOrder) -> bool:
+        return (order.confirm_placement or self._reconfirm) and not self._confirmed.is_set()
 
     async def _gate(self, order: StepOrder) -> None:
         """Wait until the operator and the applicator allow emission."""
@@ -393,18 +427,16 @@ class PortRunner:
             reasons = []
             if self._pause_requested:
                 reasons.append("paused by operator")
-            if order.confirm_placement and not self._confirmed.is_set():
+            if self._needs_confirmation(order):
                 reasons.append("confirm placement")
             sample = self.target.controller.sample(self.target.device_port)
             if order.skin_contact and not (sample is not None and sample.contact):
                 reasons.append("waiting for skin contact")
-            tele = self.target.controller.telemetry
-            if order.footswitch and not (
-                tele is not None and tele.interlocks & codec.Interlock.FOOTSWITCH
-            ):
+            if order.footswitch and not self._footswitch_pressed():
                 reasons.append("press the footswitch")
             if not reasons:
                 self.wait_reason = ""
+                self._reconfirm = False
                 return
             self.state = PortState.PAUSED if self._pause_requested else PortState.GATED
             reason = "; ".join(reasons)
@@ -414,20 +446,47 @@ class PortRunner:
                     "port_waiting", reason, self.port, order.index, {"reasons": reasons}
                 )
             self._gate_changed.clear()
-            waits = [
-                asyncio.ensure_future(self._gate_changed.wait()),
-                asyncio.ensure_future(self._confirmed.wait()),
-            ]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
+            await self._gate_changed.wait()
 
     def gate_inputs_changed(self) -> None:
         """Telemetry changed contact or footswitch: re-evaluate a waiting gate."""
         self._gate_changed.set()
+
+    def contact_lost(self) -> None:
+        """Skin contact went (CONTACT_CHANGED 0): placement must be confirmed again."""
+        if self.current is None or self.state is PortState.DONE:
+            return
+        order = self.progress[self.current].order
+        if order.confirm_placement or order.skin_contact:
+            self._confirmed.clear()
+            self._reconfirm = True
+        self._gate_changed.set()
+
+    def interlocks_changed(self) -> None:
+        """INTERLOCK_CHANGED: a released footswitch ends a footswitch-gated emission now."""
+        self._gate_changed.set()
+        em = self._emission
+        if em is not None and self.current is not None:
+            order = self.progress[self.current].order
+            if order.footswitch and not self._footswitch_pressed():
+                em.stop_due.set()
+
+    def _remaining(self, prog: StepProgress) -> tuple[float, float]:
+        """(energy still to deliver in µJ, backup timer left in device µs)."""
+        order = prog.order
+        backup_left_us = self._backup_total_us(order) - prog.emitted_us
+        if order.target_kind is TargetKind.TIME:
+            left_us = max(order.target_time_s * 1e6 - prog.emitted_us, 0.0)
+            remaining_uj = order.power_uw * left_us / 1e6
+        else:
+            remaining_uj = max(order.target_energy_uj - prog.integrator.energy_uj, 0.0)
+        return remaining_uj, backup_left_us
+
+    def _backup_total_us(self, order: StepOrder) -> float:
+        """The host backup timer: the step's max time, else planned time + 20 %."""
+        if order.backup_time_s is not None:
+            return order.backup_time_s * 1e6
+        return order.planned_time_s * 1e6 * (1 + self.session.limits.backup_timer_fraction)
 
     async def _emit_once(self, prog: StepProgress) -> str:
         order = prog.order
@@ -435,18 +494,20 @@ class PortRunner:
         integ = prog.integrator
         session.check_before_emission(order)
         # Remaining dose and what is left of the backup timer (it keeps its
-        # reading across pauses).
-        backup_total_us = order.planned_time_s * 1e6 * (1 + session.limits.backup_timer_fraction)
-        backup_left_us = backup_total_us - integ.emitting_time_us
-        if order.target_kind is TargetKind.TIME:
-            remaining_uj = (
-                order.power_uw * max(order.target_time_s * 1e6 - integ.emitting_time_us, 0) / 1e6
-            )
-        else:
-            remaining_uj = max(order.target_energy_uj - integ.energy_uj, 0.0)
-        if remaining_uj <= 0 or backup_left_us <= 0:
+        # reading across pauses: the controller's durations of this step so far).
+        remaining_uj, backup_left_us = self._remaining(prog)
+        if remaining_uj <= 0:
             return "done"
+        if backup_left_us <= 0:
+            session.trip(
+                TripCause.BACKUP_CHANNEL_STOP,
+                f"backup timer used up with {remaining_uj / 1e6:.3f} J still to deliver",
+                self.port,
+            )
+            raise _Stopped()
         budget_uj = remaining_uj + order.target_energy_uj * session.limits.energy_budget_fraction
+        # The controller's own timer: the plan's max duration less what was emitted.
+        max_duration_ms = min(order.max_duration_ms - prog.emitted_us / 1000, backup_left_us / 1000)
         request = codec.EmitStart(
             port=self.target.device_port,
             wavelength_nm=order.wavelength_nm,
@@ -455,15 +516,16 @@ class PortRunner:
             pulse_hz=order.pulse_hz if order.mode == codec.EmitMode.PULSED else 0,
             duty_permille=order.duty_permille if order.mode == codec.EmitMode.PULSED else 1000,
             energy_budget_uj=max(int(budget_uj), 1),
-            max_duration_ms=max(int(backup_left_us / 1000), 1),
+            max_duration_ms=max(int(max_duration_ms), 1),
         )
         ctrl = self.target.controller
         prog.emissions += 1
         clock = ctrl.clock
-        now = time.monotonic()
-        start_dev = clock.device_time_now_us(now) if clock.ready else 0.0
-        em = _Emission(prog.emissions, request, now, start_dev, integ.energy_uj)
+        sent_s = time.monotonic()
+        start_guess_us = clock.device_time_now_us(sent_s)
+        em = _Emission(prog.emissions, request, sent_s, start_guess_us, integ.energy_uj)
         self._emission = em
+        prog.running_us = 0.0
         if ctrl.telemetry is not None:
             # The next sample's mean covers the interval since the last one.
             integ.rebase(ctrl.telemetry.device_time_us)
@@ -474,13 +536,18 @@ class PortRunner:
             if exc.code == codec.NakError.NO_SKIN_CONTACT:
                 # Contact went between the gate and the request: back to the gate.
                 prog.emissions -= 1
+                self.contact_lost()
                 return "contact"
-            session.trip(TripCause.UNEXPECTED_STOP, f"EMIT_START refused: {exc}", self.port)
-            raise
+            session.trip(nak_cause(exc, ctrl.interlocks), f"EMIT_START refused: {exc}", self.port)
+            raise _Stopped() from exc
+        acked_s = time.monotonic()
+        # The ACK is sent when emission has begun: the start lies about half-way
+        # through the round trip (as a PONG's device time does).
+        em.start_device_us = clock.device_time_now_us((sent_s + acked_s) / 2)
         self.state = PortState.EMITTING
         self.wait_reason = ""
         session.recorder.emission_started(
-            session, order, em.number, request, int(start_dev) if clock.ready else None
+            session, order, em.number, request, int(em.start_device_us)
         )
         session.emit(
             "emission_started",
@@ -494,32 +561,32 @@ class PortRunner:
                 "max_duration_ms": request.max_duration_ms,
             },
         )
+        # A stop due within the first samples (a short step or the remainder of a
+        # paused one) is scheduled now, at the setpoint; samples refine it.
+        self._plan_stop(em, prog, em.start_device_us, float(order.power_uw), acked_s)
         try:
             host_cause = await self._until_stop(em, prog)
         finally:
             if em.timer is not None:
                 em.timer.cancel()
         stopped: codec.Stopped | None = None
-        if em.ended_by_device is None:
-            em.stop_requested = True
-            stopped = await session.command(ctrl.client.emit_stop(self.target.device_port))
-            if stopped.stop_reason != codec.StopReason.HOST_STOP:
-                em.ended_by_device = stopped.stop_reason
-        else:
-            stopped = await session.command(ctrl.client.emit_stop(self.target.device_port))
-        # Read back: the next sample arrived after STOPPED was sent, so it must
-        # show the port dark; it also carries the tail of the emission's energy.
-        try:
-            await ctrl.next_sample(session.readback_timeout_s)
-        except TimeoutError:
+        em.stop_requested = True
+        stopped = await session.command(ctrl.client.emit_stop(self.target.device_port))
+        if em.ended_by_device is None and stopped.stop_reason != codec.StopReason.HOST_STOP:
+            em.ended_by_device = stopped.stop_reason
+        # Read back: samples after STOPPED must show the port dark (the first may
+        # still carry the end of the light); they also complete the host's integral.
+        dark = await self._read_back_dark(em)
+        if dark is None:
             session.trip(TripCause.TELEMETRY_STALE, "no telemetry after EMIT_STOP", self.port)
-            raise
-        sample = ctrl.sample(self.target.device_port)
-        if sample is not None and sample.emitting:
-            session.trip(TripCause.STUCK_EMISSION, "port still emitting after EMIT_STOP", self.port)
+            raise _Stopped()
+        if not dark:
+            session.trip(TripCause.STUCK_EMISSION, "port still lit after EMIT_STOP", self.port)
             raise _Stopped()
         self._emission = None
+        prog.running_us = 0.0
         prog.controller_energy_uj += stopped.delivered_uj
+        prog.emitted_us += stopped.duration_ms * 1000
         if host_cause == "dose reached" and order.target_kind is TargetKind.ENERGY:
             # Learn how late the stop landed, by the controller's own count.
             over_uj = prog.controller_energy_uj - order.target_energy_uj
@@ -543,6 +610,8 @@ class PortRunner:
                 "stop_reason": codec.describe(codec.StopReason, stopped.stop_reason),
             },
         )
+        if session.supervisor.tripped is not None:
+            raise _Stopped()
         if em.ended_by_device is not None and em.ended_by_device not in _OPERATOR_REASONS:
             cause = stop_reason_cause(em.ended_by_device)
             session.trip(
@@ -556,9 +625,15 @@ class PortRunner:
             return "done"
         if em.ended_by_device == codec.StopReason.CONTACT_LOST:
             prog.stop_causes.append("skin contact lost")
-            self._confirmed.clear()  # placement must be confirmed again
-            self._pause_requested = False
+            self.contact_lost()
             self.state = PortState.GATED
+            session.emit(
+                "port_paused",
+                "skin contact lost; confirm the placement again",
+                self.port,
+                order.index,
+                {"energy_j": integ.energy_j},
+            )
             return "contact"
         if host_cause == "footswitch released":
             prog.stop_causes.append(host_cause)
@@ -575,6 +650,30 @@ class PortRunner:
         )
         return "paused"
 
+    async def _read_back_dark(self, em: _Emission) -> bool | None:
+        """After STOPPED: True once a sample shows the port dark, False if it stays lit
+        for the read-back time, None if no sample arrives at all."""
+        ctrl = self.target.controller
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.session.readback_timeout_s
+        seen = False
+        lit = True
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                t = await ctrl.next_sample(left)
+            except TimeoutError:
+                break
+            if self.target.device_port > len(t.ports):
+                return False
+            seen = True
+            lit = port_lit(t.ports[self.target.device_port - 1], self.session.limits.dark_power_uw)
+            if not lit and em.tail_taken:
+                return True
+        return (not lit) if seen else None
+
     async def _until_stop(self, em: _Emission, prog: StepProgress) -> str:
         """Wait until the stop is due (dose, pause, footswitch) or the device ended it."""
         while True:
@@ -590,25 +689,30 @@ class PortRunner:
                 return "ended by controller"
             if self._pause_requested:
                 return "paused by operator"
-            if self._footswitch_released(prog.order):
+            if prog.order.footswitch and not self._footswitch_pressed():
                 return "footswitch released"
-            if em.stop_at_host_s is None:
-                em.stop_due.clear()
-                continue
+            em.stop_due.clear()
             # The last stretch: yield until the stop time so it goes out on time.
-            while time.monotonic() < em.stop_at_host_s and not em.ended.is_set():  # noqa: ASYNC110
+            while True:
+                stop_at = em.stop_at_host_s
+                if stop_at is None or em.ended.is_set() or self._pause_requested:
+                    break
+                if time.monotonic() >= stop_at:
+                    if em.stop_kind == "fluence ceiling":
+                        # Stop right here, through the supervisor (ALL_OFF), and say why.
+                        self.session.trip(
+                            TripCause.FLUENCE_CEILING,
+                            f"{prog.order.site} at {prog.order.wavelength_nm} nm would pass "
+                            f"{prog.order.fluence_ceiling_j_cm2:g} J/cm²",
+                            self.port,
+                        )
+                        raise _Stopped()
+                    return em.stop_kind
                 await asyncio.sleep(0)
-            if em.ended.is_set():
-                return "ended by controller"
-            return "dose reached"
 
-    def _footswitch_released(self, order: StepOrder) -> bool:
-        tele = self.target.controller.telemetry
-        return (
-            order.footswitch
-            and tele is not None
-            and not (tele.interlocks & codec.Interlock.FOOTSWITCH)
-        )
+    def _footswitch_pressed(self) -> bool:
+        bits = self.target.controller.interlocks
+        return bits is not None and bool(bits & codec.Interlock.FOOTSWITCH)
 
     # --------------------------------------------------- telemetry (reader)
 
@@ -618,11 +722,14 @@ class PortRunner:
         if dev_port > len(t.ports):
             return
         sample = t.ports[dev_port - 1]
+        session = self.session
         if self.current is not None and self.state in (PortState.GATED, PortState.PAUSED):
             self.gate_inputs_changed()
         em = self._emission
-        if em is None or self.current is None:
+        if em is None or self.current is None or em.tail_taken:
+            self._check_idle(sample)
             return
+        self._lit_idle_samples = 0
         prog = self.progress[self.current]
         order = prog.order
         integ = prog.integrator
@@ -631,13 +738,20 @@ class PortRunner:
             # Until the port shows emitting, delivered_uj still holds the
             # previous emission's value (ICD §5a): count and check from here.
             em.seen_emitting = True
+            prog.running_us = max(t.device_time_us - em.start_device_us, 0.0)
+        elif (
+            em.seen_emitting
+            or em.stop_requested
+            or em.ended_by_device is not None
+            or sample.measured_power_uw > session.limits.dark_power_uw
+        ):
+            # The first sample after the light went out: its mean holds the end.
+            em.tail_taken = True
+            return
         if not em.seen_emitting:
             return
         em.samples += 1
-        session = self.session
-        if session.supervisor.tripped is not None or (em.stop_requested and not sample.emitting):
-            if not sample.emitting:
-                self._check_channels(integ.energy_uj - em.energy_before_uj, sample.delivered_uj)
+        if session.supervisor.tripped is not None or em.stop_requested:
             return
         # Ceilings: measured power, irradiance, fluence per site and wavelength.
         power = sample.measured_power_uw
@@ -650,7 +764,7 @@ class PortRunner:
             )
             return
         irradiance = integ.irradiance_mw_cm2(power)
-        if irradiance > order.irradiance_ceiling_mw_cm2:
+        if em.samples >= 2 and irradiance > order.irradiance_ceiling_mw_cm2:
             session.trip(
                 TripCause.IRRADIANCE_CEILING,
                 f"{irradiance:.1f} mW/cm² measured, "
@@ -659,7 +773,8 @@ class PortRunner:
             )
             return
         site_fluence = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
-        if site_fluence > order.fluence_ceiling_j_cm2:
+        tolerance = 1 + session.limits.fluence_ceiling_tolerance_fraction
+        if site_fluence > order.fluence_ceiling_j_cm2 * tolerance:
             session.trip(
                 TripCause.FLUENCE_CEILING,
                 f"{site_fluence:.2f} J/cm² at {order.site} "
@@ -668,7 +783,7 @@ class PortRunner:
             )
             return
         # Measured vs setpoint, after the first full interval (the rise is ~1 ms).
-        if sample.emitting and em.samples >= 2 and order.power_uw > 0:
+        if em.samples >= 2 and order.power_uw > 0:
             deviation = abs(power - order.power_uw) / order.power_uw
             if deviation > session.limits.power_deviation_fraction:
                 if em.deviation_since_us is None:
@@ -689,8 +804,7 @@ class PortRunner:
         if session.supervisor.tripped is not None:
             return
         # Host backup timer.
-        backup_us = order.planned_time_s * 1e6 * (1 + session.limits.backup_timer_fraction)
-        if integ.emitting_time_us > backup_us:
+        if prog.emitting_us > self._backup_total_us(order):
             session.trip(
                 TripCause.BACKUP_CHANNEL_STOP,
                 "host backup timer expired before the prescribed dose was measured",
@@ -707,36 +821,75 @@ class PortRunner:
                 sample.delivered_uj,
                 t.device_time_us,
             )
-        if self._footswitch_released(order):
+        if order.footswitch and not self._footswitch_pressed():
             em.stop_due.set()
             return
-        if not sample.emitting or em.stop_requested:
-            # Ended (by us, or by the controller: EMISSION_ENDED says why).
-            return
-        self._schedule_stop(em, prog, t, host_s)
+        self._plan_stop(em, prog, float(t.device_time_us), float(integ.last_power_uw), host_s)
 
-    def _schedule_stop(
-        self, em: _Emission, prog: StepProgress, t: codec.Telemetry, host_s: float
+    def _check_idle(self, sample: codec.PortSample) -> None:
+        """No emission runs on this port: light here is a stuck emitter (two samples,
+        so that the end of a stop's light in one sample's mean is not mistaken)."""
+        if not port_lit(sample, self.session.limits.dark_power_uw):
+            self._lit_idle_samples = 0
+            return
+        self._lit_idle_samples += 1
+        if self._lit_idle_samples >= 2 and not self.session.state.final:
+            self.session.trip(
+                TripCause.STUCK_EMISSION,
+                f"port lit ({sample.measured_power_uw / 1000:.1f} mW measured) while no "
+                "emission runs on it",
+                self.port,
+            )
+
+    def _plan_stop(
+        self,
+        em: _Emission,
+        prog: StepProgress,
+        base_device_us: float,
+        rate_uw: float,
+        host_s: float,
     ) -> None:
+        """Schedule the stop: where the dose (or the site's fluence ceiling) is reached.
+
+        From `base_device_us` (a sample's device time, or the emission's start)
+        at `rate_uw`, in device time, mapped to host time and sent early by the
+        link's one-way latency and the learned lateness, so it takes effect on
+        time. Only stops due within the next few samples are scheduled; later
+        samples refine them.
+        """
+        if em.ended.is_set() or em.stop_requested:
+            return
         order = prog.order
         integ = prog.integrator
-        clock = self.target.controller.clock
+        session = self.session
+        if rate_uw <= 0:
+            return
         if order.target_kind is TargetKind.TIME:
-            left_us = order.target_time_s * 1e6 - integ.emitting_time_us
+            reach_us = em.start_device_us + order.target_time_s * 1e6 - prog.emitted_us
+            left_uj = rate_uw * max(reach_us - base_device_us, 0.0) / 1e6
         else:
-            left_us = integ.device_time_to_reach_us(order.target_energy_uj)
-        if left_us == float("inf"):
-            return
-        reach_device_us = t.device_time_us + max(left_us, 0.0)
-        # Send so that the frame arrives when the device clock reaches the dose.
+            left_uj = max(order.target_energy_uj - integ.energy_uj, 0.0)
+            reach_us = base_device_us + left_uj / rate_uw * 1e6
+        kind = "dose reached"
+        ceiling = order.fluence_ceiling_j_cm2
+        if ceiling != float("inf"):
+            site = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
+            headroom_uj = max((ceiling - site) * order.area_cm2 * 1e6, 0.0)
+            if headroom_uj < left_uj - max(1e-3 * order.target_energy_uj, 1.0):
+                kind = "fluence ceiling"
+                reach_us = base_device_us + headroom_uj / rate_uw * 1e6
         ctrl = self.target.controller
-        stop_at = clock.host_time_at(reach_device_us) - clock.one_way_latency_s - ctrl.stop_lead_s
-        horizon = host_s + 2.5 * self.session.telemetry_period_s
-        if stop_at > horizon:
-            return
-        em.stop_at_host_s = stop_at
+        clock = ctrl.clock
+        stop_at = clock.host_time_at(reach_us) - clock.one_way_latency_s - ctrl.stop_lead_s
+        horizon = host_s + 2.5 * session.telemetry_period_s
         if em.timer is not None:
             em.timer.cancel()
+            em.timer = None
+        if stop_at > horizon:
+            em.stop_at_host_s = None
+            return
+        em.stop_at_host_s = stop_at
+        em.stop_kind = kind
         loop = asyncio.get_running_loop()
         wake = stop_at - SPIN_BEFORE_STOP_S
         if wake <= loop.time():
@@ -771,6 +924,19 @@ class PortRunner:
 _OPERATOR_REASONS = {codec.StopReason.HOST_STOP, codec.StopReason.CONTACT_LOST}
 
 
+def nak_cause(exc: NakReceived, interlocks: int | None) -> TripCause:
+    """The trip cause behind a NAK to a request the session needed."""
+    code = exc.code
+    if code == codec.NakError.INTERLOCK_OPEN:
+        cause = interlock_cause(interlocks) if interlocks is not None else None
+        return cause or TripCause.REMOTE_INTERLOCK_OPEN
+    if code == codec.NakError.FAULT_LATCHED:
+        return TripCause.CONTROLLER_FAULT
+    if code == codec.NakError.NO_APPLICATOR:
+        return TripCause.APPLICATOR_REMOVED
+    return TripCause.UNEXPECTED_STOP
+
+
 def integ_prev(t: codec.Telemetry, period_us: float) -> int:
     """Start of the interval a sample covers (its device time minus one period)."""
     return int(t.device_time_us - period_us)
@@ -800,10 +966,12 @@ class Session:
         protocol_version: int,
         meta: Mapping[str, Any] | None = None,
         session_id: str | None = None,
+        calibration_overdue: Callable[[], str | None] | None = None,
     ) -> None:
         self.id = session_id or str(uuid.uuid4())
         self.plan_hash = plan_hash
         self._verify_plan = verify_plan
+        self._calibration_overdue = calibration_overdue
         self.port_map = port_map
         self.supervisor = supervisor
         self.recorder = recorder
@@ -821,7 +989,7 @@ class Session:
         self.cause_code: str | None = None
         self.cause_message: str | None = None
         self.progress_interval_s = 1.0
-        self.readback_timeout_s = max(0.25, 6.0 / telemetry_hz)
+        self.readback_timeout_s = max(limits.stop_readback_timeout_s, 6.0 / telemetry_hz)
         self.runners = {
             port: PortRunner(self, port_map[port], list(port_steps))
             for port, port_steps in sorted(steps.items())
@@ -831,7 +999,12 @@ class Session:
         self.aborting = False
         self._unsubscribe: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
+        self._work: asyncio.Task[None] | None = None
         self._stale_task: asyncio.Task[None] | None = None
+        self._closing = False
+        # The latch stops the work at once (synchronously, with the inhibit), so
+        # no runner step follows a trip; the supervisor's ALL_OFF is already due.
+        supervisor.add_latch_hook(self._on_latch)
 
     # --------------------------------------------------------------- info
 
@@ -867,6 +1040,7 @@ class Session:
             "cause_code": self.cause_code,
             "cause_message": self.cause_message,
             "trip": trip.describe() if trip is not None else None,
+            "service_required": self.supervisor.service_required,
             "ports": [r.status() for r in self.runners.values()],
         }
 
@@ -924,18 +1098,31 @@ class Session:
         self.emit("resumed", "resumed by operator", port)
 
     async def abort(self, reason: str = "aborted by operator") -> None:
-        """Operator abort: ALL_OFF at once, then the session ends as aborted."""
+        """Operator abort: ALL_OFF at once, then the session ends as aborted.
+
+        EMIT_START is inhibited first (synchronously), so a start already queued
+        behind the ALL_OFF never reaches the wire after it.
+        """
         if self.state.final:
             raise SessionError(f"session already {self.state.value}")
+        if self.supervisor.tripped is not None or self.aborting:
+            await self.wait()  # already ending: a trip's cause stays the cause
+            return
         self.aborting = True
         self.cause_code = "A001"
         self.cause_message = reason
-        await asyncio.gather(
+        for ctrl in self.port_map.controllers():
+            ctrl.client.inhibit_emission(f"A001 {reason}")
+        results = await asyncio.gather(
             *(c.all_off() for c in self.port_map.controllers()), return_exceptions=True
         )
-        self.emit("abort", reason)
-        if self._task is not None:
-            self._task.cancel()
+        failed = [
+            f"{c.name}: {r!r}"
+            for c, r in zip(self.port_map.controllers(), results, strict=True)
+            if isinstance(r, BaseException)
+        ]
+        self.emit("abort", reason, data={"code": "A001", "all_off_failed": failed})
+        self._stop_work()
         await self.wait()
 
     def _require_running(self, what: str) -> None:
@@ -959,12 +1146,16 @@ class Session:
         self.supervisor.trip(cause, detail, port)
 
     def check_before_emission(self, order: StepOrder) -> None:
+        if self.supervisor.tripped is not None or self.aborting:
+            raise _Stopped()
         if not self._verify_plan():
             self.trip(
                 TripCause.PLAN_HASH_MISMATCH, f"plan {self.plan_hash[:12]} changed", order.port
             )
             raise _Stopped()
-        if self.supervisor.tripped is not None or self.aborting:
+        overdue = self._calibration_overdue() if self._calibration_overdue else None
+        if overdue:
+            self.trip(TripCause.CALIBRATION_OVERDUE, overdue, order.port)
             raise _Stopped()
 
     async def command(self, aw: Awaitable[T]) -> T:
@@ -977,6 +1168,17 @@ class Session:
         except LinkClosed as exc:
             self.trip(TripCause.LINK_LOST, str(exc))
             raise _Stopped() from exc
+        except EmissionInhibited as exc:
+            # A trip or an abort got there first; it is the cause, not this.
+            raise _Stopped() from exc
+
+    async def sync_records(self) -> None:
+        """Make the records durable (a step boundary); a failure trips the session."""
+        try:
+            await self.recorder.sync()
+        except RecordingFailed as exc:
+            self.trip(TripCause.RECORDS_FAILED, str(exc))
+            raise _Stopped() from exc
 
     # --------------------------------------------------------------- run
 
@@ -988,20 +1190,63 @@ class Session:
         await self._done.wait()
         return self.state
 
+    def _stop_work(self) -> None:
+        if self._work is not None and not self._work.done():
+            self._work.cancel()
+
+    def _on_latch(self, trip: Trip) -> None:
+        if self.cause_code is None or self.aborting:
+            self.cause_code = trip.cause.code
+            self.cause_message = trip.describe()
+        self._stop_work()
+
     async def _run(self) -> None:
+        """The work (arming, the port runners) runs in its own task, which a trip or
+        an abort cancels; closing out (records, disarm) runs here after it, where no
+        cancellation can cut it short."""
+        work = asyncio.create_task(self._main(), name=f"session-work-{self.id[:8]}")
+        self._work = work
         try:
-            await self._main()
+            await asyncio.wait([work])
         except asyncio.CancelledError:
-            if not self.aborting and self.supervisor.tripped is None:
-                self.trip(TripCause.INTERNAL_ERROR, "session task cancelled")
-        except Exception as exc:  # a bug must still end with emission off
+            # This task was cancelled from outside (shutdown): stop safely, then go.
             if self.supervisor.tripped is None and not self.aborting:
-                log.exception("session.crashed")
-                self.trip(TripCause.INTERNAL_ERROR, repr(exc))
-        finally:
+                self.trip(TripCause.INTERNAL_ERROR, "session task cancelled")
+            work.cancel()
+            await asyncio.wait([work])
             await self._finish()
+            raise
+        if not work.cancelled():
+            exc = work.exception()
+            if exc is not None:
+                self._work_failed(exc)
+        await self._finish()
+
+    def _work_failed(self, exc: BaseException) -> None:
+        """The work ended by an exception: trips are already latched; anything else
+        is a bug, which must still end with emission off."""
+        if self.supervisor.tripped is not None or self.aborting:
+            return
+        excs = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+        for e in excs:
+            if isinstance(e, RecordingFailed):
+                self.trip(TripCause.RECORDS_FAILED, str(e))
+                return
+        log.error("session.crashed", error=repr(exc), exc_info=exc)
+        self.trip(TripCause.INTERNAL_ERROR, repr(exc))
 
     async def _main(self) -> None:
+        try:
+            await self._main_work()
+        except _Stopped:
+            pass
+        except BaseExceptionGroup as group:
+            # Runners that stopped because of a trip end the group with _Stopped.
+            rest = group.subgroup(lambda e: not isinstance(e, _Stopped | asyncio.CancelledError))
+            if rest is not None:
+                raise rest from None
+
+    async def _main_work(self) -> None:
         self._unsubscribe.append(self.supervisor.add_listener(self._on_trip))
         for ctrl in self.port_map.controllers():
             client = ctrl.client
@@ -1014,17 +1259,34 @@ class Session:
                 ctrl.add_sample_listener(functools.partial(self._check_controller, ctrl.name)),
             ]
         self._stale_task = asyncio.create_task(self._watch_staleness(), name="telemetry-stale")
-        # READY: plan hash, interlocks, no fault.
+        # READY: plan hash, calibration, interlocks, no fault.
+        first = next(iter(self.runners.values()), None)
         if not self._verify_plan():
             self.trip(TripCause.PLAN_HASH_MISMATCH, "plan changed before arming")
             raise _Stopped()
+        overdue = self._calibration_overdue() if self._calibration_overdue else None
+        if overdue:
+            self.trip(TripCause.CALIBRATION_OVERDUE, overdue, first.port if first else None)
+            raise _Stopped()
+        for ctrl in self.port_map.controllers():
+            try:
+                # Stops are timed on the device clock: its rate must be measured.
+                await ctrl.wait_clock_settled(self.readback_timeout_s * 20)
+            except TimeoutError:
+                self.trip(TripCause.TELEMETRY_STALE, f"{ctrl.name}: no telemetry before arming")
+                raise _Stopped() from None
         self.started_utc = time.time()
         self.recorder.session_started(self)
-        await self.recorder.sync()
+        # A treatment that cannot be recorded does not start.
+        await self.sync_records()
         self._set_state(SessionState.READY, "plan verified, controller ready")
         # ARMED: emission indicator on, emission delay.
         for ctrl in self.port_map.controllers():
-            await self.command(ctrl.client.arm(self.token))
+            try:
+                await self.command(ctrl.client.arm(self.token))
+            except NakReceived as exc:
+                self.trip(nak_cause(exc, ctrl.interlocks), f"{ctrl.name}: ARM refused: {exc}")
+                raise _Stopped() from exc
         self._set_state(SessionState.ARMED, "armed; emission delay running")
         await self._wait_armed_ready()
         self._set_state(SessionState.RUNNING, "emission delay elapsed")
@@ -1062,12 +1324,18 @@ class Session:
             await asyncio.sleep(max(limit_s - age, 0.001) + 0.001)
 
     def _on_link_lost(self, name: str, exc: BaseException) -> None:
+        if self._closing:
+            # Emission already ended and was read back; closing out only notes it.
+            self.emit("link_lost", f"{name}: {exc}")
+            return
         self.trip(TripCause.LINK_LOST, f"{name}: {exc}")
 
     def _on_reply_timeout(self, name: str, exc: BaseException) -> None:
         """A missed reply deadline is a link fault (ICD §6), heartbeats included."""
-        if not self.state.final:
-            self.trip(TripCause.REPLY_TIMEOUT, f"{name}: {exc}")
+        if self._closing:
+            self.emit("reply_timeout", f"{name}: {exc}")
+            return
+        self.trip(TripCause.REPLY_TIMEOUT, f"{name}: {exc}")
 
     def _check_controller(self, name: str, t: codec.Telemetry, host_s: float = 0.0) -> None:
         if self.state.final or self.state is SessionState.IDLE:
@@ -1081,6 +1349,21 @@ class Session:
         cause = interlock_cause(t.interlocks)
         if cause is not None:
             self.trip(cause, f"{name}: interlock bits {t.interlocks:04b}")
+            return
+        if self.state is SessionState.RUNNING and t.state != codec.ControllerState.ARMED_READY:
+            # Disarmed under a running session (nobody here asked for it).
+            self.trip(
+                TripCause.UNEXPECTED_STOP,
+                f"{name}: controller left the armed state "
+                f"({codec.describe(codec.ControllerState, t.state)})",
+            )
+
+    def _runners_on(self, controller: str, device_port: int) -> list[PortRunner]:
+        return [
+            r
+            for r in self.runners.values()
+            if r.target.controller.name == controller and r.target.device_port == device_port
+        ]
 
     def _on_event(self, controller: str, ev: codec.Event) -> None:
         data = {
@@ -1090,16 +1373,13 @@ class Session:
             "device_time_us": ev.device_time_us,
         }
         if ev.code == codec.EventCode.EMISSION_ENDED:
-            for runner in self.runners.values():
-                if (
-                    runner.target.controller.name == controller
-                    and runner.target.device_port == ev.port
-                ):
-                    runner.on_emission_ended(ev.value)
+            for runner in self._runners_on(controller, ev.port):
+                runner.on_emission_ended(ev.value)
         elif ev.code == codec.EventCode.FAULT:
             self.trip(
                 TripCause.CONTROLLER_FAULT,
-                f"{controller}: {codec.describe(codec.FaultCode, ev.value)}",
+                f"{controller}: {codec.describe(codec.FaultCode, ev.value)}"
+                + (f" on port {ev.port}" if ev.port else ""),
             )
         elif ev.code == codec.EventCode.WATCHDOG_EXPIRED:
             self.trip(
@@ -1110,29 +1390,94 @@ class Session:
             cause = interlock_cause(ev.value)
             if cause is not None:
                 self.trip(cause, f"{controller}: interlock bits {ev.value:04b}")
-        elif ev.code == codec.EventCode.APPLICATOR_CHANGED:
-            self.trip(
-                TripCause.APPLICATOR_REMOVED,
-                f"{controller} port {ev.port}: applicator changed to kind {ev.value}",
-            )
-        elif ev.code == codec.EventCode.CONTACT_CHANGED:
             for runner in self.runners.values():
+                runner.interlocks_changed()
+        elif ev.code == codec.EventCode.APPLICATOR_CHANGED:
+            runners = self._runners_on(controller, ev.port)
+            if runners and not self.state.final:
+                self.trip(
+                    TripCause.APPLICATOR_REMOVED,
+                    f"{controller} port {ev.port}: applicator "
+                    + ("removed" if ev.value == 0 else f"changed to kind {ev.value}"),
+                    runners[0].port,
+                )
+        elif ev.code == codec.EventCode.CONTACT_CHANGED:
+            for runner in self._runners_on(controller, ev.port):
+                if ev.value == 0:
+                    runner.contact_lost()
                 runner.gate_inputs_changed()
         self.emit("controller_event", f"{data['code']} value {ev.value}", data=data)
 
     def _on_trip(self, trip: Trip) -> None:
-        """Emission is already off (the supervisor sent ALL_OFF first)."""
-        if self.cause_code is None:
-            self.cause_code = trip.cause.code
-            self.cause_message = trip.describe()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        """Emission is already off and read back (the supervisor sent ALL_OFF first)."""
+        self._stop_work()
+
+    async def _close_running_emissions(self, final: SessionState) -> None:
+        """Record every emission that a trip or an abort cut short, with the dose the
+        controller counted (GET_COUNTERS, else the last sample after the stop)."""
+        cause = self.cause_message or final.value
+        for runner in self.runners.values():
+            em = runner._emission
+            if em is None or runner.current is None:
+                continue
+            prog = runner.progress[runner.current]
+            target = runner.target
+            client = target.controller.client
+            delivered: int | None = None
+            duration_ms: int | None = None
+            reason: int | None = None
+            if client.is_open:
+                try:
+                    counters = await client.get_counters(target.device_port)
+                except (ClientError, OSError) as exc:
+                    log.warning("session.final_counters_failed", port=runner.port, error=str(exc))
+                else:
+                    if em.seen_emitting or counters.last_stop_reason:
+                        delivered = counters.delivered_uj
+                        duration_ms = counters.duration_ms
+                        reason = counters.last_stop_reason
+            if delivered is None:
+                sample = target.controller.sample(target.device_port)
+                if sample is not None and em.seen_emitting:
+                    delivered = sample.delivered_uj
+            host_uj = prog.integrator.energy_uj - em.energy_before_uj
+            stopped = (
+                codec.Stopped(target.device_port, delivered, duration_ms or 0, reason or 0)
+                if delivered is not None
+                else None
+            )
+            try:
+                self.recorder.emission_ended(self, prog.order, em.number, host_uj, stopped, cause)
+            except Exception:
+                log.exception("session.record_emission_failed")
+            prog.controller_energy_uj += delivered or 0
+            if duration_ms is not None:
+                prog.emitted_us += duration_ms * 1000
+                prog.running_us = 0.0
+            runner._emission = None
 
     async def _finish(self) -> None:
+        self._closing = True
         if self._stale_task is not None:
             self._stale_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stale_task
+        if self.supervisor.tripped is None and self.aborting:
+            # An abort's ALL_OFF is read back like a trip's; light that stays is a fault.
+            for ctrl in self.port_map.controllers():
+                dark = await ctrl.wait_dark(self.readback_timeout_s, self.limits.dark_power_uw)
+                if dark is False:
+                    self.trip(
+                        TripCause.STUCK_EMISSION,
+                        f"{ctrl.name}: ports {sorted(ctrl.lit_ports())} still lit after ALL_OFF",
+                    )
+        if (
+            self.supervisor.tripped is None
+            and not self.aborting
+            and any(r.state is not PortState.DONE for r in self.runners.values())
+        ):
+            # Only a trip or an abort may end a session early; anything else is a bug.
+            self.trip(TripCause.INTERNAL_ERROR, "the session ended before its steps were done")
         trip = self.supervisor.tripped
         if trip is not None:
             # Wait for the supervisor's ALL_OFF and read-back before closing out.
@@ -1140,11 +1485,21 @@ class Session:
                 await asyncio.wait_for(self.supervisor.wait_done(), 5.0)
             self.cause_code = trip.cause.code
             self.cause_message = trip.describe()
+            if self.supervisor.service_required and trip.cause is not TripCause.STUCK_EMISSION:
+                # Whatever tripped first, a port that stayed lit through ALL_OFF and
+                # DISARM is what the clinician must act on now.
+                stuck = TripCause.STUCK_EMISSION
+                self.cause_code = stuck.code
+                self.cause_message = f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
             final = SessionState.FAULTED
         elif self.aborting:
             final = SessionState.ABORTED
         else:
             final = SessionState.COMPLETED
+        # Nothing may start on these controllers until a person starts a session.
+        for ctrl in self.port_map.controllers():
+            ctrl.client.inhibit_emission(f"session {self.id[:8]} {final.value}")
+        await self._close_running_emissions(final)
         for runner in self.runners.values():
             runner.detach()
             if runner.state not in (PortState.DONE, PortState.SKIPPED):
@@ -1154,15 +1509,12 @@ class Session:
                 if prog.outcome == "pending":
                     prog.outcome = "stopped"
                     prog.stop_causes.append(self.cause_message or final.value)
-                    # Take what the controller counted for a running emission.
-                    sample = runner.target.controller.sample(runner.target.device_port)
-                    em = runner._emission
-                    if em is not None and sample is not None:
-                        prog.controller_energy_uj += sample.delivered_uj
                     with contextlib.suppress(Exception):
                         self.recorder.step_ended(self, prog.order, prog)
         # Disarm: emission indicator off. A failure here is recorded, not raised.
         for ctrl in self.port_map.controllers():
+            if not ctrl.client.is_open:
+                continue
             try:
                 await ctrl.client.disarm()
             except (ClientError, OSError) as exc:
@@ -1177,4 +1529,8 @@ class Session:
         for undo in self._unsubscribe:
             undo()
         self._unsubscribe.clear()
+        if self.supervisor.tripped is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.supervisor.wait_done(), 5.0)
+        await self.supervisor.close()
         self._done.set()

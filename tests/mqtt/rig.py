@@ -1,0 +1,177 @@
+"""The treatment side of the MQTT tests: hw_sim, the real driver, Engine and RecordStore.
+
+Protocols are generated small and synthetic so that a whole session runs in
+about a second at the simulator's time scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pbmd.daemon.controllers import ControllerHandle, PortMap
+from pbmd.daemon.engine import Engine, SessionRequest
+from pbmd.daemon.records import RecordStore
+from pbmd.daemon.session import Session
+from pbmd.drivers.client import ControllerClient, open_controller
+from pbmd.hw_sim import SimConfig, Simulator
+from pbmd.protocols.loader import parse_protocol
+from pbmd.protocols.plan import Plan, plan
+
+TELEMETRY_HZ = 50
+
+_HEAD = """\
+schema_version = 1
+id = "mqtt-test"
+version = 1
+title = "Synthetic session for the MQTT tests"
+indication = "Tests only."
+contraindications = ["cancer", "pregnancy"]
+cautions = ["Eyewear."]
+
+[course]
+sessions = 1
+interval_days = 1
+
+[[evidence]]
+ref = "walt-2010"
+relevance = "Dose figures."
+"""
+
+
+def protocol_text(
+    pad_fluences_j_cm2: Mapping[int, Sequence[float]],
+    probe_energy_j: float | None = None,
+) -> str:
+    """Pads on the given ports (660 then 830 nm alternating, 10 mW/cm²), and a 905 nm
+    probe point on port 4 (50 mW average) that waits for a placement confirmation."""
+    parts = [_HEAD]
+    for port, fluences in sorted(pad_fluences_j_cm2.items()):
+        parts.append(
+            f"""
+[sites.pad{port}]
+label = "Lumbar paraspinal, pad {port}"
+region = "lumbar"
+area_covered_cm2 = 180.0
+
+[ports.{port}.applicator]
+kind = "pad"
+channels_nm = [660, 830]
+beam_area_cm2 = 180.0
+"""
+        )
+        for i, fluence in enumerate(fluences):
+            parts.append(
+                f"""
+[[ports.{port}.steps]]
+site = "pad{port}"
+wavelength_nm = {660 if i % 2 == 0 else 830}
+mode = "continuous"
+technique = "contact"
+irradiance_mw_cm2 = 10.0
+fluence_j_cm2 = {fluence}
+max_time_s = 600
+"""
+            )
+    if probe_energy_j is not None:
+        parts.append(
+            f"""
+[sites.point4]
+label = "L4-5 left"
+region = "lumbar"
+area_covered_cm2 = 0.5
+
+[ports.4.applicator]
+kind = "probe"
+channels_nm = [905]
+beam_area_cm2 = 0.5
+
+[[ports.4.steps]]
+site = "point4"
+wavelength_nm = 905
+mode = "pulsed"
+technique = "contact"
+power_mw = 50.0
+pulse_hz = 5000
+duty_permille = 1
+energy_j = {probe_energy_j}
+max_time_s = 600
+gating = {{ confirm_placement = true, skin_contact = true }}
+"""
+        )
+    return "".join(parts)
+
+
+@dataclass
+class Rig:
+    """A simulated controller behind the real driver, an Engine and its records."""
+
+    sim: Simulator
+    client: ControllerClient
+    handle: ControllerHandle
+    engine: Engine
+    store: RecordStore
+    records_path: Path
+
+    @classmethod
+    async def open(cls, directory: Path, *, time_scale: float, seed: int = 7) -> Rig:
+        sim = Simulator(SimConfig(time_scale=time_scale, seed=seed))
+        await sim.start()
+        client: ControllerClient | None = None
+        store: RecordStore | None = None
+        try:
+            url = await sim.listen_tcp("127.0.0.1", 0)
+            client = await open_controller(url, telemetry_hz=TELEMETRY_HZ)
+            handle = ControllerHandle("main", client)
+            path = directory / "records.sqlite"
+            store = await RecordStore.open(path)
+            engine = Engine(PortMap.single(handle), store, telemetry_hz=TELEMETRY_HZ)
+            store.on_failure = engine.on_records_failure
+            await handle.next_sample(5.0)
+        except BaseException:
+            if store is not None:
+                await store.close()
+            if client is not None:
+                await client.close()
+            await sim.close()
+            raise
+        return cls(sim, client, handle, engine, store, path)
+
+    def plan(self, text: str) -> Plan:
+        loaded = parse_protocol(text)
+        return plan(loaded.protocol, self.engine.port_map.applicators())
+
+    async def start_session(self, text: str) -> Session:
+        return await self.engine.start_session(
+            SessionRequest(
+                plan=self.plan(text),
+                patient_ref="patient-0001",
+                contraindications={"cancer": False, "pregnancy": False},
+            )
+        )
+
+    def outbox(self) -> list[tuple[int, str, str | None]]:
+        """Every outbox row (seq, event id, published_utc), in order, read from the file."""
+        conn = sqlite3.connect(f"{self.records_path.as_uri()}?mode=ro", uri=True)
+        try:
+            return [
+                (int(seq), str(eid), pub)
+                for seq, eid, pub in conn.execute(
+                    "SELECT seq, event_id, published_utc FROM outbox ORDER BY seq"
+                )
+            ]
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        session = self.engine.session
+        if session is not None and not session.state.final:
+            with contextlib.suppress(Exception):
+                await session.abort("test teardown")
+        await self.store.close()
+        self.handle.detach()
+        await self.client.close()
+        await self.sim.close()

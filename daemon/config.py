@@ -757,6 +757,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     fix(raw.get("api"), "socket")
     fix(raw.get("protocols"), "directory")
     fix(raw.get("records"), "path")
+    mqtt = raw.get("mqtt")
+    fix(mqtt, "password_file")
+    if isinstance(mqtt, dict):
+        for key in ("ca_file", "cert_file", "key_file"):
+            fix(mqtt.get("tls"), key)
     protocols = raw.get("protocols")
     if isinstance(protocols, dict) and isinstance(protocols.get("trusted_keys"), list):
         protocols["trusted_keys"] = [

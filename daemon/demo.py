@@ -1,10 +1,16 @@
-"""`pbmd demo`: the simulated controller driven through the real driver, live.
+"""`pbmd demo` (the README's `make run`): the daemon and pbmctl, end to end, on the simulator.
 
-The simulator listens on a loopback TCP port and the driver talks PBM-Link to
-it exactly as it would to hardware. Each port runs one scripted emission that
-the controller ends by itself at its energy budget; the host integrates the
-measured power from telemetry over device time beside the controller's own
-integral, so the two dose channels can be compared on screen.
+It runs what a clinic would run, as separate processes: `pbmd run` on the
+embedded default configuration (a simulated four-port controller, its device
+clock sped up), then `pbmctl` over the control socket: the status, the
+chronic lumbar protocol in the live view, and the treatment report. The
+placements the protocol gates on are confirmed by pbmctl itself
+(`--auto-confirm`), which the screen says; in a clinic the clinician
+confirms each one. Finally the daemon is stopped with SIGTERM, as systemd
+would, and must exit cleanly.
+
+State (records, protocol library, socket) lives in a temporary directory that
+is removed at the end unless `--keep` is given.
 """
 
 from __future__ import annotations
@@ -12,245 +18,216 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
-import secrets
-from dataclasses import dataclass, field
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
 
-import structlog
-from rich import box
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from rich.console import Console
 
-from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient, open_controller
-from pbmd.hw_sim import SimConfig, Simulator
-
-TELEMETRY_HZ = 20
-
-
-@dataclass(frozen=True)
-class ScriptedEmission:
-    """One port's emission: setpoint, and the energy at which the controller stops it."""
-
-    port: int
-    wavelength_nm: int
-    power_mw: float
-    energy_j: float
-    pulse_hz: int = 0
-    duty_permille: int = 1000
-
-    def request(self) -> codec.EmitStart:
-        planned_s = self.energy_j / (self.power_mw / 1000.0)
-        return codec.EmitStart(
-            port=self.port,
-            wavelength_nm=self.wavelength_nm,
-            mode=codec.EmitMode.PULSED if self.pulse_hz else codec.EmitMode.CONTINUOUS,
-            power_uw=round(self.power_mw * 1000),
-            pulse_hz=self.pulse_hz,
-            duty_permille=self.duty_permille,
-            energy_budget_uj=round(self.energy_j * 1e6),
-            max_duration_ms=round(planned_s * 1.2 * 1000),
-        )
-
-
-SCRIPT = (
-    # Pads over 180 cm²: 10 mW/cm² red and 15 mW/cm² infrared, 1 J/cm² each.
-    ScriptedEmission(port=1, wavelength_nm=660, power_mw=1800.0, energy_j=180.0),
-    ScriptedEmission(port=2, wavelength_nm=830, power_mw=2700.0, energy_j=180.0),
-    ScriptedEmission(port=3, wavelength_nm=660, power_mw=1800.0, energy_j=180.0),
-    # Superpulsed 905 nm probe: 200 mW average at 10 kHz (200 ns pulses, 2 ‰ duty), 4 J.
-    ScriptedEmission(
-        port=4, wavelength_nm=905, power_mw=200.0, energy_j=4.0, pulse_hz=10_000, duty_permille=2
-    ),
+PROTOCOL = "lumbar-chronic-nonspecific"
+PATIENT = "DEMO-0001"
+SCREENING = (
+    "cancer",
+    "pregnancy",
+    "recent-radiotherapy",
+    "bleeding-disorder",
+    "deep-vein-thrombosis",
+    "photosensitivity",
+    "reduced-sensation",
 )
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
 
 
-@dataclass
-class PortView:
-    """What the screen shows for one port, fed by telemetry."""
-
-    emission: ScriptedEmission
-    last_time_us: int | None = None
-    last_power_uw: int = 0
-    host_energy_uj: float = 0.0
-    controller_energy_uj: int = 0
-    temp_c: float = 0.0
-    emitting: bool = False
-    stopped: codec.Stopped | None = None
-    counters: codec.Counters | None = None
-    events: list[str] = field(default_factory=list)
-
-    def on_sample(self, device_time_us: int, sample: codec.PortSample) -> None:
-        # Host dose channel: measured power (mean over each interval) × device time.
-        if self.last_time_us is not None and (sample.emitting or self.emitting):
-            dt_s = (device_time_us - self.last_time_us) / 1e6
-            self.host_energy_uj += sample.measured_power_uw * dt_s
-        self.last_time_us = device_time_us
-        self.last_power_uw = sample.measured_power_uw
-        self.controller_energy_uj = sample.delivered_uj
-        self.temp_c = sample.temp_centi_c / 100.0
-        self.emitting = sample.emitting
+class DemoFailed(Exception):
+    pass
 
 
-_SHORT_REASON: dict[int, str] = {
-    codec.StopReason.HOST_STOP: "host stop",
-    codec.StopReason.ENERGY_BUDGET: "budget",
-    codec.StopReason.MAX_DURATION: "max time",
-}
+async def _copy_until_ready(
+    proc: asyncio.subprocess.Process, log_file: Path, ready: asyncio.Event
+) -> None:
+    """Keep the daemon's JSON log in a file; note the line that says it is ready."""
+    assert proc.stdout is not None
+    with log_file.open("ab") as out:
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            out.write(line)
+            out.flush()
+            if not ready.is_set() and b'"daemon.ready"' in line:
+                ready.set()
 
 
-def _render(views: dict[int, PortView], state: str, device_time_s: float, note: str) -> Group:
-    table = Table(
-        title=f"pbmd demo — simulated controller, device time {device_time_s:7.1f} s",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-    )
-    for col in ("port", "λ nm", "mW", "host J", "ctrl J", "target J", "progress", "°C", "state"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for port, v in sorted(views.items()):
-        e = v.emission
-        frac = min(v.controller_energy_uj / (e.energy_j * 1e6), 1.0)
-        bar = "█" * round(frac * 8) + "·" * (8 - round(frac * 8))
-        if v.stopped is not None:
-            status = _SHORT_REASON.get(v.stopped.stop_reason, str(v.stopped.stop_reason))
-        else:
-            status = "emitting" if v.emitting else "waiting"
-        table.add_row(
-            str(port),
-            str(e.wavelength_nm),
-            f"{v.last_power_uw / 1000:.0f}",
-            f"{v.host_energy_uj / 1e6:.2f}",
-            f"{v.controller_energy_uj / 1e6:.2f}",
-            f"{e.energy_j:.1f}",
-            f"{bar}{frac * 100:4.0f}%",
-            f"{v.temp_c:.1f}",
-            status,
-        )
-    return Group(table, Text(f"controller: {state}   {note}\n"))
-
-
-async def run_demo(time_scale: float, console: Console) -> int:
-    sim = Simulator(SimConfig(time_scale=time_scale))
-    await sim.start()
-    client: ControllerClient | None = None
+def _tail(path: Path, lines: int = 15) -> str:
     try:
-        url = await sim.listen_tcp("127.0.0.1", 0)
-        console.print(f"simulated controller on [bold]{url}[/] (time scale ×{time_scale:g})")
-        client = await open_controller(url, telemetry_hz=TELEMETRY_HZ)
-        info = client.info
-        console.print(
-            f"HELLO: {info.serial} firmware {info.firmware}, {info.port_count} ports, "
-            f"watchdog {info.watchdog_ms} ms, emission delay {info.emission_delay_ms} ms"
-        )
-        for port, pi in sorted(client.ports.items()):
-            chans = ", ".join(
-                f"{c.wavelength_nm} nm ≤{c.max_power_uw / 1000:.0f} mW" for c in pi.channels
-            )
-            kind = codec.describe(codec.ApplicatorKind, pi.applicator_kind)
-            console.print(
-                f"  port {port}: {kind} {pi.applicator_serial}, {pi.area_mm2 / 100:g} cm², {chans}"
-            )
-        return await _drive(client, console)
-    finally:
-        if client is not None:
-            await client.close()
-        await sim.close()
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
-async def _drive(client: ControllerClient, console: Console) -> int:
-    views = {e.port: PortView(e) for e in SCRIPT}
-    latest: dict[str, object] = {"state": "standby", "time_s": 0.0}
-    ended: dict[int, asyncio.Event] = {e.port: asyncio.Event() for e in SCRIPT}
+async def _pbmctl(console: Console, env: dict[str, str], *args: str, show: bool = True) -> int:
+    if show:
+        console.print(f"\n[bold cyan]$ pbmctl {shlex.join(args)}[/]", highlight=False)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pbmd.daemon.pbmctl", *args, env=env
+    )
+    return await proc.wait()
+
+
+async def _pbmctl_json(env: dict[str, str], *args: str) -> object:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pbmd.daemon.pbmctl",
+        "--json",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise DemoFailed(f"pbmctl {' '.join(args)} failed (exit {proc.returncode})")
+    return json.loads(out)
+
+
+async def run_demo(time_scale: float, keep: bool, console: Console) -> int:
+    state = Path(tempfile.mkdtemp(prefix="pbmd-demo-"))
+    sock = state / "control.sock"
+    log_file = state / "pbmd.log"
+    env = {**os.environ, "PBMD_SOCKET": str(sock)}
+    console.rule("[bold]pbmd demo[/]")
+    console.print(
+        "pbmd runs on its embedded default configuration: a simulated four-port controller "
+        f"(device clock ×{time_scale:g}, so the 50-minute protocol takes about "
+        f"{50 * 60 / time_scale:.0f} s) and the shipped protocols signed with the TEST key "
+        "(NOT FOR CLINICAL USE).\n"
+        f"state directory {state} · daemon log {log_file}",
+        highlight=False,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pbmd.daemon.cli",
+        "run",
+        "--sim-time-scale",
+        str(time_scale),
+        "--state-dir",
+        str(state),
+        "--socket",
+        str(sock),
+        "--log-format",
+        "json",
+    ]
+    console.print(f"\n[bold cyan]$ pbmd {shlex.join(cmd[3:])} &[/]", highlight=False)
+    daemon = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C reaches pbmctl; the daemon is stopped below
+    )
     ready = asyncio.Event()
-
-    def on_telemetry(t: codec.Telemetry) -> None:
-        latest["state"] = codec.describe(codec.ControllerState, t.state)
-        latest["time_s"] = t.device_time_us / 1e6
-        if t.state == codec.ControllerState.ARMED_READY:
-            ready.set()
-        for port, v in views.items():
-            if port <= len(t.ports):
-                v.on_sample(t.device_time_us, t.ports[port - 1])
-
-    def on_event(ev: codec.Event) -> None:
-        if ev.code == codec.EventCode.EMISSION_ENDED and ev.port in ended:
-            ended[ev.port].set()
-
-    client.add_telemetry_listener(on_telemetry)
-    client.add_event_listener(on_event)
-    note = "arming: emission indicator on, waiting out the emission delay"
-    with Live(console=console, refresh_per_second=8) as live:
-
-        async def refresh() -> None:
-            while True:
-                live.update(
-                    _render(views, str(latest["state"]), float(str(latest["time_s"])), note)
-                )
-                await asyncio.sleep(0.125)  # screen refresh cadence, not synchronisation
-
-        painter = asyncio.create_task(refresh(), name="demo-refresh")
-        try:
-            await client.arm(secrets.randbelow(0xFFFF_FFFE) + 1)
-            await asyncio.wait_for(ready.wait(), timeout=30)
-            note = "emitting; the controller ends each emission at its energy budget"
-            for e in SCRIPT:
-                await client.emit_start(e.request())
-            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in ended.values())), 600)
-            # The sample after the last stop carries the tail of each emission.
-            tail = asyncio.Event()
-            client.add_telemetry_listener(lambda _t: tail.set())
-            await asyncio.wait_for(tail.wait(), timeout=5)
-            for port, v in views.items():
-                v.stopped = await client.emit_stop(port)  # idempotent: the last emission
-                v.counters = await client.get_counters(port)
-            note = "all emissions ended; disarmed"
-            await client.disarm()
-        finally:
-            painter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await painter
-            live.update(_render(views, str(latest["state"]), float(str(latest["time_s"])), note))
-    _summary(views, console)
-    return 0
-
-
-def _summary(views: dict[int, PortView], console: Console) -> None:
-    table = Table(title="controller STOPPED vs host integral")
-    for col in ("port", "stop reason", "duration s", "ctrl J", "host J", "host−ctrl %"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for port, v in sorted(views.items()):
-        if v.stopped is None:
-            continue
-        ctrl_j = v.stopped.delivered_uj / 1e6
-        host_j = v.host_energy_uj / 1e6
-        diff = (host_j - ctrl_j) / ctrl_j * 100 if ctrl_j else 0.0
-        table.add_row(
-            str(port),
-            codec.describe(codec.StopReason, v.stopped.stop_reason),
-            f"{v.stopped.duration_ms / 1000:.2f}",
-            f"{ctrl_j:.3f}",
-            f"{host_j:.3f}",
-            f"{diff:+.2f}",
+    copier = asyncio.create_task(_copy_until_ready(daemon, log_file, ready))
+    code = 1
+    try:
+        waiter = asyncio.create_task(daemon.wait())
+        got_ready = asyncio.create_task(ready.wait())
+        await asyncio.wait(
+            {waiter, got_ready}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
         )
-    console.print(table)
+        for task in (waiter, got_ready):
+            task.cancel()
+        await asyncio.gather(waiter, got_ready, return_exceptions=True)
+        if not ready.is_set():
+            raise DemoFailed(f"pbmd did not become ready:\n{_tail(log_file)}")
+        console.print(f"pbmd is ready (pid {daemon.pid})")
+        await _pbmctl(console, env, "status")
+        answers = [arg for name in SCREENING for arg in ("--contraindication", f"{name}=no")]
+        console.print(
+            "\n[bold yellow]The protocol gates every pad placement and every probe point on "
+            "the clinician's confirmation. In this demonstration pbmctl confirms them itself "
+            "(--auto-confirm) and says so.[/]"
+        )
+        started = await _pbmctl(
+            console,
+            env,
+            "session",
+            "start",
+            PROTOCOL,
+            "--patient",
+            PATIENT,
+            *answers,
+            "--auto-confirm",
+        )
+        listing = await _pbmctl_json(env, "records", "list", "--limit", "1")
+        sessions = listing.get("sessions") if isinstance(listing, dict) else None
+        if not sessions:
+            raise DemoFailed("no session was recorded")
+        session_id = str(sessions[0]["id"])
+        await _pbmctl(console, env, "report", session_id)
+        code = 0 if started == 0 else started
+    except DemoFailed as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        code = 1
+    finally:
+        code = await _stop(daemon, console, log_file, code)
+        with contextlib.suppress(asyncio.CancelledError):
+            await copier
+        if keep:
+            console.print(f"state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+    return code
+
+
+async def _stop(
+    daemon: asyncio.subprocess.Process, console: Console, log_file: Path, code: int
+) -> int:
+    if daemon.returncode is None:
+        console.print(f"\n[bold cyan]$ kill -TERM {daemon.pid}[/]   (as systemd stops pbmd)")
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            rc = await asyncio.wait_for(daemon.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            daemon.kill()
+            await daemon.wait()
+            console.print("[bold red]pbmd did not stop within 30 s and was killed[/]")
+            return code or 1
+    else:
+        rc = daemon.returncode
+    if rc == 0:
+        console.print(
+            "pbmd stopped cleanly (exit 0): emission off, records flushed, socket removed"
+        )
+        return code
+    console.print(f"[bold red]pbmd exited with {rc}[/]\n{_tail(log_file)}", highlight=False)
+    return code or 1
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "demo", help="run the simulated controller through the driver and show live telemetry"
+        "demo",
+        help="run pbmd and pbmctl end to end on the simulator (what `make run` runs)",
+        description="Start `pbmd run` on the embedded default (simulated controller), run the "
+        "chronic lumbar protocol through pbmctl in the live view with gated steps confirmed "
+        "automatically, print the treatment report, stop the daemon.",
     )
-    p.add_argument("--time-scale", type=float, default=10.0, help="device clock speed-up (1..120)")
+    p.add_argument(
+        "--time-scale", type=float, default=60.0, help="device clock speed-up, 1..120 (60)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the state directory")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     console = Console()
     try:
-        return asyncio.run(run_demo(args.time_scale, console))
+        return asyncio.run(run_demo(args.time_scale, args.keep, console))
     except KeyboardInterrupt:
-        console.print("interrupted: the simulator stops all emission when the link closes")
+        console.print("interrupted")
         return 130

@@ -246,7 +246,10 @@ class ControllerLink:
             port_count=info.port_count,
             watchdog_ms=info.watchdog_ms,
             emission_delay_ms=info.emission_delay_ms,
-            time_scale=round(handle.clock.ratio, 3),
+            time_scale=self.config.sim_options.time_scale
+            if self.config.link == "sim"
+            else round(handle.clock.ratio, 3),
+            clock_ratio=round(handle.clock.ratio, 3),
             telemetry_age_s=None if age is None else round(age, 3),
             rtt_ms_p99=stats.rtt_ms.p99_ms,
             frames_dropped=stats.dropped_total,
@@ -549,6 +552,9 @@ class Service:
         if model is None:
             return
         mqtt_config = model.model_validate(raw)
+        if not getattr(mqtt_config, "enabled", True):
+            log.info("mqtt.disabled", message="[mqtt] enabled = false")
+            return
         publisher = module.MqttPublisher(
             mqtt_config, store=self.store, engine=self.engine, device_id=self.device_id
         )
@@ -587,6 +593,14 @@ class Service:
             daemon_log.bind(session_id=ev.session_id)
         elif ev.kind == "step_started" and name.startswith("port-"):
             daemon_log.bind(session_id=ev.session_id, port=ev.port, step=ev.step)
+        elif ev.kind == "step_completed":
+            # session_id, port and step come from the context bound above.
+            log.info(
+                "step.completed",
+                energy_j=ev.data.get("energy_j"),
+                controller_energy_j=ev.data.get("controller_energy_j"),
+                prescribed_energy_j=ev.data.get("prescribed_energy_j"),
+            )
         self.watch_hub.on_event(ev)
 
     def _link_lost(self, link: ControllerLink, reason: str) -> None:
@@ -738,6 +752,7 @@ class Service:
             },
             "ready": ready,
             "service_required": engine.service_required,
+            "unreconciled": dict(engine.unreconciled),
             "calibration": self.calibration_status(),
             "records": {
                 "path": str(store.path),

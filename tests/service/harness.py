@@ -1,0 +1,525 @@
+"""The daemon as a real process, pbmctl as a real process, and raw socket clients.
+
+`Daemon` starts `pbmd run --config FILE`, keeps every line it logs (JSON with a
+journald priority prefix) and lets a test wait for a line, never for a while.
+`RawClient` speaks JSON-RPC 2.0 over the Unix socket with blocking I/O and a
+timeout as the failure bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_SECRET_KEY = ROOT / "tests" / "keys" / "test-protocol-signing.key"
+MINISIGN = shutil.which("minisign") or "/usr/bin/minisign"
+PBMD = [sys.executable, "-m", "pbmd.daemon.cli"]
+PBMCTL = [sys.executable, "-m", "pbmd.daemon.pbmctl"]
+TIMEOUT_S = 30.0
+
+SCREENING_CHRONIC = {
+    "cancer": False,
+    "pregnancy": False,
+    "recent-radiotherapy": False,
+    "bleeding-disorder": False,
+    "deep-vein-thrombosis": False,
+    "photosensitivity": False,
+    "reduced-sensation": False,
+}
+
+# A short protocol for service tests: three pad steps and two probe points, a few
+# seconds at ×120. Placements are gated, so a test must confirm them.
+SHORT_PROTOCOL = """\
+schema_version = 1
+id = "service-short"
+version = 1
+title = "Service test protocol (short)"
+indication = "Tests only."
+contraindications = ["cancer", "pregnancy"]
+cautions = ["Eyewear."]
+
+[course]
+sessions = 1
+interval_days = 1
+
+[[evidence]]
+ref = "walt-2010"
+relevance = "Dose figures."
+
+[sites.back]
+label = "Left lumbar paraspinal muscles"
+region = "lumbar"
+area_covered_cm2 = 180.0
+
+[sites.back-right]
+label = "Right lumbar paraspinal muscles"
+region = "lumbar"
+area_covered_cm2 = 180.0
+
+[sites.point]
+label = "L4-5, left"
+region = "lumbar"
+area_covered_cm2 = 0.5
+
+[sites.point-right]
+label = "L4-5, right"
+region = "lumbar"
+area_covered_cm2 = 0.5
+
+[ports.1.applicator]
+kind = "pad"
+channels_nm = [660, 830]
+beam_area_cm2 = 180.0
+
+[[ports.1.steps]]
+site = "back"
+wavelength_nm = 660
+mode = "continuous"
+technique = "contact"
+irradiance_mw_cm2 = 10.0
+fluence_j_cm2 = 2.0
+max_time_s = 240
+gating = { confirm_placement = true }
+
+[[ports.1.steps]]
+site = "back"
+wavelength_nm = 830
+mode = "continuous"
+technique = "contact"
+irradiance_mw_cm2 = 10.0
+fluence_j_cm2 = 2.0
+max_time_s = 240
+
+[ports.2.applicator]
+kind = "pad"
+channels_nm = [660, 830]
+beam_area_cm2 = 180.0
+
+[[ports.2.steps]]
+site = "back-right"
+wavelength_nm = 830
+mode = "continuous"
+technique = "contact"
+irradiance_mw_cm2 = 10.0
+fluence_j_cm2 = 3.0
+max_time_s = 360
+
+[ports.4.applicator]
+kind = "probe"
+channels_nm = [905]
+beam_area_cm2 = 0.5
+
+[[ports.4.steps]]
+site = "point"
+wavelength_nm = 905
+mode = "pulsed"
+technique = "contact"
+power_mw = 50.0
+pulse_hz = 5000
+duty_permille = 1
+energy_j = 2.0
+max_time_s = 48
+gating = { confirm_placement = true, skin_contact = true }
+
+[[ports.4.steps]]
+site = "point-right"
+wavelength_nm = 905
+mode = "pulsed"
+technique = "contact"
+power_mw = 50.0
+pulse_hz = 5000
+duty_permille = 1
+energy_j = 2.0
+max_time_s = 48
+gating = { confirm_placement = true, skin_contact = true }
+"""
+
+SHORT_STEPS = 5
+SHORT_SCREENING = {"cancer": False, "pregnancy": False}
+
+
+def sign(path: Path, secret: Path = TEST_SECRET_KEY) -> Path:
+    """Sign with the real minisign (the TEST key); returns FILE.minisig."""
+    subprocess.run(
+        [MINISIGN, "-S", "-s", str(secret), "-m", str(path), "-t", "pbmd service test"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return Path(str(path) + ".minisig")
+
+
+def write_protocol(directory: Path, text: str = SHORT_PROTOCOL, name: str = "short.toml") -> Path:
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    sign(path)
+    return path
+
+
+def public_dir() -> Path:
+    """A directory every uid can traverse (for sockets other users connect to)."""
+    path = Path(tempfile.mkdtemp(prefix="pbmd-svc-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def toml_config(
+    state_dir: Path,
+    socket_path: Path,
+    *,
+    time_scale: float = 120.0,
+    clinician_group: str = "pbm-clinician",
+    technician_group: str = "pbm-technician",
+    extra: str = "",
+    api_extra: str = "",
+    sim_extra: str = "",
+    protocols: str = "trust_test_key = true\npreload_shipped = true\n",
+) -> str:
+    return f"""\
+state_dir = "{state_dir}"
+
+[[controllers]]
+name = "sim"
+link = "sim"
+
+[controllers.sim]
+time_scale = {time_scale}
+seed = 7
+control = "127.0.0.1:0"
+{sim_extra}
+[api]
+socket = "{socket_path}"
+clinician_group = "{clinician_group}"
+technician_group = "{technician_group}"
+{api_extra}
+[protocols]
+{protocols}
+[logging]
+level = "info"
+format = "json"
+{extra}"""
+
+
+_PRIORITY = re.compile(rb"^<(\d)>(\{.*\})\s*$")
+
+
+@dataclass
+class LogRecord:
+    priority: int
+    data: dict[str, Any]
+
+    @property
+    def event(self) -> str:
+        return str(self.data.get("event", ""))
+
+
+@dataclass
+class Daemon:
+    """`pbmd run --config FILE` as a child process."""
+
+    config_path: Path
+    socket_path: Path
+    state_dir: Path
+    env: Mapping[str, str] | None = None
+    extra_args: Sequence[str] = ()
+    argv: Sequence[str] | None = None
+    """The whole command line instead of `pbmd run --config FILE`."""
+    proc: subprocess.Popen[bytes] | None = None
+    lines: list[bytes] = field(default_factory=list)
+    records: list[LogRecord] = field(default_factory=list)
+    stderr: list[bytes] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _eof: bool = False
+
+    def start(self, *, wait_ready: bool = True) -> Daemon:
+        env = {**os.environ, **(self.env or {})}
+        argv = self.argv or [*PBMD, "run", "--config", str(self.config_path), *self.extra_args]
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for target, stream in ((self._read_stdout, self.proc.stdout),
+                               (self._read_stderr, self.proc.stderr)):  # fmt: skip
+            t = threading.Thread(target=target, args=(stream,), daemon=True)
+            t.start()
+            self._threads.append(t)
+        if wait_ready:
+            self.wait_log(lambda r: r.event == "daemon.ready", what="daemon.ready")
+        return self
+
+    def _read_stdout(self, stream: Any) -> None:
+        for line in iter(stream.readline, b""):
+            with self._cond:
+                self.lines.append(line)
+                m = _PRIORITY.match(line)
+                if m is not None:
+                    with contextlib.suppress(ValueError):
+                        self.records.append(LogRecord(int(m.group(1)), json.loads(m.group(2))))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _read_stderr(self, stream: Any) -> None:
+        for line in iter(stream.readline, b""):
+            with self._cond:
+                self.stderr.append(line)
+                self._cond.notify_all()
+
+    def wait_log(
+        self, predicate: Callable[[LogRecord], bool], timeout_s: float = TIMEOUT_S, what: str = ""
+    ) -> LogRecord:
+        """The first logged record that satisfies `predicate` (waits for it)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            index = 0
+            while True:
+                while index < len(self.records):
+                    record = self.records[index]
+                    index += 1
+                    if predicate(record):
+                        return record
+                if self._eof:
+                    raise AssertionError(
+                        f"pbmd exited before logging {what or 'the expected record'}:\n"
+                        + self.output()
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {what or 'expected record'} within {timeout_s} s")
+                self._cond.wait(left)
+
+    def output(self) -> str:
+        with self._cond:
+            return (b"".join(self.lines[-40:]) + b"".join(self.stderr)).decode(errors="replace")
+
+    @property
+    def sim_control(self) -> tuple[str, int]:
+        rec = self.wait_log(lambda r: r.event == "controller.simulated", what="sim")
+        host, _, port = str(rec.data["control"]).rpartition(":")
+        return host, int(port)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = TIMEOUT_S) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"pbmd did not stop within {timeout_s} s:\n{self.output()}")
+        for t in self._threads:
+            t.join(10)
+        return rc
+
+    def wait_exit(self, timeout_s: float = TIMEOUT_S) -> int:
+        assert self.proc is not None
+        rc = self.proc.wait(timeout_s)
+        for t in self._threads:
+            t.join(10)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for t in self._threads:
+            t.join(10)
+
+
+class RawClient:
+    """JSON-RPC 2.0 over the Unix socket, blocking, one line per message."""
+
+    def __init__(self, path: Path, timeout_s: float = TIMEOUT_S) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(str(path))
+        self._buf = b""
+        self._ids = itertools.count(1)
+        self.notifications: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_message(self) -> Any:
+        """The next line, decoded; EOFError when the daemon closed the connection."""
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("connection closed by pbmd")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def reply_to(self, req_id: Any) -> dict[str, Any]:
+        """Read until the reply with this id (notifications are kept aside)."""
+        while True:
+            msg = self.read_message()
+            if isinstance(msg, dict) and "method" in msg and "id" not in msg:
+                self.notifications.append(msg)
+                continue
+            if isinstance(msg, dict) and msg.get("id") == req_id:
+                return msg
+            raise AssertionError(f"unexpected message while waiting for {req_id!r}: {msg!r}")
+
+    def request(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        req_id = next(self._ids)
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": method}
+        if params is not None:
+            msg["params"] = dict(params)
+        self.send_raw(json.dumps(msg).encode() + b"\n")
+        return self.reply_to(req_id)
+
+    def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        reply = self.request(method, params)
+        assert "error" not in reply, f"{method} failed: {reply['error']}"
+        return reply["result"]
+
+    def next_notification(self, method: str | None = None) -> dict[str, Any]:
+        while True:
+            if self.notifications:
+                msg = self.notifications.pop(0)
+            else:
+                msg = self.read_message()
+            if method is None or msg.get("method") == method:
+                return dict(msg)
+
+
+def pbmctl(
+    socket_path: Path, *args: str, timeout_s: float = 120.0, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PBMCTL, "--socket", str(socket_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def pbmctl_json(socket_path: Path, *args: str, timeout_s: float = 120.0) -> Any:
+    res = pbmctl(socket_path, "--json", *args, timeout_s=timeout_s)
+    assert res.returncode == 0, f"pbmctl {' '.join(args)}: {res.returncode}\n{res.stdout}{res.stderr}"
+    return json.loads(res.stdout)
+
+
+def screening_args(answers: Mapping[str, bool]) -> list[str]:
+    out: list[str] = []
+    for name, present in answers.items():
+        out += ["--contraindication", f"{name}={'yes' if present else 'no'}"]
+    return out
+
+
+def run_session_confirming(
+    client: RawClient,
+    protocol: str,
+    patient: str,
+    contraindications: Mapping[str, bool],
+    ports: Sequence[int] | None = None,
+) -> tuple[str, str]:
+    """Start with watch=true on this connection, confirm every placement prompt as it
+    comes, return (session id, final state) at session.ended."""
+    params: dict[str, Any] = {
+        "protocol": protocol,
+        "patient_ref": patient,
+        "contraindications": dict(contraindications),
+        "watch": True,
+    }
+    if ports is not None:
+        params["ports"] = list(ports)
+    result = client.call("session.start", params)
+    session_id = str(result["session_id"])
+    confirmed: set[tuple[int, int]] = set()
+    status = result["status"]
+    while True:
+        for p in status.get("ports") or []:
+            key = (int(p["port"]), int(p["step"]) if p.get("step") is not None else -1)
+            if (
+                p.get("state") == "gated"
+                and "confirm placement" in (p.get("wait_reason") or "")
+                and key not in confirmed
+            ):
+                confirmed.add(key)
+                reply = client.request("session.confirm", {"port": key[0]})
+                assert "error" not in reply or reply["error"]["code"] == -32002, reply
+        msg = client.next_notification()
+        params_ = msg.get("params") or {}
+        if msg["method"] == "session.ended":
+            return session_id, str(params_["state"])
+        if msg["method"] == "session.status":
+            status = params_["status"]
+        elif msg["method"] == "session.event":
+            ev = params_["event"]
+            key = (int(ev.get("port") or 0), int(ev["step"]) if ev.get("step") is not None else -1)
+            if (
+                ev["kind"] == "port_waiting"
+                and "confirm placement" in ev["message"]
+                and key not in confirmed
+            ):
+                confirmed.add(key)
+                reply = client.request("session.confirm", {"port": key[0]})
+                assert "error" not in reply or reply["error"]["code"] == -32002, reply
+
+
+def confirm_first_placements(client: RawClient, ports: Sequence[int]) -> None:
+    """On a watching connection: confirm each port's first placement prompt as it comes."""
+    left = set(ports)
+    while left:
+        msg = client.next_notification("session.event")
+        ev = msg["params"]["event"]
+        if ev["kind"] == "port_waiting" and "confirm placement" in ev["message"]:
+            if ev["port"] in left:
+                left.discard(ev["port"])
+                client.call("session.confirm", {"port": ev["port"]})
+
+
+def step_errors(record: Mapping[str, Any]) -> list[float]:
+    """Relative error of each completed step, controller channel, vs the prescription."""
+    out = []
+    for s in record["steps"]:
+        assert s["outcome"] == "completed", s
+        delivered = s["delivered_controller_j"]
+        prescribed = s["prescribed_energy_j"]
+        out.append((delivered - prescribed) / prescribed)
+    return out
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon) -> Iterator[Daemon]:
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
+        daemon.kill()

@@ -24,8 +24,13 @@ def workdir() -> Iterator[Path]:
 
 
 def _factory(base: Path, made: list[Daemon]) -> DaemonFactory:
-    def make(name: str = "d", *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-             **config: Any) -> Daemon:  # fmt: skip
+    def make(
+        name: str = "d",
+        *,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        **config: Any,
+    ) -> Daemon:
         home = base / name
         home.mkdir(exist_ok=True)
         home.chmod(0o755)

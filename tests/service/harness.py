@@ -257,8 +257,10 @@ class Daemon:
             stderr=subprocess.PIPE,
             env=env,
         )
-        for target, stream in ((self._read_stdout, self.proc.stdout),
-                               (self._read_stderr, self.proc.stderr)):  # fmt: skip
+        for target, stream in (
+            (self._read_stdout, self.proc.stdout),
+            (self._read_stderr, self.proc.stderr),
+        ):
             t = threading.Thread(target=target, args=(stream,), daemon=True)
             t.start()
             self._threads.append(t)
@@ -327,7 +329,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"pbmd did not stop within {timeout_s} s:\n{self.output()}")
+            raise AssertionError(
+                f"pbmd did not stop within {timeout_s} s:\n{self.output()}"
+            ) from None
         for t in self._threads:
             t.join(10)
         return rc
@@ -407,10 +411,7 @@ class RawClient:
 
     def next_notification(self, method: str | None = None) -> dict[str, Any]:
         while True:
-            if self.notifications:
-                msg = self.notifications.pop(0)
-            else:
-                msg = self.read_message()
+            msg = self.notifications.pop(0) if self.notifications else self.read_message()
             if method is None or msg.get("method") == method:
                 return dict(msg)
 
@@ -429,7 +430,9 @@ def pbmctl(
 
 def pbmctl_json(socket_path: Path, *args: str, timeout_s: float = 120.0) -> Any:
     res = pbmctl(socket_path, "--json", *args, timeout_s=timeout_s)
-    assert res.returncode == 0, f"pbmctl {' '.join(args)}: {res.returncode}\n{res.stdout}{res.stderr}"
+    assert res.returncode == 0, (
+        f"pbmctl {' '.join(args)}: {res.returncode}\n{res.stdout}{res.stderr}"
+    )
     return json.loads(res.stdout)
 
 
@@ -497,10 +500,10 @@ def confirm_first_placements(client: RawClient, ports: Sequence[int]) -> None:
     while left:
         msg = client.next_notification("session.event")
         ev = msg["params"]["event"]
-        if ev["kind"] == "port_waiting" and "confirm placement" in ev["message"]:
-            if ev["port"] in left:
-                left.discard(ev["port"])
-                client.call("session.confirm", {"port": ev["port"]})
+        waiting = ev["kind"] == "port_waiting" and "confirm placement" in ev["message"]
+        if waiting and ev["port"] in left:
+            left.discard(ev["port"])
+            client.call("session.confirm", {"port": ev["port"]})
 
 
 def step_errors(record: Mapping[str, Any]) -> list[float]:

@@ -123,7 +123,9 @@ def test_sigterm_during_session_closes_it_with_its_record(make_daemon: DaemonFac
             },
         )
         confirm_first_placements(client, (1, 2, 3, 4))
-        d.wait_log(lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started")
+        d.wait_log(
+            lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
+        )
         assert d.stop(signal.SIGTERM) == 0
         # The watcher heard how it ended, then the goodbye.
         methods = []
@@ -273,8 +275,15 @@ def test_records_export_and_calibration(daemon: Daemon, workdir: Path) -> None:
     assert doc["sessions"][0]["id"] == session_id
     # Calibration overdue: sessions are refused, with the code and the fix.
     assert pbmctl_json(sock, "calibration", "set", "2000-01-01")["overdue"] is True
-    refused = pbmctl(sock, "session", "start", "service-short", "--patient", "X",
-                     *screening_args(SHORT_SCREENING))  # fmt: skip
+    refused = pbmctl(
+        sock,
+        "session",
+        "start",
+        "service-short",
+        "--patient",
+        "X",
+        *screening_args(SHORT_SCREENING),
+    )
     assert refused.returncode == 1 and "E602" in refused.stderr
     assert pbmctl_json(sock, "calibration", "set", "2999-01-01")["overdue"] is False
     assert json.loads((daemon.state_dir / "calibration.json").read_text())["due"] == "2999-01-01"
@@ -286,15 +295,19 @@ def test_config_errors_stop_the_daemon_with_exit_78(workdir: Path) -> None:
     from .harness import PBMD
 
     bad = workdir / "bad.toml"
-    bad.write_text('[[controllers]]\nname = "x"\nlink = "usb://1209:0001"\n[api]\nmax_clients = 0\n')
-    res = subprocess.run([*PBMD, "run", "--config", str(bad)], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    bad.write_text(
+        '[[controllers]]\nname = "x"\nlink = "usb://1209:0001"\n[api]\nmax_clients = 0\n'
+    )
+    res = subprocess.run(
+        [*PBMD, "run", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 78
     assert str(bad) in res.stderr
     assert "controllers[1].link" in res.stderr and "api.max_clients" in res.stderr
     assert "fix:" in res.stderr
-    check = subprocess.run([*PBMD, "config", "check", "--config", str(bad)], capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+    check = subprocess.run(
+        [*PBMD, "config", "check", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 78 and "2 configuration errors" in check.stderr
 
 

@@ -31,15 +31,17 @@ import math
 import random
 import re
 import ssl
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pbmd.daemon.records import RecordsError, utc_text
@@ -109,7 +111,9 @@ class HomeAssistantConfig(_Config):
 class MqttConfig(_Config):
     """The publisher's configuration (the ``[mqtt]`` section of the daemon's config)."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        default=True, description="An [mqtt] table turns the publisher on; false keeps it off."
+    )
     host: str = "localhost"
     port: int = Field(default=1883, ge=1, le=65535, description="8883 is usual with TLS.")
     tls: MqttTls | None = None
@@ -213,6 +217,7 @@ class LiveBuffer:
             raise ValueError("maxlen must be >= 1")
         self._items: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=maxlen)
         self._ready = asyncio.Event()
+        self._woken = False
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -227,16 +232,19 @@ class LiveBuffer:
     def clear(self) -> None:
         self._items.clear()
         self._ready.clear()
+        self._woken = False
 
     def wake(self) -> None:
-        """Make a waiting ``get`` return (None if nothing is buffered)."""
+        """Make the next (or a waiting) ``get`` return, None if nothing is buffered."""
+        self._woken = True
         self._ready.set()
 
     async def get(self) -> tuple[str, bytes] | None:
         """The oldest sample, waiting for one; None when woken with nothing buffered."""
-        if not self._items:
+        if not self._items and not self._woken:
             self._ready.clear()
             await self._ready.wait()
+        self._woken = False
         return self._items.popleft() if self._items else None
 
 
@@ -309,6 +317,36 @@ class _Sensor:
     attributes_topic: str | None = None
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, failing a connect at once when the link closes before CONNACK.
+
+    aiomqtt ignores a disconnect that comes before the broker's CONNACK and lets
+    the connect wait for its timeout; a broker that rejects the client during
+    the TLS 1.3 handshake (no or a wrong client certificate) closes just then.
+    """
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        if not self._connected.done():
+            error = aiomqtt.MqttError(
+                f"connection closed before the broker accepted it: {reason_code}"
+            )
+            self._loop.call_soon_threadsafe(_fail_pending, self._connected, error)
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+
+def _fail_pending(future: asyncio.Future[None], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 # --------------------------------------------------------------------------- the publisher
 
 
@@ -371,6 +409,7 @@ class MqttPublisher:
         self._run_task: asyncio.Task[None] | None = None
         self._sampler_task: asyncio.Task[None] | None = None
         self._sample_failures = 0
+        self._connection_listeners: list[Callable[[MqttStats], None]] = []
         self._version = "unknown"
 
     # ----------------------------------------------------------------- public
@@ -382,6 +421,36 @@ class MqttPublisher:
     @property
     def stats(self) -> MqttStats:
         return replace(self._stats, connected=self._connected, live_dropped=self._live.dropped)
+
+    def add_connection_listener(self, listener: Callable[[MqttStats], None]) -> Callable[[], None]:
+        """Call ``listener(stats)`` after every connect, disconnect and failed attempt
+        (for status displays and tests); returns a function that removes it."""
+        self._connection_listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._connection_listeners:
+                self._connection_listeners.remove(listener)
+
+        return remove
+
+    def _notify_connection(self) -> None:
+        stats = self.stats
+        for listener in list(self._connection_listeners):
+            try:
+                listener(stats)
+            except Exception:
+                log.exception("mqtt.connection_listener_failed")
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able view for the daemon's status command."""
+        return {
+            "enabled": self.config.enabled,
+            "broker": f"{self.config.host}:{self.config.port}",
+            "tls": self.config.tls is not None,
+            "topic_prefix": self.topic_prefix,
+            "client_id": self.client_id,
+            **asdict(self.stats),
+        }
 
     def dose_topic(self, port: int) -> str:
         return f"{self.topic_prefix}/port/{port}/dose"
@@ -717,9 +786,11 @@ class MqttPublisher:
                         await self._serve(client)
                 except aiomqtt.MqttError as exc:
                     if self._stats.connects > connects:
+                        self._connected = False
                         self._stats.disconnects += 1
-                        log.warning("mqtt.disconnected", error=str(exc))
                         self._stats.last_error = str(exc)
+                        log.warning("mqtt.disconnected", error=str(exc))
+                        self._notify_connection()
                     else:
                         self._note_failure(str(exc))
                 except Exception as exc:  # a bug here must not end telemetry for good
@@ -747,6 +818,7 @@ class MqttPublisher:
         self._stats.last_error = error
         level = log.warning if self._stats.connect_failures <= 3 else log.debug
         level("mqtt.connect_failed", error=error, failures=self._stats.connect_failures)
+        self._notify_connection()
 
     async def _make_client(self) -> aiomqtt.Client:
         cfg = self.config
@@ -769,7 +841,7 @@ class MqttPublisher:
             retain=True,
             properties=_props(PacketTypes.WILLMESSAGE, UserProperty=("reason", "connection lost")),
         )
-        client = aiomqtt.Client(
+        client = _Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -791,6 +863,7 @@ class MqttPublisher:
         self._connected = True
         self._stats.connects += 1
         log.info("mqtt.connected", broker=f"{self.config.host}:{self.config.port}")
+        self._notify_connection()
         await self._publish_status(client, STATUS_ONLINE, "connected")
         if self.ha_status_topic is not None:
             await client.subscribe(self.ha_status_topic, qos=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pbmd.daemon.mqtt import MqttConfig, MqttPublisher
+from pbmd.daemon.mqtt import MqttConfig, MqttPublisher, MqttStats
 
 from .broker import MOSQUITTO, Mosquitto
 from .rig import Rig
@@ -96,3 +97,22 @@ async def make_publisher(make_rig: RigFactory) -> AsyncIterator[PublisherFactory
     finally:
         for pub in reversed(publishers):
             await pub.close()
+
+
+async def wait_stats(
+    pub: MqttPublisher, predicate: Callable[[MqttStats], bool], timeout_s: float = 10.0
+) -> MqttStats:
+    """Wait for a connect, disconnect or failed attempt after which ``predicate`` holds."""
+    if predicate(pub.stats):
+        return pub.stats
+    seen: asyncio.Future[MqttStats] = asyncio.get_running_loop().create_future()
+
+    def on_change(stats: MqttStats) -> None:
+        if predicate(stats) and not seen.done():
+            seen.set_result(stats)
+
+    remove = pub.add_connection_listener(on_change)
+    try:
+        return await asyncio.wait_for(seen, timeout_s)
+    finally:
+        remove()

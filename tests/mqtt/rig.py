@@ -6,6 +6,7 @@ about a second at the simulator's time scale.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from pbmd.daemon.controllers import ControllerHandle, PortMap
 from pbmd.daemon.engine import Engine, SessionRequest
 from pbmd.daemon.records import RecordStore
 from pbmd.daemon.session import Session
+from pbmd.drivers import codec
 from pbmd.drivers.client import ControllerClient, open_controller
 from pbmd.hw_sim import SimConfig, Simulator
 from pbmd.protocols.loader import parse_protocol
@@ -115,6 +117,7 @@ class Rig:
     engine: Engine
     store: RecordStore
     records_path: Path
+    closed: bool = False
 
     @classmethod
     async def open(cls, directory: Path, *, time_scale: float, seed: int = 7) -> Rig:
@@ -153,6 +156,23 @@ class Rig:
             )
         )
 
+    async def device_time_passes(self, duration_s: float, timeout_s: float = 30.0) -> None:
+        """Wait until the controller's clock has advanced ``duration_s`` (device time)."""
+        t = self.handle.telemetry
+        assert t is not None
+        target_us = t.device_time_us + duration_s * 1e6
+        reached = asyncio.Event()
+
+        def on_sample(sample: codec.Telemetry, _host_s: float) -> None:
+            if sample.device_time_us >= target_us:
+                reached.set()
+
+        remove = self.handle.add_sample_listener(on_sample)
+        try:
+            await asyncio.wait_for(reached.wait(), timeout_s)
+        finally:
+            remove()
+
     def outbox(self) -> list[tuple[int, str, str | None]]:
         """Every outbox row (seq, event id, published_utc), in order, read from the file."""
         conn = sqlite3.connect(f"{self.records_path.as_uri()}?mode=ro", uri=True)
@@ -167,6 +187,9 @@ class Rig:
             conn.close()
 
     async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         session = self.engine.session
         if session is not None and not session.state.final:
             with contextlib.suppress(Exception):

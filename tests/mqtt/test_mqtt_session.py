@@ -190,7 +190,9 @@ async def test_whole_session_topics_and_payloads(
             assert abs(data["fluence_j_cm2"] - target) / target < 0.03
         first = [d for d in doses if d["step"] == 0 and d["emitting"]]
         assert [d["fluence_j_cm2"] for d in first] == sorted(d["fluence_j_cm2"] for d in first)
-        assert all(d["irradiance_mw_cm2"] > 5.0 for d in first[1:])
+        # 10 mW/cm² while light is measured (the edges of an emission may read dark).
+        lit = sorted(d["irradiance_mw_cm2"] for d in first)
+        assert 9.0 < lit[len(lit) // 2] < 11.0
     probe = [m for m in subscriber.on(_topic("port/4/dose"))]
     assert probe and probe[-1].json()["emitting"] is False
     assert abs(probe[-1].json()["energy_j"] - 2.0) / 2.0 < 0.03

@@ -1295,18 +1295,20 @@ class Session:
                 group.create_task(runner.run(), name=f"port-{runner.port}")
 
     async def _wait_armed_ready(self) -> None:
+        """Until every controller reports the emission delay over. Only samples that
+        arrived after the ARM's ACK count: an earlier one may still show the armed
+        state a previous session left before its DISARM."""
         for ctrl in self.port_map.controllers():
             while True:
-                tele = ctrl.telemetry
-                if tele is not None and tele.state == codec.ControllerState.ARMED_READY:
-                    break
                 try:
-                    await ctrl.next_sample(self.readback_timeout_s * 20)
+                    tele = await ctrl.next_sample(self.readback_timeout_s * 20)
                 except TimeoutError:
                     self.trip(TripCause.TELEMETRY_STALE, "no telemetry while arming")
                     raise _Stopped() from None
                 if self.supervisor.tripped is not None:
                     raise _Stopped()
+                if tele.state == codec.ControllerState.ARMED_READY:
+                    break
 
     async def _watch_staleness(self) -> None:
         """Telemetry older than N sample periods is a link fault (ICD §6)."""

@@ -100,6 +100,8 @@ class Rig:
     today: Callable[[], Any] | None = None
     sync_interval_s: float = 1.0
     auto_confirm: bool = True
+    link: str = "tcp"
+    """"tcp" (socket://) or "pty" (the simulator's pseudo-terminal, opened like a serial port)."""
     sim: Simulator = field(init=False)
     client: ControllerClient = field(init=False)
     handle: ControllerHandle = field(init=False)
@@ -127,7 +129,10 @@ class Rig:
         await self.sim.start()
         self._tap_simulator()
         try:
-            self.url = await self.sim.listen_tcp("127.0.0.1", 0)
+            if self.link == "pty":
+                self.url = await self.sim.listen_pty()
+            else:
+                self.url = await self.sim.listen_tcp("127.0.0.1", 0)
             self.client = await open_controller(self.url, telemetry_hz=self.telemetry_hz)
             # Registered before the handle's: stamps a sample before the engine acts on it.
             self.client.add_telemetry_listener(self.host_telemetry.add)
@@ -270,9 +275,12 @@ class Rig:
         return await self.events.wait(pred, timeout_s, after)
 
     async def emitting(self, port: int, timeout_s: float = 5.0) -> float:
-        """Wait until the session started an emission on `port`; its host time."""
+        """Wait until the current session started an emission on `port`; its host time."""
+        assert self.session is not None
+        sid = self.session.id
         stamp, _ = await self.wait_event(
-            lambda e: e.kind == "emission_started" and e.port == port, timeout_s
+            lambda e: e.kind == "emission_started" and e.port == port and e.session_id == sid,
+            timeout_s,
         )
         return stamp
 

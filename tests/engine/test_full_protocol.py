@@ -1,0 +1,117 @@
+"""The shipped chronic-lumbar protocol, four ports at once, against `pbmd sim` in a
+subprocess: 50 minutes of device time at ×60, every step within ±0.5 %."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from sim_process import SimProcess
+
+from pbmd.daemon.controllers import ControllerHandle, PortMap
+from pbmd.daemon.engine import Engine, SessionRequest
+from pbmd.daemon.records import RecordStore
+from pbmd.daemon.session import SessionEvent, SessionState
+from pbmd.drivers.client import open_controller
+from pbmd.protocols.loader import load_protocol
+from pbmd.protocols.plan import plan
+
+LIBRARY = Path(__file__).resolve().parents[2] / "protocols" / "library"
+TIME_SCALE = 60.0
+TOLERANCE = 0.005
+
+
+@pytest.mark.slow
+async def test_chronic_lumbar_protocol_end_to_end(tmp_path: Path) -> None:
+    loaded = load_protocol(LIBRARY / "lumbar-chronic-nonspecific.toml")
+    device_s = loaded.session_time_s
+    assert 45 * 60 <= device_s <= 60 * 60
+    async with SimProcess(time_scale=TIME_SCALE) as sim:
+        client = await open_controller(sim.url, telemetry_hz=50)
+        handle = ControllerHandle("main", client)
+        store = await RecordStore.open(tmp_path / "records.sqlite3", min_free_bytes=0)
+        try:
+            port_map = PortMap.single(handle)
+            engine = Engine(port_map, store, telemetry_hz=50)
+            events: list[tuple[float, SessionEvent]] = []
+
+            def on_event(ev: SessionEvent) -> None:
+                events.append((time.monotonic(), ev))
+                if ev.kind == "port_waiting" and "confirm placement" in ev.message:
+                    # The operator confirms each placement when prompted.
+                    session = engine.session
+                    assert session is not None and ev.port is not None
+                    asyncio.get_running_loop().call_soon(session.confirm, ev.port)
+
+            engine.add_listener(on_event)
+            the_plan = plan(loaded.protocol, port_map.applicators())
+            await handle.next_sample(2.0)
+            t0 = time.monotonic()
+            session = await engine.start_session(
+                SessionRequest(
+                    plan=the_plan,
+                    patient_ref="P-LUMBAR",
+                    contraindications={c.value: False for c in loaded.protocol.contraindications},
+                    signing_key_id="pbmd TEST key",
+                    operator="tester",
+                    contraindicated_by_protocol=frozenset(
+                        c.value for c in loaded.protocol.contraindications
+                    ),
+                )
+            )
+            state = await asyncio.wait_for(session.wait(), 90.0)
+            wall_s = time.monotonic() - t0
+            assert state is SessionState.COMPLETED, session.cause_message
+            assert wall_s < 60.0, wall_s
+
+            # Every gated step waited for its confirmation before it emitted.
+            for e in the_plan.ports:
+                for pe in e.emissions:
+                    if not pe.gating.confirm_placement:
+                        continue
+                    waits = [
+                        t
+                        for t, ev in events
+                        if ev.kind == "port_waiting"
+                        and ev.port == e.port
+                        and ev.step == pe.step_index
+                        and "confirm placement" in ev.message
+                    ]
+                    started = [
+                        t
+                        for t, ev in events
+                        if ev.kind == "emission_started"
+                        and ev.port == e.port
+                        and ev.step == pe.step_index
+                    ]
+                    assert waits and started and waits[0] < started[0], (e.port, pe.step_index)
+
+            await store.sync()
+            record = await store.get_session(session.id)
+            assert record is not None and record["outcome"] == "completed"
+            steps = record["steps"]
+            assert len(steps) == sum(len(p.emissions) for p in the_plan.ports) == 12
+            lines = []
+            for s in sorted(steps, key=lambda s: (s["port"], s["step_index"])):
+                prescribed = s["prescribed_energy_j"]
+                ctrl_err = s["delivered_controller_j"] / prescribed - 1
+                host_err = s["delivered_host_j"] / prescribed - 1
+                lines.append(
+                    f"port {s['port']} step {s['step_index']} {s['wavelength_nm']} nm "
+                    f"{prescribed:8.3f} J  controller {ctrl_err * 100:+.3f} %  "
+                    f"host {host_err * 100:+.3f} %"
+                )
+                assert s["outcome"] == "completed"
+                assert abs(ctrl_err) <= TOLERANCE, lines[-1]
+                assert abs(host_err) <= TOLERANCE, lines[-1]
+            print(f"\nchronic lumbar, x{TIME_SCALE:g}: {wall_s:.1f} s wall")
+            print("\n".join(lines))
+            snap = await sim.snapshot()
+            assert not any(p["emitting"] or p["light_on"] for p in snap["ports"])
+            assert snap["state_name"] == "standby"
+        finally:
+            await store.close()
+            handle.detach()
+            await client.close()

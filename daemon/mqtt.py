@@ -409,6 +409,7 @@ class MqttPublisher:
         self._run_task: asyncio.Task[None] | None = None
         self._sampler_task: asyncio.Task[None] | None = None
         self._sample_failures = 0
+        self._failures_in_row = 0
         self._connection_listeners: list[Callable[[MqttStats], None]] = []
         self._version = "unknown"
 
@@ -816,8 +817,9 @@ class MqttPublisher:
     def _note_failure(self, error: str) -> None:
         self._stats.connect_failures += 1
         self._stats.last_error = error
-        level = log.warning if self._stats.connect_failures <= 3 else log.debug
-        level("mqtt.connect_failed", error=error, failures=self._stats.connect_failures)
+        self._failures_in_row += 1
+        level = log.warning if self._failures_in_row <= 3 else log.debug
+        level("mqtt.connect_failed", error=error, failures_in_row=self._failures_in_row)
         self._notify_connection()
 
     async def _make_client(self) -> aiomqtt.Client:
@@ -862,6 +864,7 @@ class MqttPublisher:
         """One connection: announce, then run the publishing tasks until it drops or we close."""
         self._connected = True
         self._stats.connects += 1
+        self._failures_in_row = 0
         log.info("mqtt.connected", broker=f"{self.config.host}:{self.config.port}")
         self._notify_connection()
         await self._publish_status(client, STATUS_ONLINE, "connected")
@@ -921,11 +924,17 @@ class MqttPublisher:
                 await self._flush_retained(client)
                 while await self._drain_events(client):
                     pass
-        await self._publish_status(client, STATUS_OFFLINE, "shutdown")
+        await self._publish_status(
+            client, STATUS_OFFLINE, "shutdown", timeout_s=self.config.close_timeout_s * 0.3
+        )
 
-    async def _publish_status(self, client: aiomqtt.Client, status: str, reason: str) -> None:
+    async def _publish_status(
+        self, client: aiomqtt.Client, status: str, reason: str, timeout_s: float | None = None
+    ) -> None:
         props = _props(PacketTypes.PUBLISH, UserProperty=("reason", reason))
-        await client.publish(self.status_topic, status, qos=1, retain=True, properties=props)
+        await client.publish(
+            self.status_topic, status, qos=1, retain=True, properties=props, timeout=timeout_s
+        )
 
     async def _read(self, client: aiomqtt.Client) -> None:
         """Incoming messages (Home Assistant's birth message); ends when the link drops."""

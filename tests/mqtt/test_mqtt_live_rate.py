@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from pbmd.daemon.session import SessionState
 
 from .broker import Mosquitto
@@ -40,7 +42,7 @@ async def test_live_rate_with_four_ports(
 
     # The window opens once all four ports emit.
     for port in (1, 2, 3, 4):
-        await subscriber.wait_for(lambda m, p=port: emitting(p, m), what=f"port {port} emitting")
+        await subscriber.wait_for(functools.partial(emitting, port), what=f"port {port} emitting")
     mark = len(subscriber.messages)
 
     def window(port: int) -> list[Received]:

@@ -79,7 +79,7 @@ def test_config_refusals(fields: dict[str, Any], message: str) -> None:
 def test_config_is_frozen() -> None:
     cfg = MqttConfig()
     with pytest.raises(pydantic.ValidationError):
-        cfg.port = 1884  # type: ignore[misc]
+        cfg.port = 1884
 
 
 async def test_live_buffer_drops_oldest() -> None:

@@ -27,6 +27,9 @@ from .faults import ControlProtocol, FaultInjector
 
 log = logging.getLogger(__name__)
 
+TELEMETRY_CATCH_UP_PERIODS = 5
+"""How far behind a late telemetry schedule may fall and still be made up."""
+
 WRITE_LIMIT_BYTES = 256 * 1024  # a host that stops reading loses frames, not memory
 PTY_POLL_S = 0.005  # how often to look for a host opening the pty while none is open
 
@@ -442,7 +445,10 @@ class Simulator:
             ctl.internal_errors += 1
         now = self._loop.time()
         self._tm_next += self._tm_period
-        if self._tm_next < now:  # fell a whole period behind: skip, keep the rate
+        # A tick that ran late is made up at once, so the rate per wall second
+        # holds on a busy machine; only after a long stall (a suspended
+        # process) does the schedule restart instead of bursting.
+        if self._tm_next < now - TELEMETRY_CATCH_UP_PERIODS * self._tm_period:
             self._tm_next = now + self._tm_period
         self._telemetry = self._loop.call_at(self._tm_next, self._telemetry_tick)
 

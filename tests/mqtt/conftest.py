@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,14 @@ if not Path(MOSQUITTO).exists():  # `make test` installs it; say so rather than 
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs() -> None:
+def _quiet_logs() -> Iterator[None]:
+    """Warnings and up only (reconnect attempts are expected here); restored after."""
+    saved = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 @pytest.fixture

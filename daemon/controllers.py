@@ -10,7 +10,9 @@ have several controllers).
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -59,6 +61,7 @@ class ControllerHandle:
         ]
         self.stop_lead_s = 0.0
         """Learned lateness of host stops (wall s), subtracted from the next stop time."""
+        self._lateness_s: deque[float] = deque(maxlen=9)
 
     def detach(self) -> None:
         for undo in self._unsubscribe:
@@ -70,8 +73,15 @@ class ControllerHandle:
         return self.client.info
 
     def learn_stop_lateness(self, late_s: float) -> None:
-        """Fold one measured stop lateness into the lead (bounded, slow to move)."""
-        self.stop_lead_s = min(max(self.stop_lead_s + 0.3 * late_s, -0.005), 0.02)
+        """Fold one measured stop lateness into the lead.
+
+        `late_s` is how late the last stop landed with the current lead; the lead
+        that would have made it exact is lead + late. The median of the recent
+        ones is used, so that one stop delayed by the scheduler (a loaded host)
+        does not move the next stops early; bounded to ±5 ms."""
+        self._lateness_s.append(self.stop_lead_s + late_s)
+        lead = statistics.median(self._lateness_s)
+        self.stop_lead_s = min(max(lead, -0.005), 0.005)
 
     def add_sample_listener(self, listener: SampleListener) -> Callable[[], None]:
         self._sample_listeners.append(listener)
@@ -210,9 +220,13 @@ class ControllerHandle:
         return True
 
 
+_EMITTING = int(codec.PortFlag.EMITTING)
+
+
 def port_lit(sample: codec.PortSample, dark_power_uw: int = DARK_POWER_UW) -> bool:
     """The controller reports the port emitting, or its photodiode sees light."""
-    return sample.emitting or sample.measured_power_uw > dark_power_uw
+    # Plain int arithmetic: this runs for every port of every sample.
+    return bool(sample.flags & _EMITTING) or sample.measured_power_uw > dark_power_uw
 
 
 @dataclass(frozen=True)

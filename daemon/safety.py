@@ -210,12 +210,15 @@ class Supervisor:
             log.info("trip.ignored_latched", cause=cause.name, detail=detail, port=port)
             return False
         self._trip = Trip(cause, detail, port, time.monotonic(), time.time())
+        # The supervisor's task is woken first, so that its ALL_OFF is the first
+        # thing the loop runs after this callback; the hooks (inhibit EMIT_START,
+        # cancel the session's work) are synchronous and queue behind it.
+        self._wake.set()
         for hook in list(self._latch_hooks):
             try:
                 hook(self._trip)
             except Exception:
                 log.exception("trip.latch_hook_failed")
-        self._wake.set()
         log.error("trip", code=cause.code, cause=cause.name, detail=detail, port=port)
         return True
 
@@ -306,15 +309,21 @@ class Supervisor:
             return False
 
 
+_KEY = int(codec.Interlock.KEY)
+_REMOTE = int(codec.Interlock.REMOTE)
+_ESTOP_RELEASED = int(codec.Interlock.ESTOP_RELEASED)
+_RUN_BITS = _KEY | _REMOTE | _ESTOP_RELEASED
+
+
 def interlock_cause(bits: int) -> TripCause | None:
     """The trip cause for a set of interlock bits, or None when all are in run state."""
-    if not bits & codec.Interlock.ESTOP_RELEASED:
+    if bits & _RUN_BITS == _RUN_BITS:  # int arithmetic: checked on every sample
+        return None
+    if not bits & _ESTOP_RELEASED:
         return TripCause.EMERGENCY_STOP
-    if not bits & codec.Interlock.KEY:
+    if not bits & _KEY:
         return TripCause.KEY_OFF
-    if not bits & codec.Interlock.REMOTE:
-        return TripCause.REMOTE_INTERLOCK_OPEN
-    return None
+    return TripCause.REMOTE_INTERLOCK_OPEN
 
 
 def stop_reason_cause(reason: int) -> TripCause:

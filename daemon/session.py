@@ -51,6 +51,8 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
+_EMITTING = int(codec.PortFlag.EMITTING)
+
 SPIN_BEFORE_STOP_S = 0.002
 """The event loop's timers wake up to 1 ms late (epoll's millisecond timeout);
 the last 2 ms before a stop are waited out by yielding, not by a timer."""
@@ -244,6 +246,7 @@ class _Emission:
         self.ended = asyncio.Event()
         self.stop_requested = False
         self.seen_emitting = False
+        self.acked = False
         self.tail_taken = False
         """The first sample showing the port stopped (its mean holds the end of the
         light) has been integrated; later samples belong to no emission."""
@@ -541,6 +544,7 @@ class PortRunner:
             session.trip(nak_cause(exc, ctrl.interlocks), f"EMIT_START refused: {exc}", self.port)
             raise _Stopped() from exc
         acked_s = time.monotonic()
+        em.acked = True
         # The ACK is sent when emission has begun: the start lies about half-way
         # through the round trip (as a PONG's device time does).
         em.start_device_us = clock.device_time_now_us((sent_s + acked_s) / 2)
@@ -733,8 +737,9 @@ class PortRunner:
         prog = self.progress[self.current]
         order = prog.order
         integ = prog.integrator
-        integ.add(t.device_time_us, sample.measured_power_uw, sample.emitting)
-        if sample.emitting:
+        emitting = bool(sample.flags & _EMITTING)
+        integ.add(t.device_time_us, sample.measured_power_uw, emitting)
+        if emitting:
             # Until the port shows emitting, delivered_uj still holds the
             # previous emission's value (ICD §5a): count and check from here.
             em.seen_emitting = True
@@ -824,7 +829,9 @@ class PortRunner:
         if order.footswitch and not self._footswitch_pressed():
             em.stop_due.set()
             return
-        self._plan_stop(em, prog, float(t.device_time_us), float(integ.last_power_uw), host_s)
+        self._plan_stop(
+            em, prog, float(t.device_time_us), float(integ.last_power_uw), host_s, site_fluence
+        )
 
     def _check_idle(self, sample: codec.PortSample) -> None:
         """No emission runs on this port: light here is a stuck emitter (two samples,
@@ -848,6 +855,7 @@ class PortRunner:
         base_device_us: float,
         rate_uw: float,
         host_s: float,
+        site_fluence_j_cm2: float | None = None,
     ) -> None:
         """Schedule the stop: where the dose (or the site's fluence ceiling) is reached.
 
@@ -873,15 +881,20 @@ class PortRunner:
         kind = "dose reached"
         ceiling = order.fluence_ceiling_j_cm2
         if ceiling != float("inf"):
-            site = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
+            site = site_fluence_j_cm2
+            if site is None:
+                site = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
             headroom_uj = max((ceiling - site) * order.area_cm2 * 1e6, 0.0)
             if headroom_uj < left_uj - max(1e-3 * order.target_energy_uj, 1.0):
                 kind = "fluence ceiling"
                 reach_us = base_device_us + headroom_uj / rate_uw * 1e6
         ctrl = self.target.controller
         clock = ctrl.clock
+        horizon_s = 2.5 * session.telemetry_period_s
+        if (reach_us - base_device_us) / 1e6 / clock.ratio > 2 * horizon_s and em.timer is None:
+            return  # far off: the next samples will schedule it (no clock mapping needed)
         stop_at = clock.host_time_at(reach_us) - clock.one_way_latency_s - ctrl.stop_lead_s
-        horizon = host_s + 2.5 * session.telemetry_period_s
+        horizon = host_s + horizon_s
         if em.timer is not None:
             em.timer.cancel()
             em.timer = None
@@ -1416,7 +1429,12 @@ class Session:
 
     async def _close_running_emissions(self, final: SessionState) -> None:
         """Record every emission that a trip or an abort cut short, with the dose the
-        controller counted (GET_COUNTERS, else the last sample after the stop)."""
+        controller counted (GET_COUNTERS, else the last sample after the stop).
+
+        The port's session total (COUNTERS ``session_delivered_uj``) less what the
+        finished emissions of this session already account for is this emission's
+        energy: right whether or not its EMIT_START was ever executed (a start
+        whose reply never came may or may not have begun)."""
         cause = self.cause_message or final.value
         for runner in self.runners.values():
             em = runner._emission
@@ -1425,6 +1443,7 @@ class Session:
             prog = runner.progress[runner.current]
             target = runner.target
             client = target.controller.client
+            accounted = sum(p.controller_energy_uj for p in runner.progress)
             delivered: int | None = None
             duration_ms: int | None = None
             reason: int | None = None
@@ -1434,10 +1453,13 @@ class Session:
                 except (ClientError, OSError) as exc:
                     log.warning("session.final_counters_failed", port=runner.port, error=str(exc))
                 else:
-                    if em.seen_emitting or counters.last_stop_reason:
-                        delivered = counters.delivered_uj
-                        duration_ms = counters.duration_ms
-                        reason = counters.last_stop_reason
+                    if counters.session_token == self.token:
+                        delivered = max(counters.session_delivered_uj - accounted, 0)
+                        if em.acked or em.seen_emitting or delivered:
+                            duration_ms = counters.duration_ms
+                            reason = counters.last_stop_reason
+                        else:
+                            duration_ms = 0
             if delivered is None:
                 sample = target.controller.sample(target.device_port)
                 if sample is not None and em.seen_emitting:

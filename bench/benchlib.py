@@ -1,0 +1,287 @@
+"""Shared parts of the engine benchmarks: a simulated controller in its own process,
+an engine on it, and synthetic protocols.
+
+The simulator runs in a child process (bench/sim_tap.py) so that it never shares
+an event loop or a GIL with the engine under test, as a real controller would not.
+That child stamps, with the system-wide monotonic clock (comparable between
+processes on Linux), every host request it receives and every fault injected,
+and prints them; the engine's own stamps use the same clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pbmd.daemon.controllers import ControllerHandle, PortMap
+from pbmd.daemon.engine import Engine, SessionRequest
+from pbmd.daemon.records import RecordStore
+from pbmd.daemon.session import Session, SessionEvent
+from pbmd.drivers.client import ControllerClient, open_controller
+from pbmd.protocols.loader import parse_protocol
+from pbmd.protocols.plan import Plan, plan
+
+HERE = Path(__file__).resolve().parent
+
+
+def _drop(*_: object) -> Any:
+    raise structlog.DropEvent
+
+
+def quiet_logs() -> None:
+    """No log output: the figures are the output (and logging costs time)."""
+    structlog.configure(processors=[_drop])
+    logging.basicConfig(level=logging.CRITICAL + 1)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = max(0, min(len(ordered) - 1, int(-(-q * len(ordered) // 1)) - 1))
+    return ordered[k]
+
+
+def summary(values: Sequence[float], unit: str = "", scale: float = 1.0, fmt: str = ".3f") -> str:
+    if not values:
+        return "n=0"
+    v = [x * scale for x in values]
+    return (
+        f"n={len(v)} p50={percentile(v, 0.5):{fmt}}{unit} p95={percentile(v, 0.95):{fmt}}{unit} "
+        f"p99={percentile(v, 0.99):{fmt}}{unit} max={max(v):{fmt}}{unit} "
+        f"mean={statistics.fmean(v):{fmt}}{unit}"
+    )
+
+
+class TapSim:
+    """bench/sim_tap.py in a child process: PBM-Link over TCP, faults over stdin."""
+
+    def __init__(self, time_scale: float, seed: int = 1) -> None:
+        self.time_scale = time_scale
+        self.seed = seed
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+        self.lines: list[tuple[str, float, str]] = []
+        self._waiters: list[tuple[Callable[[str, str], bool], asyncio.Future[float]]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> TapSim:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HERE / "sim_tap.py"),
+            str(self.time_scale),
+            str(self.seed),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        while True:
+            line = (await self.proc.stdout.readline()).decode().split()
+            if not line:
+                raise RuntimeError("sim_tap exited")
+            if line[0] == "link":
+                self.url = line[1]
+                break
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            raw = await self.proc.stdout.readline()
+            if not raw:
+                return
+            kind, stamp, what = raw.decode().rstrip("\n").split(" ", 2)
+            t = float(stamp)
+            self.lines.append((kind, t, what))
+            for waiter in list(self._waiters):
+                pred, fut = waiter
+                if not fut.done() and pred(kind, what):
+                    fut.set_result(t)
+                    self._waiters.remove(waiter)
+
+    def inject(self, op: str, **args: Any) -> None:
+        """A fault-injector call in the simulator process (stamped there)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, "args": args}).encode() + b"\n")
+
+    async def wait(self, pred: Callable[[str, str], bool], timeout_s: float, after: float) -> float:
+        """Monotonic time of the first line at/after `after` matching `pred`."""
+        for kind, t, what in self.lines:
+            if t >= after and pred(kind, what):
+                return t
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+        def check(kind: str, what: str) -> bool:
+            return pred(kind, what)
+
+        self._waiters.append((check, fut))
+        t = await asyncio.wait_for(fut, timeout_s)
+        return t
+
+
+@dataclass
+class Bench:
+    """An engine on a TapSim, confirming every placement when asked."""
+
+    url: str
+    telemetry_hz: int = 50
+    client: ControllerClient = field(init=False)
+    handle: ControllerHandle = field(init=False)
+    store: RecordStore = field(init=False)
+    engine: Engine = field(init=False)
+    events: list[tuple[float, SessionEvent]] = field(init=False, default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] = field(init=False)
+    _done: asyncio.Event | None = field(init=False, default=None)
+
+    async def __aenter__(self) -> Bench:
+        self._tmp = tempfile.TemporaryDirectory(prefix="pbmd-bench-")
+        self.client = await open_controller(self.url, telemetry_hz=self.telemetry_hz)
+        self.handle = ControllerHandle("main", self.client)
+        self.store = await RecordStore.open(Path(self._tmp.name) / "r.sqlite3", min_free_bytes=0)
+        self.engine = Engine(
+            PortMap.single(self.handle), self.store, telemetry_hz=self.telemetry_hz
+        )
+        self.engine.add_listener(self._on_event)
+        await self.handle.wait_clock_settled(5.0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        s = self.engine.session
+        if s is not None and not s.state.final:
+            await s.abort("bench ended")
+        await self.store.close()
+        self.handle.detach()
+        await self.client.close()
+        self._tmp.cleanup()
+
+    def _on_event(self, ev: SessionEvent) -> None:
+        self.events.append((time.monotonic(), ev))
+        if ev.kind == "port_waiting" and "confirm placement" in ev.message:
+            s = self.engine.session
+            assert s is not None and ev.port is not None
+            port = ev.port
+            asyncio.get_running_loop().call_soon(lambda: _confirm(s, port))
+
+    def plan(self, text: str) -> tuple[Plan, frozenset[str]]:
+        loaded = parse_protocol(text)
+        return (
+            plan(loaded.protocol, self.engine.port_map.applicators()),
+            frozenset(c.value for c in loaded.protocol.contraindications),
+        )
+
+    async def start(self, the_plan: Plan, contraindicated: frozenset[str]) -> Session:
+        return await self.engine.start_session(
+            SessionRequest(
+                plan=the_plan,
+                patient_ref="BENCH",
+                contraindications={},
+                contraindicated_by_protocol=contraindicated,
+            )
+        )
+
+    async def wait_event(
+        self, pred: Callable[[SessionEvent], bool], timeout_s: float, after: float
+    ) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for t, ev in self.events:
+                if t >= after and pred(ev):
+                    return t
+            if time.monotonic() > deadline:
+                raise TimeoutError("event did not come")
+            await self.handle.next_sample(1.0)
+
+
+def _confirm(s: Session, port: int) -> None:
+    with contextlib.suppress(Exception):
+        s.confirm(port)
+
+
+HEADER = """\
+schema_version = 1
+id = "{id}"
+version = 1
+title = "Benchmark protocol"
+indication = "Benchmark only."
+contraindications = ["cancer", "pregnancy"]
+
+[course]
+sessions = 1
+interval_days = 1
+
+[[evidence]]
+ref = "jenkins-carroll-2011"
+relevance = "Benchmark only."
+"""
+
+PAD = 'kind = "pad"\nchannels_nm = [660, 830]\nbeam_area_cm2 = 180.0\n'
+PROBE = 'kind = "probe"\nchannels_nm = [905]\nbeam_area_cm2 = 0.5\n'
+
+
+def protocol(
+    pad_steps: Mapping[int, Sequence[tuple[int, float, float]]],
+    probe_points: Sequence[tuple[float, float]] = (),
+    protocol_id: str = "bench",
+) -> str:
+    """Pads: per port, (wavelength, irradiance mW/cm², fluence J/cm²) steps; the probe
+    (port 4): (power mW, energy J) points, each its own site."""
+    text = HEADER.format(id=protocol_id)
+    for port in pad_steps:
+        text += (
+            f'\n[sites.pad{port}]\nlabel = "Pad site {port}"\nregion = "lumbar"\n'
+            "area_covered_cm2 = 180.0\n"
+        )
+    for i in range(len(probe_points)):
+        text += (
+            f'\n[sites.point{i}]\nlabel = "Point {i}"\nregion = "lumbar"\narea_covered_cm2 = 0.5\n'
+        )
+    for port, steps in sorted(pad_steps.items()):
+        text += f"\n[ports.{port}.applicator]\n{PAD}"
+        for nm, irradiance, fluence in steps:
+            planned = fluence / irradiance * 1000
+            text += (
+                f'\n[[ports.{port}.steps]]\nsite = "pad{port}"\nwavelength_nm = {nm}\n'
+                'mode = "continuous"\ntechnique = "contact"\n'
+                f"irradiance_mw_cm2 = {irradiance}\nfluence_j_cm2 = {fluence}\n"
+                f"max_time_s = {min(max(round(planned * 1.2 + 1), 2), 1800)}\n"
+            )
+    if probe_points:
+        text += f"\n[ports.4.applicator]\n{PROBE}"
+        for i, (power_mw, energy_j) in enumerate(probe_points):
+            planned = energy_j / power_mw * 1000
+            text += (
+                f'\n[[ports.4.steps]]\nsite = "point{i}"\nwavelength_nm = 905\n'
+                'mode = "pulsed"\ntechnique = "contact"\n'
+                f"power_mw = {power_mw}\npulse_hz = 5000\nduty_permille = 1\n"
+                f"energy_j = {energy_j}\nmax_time_s = {max(round(planned * 1.2 + 1), 2)}\n"
+                "gating = { confirm_placement = true, skin_contact = true }\n"
+            )
+    return text

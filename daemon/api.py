@@ -62,6 +62,8 @@ log = structlog.get_logger()
 
 JSONRPC = "2.0"
 MAX_BATCH = 64
+STATUS_MAX_AGE_S = 0.05
+"""A status snapshot is shared by every request within this age."""
 
 # JSON-RPC 2.0 error codes, and pbmd's in the server range (-32000..-32099).
 PARSE_ERROR = -32700
@@ -211,7 +213,9 @@ def peer_credentials(sock: Any) -> tuple[int, int, int, frozenset[int]]:
     pid, uid, gid = struct.unpack("3i", raw)
     groups: frozenset[int] = frozenset()
     try:
-        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        # 1024 bytes (256 groups) is the most Python's getsockopt() will ask for; a
+        # caller in more groups gets ERANGE and the user database below.
+        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4]))
     except OSError:
         # Older kernels: the user database's view of the user's groups.
@@ -400,17 +404,44 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def encode(message: Mapping[str, Any] | Sequence[Any]) -> bytes:
-    """One line of JSON; non-finite numbers become null (JSON has no NaN)."""
+@dataclass(frozen=True)
+class RawJson:
+    """A result already encoded as JSON (a cached status), put into the reply as is."""
+
+    data: bytes
+
+
+def encode_value(value: Any) -> bytes:
+    """JSON without a newline; non-finite numbers become null (JSON has no NaN)."""
     try:
-        text = json.dumps(message, default=_default, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False)
     except ValueError:
         text = json.dumps(
-            _finite(json.loads(json.dumps(message, default=_default, allow_nan=True))),
+            _finite(json.loads(json.dumps(value, default=_default, allow_nan=True))),
             ensure_ascii=False,
             allow_nan=False,
         )
-    return text.encode("utf-8") + b"\n"
+    return text.encode("utf-8")
+
+
+def _encode_one(message: Any) -> bytes:
+    if isinstance(message, dict) and isinstance(message.get("result"), RawJson):
+        raw: RawJson = message["result"]
+        return (
+            b'{"jsonrpc": "2.0", "id": '
+            + encode_value(message.get("id"))
+            + b', "result": '
+            + raw.data
+            + b"}"
+        )
+    return encode_value(message)
+
+
+def encode(message: Mapping[str, Any] | Sequence[Any]) -> bytes:
+    """One line: a message, or a batch of replies."""
+    if isinstance(message, list):
+        return b"[" + b", ".join(_encode_one(m) for m in message) + b"]\n"
+    return _encode_one(message) + b"\n"
 
 
 def notification(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -536,6 +567,7 @@ class Connection:
         self._closing = False
         self._cleanups: list[Callable[[], None]] = []
         self._writer_task: asyncio.Task[None] | None = None
+        self._high_water = writer.transport.get_write_buffer_limits()[1]
 
     # -- Caller
 
@@ -559,6 +591,15 @@ class Connection:
     def send_encoded(self, data: bytes) -> bool:
         if self.closed:
             return False
+        transport = self.writer.transport
+        if not self._queue and transport.get_write_buffer_size() < self._high_water:
+            # The kernel takes it now (or the transport buffers a little): no task hop.
+            try:
+                transport.write(data)
+            except (ConnectionError, OSError, RuntimeError):
+                self.abort("connection lost")
+                return False
+            return True
         if len(self._queue) >= self.server.queue_messages:
             self.server.stats.dropped_slow += 1
             self.abort(f"slow reader: {len(self._queue)} replies not read")
@@ -695,6 +736,7 @@ class JsonRpcServer:
         socket_mode: int = 0o666,
         max_request_bytes: int = 256 * 1024,
         max_clients: int = 256,
+        max_clients_per_uid: int = 32,
         queue_messages: int = 256,
         send_timeout_s: float = 10.0,
         requests_per_tick: int = 8,
@@ -705,6 +747,7 @@ class JsonRpcServer:
         self.socket_mode = socket_mode
         self.max_request_bytes = max_request_bytes
         self.max_clients = max_clients
+        self.max_clients_per_uid = max_clients_per_uid
         self.queue_messages = queue_messages
         self.send_timeout_s = send_timeout_s
         self.budget = Budget(requests_per_tick)
@@ -719,7 +762,10 @@ class JsonRpcServer:
     async def start(self) -> None:
         self._prepare_path()
         self._server = await asyncio.start_unix_server(
-            self._accept, path=str(self.path), limit=self.max_request_bytes
+            self._accept,
+            path=str(self.path),
+            limit=self.max_request_bytes,
+            backlog=max(128, 2 * self.max_clients),
         )
         os.chmod(self.path, self.socket_mode)
         st = os.stat(self.path)
@@ -792,22 +838,14 @@ class JsonRpcServer:
         except OSError:
             writer.transport.abort()
             return
-        if self.stopping or len(self.connections) >= self.max_clients:
+        peer = self.resolver.peer(pid, uid, gid, groups)
+        refusal = self._admission(peer)
+        if refusal is not None:
             self.stats.rejected_connections += 1
-            err = (
-                RpcError(SHUTTING_DOWN, "pbmd is stopping; try again when it is back")
-                if self.stopping
-                else RpcError(
-                    OVERLOADED,
-                    f"too many clients ({self.max_clients}); close idle pbmctl watches or "
-                    "raise api.max_clients",
-                )
-            )
             with contextlib.suppress(ConnectionError, OSError):
-                writer.write(encode(_error_reply(None, err)))
+                writer.write(encode(_error_reply(None, refusal)))
                 writer.close()
             return
-        peer = self.resolver.peer(pid, uid, gid, groups)
         conn = Connection(self, reader, writer, peer, next(self._numbers))
         self.connections.add(conn)
         self.stats.connections += 1
@@ -815,6 +853,34 @@ class JsonRpcServer:
             await conn.run()
         finally:
             self.connections.discard(conn)
+
+    def _admission(self, peer: Peer) -> RpcError | None:
+        """Who may connect now. Staff keep a quarter of the places for themselves, and a
+        user other than root or the daemon's own holds at most `max_clients_per_uid`, so
+        a reader opening connections in a loop cannot lock a clinician out."""
+        if self.stopping:
+            return RpcError(SHUTTING_DOWN, "pbmd is stopping; try again when it is back")
+        total = len(self.connections)
+        if total >= self.max_clients:
+            return RpcError(
+                OVERLOADED,
+                f"too many clients ({self.max_clients}); close idle pbmctl watches or raise "
+                "api.max_clients",
+            )
+        if not peer.sees_patients and total >= self.max_clients - max(1, self.max_clients // 4):
+            return RpcError(
+                OVERLOADED,
+                "too many clients; the remaining places are kept for clinicians and technicians",
+            )
+        if peer.uid not in (0, self.resolver.daemon_uid):
+            mine = sum(1 for c in self.connections if c.peer.uid == peer.uid)
+            if mine >= self.max_clients_per_uid:
+                return RpcError(
+                    OVERLOADED,
+                    f"user {peer.user} already has {mine} connections to pbmd (the limit); "
+                    "close some",
+                )
+        return None
 
     # -- requests
 
@@ -1183,11 +1249,20 @@ def build_registry(service: Service) -> Registry:
     async def methods(caller: Caller, p: NoParams) -> Any:
         return {"methods": reg.describe(), "you": caller.peer.as_dict()}
 
+    cache: dict[bool, tuple[float, bytes]] = {}
+
     @reg.add("status", NoParams, ANYONE, "Daemon, controllers, ports, records, current session.")
     async def status(caller: Caller, p: NoParams) -> Any:
-        out = service.status(full=caller.peer.sees_patients)
-        out["caller"] = caller.peer.as_dict()
-        return out
+        # One snapshot serves every caller for STATUS_MAX_AGE_S: a thousand requests a
+        # second cost a thousand splices, not a thousand snapshots.
+        full = caller.peer.sees_patients
+        now = time.monotonic()
+        hit = cache.get(full)
+        if hit is None or now - hit[0] > STATUS_MAX_AGE_S:
+            hit = (now, encode_value(service.status(full=full)))
+            cache[full] = hit
+        body = hit[1]
+        return RawJson(b'{"caller": ' + encode_value(caller.peer.as_dict()) + b", " + body[1:])
 
     # ---------------------------------------------------------------- protocols
 

@@ -239,10 +239,12 @@ class SimOptions(_Section):
         description='Applicator per port, e.g. { 1 = "duo_pad", 4 = "probe_905" }; '
         '"none" for an empty port. Default: ports 1-3 duo_pad, port 4 probe_905.',
     )
-    transport: Literal["pty", "tcp"] = Field(
-        default="pty",
-        description="How pbmd talks to its simulator: a pseudo-terminal (private, like a "
-        "serial line) or a loopback TCP port.",
+    transport: Literal["tcp", "pty"] = Field(
+        default="tcp",
+        description="How pbmd talks to its simulator: a loopback TCP port (default; another "
+        "local process connecting to it would take the link over) or a pseudo-terminal "
+        "(private, like a serial line, but its bytes pass through the kernel's tty "
+        "workqueue, which a busy machine can delay past the telemetry staleness limit).",
     )
     control: str | None = Field(
         default=None,
@@ -349,6 +351,12 @@ class ApiConfig(_Section):
     technician_group: str = Field(default="pbm-technician", min_length=1)
     max_request_bytes: int = Field(default=256 * 1024, ge=4096, le=16 * 1024 * 1024)
     max_clients: int = Field(default=256, ge=1, le=4096)
+    max_clients_per_uid: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Connections one user may hold (root and pbmd's own user: no limit).",
+    )
     send_queue_messages: int = Field(default=256, ge=8, le=65536)
     send_timeout_s: float = Field(default=10.0, gt=0, le=600)
     watch_interval_s: float = Field(default=0.25, ge=0.05, le=10.0)

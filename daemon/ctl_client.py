@@ -129,9 +129,7 @@ class Client:
     @classmethod
     async def connect(cls, path: Path, timeout_s: float = 5.0) -> Client:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(path), limit=MAX_REPLY_BYTES), timeout_s
-            )
+            reader, writer = await asyncio.wait_for(cls._open(path), timeout_s)
         except FileNotFoundError:
             raise DaemonUnreachable(
                 f"pbmd is not running (no socket {path}); start it with `pbmd run`, or give "
@@ -149,6 +147,17 @@ class Client:
         except (TimeoutError, OSError) as exc:
             raise DaemonUnreachable(f"cannot connect to {path}: {exc}") from None
         return cls(reader, writer)
+
+    @staticmethod
+    async def _open(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect; a full listen backlog (EAGAIN) is retried until the caller's timeout."""
+        delay_s = 0.005
+        while True:
+            try:
+                return await asyncio.open_unix_connection(str(path), limit=MAX_REPLY_BYTES)
+            except BlockingIOError:
+                await asyncio.sleep(delay_s)  # back-off while the daemon accepts others
+                delay_s = min(delay_s * 2, 0.2)
 
     async def _read(self) -> None:
         reason = "pbmd closed the connection"

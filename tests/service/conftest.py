@@ -29,6 +29,7 @@ def _factory(base: Path, made: list[Daemon]) -> DaemonFactory:
         *,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        nice: int | None = None,
         **config: Any,
     ) -> Daemon:
         home = base / name
@@ -38,7 +39,7 @@ def _factory(base: Path, made: list[Daemon]) -> DaemonFactory:
         sock = home / "control.sock"
         path = home / "pbmd.toml"
         path.write_text(toml_config(state, sock, **config), encoding="utf-8")
-        daemon = Daemon(path, sock, state, env=env, extra_args=args)
+        daemon = Daemon(path, sock, state, env=env, extra_args=args, nice=nice)
         made.append(daemon)
         return daemon
 

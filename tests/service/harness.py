@@ -240,6 +240,8 @@ class Daemon:
     extra_args: Sequence[str] = ()
     argv: Sequence[str] | None = None
     """The whole command line instead of `pbmd run --config FILE`."""
+    nice: int | None = None
+    """Run at this nice value, as systemd/pbmd.service does (Nice=-10)."""
     proc: subprocess.Popen[bytes] | None = None
     lines: list[bytes] = field(default_factory=list)
     records: list[LogRecord] = field(default_factory=list)
@@ -250,7 +252,11 @@ class Daemon:
 
     def start(self, *, wait_ready: bool = True) -> Daemon:
         env = {**os.environ, **(self.env or {})}
-        argv = self.argv or [*PBMD, "run", "--config", str(self.config_path), *self.extra_args]
+        argv = list(
+            self.argv or [*PBMD, "run", "--config", str(self.config_path), *self.extra_args]
+        )
+        if self.nice is not None:
+            argv = ["nice", "-n", str(self.nice), *argv]
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -355,9 +361,18 @@ class RawClient:
     """JSON-RPC 2.0 over the Unix socket, blocking, one line per message."""
 
     def __init__(self, path: Path, timeout_s: float = TIMEOUT_S) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))  # blocking: waits for a place in the backlog
+                break
+            except BlockingIOError:
+                # Linux refuses at once when the backlog is full: try again (bounded).
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
         self.sock.settimeout(timeout_s)
-        self.sock.connect(str(path))
         self._buf = b""
         self._ids = itertools.count(1)
         self.notifications: list[dict[str, Any]] = []
@@ -526,3 +541,84 @@ def running(daemon: Daemon) -> Iterator[Daemon]:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
         daemon.kill()
+
+
+def in_child(
+    uid: int, gid: int, groups: Sequence[int], fn: Callable[[], Any], timeout_s: float = 120.0
+) -> Any:
+    """Run `fn()` in a forked child that has dropped to uid/gid/groups; its JSON result.
+
+    A fork rather than a new interpreter: the other uid cannot read root's Python
+    installation, so the child uses the modules the parent already loaded.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            out = json.dumps({"ok": fn()}).encode()
+        except BaseException as exc:
+            out = json.dumps({"error": repr(exc)}).encode()
+        try:
+            view = memoryview(out)
+            while view:
+                view = view[os.write(w, view) :]
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout_s
+    import select
+
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([r], [], [], max(left, 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"child did not finish within {timeout_s} s")
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    result = json.loads(b"".join(chunks))
+    if "error" in result:
+        raise AssertionError(f"child failed: {result['error']}")
+    return result["ok"]
+
+
+def pbmctl_in_child(
+    uid: int, gid: int, groups: Sequence[int], argv: Sequence[str]
+) -> tuple[int, str]:
+    """pbmctl's main() as another user (forked; see `in_child`): exit status and output."""
+    from pbmd.daemon import pbmctl as ctl
+
+    def run() -> Any:
+        out_r, out_w = os.pipe()
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.close(out_w)
+        os.set_blocking(out_r, False)
+        # pytest replaced sys.stdout/stderr with its capture objects: write to the fds.
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        try:
+            code = ctl.main(list(argv))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(out_r, 1 << 16):
+                data += chunk
+        return [code, data.decode(errors="replace")]
+
+    code, text = in_child(uid, gid, groups, run)
+    return int(code), str(text)

@@ -9,6 +9,8 @@ import socket
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from .conftest import DaemonFactory
 from .harness import (
     SCREENING_CHRONIC,
@@ -80,7 +82,11 @@ def test_chronic_lumbar_end_to_end_through_pbmctl(daemon: Daemon) -> None:
     assert listed[0]["id"] == session_id
 
 
-def test_session_over_raw_socket_with_watch(daemon: Daemon, workdir: Path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "pty"])
+def test_session_over_raw_socket_with_watch(
+    make_daemon: DaemonFactory, workdir: Path, transport: str
+) -> None:
+    daemon = make_daemon(sim_extra=f'transport = "{transport}"\n').start()
     path = write_protocol(workdir)
     installed = pbmctl_json(daemon.socket_path, "protocol", "install", str(path))
     assert installed["installed"]["signed_by"] == "42E43555FA8591F9"

@@ -1,0 +1,317 @@
+"""Configuration: every error names the file, the key, the value and the fix, all at once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pbmd.daemon import config as cfg
+
+from .harness import PBMD
+
+MINIMAL = '[[controllers]]\nname = "main"\nlink = "sim"\n'
+
+
+def issues(text: str, tmp_path: Path | None = None) -> list[cfg.ConfigIssue]:
+    base = tmp_path if tmp_path is not None else Path("/nonexistent")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(text, "test.toml", base=base)
+    assert info.value.source == "test.toml"
+    return list(info.value.issues)
+
+
+def one(text: str, key: str, tmp_path: Path | None = None) -> cfg.ConfigIssue:
+    found = [i for i in issues(text, tmp_path) if i.key == key]
+    assert found, f"no issue for {key}"
+    return found[0]
+
+
+# (extra TOML after a minimal valid file, key, words in the problem, words in the fix)
+CASES = [
+    ('colour = "blue"\n', "colour", "unknown key", "remove it"),
+    ("[api]\nsocket_mod = 1\n", "api.socket_mod", "unknown key", 'did you mean "socket_mode"'),
+    ("state_dir = 5\n", "state_dir", "wrong type", "a path in quotes"),
+    ('device_id = "a b"\n', "device_id", "wrong form", "matching"),
+    ("[api]\nmax_clients = 0\n", "api.max_clients", "at least 1", "at least 1"),
+    ('[api]\nmax_clients = "many"\n', "api.max_clients", "wrong type", "an integer"),
+    ("[api]\nwatch_interval_s = 100.0\n", "api.watch_interval_s", "at most 10", "at most 10"),
+    ('[api]\nsocket_mode = "rw"\n', "api.socket_mode", "wrong form", "matching"),
+    ('[api]\nclinician_group = ""\n', "api.clinician_group", "at least 1", "configuration.md"),
+    ("[engine]\ntelemetry_hz = 1000\n", "engine.telemetry_hz", "at most 200", "at most 200"),
+    ("[records]\nsync_interval_s = 0\n", "records.sync_interval_s", "above 0", "above 0"),
+    (
+        "[limits]\nfluence_ceiling_j_cm2 = 50.0\n",
+        "limits.fluence_ceiling_j_cm2",
+        "at most 20",
+        "at most 20",
+    ),
+    (
+        "[limits]\nstep_time_min_s = 100.0\nstep_time_max_s = 10.0\n",
+        "limits",
+        "step_time_min_s is above step_time_max_s",
+        "configuration.md",
+    ),
+    ('[calibration]\ndue = "2025-01-01"\n', "calibration.due", "wrong type", "a TOML date"),
+    ('[logging]\nlevel = "verbose"\n', "logging.level", "not an accepted value", "'debug'"),
+    ('[logging]\nformat = "xml"\n', "logging.format", "not an accepted value", "'json'"),
+    (
+        "[protocols]\npreload_shipped = true\n",
+        "protocols.preload_shipped",
+        "TEST key",
+        "trust_test_key = true",
+    ),
+    (
+        '[protocols]\ntrusted_keys = ["missing.pub"]\n',
+        "protocols.trusted_keys",
+        "no such file",
+        "minisign public key",
+    ),
+    ('[ports]\n1 = "mian:1"\n', "ports.1", "no controller is named 'mian'", "main"),
+    ('[ports]\n1 = "main"\n', "ports.1", "not a controller port", "CONTROLLER:PORT"),
+    ('[ports]\nx = "main:1"\n', "ports.x", "not a logical port", "1..8"),
+    ('[ports]\n1 = "main:9"\n', "ports.1", "device port 9 does not exist", "1..8"),
+    (
+        '[ports]\n1 = "main:1"\n2 = "main:1"\n',
+        "ports.2",
+        "already logical port 1",
+        "one logical port",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "key", "problem", "fix"), CASES)
+def test_each_error_names_key_value_problem_and_fix(
+    extra: str, key: str, problem: str, fix: str, tmp_path: Path
+) -> None:
+    issue = one(extra + MINIMAL, key, tmp_path)
+    assert problem in issue.problem
+    assert fix in issue.fix
+    text = issue.render()
+    assert text.startswith(f"{key} = ")
+    assert "fix: " in text
+
+
+CONTROLLER_CASES = [
+    ('name = "Main Ctl"\nlink = "sim"\n', "controllers[1].name", "not a controller name"),
+    ('name = "m"\nlink = "usb://1209:0001"\n', "controllers[1].link", "USB"),
+    ('name = "m"\nlink = "socket://host"\n', "controllers[1].link", "not a socket URL"),
+    ('name = "m"\nlink = "socket://h:99999"\n', "controllers[1].link", "not a socket URL"),
+    ('name = "m"\nlink = "ttyUSB0"\n', "controllers[1].link", "not a controller link"),
+    (
+        'name = "m"\nlink = "/dev/ttyACM0"\n[controllers.sim]\n',
+        "controllers[1]",
+        "simulator options given",
+    ),
+    (
+        'name = "m"\nlink = "sim"\n[controllers.sim]\ntime_scale = 500.0\n',
+        "controllers[1].sim.time_scale",
+        "at most 120",
+    ),
+    (
+        'name = "m"\nlink = "sim"\n[controllers.sim]\nports = { 9 = "duo_pad" }\n',
+        "controllers[1].sim.ports",
+        "not a port number",
+    ),
+    (
+        'name = "m"\nlink = "sim"\n[controllers.sim]\nports = { 1 = "laser" }\n',
+        "controllers[1].sim.ports",
+        "not a simulated applicator",
+    ),
+    (
+        'name = "m"\nlink = "sim"\n[controllers.sim]\ntransport = "usb"\n',
+        "controllers[1].sim.transport",
+        "not an accepted value",
+    ),
+    (
+        'name = "m"\nlink = "sim"\n[controllers.sim]\ncontrol = "nowhere"\n',
+        "controllers[1].sim.control",
+        "not HOST:PORT",
+    ),
+    ('link = "sim"\n', "controllers[1].name", "required key is missing"),
+]
+
+
+@pytest.mark.parametrize(("body", "key", "problem"), CONTROLLER_CASES)
+def test_controller_errors(body: str, key: str, problem: str) -> None:
+    issue = one("[[controllers]]\n" + body, key)
+    assert problem in issue.problem
+    assert issue.fix
+
+
+def test_usb_is_refused_with_the_alternatives() -> None:
+    issue = one('[[controllers]]\nname = "m"\nlink = "usb://1209:0001"\n', "controllers[1].link")
+    assert "/dev/serial/by-id/" in issue.fix and "socket://" in issue.fix
+    assert issue.value == "usb://1209:0001"
+
+
+def test_controllers_required_and_map_needed_for_two() -> None:
+    assert one("", "controllers").missing
+    two = '[[controllers]]\nname = "a"\nlink = "sim"\n[[controllers]]\nname = "b"\nlink = "sim"\n'
+    assert "logical port map is required" in one(two, "ports").problem
+    dup = '[[controllers]]\nname = "a"\nlink = "sim"\n[[controllers]]\nname = "a"\nlink = "sim"\n'
+    assert (
+        "two controllers have this name"
+        in one('[ports]\n1 = "a:1"\n' + dup, "controllers[2].name").problem
+    )
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    text = (
+        'colour = "blue"\n[[controllers]]\nname = "Main"\nlink = "usb://x"\n'
+        "[api]\nmax_clients = 0\n[logging]\nlevel = 3\n"
+        '[ports]\n1 = "nope:1"\n[protocols]\npreload_shipped = true\n'
+    )
+    found = {i.key for i in issues(text, tmp_path)}
+    assert found >= {
+        "colour",
+        "controllers[1].name",
+        "controllers[1].link",
+        "api.max_clients",
+        "logging.level",
+        "ports.1",
+        "protocols.preload_shipped",
+    }
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(text, "/etc/pbmd/pbmd.toml")
+    rendered = info.value.render()
+    assert rendered.startswith("/etc/pbmd/pbmd.toml: ")
+    assert f"{len(info.value.issues)} configuration errors" in rendered
+
+
+def test_toml_syntax_error_names_the_line() -> None:
+    issue = one('[[controllers]]\nname = "m\nlink = "sim"\n', "(file)")
+    assert "line 2" in issue.problem and "TOML" in issue.fix
+
+
+def test_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(tmp_path / "absent.toml")
+    assert "no such file" in info.value.issues[0].problem
+    assert "embedded development default" in info.value.issues[0].fix
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(binary)
+    assert "cannot read it" in info.value.issues[0].problem
+
+
+def test_key_file_that_is_not_a_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key\n")
+    issue = one(
+        '[protocols]\ntrusted_keys = ["bad.pub"]\n' + MINIMAL, "protocols.trusted_keys", tmp_path
+    )
+    assert "not a minisign public key" in issue.problem
+
+
+def test_relative_paths_follow_the_file(tmp_path: Path) -> None:
+    from pbmd.protocols.library import TEST_KEY_FILE
+
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "k.pub").write_bytes(TEST_KEY_FILE.read_bytes())
+    path = tmp_path / "pbmd.toml"
+    path.write_text(
+        'state_dir = "state"\n'
+        + MINIMAL
+        + '[api]\nsocket = "run/c.sock"\n[protocols]\ntrusted_keys = ["keys/k.pub"]\n'
+    )
+    config, source = cfg.load(path)
+    assert source == str(path)
+    assert config.resolved_state_dir == tmp_path / "state"
+    assert config.socket_path == tmp_path / "run" / "c.sock"
+    assert config.protocols.trusted_keys == [tmp_path / "keys" / "k.pub"]
+    assert [k.id_hex for k in cfg.check_trusted_keys(config)] == ["42E43555FA8591F9"]
+
+
+def test_socket_path_too_long(tmp_path: Path) -> None:
+    long_dir = "/tmp/" + "x" * 120
+    issue = one(f'[api]\nsocket = "{long_dir}/c.sock"\n' + MINIMAL, "api.socket")
+    assert "Unix sockets allow 107" in issue.problem
+
+
+def test_mqtt_table_is_validated_by_the_publisher_model() -> None:
+    model = cfg.mqtt_config_model()
+    if model is None:
+        config = cfg.parse('[mqtt]\nanything = "goes"\n' + MINIMAL)
+        assert config.mqtt == {"anything": "goes"}
+        return
+    issue = one("[mqtt]\nport = 0\n" + MINIMAL, "mqtt.port")
+    assert "at least 1" in issue.problem
+    assert one("[mqtt]\nhots = 1\n" + MINIMAL, "mqtt.hots").problem == "unknown key"
+
+
+def test_embedded_default_and_round_trip() -> None:
+    config, source = cfg.load(None)
+    assert source == cfg.DEFAULT_SOURCE
+    assert config.controllers[0].link == "sim"
+    assert config.protocols.trust_test_key and config.protocols.preload_shipped
+    assert any("NOT FOR CLINICAL USE" in line for line in config.development)
+    again = cfg.parse(cfg.render_toml(config))
+    assert again.model_dump() == cfg.parse(cfg.render_toml(again)).model_dump()
+    assert again.resolved_state_dir == config.resolved_state_dir
+    dated = cfg.parse("[calibration]\ndue = 2030-01-31\n" + MINIMAL)
+    assert cfg.parse(cfg.render_toml(dated)).calibration.due == dt.date(2030, 1, 31)
+
+
+def test_overrides_are_checked_like_the_file() -> None:
+    config, source = cfg.load(None)
+    fast = cfg.with_overrides(config, source, sim_time_scale=60.0, state_dir=Path("/tmp/x"))
+    assert fast.controllers[0].sim_options.time_scale == 60.0
+    assert fast.resolved_state_dir == Path("/tmp/x")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.with_overrides(config, source, sim_time_scale=500.0)
+    assert info.value.issues[0].key == "--sim-time-scale"
+    real = cfg.parse('[[controllers]]\nname = "m"\nlink = "socket://127.0.0.1:7000"\n')
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.with_overrides(real, "x", sim_time_scale=2.0)
+    assert "no controller of this configuration is simulated" in info.value.issues[0].problem
+
+
+def test_default_paths_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY", "XDG_STATE_HOME", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert cfg.default_state_dir() == Path("/home/someone/.local/state/pbmd")
+    monkeypatch.setenv("XDG_STATE_HOME", "/xdg/state")
+    assert cfg.default_state_dir() == Path("/xdg/state/pbmd")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/pbmd")
+    assert cfg.default_state_dir() == Path("/var/lib/pbmd")
+    state = Path("/var/lib/pbmd")
+    assert cfg.default_socket_path(state) == state / "control.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert cfg.default_socket_path(state) == Path("/run/user/1000/pbmd/control.sock")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/pbmd")
+    assert cfg.default_socket_path(state) == Path("/run/pbmd/control.sock")
+    monkeypatch.setenv("PBMD_SOCKET", "/elsewhere.sock")
+    assert cfg.client_socket_candidates()[0] == Path("/elsewhere.sock")
+
+
+def test_pbmd_config_commands(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    default = subprocess.run(
+        [*PBMD, "config", "default"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert default.returncode == 0 and 'link = "sim"' in default.stdout
+    good = tmp_path / "good.toml"
+    good.write_text(default.stdout)
+    check = subprocess.run(
+        [*PBMD, "config", "check", "--config", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert check.returncode == 0 and "OK" in check.stdout and "NOT FOR CLINICAL USE" in check.stdout
+    show = subprocess.run(
+        [*PBMD, "config", "show", "--config", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert show.returncode == 0 and "[api]" in show.stdout
+    assert cfg.parse(show.stdout.split("\n", 1)[1]).api.max_clients == 256

@@ -50,7 +50,6 @@ from pbmd.drivers import codec
 if TYPE_CHECKING:
     from pbmd.daemon.engine import Engine
     from pbmd.daemon.records import RecordStore
-    from pbmd.daemon.session import SessionEvent
 
 log = structlog.get_logger()
 
@@ -261,7 +260,7 @@ def _clean(value: Any) -> Any:
         if not math.isfinite(value):
             return None
         return float(f"{value:.6g}")
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
@@ -388,7 +387,7 @@ class MqttPublisher:
         self._retained_ready = asyncio.Event()
         self._discovery: dict[str, bytes] = {}
         self._state_key: Any = None
-        self._state_value: Any = None
+        self._state_temperatures: Any = None
         self._state_at = -math.inf
         self._session_value: Any = None
         self._was_emitting: dict[int, tuple[str, Any]] = {}
@@ -399,7 +398,6 @@ class MqttPublisher:
 
         self._discovery_due = False
 
-        self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._connected = False
         self._link_over = True
@@ -466,9 +464,8 @@ class MqttPublisher:
         self._started = True
         self._version = await asyncio.to_thread(_pbmd_version)
         self._discovery = self._discovery_configs()
-        self.engine.add_listener(self._on_session_event)
         self.store.add_commit_listener(self._on_commit)
-        self._snapshot(force=True)
+        self._snapshot(self._session_status(), force=True)
         self._sampler_task = asyncio.create_task(self._sample_loop(), name="mqtt-sampler")
         self._run_task = asyncio.create_task(self._run(), name="mqtt-connection")
         log.info(
@@ -489,7 +486,7 @@ class MqttPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         with contextlib.suppress(Exception):
-            self._snapshot(force=False)
+            self._snapshot(self._session_status(), force=False)
         self._closing.set()
         run = self._run_task
         if run is not None:
@@ -508,10 +505,6 @@ class MqttPublisher:
 
     # ----------------------------------------------------------------- hooks (never block)
 
-    def _on_session_event(self, _event: SessionEvent) -> None:
-        """The engine's listener: a flag for the sampler, nothing else."""
-        self._wake.set()
-
     def _on_commit(self, _written: int) -> None:
         """The records store committed: new events may be in the outbox."""
         if not self._closed:
@@ -520,40 +513,35 @@ class MqttPublisher:
     # ----------------------------------------------------------------- sampling
 
     async def _sample_loop(self) -> None:
+        """Sample the engine at the live rate. Nothing else: no engine callback wakes
+        this task, so a burst of session events (a step ending on every port at
+        once) never adds publisher work at the moment stops are being timed."""
         loop = asyncio.get_running_loop()
         period_s = 1.0 / self.config.live_rate_hz
         next_s = loop.time() + period_s
         while True:
-            timeout_s = next_s - loop.time()
-            woken = False
-            if timeout_s > 0:
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        await self._wake.wait()
-                    woken = True
-                except TimeoutError:
-                    pass
-            self._wake.clear()
+            await asyncio.sleep(max(next_s - loop.time(), 0.0))  # the sampling cadence
             try:
-                if not woken:
-                    self._sample_dose()
-                self._snapshot(force=False)
+                status = self._session_status()
+                self._sample_dose(status)
+                self._snapshot(status, force=False)
             except Exception:
                 self._sample_failures += 1
                 if self._sample_failures == 1:
                     log.exception("mqtt.sample_failed")
-            if not woken:
-                next_s += period_s
-                now_s = loop.time()
-                if next_s < now_s:  # the loop was stalled: skip, never burst
-                    next_s = now_s + period_s
+            next_s += period_s
+            now_s = loop.time()
+            if next_s < now_s:  # the loop was stalled: skip ticks, never burst
+                next_s = now_s + period_s
 
-    def _sample_dose(self) -> None:
+    def _session_status(self) -> dict[str, Any] | None:
         session = self.engine.session
-        if session is None:
+        return None if session is None else session.status()
+
+    def _sample_dose(self, status: Mapping[str, Any] | None) -> None:
+        if status is None:
             self._was_emitting.clear()
             return
-        status = session.status()
         session_id = str(status["session_id"])
         emitting_now: dict[int, tuple[str, Any]] = {}
         for ps in status["ports"]:
@@ -577,19 +565,24 @@ class MqttPublisher:
                 self._live.put(topic, encode(payload))
         self._was_emitting = emitting_now
 
-    def _snapshot(self, *, force: bool) -> None:
-        """Recompute ``state`` and ``session``; queue the ones that changed."""
+    def _snapshot(self, status: Mapping[str, Any] | None, *, force: bool) -> None:
+        """Queue ``state`` and ``session`` when they changed. The raw telemetry is
+        compared first: the payload is only built when something moved."""
         now_s = asyncio.get_running_loop().time()
-        state, key = self._state_payload()
+        key, temperatures = self._state_key_now()
         if (
             force
             or key != self._state_key
-            or (state != self._state_value and now_s - self._state_at >= STATE_MIN_INTERVAL_S)
+            or (
+                temperatures != self._state_temperatures
+                and now_s - self._state_at >= STATE_MIN_INTERVAL_S
+            )
         ):
-            self._state_key, self._state_value, self._state_at = key, state, now_s
+            self._state_key, self._state_temperatures, self._state_at = key, temperatures, now_s
             topic = self.state_topic
+            state = self._state_payload()
             self._set_retained(topic, {"ts": utc_text(), "seq": self._next_seq(topic), **state})
-        session = self._session_payload()
+        session = self._session_payload(status)
         if force or session != self._session_value:
             self._session_value = session
             topic = self.session_topic
@@ -604,8 +597,38 @@ class MqttPublisher:
         self._dirty.add(topic)
         self._retained_ready.set()
 
-    def _state_payload(self) -> tuple[dict[str, Any], Any]:
-        """The controller/interlock/fault snapshot, and its key without temperatures."""
+    def _state_key_now(self) -> tuple[Any, Any]:
+        """What ``state`` is made of, as cheap tuples: (everything but temperatures,
+        temperatures to 0.1 °C)."""
+        controllers = []
+        for ctrl in self.engine.controllers:
+            t = ctrl.telemetry
+            raw = None if t is None else (t.state, t.interlocks, t.fault_code)
+            controllers.append((ctrl.name, ctrl.client.is_open, raw))
+        ports = []
+        temperatures = []
+        for port, target in self.engine.port_map.items():
+            ctrl = target.controller
+            info = ctrl.client.ports.get(target.device_port)
+            sample = ctrl.sample(target.device_port)
+            ports.append(
+                (
+                    port,
+                    None if info is None else (info.applicator_kind, info.applicator_serial),
+                    None if sample is None else sample.flags,
+                )
+            )
+            temperatures.append(None if sample is None else round(sample.temp_centi_c / 10))
+        key = (
+            tuple(controllers),
+            tuple(ports),
+            self.engine.service_required,
+            self.store.healthy,
+        )
+        return key, tuple(temperatures)
+
+    def _state_payload(self) -> dict[str, Any]:
+        """The controller/interlock/fault snapshot."""
         controllers: list[dict[str, Any]] = []
         for ctrl in self.engine.controllers:
             t = ctrl.telemetry
@@ -655,27 +678,21 @@ class MqttPublisher:
                     temperature_c=round(sample.temp_centi_c / 100.0, 1),
                 )
             ports.append(entry)
-        state = {
+        return {
             "controllers": controllers,
             "ports": ports,
             "service_required": self.engine.service_required,
             "records_healthy": self.store.healthy,
         }
-        key = json.dumps(
-            {**state, "ports": [{**p, "temperature_c": None} for p in ports]}, sort_keys=True
-        )
-        return state, key
 
-    def _session_payload(self) -> dict[str, Any]:
-        session = self.engine.session
-        if session is None:
+    def _session_payload(self, st: Mapping[str, Any] | None) -> dict[str, Any]:
+        if st is None:
             return {
                 "session_id": None, "state": "idle", "protocol_id": None,
                 "protocol_version": None, "plan_hash": None, "started_utc": None,
                 "ended_utc": None, "cause_code": None, "cause_message": None, "trip": None,
                 "ports": [],
             }  # fmt: skip
-        st = session.status()
         # Never the patient reference: dashboards are not the clinical record.
         return {
             "session_id": st["session_id"],

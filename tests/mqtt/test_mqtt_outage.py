@@ -30,7 +30,7 @@ async def test_broker_outage_mid_session_loses_no_event(
     gate = Gate(broker.port)
     await gate.open()
     try:
-        rig = await make_rig(time_scale=60.0)
+        rig = await make_rig(time_scale=30.0)
         pub = await make_publisher(rig, gate.port)
         await subscriber.wait_for(
             lambda m: m.topic == f"{PREFIX}/status" and m.text == "online", what="online"

@@ -20,7 +20,7 @@ async def test_treats_with_broker_down_and_replays_after_restart(
     tmp_path: Path, make_rig: RigFactory, make_publisher: PublisherFactory
 ) -> None:
     port = free_port()  # nothing listens here yet
-    first = await make_rig(time_scale=60.0, name="daemon")
+    first = await make_rig(time_scale=30.0, name="daemon")
     pub = await make_publisher(first, port)
     await wait_stats(pub, lambda s: s.connect_failures >= 1)
     session = await first.start_session(protocol_text({1: (0.3,), 2: (0.3,), 3: (0.3,)}))
@@ -43,7 +43,7 @@ async def test_treats_with_broker_down_and_replays_after_restart(
     sub = Subscriber(broker.port)
     try:
         await sub.connect()
-        second = await make_rig(time_scale=60.0, name="daemon")  # same records file
+        second = await make_rig(time_scale=30.0, name="daemon")  # same records file
         pub = await make_publisher(second, broker.port)
         await sub.wait_until(
             lambda: (

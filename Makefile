@@ -11,7 +11,7 @@ PACKAGES := pbmd.daemon pbmd.drivers pbmd.protocols pbmd.hw_sim
 .PHONY: run test setup system-deps lint typecheck pytest bench clean
 
 run: setup
-	$(BIN)/pbmd demo
+	$(BIN)/pbmd demo --time-scale 60
 
 test: setup lint typecheck pytest
 

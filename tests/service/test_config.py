@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -315,3 +316,35 @@ def test_pbmd_config_commands(tmp_path: Path) -> None:
     )
     assert show.returncode == 0 and "[api]" in show.stdout
     assert cfg.parse(show.stdout.split("\n", 1)[1]).api.max_clients == 256
+
+
+def _keys(model: type[Any], prefix: str = "") -> list[str]:
+    """How the docs must spell each key: `key` for a value, [table] for a table."""
+    out = []
+    for name, field in model.model_fields.items():
+        sub = cfg._unwrap_model(field.annotation)
+        if sub is None and name != "mqtt":
+            out.append(f"`{name}`")
+            continue
+        out.append(f"[{prefix}{name}]")
+        if sub is not None and name != "limits":
+            out += _keys(sub, f"{prefix}{name}.")
+    return out
+
+
+def test_every_key_is_documented() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    missing = [k for k in _keys(cfg.Config) if k not in text]
+    assert not missing, f"docs/configuration.md does not describe {missing}"
+
+
+def test_the_clinic_example_parses(tmp_path: Path) -> None:
+    from pbmd.protocols.library import TEST_KEY_FILE
+
+    example = Path(__file__).parents[2] / "systemd" / "pbmd.example.toml"
+    key = tmp_path / "clinic.pub"
+    key.write_bytes(TEST_KEY_FILE.read_bytes())
+    text = example.read_text().replace("/etc/pbmd/keys/clinic.pub", str(key))
+    config = cfg.parse(text, str(example))
+    assert config.controllers[0].link.startswith("/dev/serial/by-id/")
+    assert config.development == []

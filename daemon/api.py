@@ -1098,6 +1098,12 @@ class WatchHub:
             self._followers.pop(session.id, None)
             self._sessions.pop(session.id, None)
 
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Let watches of sessions that have ended deliver their `session.ended`."""
+        followers = [t for sid, t in self._followers.items() if self._sessions[sid].state.final]
+        if followers:
+            await asyncio.wait(followers, timeout=timeout_s)
+
     async def close(self) -> None:
         self.closed = True
         tasks = [t for t in (self._ticker, *self._followers.values()) if t is not None]
@@ -1206,7 +1212,9 @@ class ReportParams(Params):
 
 
 class CalibrationSetParams(Params):
-    due: dt.date = Field(strict=False, description="ISO date, e.g. 2025-06-30.")
+    due: Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")] = Field(
+        description="ISO date, e.g. 2025-06-30."
+    )
 
 
 class ControllerParams(Params):
@@ -1515,7 +1523,13 @@ def build_registry(service: Service) -> Registry:
     @reg.add("calibration.set", CalibrationSetParams, TECHNICIAN, "Record a new due date.")
     async def calibration_set(caller: Caller, p: CalibrationSetParams) -> Any:
         try:
-            await asyncio.to_thread(service.set_calibration_due, p.due, caller.peer.user)
+            due = dt.date.fromisoformat(p.due)
+        except ValueError:
+            raise RpcError(
+                INVALID_PARAMS, f"calibration.set: due: {p.due!r} is not a date"
+            ) from None
+        try:
+            await asyncio.to_thread(service.set_calibration_due, due, caller.peer.user)
         except OSError as exc:
             raise RpcError(REFUSED, f"cannot store the calibration date: {exc}") from None
         return service.calibration_status()

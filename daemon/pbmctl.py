@@ -44,7 +44,8 @@ class Out:
 
     def __init__(self, json_mode: bool) -> None:
         self.json = json_mode
-        self.console = Console(highlight=False)
+        # Off a terminal (logs, pipes) rich would wrap at 80 columns; tables need more.
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
         self.err = Console(stderr=True, highlight=False)
 
     def data(self, value: Any) -> None:

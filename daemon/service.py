@@ -681,8 +681,7 @@ class Service:
                 with contextlib.suppress(Exception):
                     await link.client.disarm()
         # Watchers hear how the session ended before the socket closes.
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await self.watch_hub.drain()
         if self.api is not None:
             await self.api.close(f"pbmd is stopping ({self.stop_reason or 'requested'})")
         await self.watch_hub.close()

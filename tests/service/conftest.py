@@ -30,13 +30,14 @@ def _factory(base: Path, made: list[Daemon]) -> DaemonFactory:
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
         nice: int | None = None,
+        socket: Path | None = None,
         **config: Any,
     ) -> Daemon:
         home = base / name
         home.mkdir(exist_ok=True)
         home.chmod(0o755)
         state = home / "state"
-        sock = home / "control.sock"
+        sock = socket or home / "control.sock"
         path = home / "pbmd.toml"
         path.write_text(toml_config(state, sock, **config), encoding="utf-8")
         daemon = Daemon(path, sock, state, env=env, extra_args=args, nice=nice)

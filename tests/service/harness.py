@@ -190,10 +190,11 @@ def toml_config(
     api_extra: str = "",
     sim_extra: str = "",
     protocols: str = "trust_test_key = true\npreload_shipped = true\n",
+    controllers_toml: str | None = None,
 ) -> str:
-    return f"""\
-state_dir = "{state_dir}"
-
+    controllers = (
+        controllers_toml
+        or f"""
 [[controllers]]
 name = "sim"
 link = "sim"
@@ -202,7 +203,11 @@ link = "sim"
 time_scale = {time_scale}
 seed = 7
 control = "127.0.0.1:0"
-{sim_extra}
+{sim_extra}"""
+    )
+    return f"""\
+state_dir = "{state_dir}"
+{controllers}
 [api]
 socket = "{socket_path}"
 clinician_group = "{clinician_group}"

@@ -11,8 +11,17 @@ import struct
 import subprocess
 import termios
 import time
+from pathlib import Path
 
-from .harness import PBMD
+from .conftest import DaemonFactory
+from .harness import (
+    PBMCTL,
+    PBMD,
+    SHORT_SCREENING,
+    pbmctl_json,
+    screening_args,
+    write_protocol,
+)
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -59,3 +68,54 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     assert "PHOTOBIOMODULATION TREATMENT REPORT" in text
     assert "Outcome           COMPLETED" in text
     assert "pbmd stopped cleanly (exit 0)" in text
+
+
+def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdir: Path) -> None:
+    d = make_daemon().start()
+    path = write_protocol(workdir)
+    pbmctl_json(d.socket_path, "protocol", "install", str(path))
+    argv = [
+        *PBMCTL,
+        "--socket",
+        str(d.socket_path),
+        "session",
+        "start",
+        "service-short",
+        "--patient",
+        "KEYS-1",
+        *screening_args(SHORT_SCREENING),
+        "--watch",
+    ]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = bytearray()
+    prompts = 0
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if b"[enter]" in ANSI.sub(b"", chunk):
+                prompts += 1
+                os.write(master, b"\n")  # the clinician confirms the placement
+        rc = proc.wait(30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = ANSI.sub(b"", bytes(out)).decode(errors="replace")
+    assert rc == 0, text[-3000:]
+    assert "confirm placement at" in text and prompts >= 3
+    assert "placement at" in text and "confirmed" in text
+    assert "ended: COMPLETED" in text

@@ -98,11 +98,11 @@ def test_status_load_does_not_change_dose(make_daemon: DaemonFactory, workdir: P
     assert figures["error_count"] == 0, figures["errors"]
     assert figures["rate_per_s"] >= 0.9 * CLIENTS * RATE_PER_CLIENT_HZ
     # The same delivery with and without the load: every step within the engine's
-    # accuracy (1 %) both times, and on average no worse under load by more than a
-    # quarter of a percentage point. (A single step can be late by the machine's own
-    # scheduling noise, load or not; the mean shows a systematic effect.)
+    # accuracy (1 %) both times, and on average no worse under load by more than half
+    # a percentage point. At ×10 a stop 10 ms late in wall time is 0.1 s of treatment
+    # time, 0.17 % of a 3 J probe point; the same lateness at ×1 would be 0.017 %.
     assert quiet_max < 0.01 and loaded_max < 0.01
     quiet_mean = sum(abs(e) for e in quiet) / len(quiet)
     loaded_mean = sum(abs(e) for e in loaded) / len(loaded)
-    assert loaded_mean <= quiet_mean + 0.0025
+    assert loaded_mean <= quiet_mean + 0.005
     assert d.stop() == 0

@@ -1379,12 +1379,18 @@ def build_registry(service: Service) -> Registry:
             operator=caller.peer.user,
             contraindicated_by_protocol=frozenset(listed),
         )
+        # The session's tasks must not inherit this connection's log context (client,
+        # uid, pid): they outlive it and log for the session.
+        saved = dict(structlog.contextvars.get_contextvars())
+        structlog.contextvars.clear_contextvars()
         try:
             session = await engine.start_session(request)
         except StartRefused as exc:
             raise _refused(exc) from None
         except SessionError as exc:
             raise RpcError(REFUSED, str(exc)) from None
+        finally:
+            structlog.contextvars.bind_contextvars(**saved)
         log.info(
             "session.started_by",
             session_id=session.id,

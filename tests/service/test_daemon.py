@@ -110,6 +110,7 @@ def test_step_context_is_bound_in_logs(daemon: Daemon, workdir: Path) -> None:
     # Bound by the service in the port's task (the call itself passes neither).
     assert rec.data["session_id"] == session_id
     assert rec.data["step"] in (0, 1)
+    assert "client" not in rec.data  # not the API connection that started the session
     assert rec.priority == 6
     warning = daemon.wait_log(lambda r: r.event == "config.development")
     assert warning.priority == 4

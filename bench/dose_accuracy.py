@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 
@@ -28,6 +29,7 @@ async def run(rounds: int, time_scale: float) -> None:
     errors: dict[tuple[str, str], list[float]] = {}
     text = protocol({1: PAD_STEPS, 2: PAD_STEPS, 3: PAD_STEPS}, PROBE_POINTS)
     walls = []
+    faulted: list[str] = []
     async with TapSim(time_scale) as sim, Bench(sim.url) as bench:
         for _ in range(rounds):
             the_plan, contraindicated = bench.plan(text)
@@ -36,11 +38,17 @@ async def run(rounds: int, time_scale: float) -> None:
             state = await session.wait()
             walls.append(time.monotonic() - t0)
             if state.value != "completed":
-                raise SystemExit(f"session ended {state.value}: {session.cause_message}")
+                # Reported, not hidden: at a high time scale on a loaded machine a stop
+                # late by more than the +5 % budget's margin is a backup-channel trip.
+                faulted.append(f"{state.value}: {session.cause_message}")
+                with contextlib.suppress(Exception):
+                    await bench.client.clear_fault()
             await bench.store.sync()
             record = await bench.store.get_session(session.id)
             assert record is not None
             for s in record["steps"]:
+                if s["outcome"] != "completed":
+                    continue
                 kind = "pad" if s["port"] != 4 else "probe"
                 for channel, key in (
                     ("controller", "delivered_controller_j"),
@@ -57,6 +65,8 @@ async def run(rounds: int, time_scale: float) -> None:
         f"{'applicator':10} {'channel':10} {'n':>4} {'mean %':>8} "
         f"{'p50 |%|':>8} {'p95 |%|':>8} {'max |%|':>8}"
     )
+    for line in faulted:
+        print(f"session not completed: {line}")
     for (kind, channel), values in sorted(errors.items()):
         mags = [abs(v) for v in values]
         print(

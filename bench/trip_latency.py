@@ -115,21 +115,32 @@ async def trial(
     fault: Fault,
     arrivals: list[tuple[float, codec.Telemetry]],
     written: list[float],
-) -> tuple[float, float]:
-    """One trip: (observable → ALL_OFF written by the engine, → received by the controller)."""
+) -> tuple[float, float] | None:
+    """One trip: (observable → ALL_OFF written by the engine, → received by the controller),
+    or None if the session tripped on its own before the fault was injected."""
     the_plan, contraindicated = bench.plan(TEXT)
     session = await bench.start(the_plan, contraindicated)
     t_start = time.monotonic()
     for port in (1, 4):
         await bench.wait_event(
             lambda e, p=port: (
-                e.kind == "emission_started" and e.port == p and e.session_id == session.id
+                e.session_id == session.id
+                and (
+                    (e.kind == "emission_started" and e.port == p)
+                    or (e.kind == "state" and e.data.get("to") in ("faulted", "aborted"))
+                )
             ),
             10.0,
             t_start,
         )
     for _ in range(3):
         await bench.handle.next_sample(1.0)
+    if session.state.final or session.supervisor.tripped is not None:
+        # Tripped before the fault was injected (e.g. telemetry late under load):
+        # reported, then the controller is put back for the next trial.
+        await session.wait()
+        await restore(sim, bench, time.monotonic())
+        return None
     t_req = time.monotonic()
     sim.inject(fault.op, **fault.args)
     t_inject = await sim.wait(lambda k, w: k == "inject", 5.0, t_req)
@@ -146,10 +157,16 @@ async def trial(
     else:
         last = max(t for t, _ in arrivals if t <= t_off)
         observed = last + 5 / bench.telemetry_hz
-    # Put everything back for the next trial.
+    await restore(sim, bench, t_off)
+    t_written = next(t for t in written if t >= t_req)
+    return t_written - observed, t_off - observed
+
+
+async def restore(sim: TapSim, bench: Bench, after: float) -> None:
+    """Put everything back for the next trial."""
     sim.inject("clear")
     sim.inject("temperature", port=1, celsius=25.0)
-    await sim.wait(lambda k, w: k == "inject" and w == "temperature", 5.0, t_off)
+    await sim.wait(lambda k, w: k == "inject" and w == "temperature", 5.0, after)
     while True:
         with contextlib.suppress(Exception):
             await bench.client.clear_fault()
@@ -161,8 +178,6 @@ async def trial(
         ):
             break
     bench.engine.service_required = None
-    t_written = next(t for t in written if t >= t_req)
-    return t_written - observed, t_off - observed
 
 
 def tap_writes(bench: Bench, written: list[float]) -> None:
@@ -182,6 +197,7 @@ def tap_writes(bench: Bench, written: list[float]) -> None:
 async def run(trials: int, time_scale: float, loads: list[str]) -> None:
     quiet_logs()
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    early: list[str] = []
     async with TapSim(time_scale) as sim, Bench(sim.url) as bench:
         written: list[float] = []
         tap_writes(bench, written)
@@ -194,7 +210,13 @@ async def run(trials: int, time_scale: float, loads: list[str]) -> None:
                     for _ in range(trials):
                         arrivals.clear()
                         latency = await trial(sim, bench, fault, arrivals, written)
+                        if latency is None:
+                            s = bench.engine.session
+                            early.append(f"{kind}: {s.cause_message if s else '?'}")
+                            continue
                         results.setdefault((kind, fault.name), []).append(latency)
+    for line in early:
+        print(f"session tripped before the injection (not counted): {line}")
     for i, what in enumerate(("written by the engine", "received by the controller")):
         print(
             f"trip latency, fault observable → ALL_OFF {what} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,9 @@ from pbmd.protocols.model import Contraindication, Region, Target
 from pbmd.protocols.plan import Plan, PlannedEmission, canonical_json, content_hash
 
 log = structlog.get_logger()
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""How long another thread may hold the GIL before the event loop's thread gets it."""
 
 
 class StartRefused(SessionError):
@@ -354,7 +358,13 @@ class Engine:
         telemetry_hz: int = 50,
         calibration_due: dt.date | None = None,
         today: Callable[[], dt.date] = dt.date.today,
+        gil_switch_interval_s: float | None = GIL_SWITCH_INTERVAL_S,
     ) -> None:
+        if gil_switch_interval_s is not None:
+            # Process-wide, deliberately: the engine's event loop must get the GIL
+            # back from other threads (the records writer) within a millisecond or
+            # so, not the interpreter's default 5 ms, or stops go out late.
+            sys.setswitchinterval(gil_switch_interval_s)
         self.port_map = port_map
         self.store = store
         self.limits = limits or SafetyLimits()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import gc
 import secrets
 import time
 import uuid
@@ -252,6 +253,46 @@ class _Emission:
         light) has been integrated; later samples belong to no emission."""
         self.timer: asyncio.TimerHandle | None = None
         self.last_progress_host_s = start_host_s
+        self._gc_held = False
+
+    def hold_gc(self) -> None:
+        """The stop is imminent: no cyclic-GC pause until it has been sent."""
+        if not self._gc_held:
+            self._gc_held = True
+            GC_HOLD.acquire()
+
+    def release_gc(self) -> None:
+        if self._gc_held:
+            self._gc_held = False
+            GC_HOLD.release()
+
+
+class _GcHold:
+    """Keeps Python's cyclic garbage collector from running while any stop is
+    imminent (counted over every port). A full collection can pause the event
+    loop for tens of milliseconds; landing on a stop, that is dose (at ×60
+    simulation, seconds of it). Held from the moment a stop is scheduled (at most
+    a few telemetry periods ahead) until its EMIT_STOP has been answered; the
+    collector then runs at its next allocation threshold as usual."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._reenable = False
+
+    def acquire(self) -> None:
+        if self._holders == 0:
+            self._reenable = gc.isenabled()
+            gc.disable()
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders = max(self._holders - 1, 0)
+        if self._holders == 0 and self._reenable:
+            self._reenable = False
+            gc.enable()
+
+
+GC_HOLD = _GcHold()
 
 
 class PortRunner:
@@ -280,7 +321,7 @@ class PortRunner:
     # ------------------------------------------------------------ operator
 
     def confirm(self) -> None:
-        if self.state is not PortState.GATED:
+        if self.state not in (PortState.GATED, PortState.PAUSED):
             raise SessionError(f"port {self.port} is not waiting for a confirmation")
         self._confirmed.set()
         self._gate_changed.set()
@@ -567,15 +608,17 @@ class PortRunner:
         )
         # A stop due within the first samples (a short step or the remainder of a
         # paused one) is scheduled now, at the setpoint; samples refine it.
-        self._plan_stop(em, prog, em.start_device_us, float(order.power_uw), acked_s)
         try:
-            host_cause = await self._until_stop(em, prog)
+            self._plan_stop(em, prog, em.start_device_us, float(order.power_uw), acked_s)
+            try:
+                host_cause = await self._until_stop(em, prog)
+            finally:
+                if em.timer is not None:
+                    em.timer.cancel()
+            em.stop_requested = True
+            stopped = await session.command(ctrl.client.emit_stop(self.target.device_port))
         finally:
-            if em.timer is not None:
-                em.timer.cancel()
-        stopped: codec.Stopped | None = None
-        em.stop_requested = True
-        stopped = await session.command(ctrl.client.emit_stop(self.target.device_port))
+            em.release_gc()
         if em.ended_by_device is None and stopped.stop_reason != codec.StopReason.HOST_STOP:
             em.ended_by_device = stopped.stop_reason
         # Read back: samples after STOPPED must show the port dark (the first may
@@ -900,9 +943,11 @@ class PortRunner:
             em.timer = None
         if stop_at > horizon:
             em.stop_at_host_s = None
+            em.release_gc()
             return
         em.stop_at_host_s = stop_at
         em.stop_kind = kind
+        em.hold_gc()
         loop = asyncio.get_running_loop()
         wake = stop_at - SPIN_BEFORE_STOP_S
         if wake <= loop.time():
@@ -932,6 +977,14 @@ class PortRunner:
             return  # our own ALL_OFF ended it; the session is already ending
         em.ended_by_device = reason
         em.ended.set()
+        if reason not in _OPERATOR_REASONS:
+            # A backstop (energy budget, max duration) or the firmware ended it: trip
+            # now, not after this port's read-back.
+            self.session.trip(
+                stop_reason_cause(reason),
+                "controller ended the emission: " + codec.describe(codec.StopReason, reason),
+                self.port,
+            )
 
 
 _OPERATOR_REASONS = {codec.StopReason.HOST_STOP, codec.StopReason.CONTACT_LOST}
@@ -1272,7 +1325,25 @@ class Session:
                 ctrl.add_sample_listener(functools.partial(self._check_controller, ctrl.name)),
             ]
         self._stale_task = asyncio.create_task(self._watch_staleness(), name="telemetry-stale")
-        # READY: plan hash, calibration, interlocks, no fault.
+        if self.aborting or self.supervisor.tripped is not None:
+            raise _Stopped()  # aborted before it began
+        # Stops are timed on the device clock: its rate must be measured (and the
+        # record states the time scale it found).
+        unsettled: str | None = None
+        for ctrl in self.port_map.controllers():
+            try:
+                await ctrl.wait_clock_settled(self.readback_timeout_s * 20)
+            except TimeoutError:
+                unsettled = ctrl.name
+        # The record next: whatever happens from here on belongs to it, and a
+        # treatment that cannot be recorded does not start.
+        self.started_utc = time.time()
+        self.recorder.session_started(self)
+        await self.sync_records()
+        if unsettled is not None:
+            self.trip(TripCause.TELEMETRY_STALE, f"{unsettled}: no telemetry before arming")
+            raise _Stopped()
+        # READY: plan hash, calibration.
         first = next(iter(self.runners.values()), None)
         if not self._verify_plan():
             self.trip(TripCause.PLAN_HASH_MISMATCH, "plan changed before arming")
@@ -1281,17 +1352,6 @@ class Session:
         if overdue:
             self.trip(TripCause.CALIBRATION_OVERDUE, overdue, first.port if first else None)
             raise _Stopped()
-        for ctrl in self.port_map.controllers():
-            try:
-                # Stops are timed on the device clock: its rate must be measured.
-                await ctrl.wait_clock_settled(self.readback_timeout_s * 20)
-            except TimeoutError:
-                self.trip(TripCause.TELEMETRY_STALE, f"{ctrl.name}: no telemetry before arming")
-                raise _Stopped() from None
-        self.started_utc = time.time()
-        self.recorder.session_started(self)
-        # A treatment that cannot be recorded does not start.
-        await self.sync_records()
         self._set_state(SessionState.READY, "plan verified, controller ready")
         # ARMED: emission indicator on, emission delay.
         for ctrl in self.port_map.controllers():
@@ -1353,7 +1413,8 @@ class Session:
         self.trip(TripCause.REPLY_TIMEOUT, f"{name}: {exc}")
 
     def _check_controller(self, name: str, t: codec.Telemetry, host_s: float = 0.0) -> None:
-        if self.state.final or self.state is SessionState.IDLE:
+        if self.state.final or self.state is SessionState.IDLE or self._closing:
+            # Closing out disarms: the samples after it are expected to say so.
             return
         if t.state == codec.ControllerState.FAULT or t.fault_code:
             self.trip(
@@ -1548,6 +1609,9 @@ class Session:
         try:
             self.recorder.session_ended(self)
             await self.recorder.sync()
+        except RecordingFailed as exc:
+            # Held by the store and written once the disk recovers.
+            log.error("session.record_end_failed", error=str(exc))
         except Exception:
             log.exception("session.record_end_failed")
         for undo in self._unsubscribe:

@@ -14,8 +14,12 @@ def test_interval_means_integrate_exactly() -> None:
     integ = DoseIntegrator(area_cm2=180.0)
     integ.rebase(1_000_000)
     # 1.8 W for 3 intervals of 0.5 s, then a tail interval of 0.1 s at a mean of 0.9 W.
-    for t_us, p_uw in ((1_500_000, 1_800_000), (2_000_000, 1_800_000), (2_500_000, 1_800_000),
-                       (3_000_000, 360_000)):
+    for t_us, p_uw in (
+        (1_500_000, 1_800_000),
+        (2_000_000, 1_800_000),
+        (2_500_000, 1_800_000),
+        (3_000_000, 360_000),
+    ):
         integ.add(t_us, p_uw, emitting=True)
     assert integ.energy_j == pytest.approx(1.8 * 1.5 + 0.36 * 0.5)
     assert integ.fluence_j_cm2 == pytest.approx(integ.energy_j / 180.0)

@@ -203,8 +203,8 @@ def test_mutated_valid_protocols_are_accepted_safely_or_refused(
     for path, value, delete in edits:
         try:
             doc = mutate(doc, path, value, delete)
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier edit removed or replaced that path
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue  # an earlier edit removed that path or replaced its parent by a scalar
     loaded = accept_or_refuse(toml_document(doc))
     if loaded is not None:
         check_plan(loaded)

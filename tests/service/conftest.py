@@ -60,7 +60,7 @@ def make_daemon(workdir: Path) -> Iterator[DaemonFactory]:
 
 @pytest.fixture
 def daemon(make_daemon: DaemonFactory) -> Daemon:
-    """A started daemon on the embedded simulator at ×120."""
+    """A started daemon on the embedded simulator at ×30."""
     return make_daemon().start()
 
 

@@ -44,7 +44,7 @@ SCREENING_CHRONIC = {
 }
 
 # A short protocol for service tests: three pad steps and two probe points, a few
-# seconds at ×120. Placements are gated, so a test must confirm them.
+# seconds at ×30. Placements are gated, so a test must confirm them.
 SHORT_PROTOCOL = """\
 schema_version = 1
 id = "service-short"
@@ -93,7 +93,7 @@ wavelength_nm = 660
 mode = "continuous"
 technique = "contact"
 irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 2.0
+fluence_j_cm2 = 1.0
 max_time_s = 240
 gating = { confirm_placement = true }
 
@@ -103,7 +103,7 @@ wavelength_nm = 830
 mode = "continuous"
 technique = "contact"
 irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 2.0
+fluence_j_cm2 = 1.0
 max_time_s = 240
 
 [ports.2.applicator]
@@ -117,7 +117,7 @@ wavelength_nm = 830
 mode = "continuous"
 technique = "contact"
 irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 3.0
+fluence_j_cm2 = 1.5
 max_time_s = 360
 
 [ports.4.applicator]
@@ -183,7 +183,7 @@ def toml_config(
     state_dir: Path,
     socket_path: Path,
     *,
-    time_scale: float = 120.0,
+    time_scale: float = 30.0,
     clinician_group: str = "pbm-clinician",
     technician_group: str = "pbm-technician",
     extra: str = "",

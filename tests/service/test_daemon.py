@@ -35,7 +35,7 @@ def test_status_and_shipped_library(daemon: Daemon) -> None:
     assert [p["port"] for p in st["ports"]] == [1, 2, 3, 4]
     assert st["ports"][3]["applicator"]["kind"] == "probe"
     assert st["controllers"][0]["simulated"] is True
-    assert st["controllers"][0]["time_scale"] == 120.0
+    assert st["controllers"][0]["time_scale"] == 30.0
     assert st["caller"]["roles"] == ["clinician", "reader", "technician"]  # root
     assert any("NOT FOR CLINICAL USE" in w for w in st["daemon"]["development"])
     listed = pbmctl_json(daemon.socket_path, "protocol", "list")["protocols"]
@@ -48,8 +48,9 @@ def test_status_and_shipped_library(daemon: Daemon) -> None:
     assert "ready for a session: yes" in human.stdout
 
 
-def test_chronic_lumbar_end_to_end_through_pbmctl(daemon: Daemon) -> None:
+def test_chronic_lumbar_end_to_end_through_pbmctl(make_daemon: DaemonFactory) -> None:
     """The README's job: the four-port lumbar session, gated steps confirmed, report."""
+    daemon = make_daemon(time_scale=60.0).start()
     res = pbmctl(
         daemon.socket_path,
         "--json",

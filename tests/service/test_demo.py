@@ -58,7 +58,7 @@ def run_on_a_terminal(argv: list[str], timeout_s: float) -> tuple[int, str]:
 
 
 def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
-    rc, text = run_on_a_terminal([*PBMD, "demo", "--time-scale", "120"], timeout_s=240)
+    rc, text = run_on_a_terminal([*PBMD, "demo", "--time-scale", "60"], timeout_s=300)
     assert rc == 0, text[-3000:]
     assert "pbmd is ready" in text
     assert "confirms every gated placement by itself" in text

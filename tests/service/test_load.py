@@ -35,8 +35,8 @@ TIME_SCALE = 10.0
 # (0.1 s of treatment time) would show as 0.17 % on a probe point.
 LOAD_PROTOCOL = (
     SHORT_PROTOCOL.replace('id = "service-short"', 'id = "service-load"')
-    .replace("fluence_j_cm2 = 2.0", "fluence_j_cm2 = 0.5")
-    .replace("fluence_j_cm2 = 3.0", "fluence_j_cm2 = 0.5")
+    .replace("fluence_j_cm2 = 1.0", "fluence_j_cm2 = 0.5")
+    .replace("fluence_j_cm2 = 1.5", "fluence_j_cm2 = 0.5")
     .replace("energy_j = 2.0\nmax_time_s = 48", "energy_j = 3.0\nmax_time_s = 72")
 )
 

@@ -295,6 +295,31 @@ class _GcHold:
 GC_HOLD = _GcHold()
 
 
+class _GcQuiet:
+    """While a session runs, the cyclic collector looks only at what the session
+    allocates: everything older is collected once and frozen at its start (before
+    arming), and unfrozen at its end. A full collection over a large heap (a
+    long-running daemon, or a test process) would otherwise pause the event loop
+    for longer than the telemetry staleness limit."""
+
+    def __init__(self) -> None:
+        self._sessions = 0
+
+    def session_starting(self) -> None:
+        if self._sessions == 0:
+            gc.collect()
+            gc.freeze()
+        self._sessions += 1
+
+    def session_ended(self) -> None:
+        self._sessions = max(self._sessions - 1, 0)
+        if self._sessions == 0:
+            gc.unfreeze()
+
+
+GC_QUIET = _GcQuiet()
+
+
 class PortRunner:
     """Runs one logical port's steps in order."""
 
@@ -343,6 +368,16 @@ class PortRunner:
 
     def detach(self) -> None:
         self._remove_listener()
+        em = self._emission
+        if em is not None:
+            em.release_gc()
+
+    def _drop_emission(self) -> None:
+        """The emission is over (or never began): forget it, and any GC hold it has."""
+        em = self._emission
+        if em is not None:
+            em.release_gc()
+        self._emission = None
 
     # ------------------------------------------------------------- status
 
@@ -576,7 +611,7 @@ class PortRunner:
         try:
             await session.command(ctrl.client.emit_start(request))
         except NakReceived as exc:
-            self._emission = None
+            self._drop_emission()
             if exc.code == codec.NakError.NO_SKIN_CONTACT:
                 # Contact went between the gate and the request: back to the gate.
                 prog.emissions -= 1
@@ -630,7 +665,7 @@ class PortRunner:
         if not dark:
             session.trip(TripCause.STUCK_EMISSION, "port still lit after EMIT_STOP", self.port)
             raise _Stopped()
-        self._emission = None
+        self._drop_emission()
         prog.running_us = 0.0
         prog.controller_energy_uj += stopped.delivered_uj
         prog.emitted_us += stopped.duration_ms * 1000
@@ -1068,6 +1103,7 @@ class Session:
         self._work: asyncio.Task[None] | None = None
         self._stale_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._gc_quiet = False
         # The latch stops the work at once (synchronously, with the inhibit), so
         # no runner step follows a trip; the supervisor's ALL_OFF is already due.
         supervisor.add_latch_hook(self._on_latch)
@@ -1313,6 +1349,9 @@ class Session:
                 raise rest from None
 
     async def _main_work(self) -> None:
+        # Before any watcher runs: the collection may take a while, nothing emits yet.
+        GC_QUIET.session_starting()
+        self._gc_quiet = True
         self._unsubscribe.append(self.supervisor.add_listener(self._on_trip))
         for ctrl in self.port_map.controllers():
             client = ctrl.client
@@ -1386,9 +1425,12 @@ class Session:
     async def _watch_staleness(self) -> None:
         """Telemetry older than N sample periods is a link fault (ICD §6)."""
         limit_s = self.limits.stale_telemetry_periods * self.telemetry_period_s
+        # Counted from when watching began at the earliest: a pause before it (the
+        # session's start-up collection) is not the controller's silence.
+        began = time.monotonic()
         while True:
             now = time.monotonic()
-            oldest = min((c.telemetry_host_s or now) for c in self.port_map.controllers())
+            oldest = min(max(c.telemetry_host_s or now, began) for c in self.port_map.controllers())
             age = now - oldest
             if age > limit_s:
                 self.trip(
@@ -1539,7 +1581,7 @@ class Session:
             if duration_ms is not None:
                 prog.emitted_us += duration_ms * 1000
                 prog.running_us = 0.0
-            runner._emission = None
+            runner._drop_emission()
 
     async def _finish(self) -> None:
         self._closing = True
@@ -1621,4 +1663,7 @@ class Session:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.supervisor.wait_done(), 5.0)
         await self.supervisor.close()
+        if self._gc_quiet:
+            self._gc_quiet = False
+            GC_QUIET.session_ended()
         self._done.set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,6 +192,10 @@ class Rig:
         if hasattr(self, "client"):
             await self.client.close()
         await self.sim.close()
+        # The engine holds the cyclic GC off around imminent stops and freezes the
+        # heap during a session: nothing of that may outlive the sessions.
+        assert gc.isenabled(), "the engine left the garbage collector disabled"
+        assert gc.get_freeze_count() == 0, "the engine left the heap frozen"
 
     # ---------------------------------------------------------------- taps
 

@@ -20,7 +20,8 @@ from pbmd.drivers import codec
 # stay well inside the ±0.5 % tolerance (1 ms late = 0.05 % of the 0.4 J point at 20 mW).
 SHORT = protocol(
     {
-        1: [pad_step(fluence=0.1, max_time_s=40), pad_step(nm=830, fluence=0.1, max_time_s=40)],
+        1: [pad_step(fluence=0.1, max_time_s=40)],
+        2: [pad_step(site="back2", nm=830, fluence=0.1, max_time_s=40)],
         4: [probe_step(power_mw=20.0, energy_j=0.4)],
     }
 )
@@ -62,7 +63,7 @@ async def test_report_of_completed_and_faulted_sessions(tmp_path: Path) -> None:
         assert report.outcome == "completed" and report.stop_cause_code is None
         assert report.protocol_id == "engine-test" and report.plan_hash == p.content_hash
         assert report.signing_key_id == "TEST" and report.patient_ref == "P-TEST"
-        assert len(report.steps) == 3 and len(report.ports) == 2
+        assert len(report.steps) == 3 and len(report.ports) == 3
         for step in report.steps:
             assert step.outcome == "completed"
             assert step.energy_controller_vs_prescribed_percent is not None
@@ -87,6 +88,7 @@ async def test_report_of_completed_and_faulted_sessions(tmp_path: Path) -> None:
         # A faulted session: the key switch turned off mid-emission.
         faulted = await rig.start(p, loaded)
         await rig.emitting(1)
+        await rig.emitting(2)
         await rig.emitting(4)
         t0 = time.monotonic()
         rig.sim.faults.key(False)
@@ -95,7 +97,7 @@ async def test_report_of_completed_and_faulted_sessions(tmp_path: Path) -> None:
         assert report is not None
         assert report.outcome == "faulted" and report.stop_cause_code == "E301"
         stopped = [s for s in report.steps if s.outcome == "faulted"]
-        assert {s.port for s in stopped} == {1, 4}
+        assert {s.port for s in stopped} == {1, 2, 4}
         for step in stopped:
             assert step.stop_cause_code == "E301"
             assert step.energy_controller_j is not None and step.energy_controller_j > 0

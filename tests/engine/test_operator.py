@@ -33,7 +33,7 @@ async def test_pause_resume_delivers_only_the_rest(tmp_path: Path) -> None:
     max duration reduced by what was already delivered and emitted (the backup
     timer keeps its reading). Before + after = the prescription."""
     async with Rig(tmp_path, time_scale=30.0) as rig:
-        p, loaded = rig.plan(protocol({1: [pad_step(fluence=0.6, max_time_s=200)]}))
+        p, loaded = rig.plan(protocol({1: [pad_step(fluence=0.3, max_time_s=100)]}))
         session = await rig.start(p, loaded)
         await rig.emitting(1)
         await rig.next_samples(10)
@@ -43,7 +43,7 @@ async def test_pause_resume_delivers_only_the_rest(tmp_path: Path) -> None:
         assert ended.message == "paused by operator"
         before_j = ended.data["controller_energy_j"]
         first_ms = ended.data["duration_ms"]
-        assert 0 < before_j < 108.0 * 0.9
+        assert 0 < before_j < 54.0 * 0.9
         status = session.status()["ports"][0]
         assert status["state"] == PortState.PAUSED
         assert status["wait_reason"] == "paused by operator"
@@ -61,11 +61,11 @@ async def test_pause_resume_delivers_only_the_rest(tmp_path: Path) -> None:
         assert starts(rig, t_resume) == [second]
         # The second emission's backstops cover only what is left.
         assert second.energy_budget_uj == pytest.approx(
-            (108e6 - before_j * 1e6) + 0.05 * 108e6, rel=0.002
+            (54e6 - before_j * 1e6) + 0.05 * 54e6, rel=0.002
         )
         assert second.max_duration_ms == pytest.approx(first.max_duration_ms - first_ms, abs=2)
         total = done.data["controller_energy_j"]
-        assert within(total, 108.0), total
+        assert within(total, 54.0), total
         record = await rig.records(session.id)
         (step,) = record["steps"]
         assert step["outcome"] == "completed"
@@ -121,7 +121,7 @@ async def test_footswitch_gates_emission(tmp_path: Path) -> None:
     the port, pressing it again resumes the rest."""
     async with Rig(tmp_path, time_scale=30.0) as rig:
         p, loaded = rig.plan(
-            protocol({1: [pad_step(fluence=0.6, max_time_s=200, gating={"footswitch": True})]})
+            protocol({1: [pad_step(fluence=0.3, max_time_s=100, gating={"footswitch": True})]})
         )
         session = await rig.start(p, loaded)
         await rig.wait_event(
@@ -145,7 +145,7 @@ async def test_footswitch_gates_emission(tmp_path: Path) -> None:
         assert await asyncio.wait_for(session.wait(), 5.0) is SessionState.COMPLETED
         assert session.supervisor.tripped is None  # not even while closing out
         assert len(starts(rig)) == 2
-        assert within(done.data["controller_energy_j"], 108.0), done.data
+        assert within(done.data["controller_energy_j"], 54.0), done.data
 
 
 EPILEPSY = protocol(

@@ -44,8 +44,7 @@ async def url(sim: Simulator, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def client(url: str) -> AsyncIterator[ControllerClient]:
-    # A generous deadline: on a saturated machine the first pty reads can lag 100 ms.
-    c = await open_controller(url, telemetry_hz=50, reply_timeout_s=0.5)
+    c = await open_controller(url, telemetry_hz=50)
     try:
         yield c
     finally:

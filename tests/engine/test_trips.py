@@ -167,6 +167,10 @@ async def test_link_lost_watchdog_stops(tmp_path: Path) -> None:
             lambda e: e.code == codec.EventCode.WATCHDOG_EXPIRED, 2.0, after=t0
         )
         assert stamp - t0 <= WATCHDOG_BOUND_S
+        print(
+            f"\nE203: the controller's watchdog stopped emission "
+            f"{(stamp - t0) * 1000:.1f} ms after the cut"
+        )
         await expect_trip(
             rig, session, "E203", observed_at=t0, all_off_expected=False, stop_reasons={R.WATCHDOG}
         )
@@ -195,6 +199,7 @@ async def test_stuck_emitter_escalates_to_service(tmp_path: Path) -> None:
         assert trip is not None and trip.cause.code in ("E401", "E501"), trip
         first_off = await rig.all_off_at(t0)
         assert first_off - t0 <= REACTION_BOUND_S + 0.1  # EMIT_STOP, its reply, the light seen
+        print(f"\nstuck: first ALL_OFF {(first_off - t0) * 1000:.1f} ms after the pause")
         kinds = [type(m).__name__ for stamp, m in rig.rx.items if stamp >= t0]
         sequence = [k for k in kinds if k in ("AllOff", "Disarm")]
         assert sequence[:3] == ["AllOff", "AllOff", "Disarm"], sequence
@@ -440,6 +445,7 @@ async def test_records_disk_full_trips_and_refuses(tmp_path: Path) -> None:
         assert state is SessionState.FAULTED and session.cause_code == "E701"
         found = rig.rx.find(is_msg(codec.AllOff), after=observed)
         assert found is not None and found[0] - observed <= REACTION_BOUND_S
+        print(f"\nE701: ALL_OFF received {(found[0] - observed) * 1000:.2f} ms after the failure")
         await expect_stays_dark(rig)
         p, loaded = rig.plan(LONG)
         with pytest.raises(StartRefused, match="E701") as refused:
@@ -477,4 +483,7 @@ async def test_internal_error_still_ends_emission(tmp_path: Path) -> None:
         assert trip is not None and trip.cause.code == "E901" and "simulated bug" in trip.detail
         found = rig.rx.find(is_msg(codec.AllOff), after=t0)
         assert found is not None and found[0] - trip.monotonic_s <= REACTION_BOUND_S
+        print(
+            f"\nE901: ALL_OFF received {(found[0] - trip.monotonic_s) * 1000:.2f} ms after the trip"
+        )
         await expect_stays_dark(rig)

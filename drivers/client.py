@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Generic, Self, TypeVar
@@ -68,6 +69,12 @@ DEFAULT_HEARTBEAT_INTERVAL_S: Final = 0.050
 MAX_HEARTBEAT_INTERVAL_S: Final = 0.100
 """ICD §5: a PING at least every 100 ms keeps the 250 ms watchdog fed."""
 
+HANDSHAKE_ATTEMPTS: Final = 3
+"""Tries per handshake request. Nothing emits before SET_TELEMETRY is answered
+(the session arms later), so a reply that misses its deadline while the link
+opens (a serial adapter waking, a host busy starting up) is asked again rather
+than failing the connection; once the handshake is done, a miss is a link fault."""
+
 MAX_PORT_COUNT: Final = 8
 SEQ_MODULUS: Final = 0x10000
 RTT_WINDOW: Final = 1000
@@ -97,6 +104,7 @@ _PORT_REQUESTS: Final = (GetPort, EmitStop, GetCounters)
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
+A = TypeVar("A")
 
 
 # --------------------------------------------------------------------------
@@ -906,10 +914,14 @@ class ControllerClient:
         Raises ProtocolMismatch for a controller that is not PBM-Link v1.
         """
         version_drops = self._decoder.stats.dropped[DropReason.VERSION.value]
+
+        def other_version_seen() -> bool:
+            return self._decoder.stats.dropped[DropReason.VERSION.value] > version_drops
+
         try:
-            info = await self.hello()
+            info = await self._retrying(self.hello, give_up=other_version_seen)
         except ReplyTimeout as exc:
-            if self._decoder.stats.dropped[DropReason.VERSION.value] > version_drops:
+            if other_version_seen():
                 raise ProtocolMismatch(
                     "the controller answers with frames of another protocol version"
                 ) from exc
@@ -933,8 +945,8 @@ class ControllerClient:
             )
         self.ports = {}
         for port in range(1, info.port_count + 1):
-            await self.get_port(port)
-        await self.set_telemetry(telemetry_hz)
+            await self._retrying(functools.partial(self.get_port, port))
+        await self._retrying(lambda: self.set_telemetry(telemetry_hz))
         if heartbeat:
             self.start_heartbeat()
         self._log.info(
@@ -945,6 +957,26 @@ class ControllerClient:
             telemetry_hz=telemetry_hz,
         )
         return info
+
+    async def _retrying(
+        self,
+        request: Callable[[], Awaitable[A]],
+        *,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> A:
+        """Run an idempotent handshake request, asking again after a missed deadline."""
+        for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
+            try:
+                return await request()
+            except ReplyTimeout as exc:
+                if attempt == HANDSHAKE_ATTEMPTS or give_up():
+                    raise
+                self._log.warning(
+                    "handshake reply late, asking again",
+                    request=type(exc.request).__name__,
+                    attempt=attempt,
+                )
+        raise AssertionError("unreachable")
 
     # ---- tasks
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pbm_link_script import ScriptedLink, wait_until
+from pbm_link_script import ScriptedLink, frames_of, wait_until
 
 from pbmd.drivers import codec
 from pbmd.drivers.client import (
@@ -284,6 +284,44 @@ async def test_unknown_and_wrong_direction_types_are_counted(link: ScriptedLink)
         await client.close()
     stats = client.stats
     assert (stats.unknown_types, stats.bad_payloads) == (2, 1)
+
+
+async def test_a_late_handshake_reply_is_asked_again(link: ScriptedLink) -> None:
+    """Nothing emits during the handshake, so a missed deadline there is retried."""
+    client = ControllerClient(link, reply_timeout_s=0.03)
+    try:
+        task = asyncio.create_task(client.handshake(telemetry_hz=50, heartbeat=False))
+        await link.expect(HELLO_1)
+        # No answer to seq 1: the client asks again with seq 2 after its deadline.
+        await link.wait_writes(2)
+        (again,) = frames_of(link.writes[1])
+        assert (again.message(), again.seq) == (codec.Hello(), 2)
+        link.feed(codec.encode_frame(codec.Info(1, 1, 200, 250, 2000, "S", "1.0"), 2))
+        await link.wait_writes(3)
+        (get_port,) = frames_of(link.writes[2])
+        assert get_port.message() == codec.GetPort(1)
+        (port_info,) = frames_of(PORT_INFO_1_S2)
+        link.feed(codec.encode_frame(port_info.message(), get_port.seq))
+        await link.wait_writes(4)
+        (set_telemetry,) = frames_of(link.writes[3])
+        link.feed(codec.encode_frame(codec.Ack(), set_telemetry.seq))
+        info = await task
+    finally:
+        await client.close()
+    assert info.serial == "S" and list(client.ports) == [1]
+    assert client.stats.reply_timeouts == 1
+
+
+async def test_the_handshake_gives_up_after_three_missed_deadlines(link: ScriptedLink) -> None:
+    client = ControllerClient(link, reply_timeout_s=0.02)
+    try:
+        with pytest.raises(ReplyTimeout, match="Hello"):
+            await client.handshake(telemetry_hz=50, heartbeat=False)
+    finally:
+        await client.close()
+    sent = [f for w in link.writes for f in frames_of(w)]
+    assert [(f.message(), f.seq) for f in sent] == [(codec.Hello(), seq) for seq in (1, 2, 3)]
+    assert client.stats.reply_timeouts == 3
 
 
 async def test_protocol_version_2_is_refused(link: ScriptedLink) -> None:

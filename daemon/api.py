@@ -1217,6 +1217,10 @@ class CalibrationSetParams(Params):
     )
 
 
+class ServiceClearParams(Params):
+    note: Annotated[str, StringConstraints(min_length=3, max_length=500, strip_whitespace=True)]
+
+
 class ControllerParams(Params):
     controller: Annotated[str, StringConstraints(min_length=1, max_length=32)]
 
@@ -1548,6 +1552,17 @@ def build_registry(service: Service) -> Registry:
     )
     async def controller_clear_fault(caller: Caller, p: ControllerParams) -> Any:
         return await service.clear_fault(p.controller, caller.peer.user)
+
+    @reg.add(
+        "service.clear",
+        ServiceClearParams,
+        TECHNICIAN,
+        "Record that the system was serviced after a port stayed lit; sessions may start again.",
+    )
+    async def service_clear(caller: Caller, p: ServiceClearParams) -> Any:
+        result = service.clear_service_required(caller.peer.user, p.note)
+        await service.store.sync()
+        return result
 
     return reg
 

@@ -377,6 +377,7 @@ _EVENT_KINDS = {
     "confirmed",
     "trip",
     "abort",
+    "interrupt",
     "pause_requested",
     "resumed",
     "emission_ended",
@@ -425,6 +426,7 @@ class SessionView:
         style = {
             "trip": "bold red",
             "abort": "bold red",
+            "interrupt": "bold red",
             "step_completed": "green",
             "port_waiting": "yellow",
         }.get(str(kind), "")

@@ -29,7 +29,14 @@ from pbmd.daemon.records import (
     SessionStart,
     StepStart,
 )
-from pbmd.daemon.safety import SafetyLimits, Supervisor, Trip, TripCause, interlock_cause
+from pbmd.daemon.safety import (
+    EndCause,
+    SafetyLimits,
+    Supervisor,
+    Trip,
+    TripCause,
+    interlock_cause,
+)
 from pbmd.daemon.session import (
     RecordingFailed,
     Session,
@@ -289,14 +296,21 @@ class StoreRecorder:
     def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None:
         outcome = {"completed": "completed", "skipped": "skipped"}.get(progress.outcome)
         if outcome is None:
-            outcome = "faulted" if session.supervisor.tripped else "aborted"
+            if session.supervisor.tripped:
+                outcome = "faulted"
+            elif session.end_cause is EndCause.DAEMON_STOPPED:
+                outcome = "interrupted"
+            else:
+                outcome = "aborted"
         integ = progress.integrator
         self.store.step_ended(
             session.id,
             step.port,
             step.index,
             outcome=outcome,  # type: ignore[arg-type]
-            stop_cause_code=session.cause_code if outcome in ("faulted", "aborted") else None,
+            stop_cause_code=session.cause_code
+            if outcome in ("faulted", "aborted", "interrupted")
+            else None,
             stop_cause_message="; ".join(progress.stop_causes) or None,
             delivered_host_j=integ.energy_j,
             delivered_controller_j=progress.controller_energy_uj / 1e6,
@@ -333,7 +347,12 @@ class StoreRecorder:
             raise RecordingFailed(str(exc)) from exc
 
 
-_SEVERITY = {"trip": "error", "abort": "warning", "service_required": "critical"}
+_SEVERITY = {
+    "trip": "error",
+    "abort": "warning",
+    "interrupt": "warning",
+    "service_required": "critical",
+}
 """Event kinds that carry a cause code, and how severe they are."""
 
 
@@ -373,6 +392,8 @@ class Engine:
         self._today = today
         self.session: Session | None = None
         self.service_required: str | None = None
+        self.on_service_required: Callable[[str], None] | None = None
+        """Told once the latch is set, after emission is off (the service persists it)."""
         self.unreconciled: dict[str, str] = {}
         """Sessions a crash left open that could not be reconciled yet, with why."""
         self._listeners: list[SessionListener] = []
@@ -420,8 +441,9 @@ class Engine:
             ids = ", ".join(sorted(self.unreconciled))
             raise StartRefused(
                 f"session(s) {ids} left open by a restart could not be reconciled "
-                "with the controller's counters yet; reconnect the controller and "
-                "reconcile before starting a session (a new session would reset them)"
+                "with the controller's counters yet; reconnect the controller (pbmd "
+                "reconciles them as soon as it answers) before starting a session "
+                "(a new session would reset the counters)"
             )
         overdue = self.calibration_overdue()
         if overdue:
@@ -593,7 +615,17 @@ class Engine:
 
         def on_trip(trip: Trip) -> None:
             if supervisor.service_required:
-                self.service_required = trip.describe()
+                stuck = TripCause.STUCK_EMISSION
+                self.service_required = (
+                    trip.describe()
+                    if trip.cause is stuck
+                    else f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
+                )
+                if self.on_service_required is not None:
+                    try:
+                        self.on_service_required(self.service_required)
+                    except Exception:
+                        log.exception("engine.service_required_listener_failed")
                 session.emit(
                     "service_required",
                     "a port kept emitting after ALL_OFF and DISARM; no session can start "
@@ -684,7 +716,7 @@ class Engine:
                     else "the controller holds no counters of this session (another session "
                     "or a power cycle reset them): the dose recorded before the restart stands"
                 ),
-                code="E902",
+                code=EndCause.RESTART_RECONCILED.code,
                 session_id=session_id,
                 severity="warning",
                 data={
@@ -700,7 +732,7 @@ class Engine:
             self.store.session_ended(
                 session_id,
                 outcome="interrupted",
-                stop_cause_code="E902",
+                stop_cause_code=EndCause.RESTART_RECONCILED.code,
                 stop_cause_message="daemon stopped during the session; "
                 + ("dose reconciled from controller counters" if matched else "no counters"),
             )

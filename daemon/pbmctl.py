@@ -359,6 +359,16 @@ async def cmd_clear_fault(args: argparse.Namespace, client: Client, out: Out) ->
     )
 
 
+async def cmd_service_clear(args: argparse.Namespace, client: Client, out: Out) -> int:
+    return await _simple(
+        client,
+        out,
+        "service.clear",
+        {"note": args.note},
+        "service latch cleared; sessions may start again",
+    )
+
+
 # --------------------------------------------------------------------------- live view
 
 
@@ -630,6 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = ctl.add_subparsers(dest="controller_command", required=True, metavar="COMMAND")
     p = add(ksub, "clear-fault", cmd_clear_fault, "clear a latched fault (technician)")
     p.add_argument("controller", metavar="NAME")
+
+    svc = sub.add_parser("service", help="the service-required latch")
+    vsub = svc.add_subparsers(dest="service_command", required=True, metavar="COMMAND")
+    p = add(
+        vsub,
+        "clear",
+        cmd_service_clear,
+        "record the service done after a port stayed lit (technician)",
+    )
+    p.add_argument("--note", required=True, help="what was checked or repaired (recorded)")
     return parser
 
 

@@ -33,7 +33,19 @@ class CauseInfo:
     needs_service: bool = False
 
 
-class TripCause(enum.Enum):
+class _Cause(enum.Enum):
+    """A registry entry: the code and the sentence a clinician reads."""
+
+    @property
+    def code(self) -> str:
+        return str(self.value.code)
+
+    @property
+    def message(self) -> str:
+        return str(self.value.message)
+
+
+class TripCause(_Cause):
     """Why a treatment was stopped by the system (not by the operator)."""
 
     FLUENCE_CEILING = CauseInfo(
@@ -88,13 +100,21 @@ class TripCause(enum.Enum):
         "E901", "An internal error occurred in the daemon; emission stopped."
     )
 
-    @property
-    def code(self) -> str:
-        return self.value.code
 
-    @property
-    def message(self) -> str:
-        return self.value.message
+class EndCause(_Cause):
+    """Why a treatment ended early without a fault: a person or the service chose it."""
+
+    OPERATOR_ABORT = CauseInfo("A001", "The operator aborted the treatment.")
+    DAEMON_STOPPED = CauseInfo(
+        "I001",
+        "pbmd was stopped during the treatment; emission was switched off and the "
+        "delivered dose recorded. Start a new session to continue.",
+    )
+    RESTART_RECONCILED = CauseInfo(
+        "E902",
+        "pbmd stopped during the treatment and was restarted; the delivered dose was "
+        "taken from the record and the controller's counters.",
+    )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ any session a crash left open from the controllers' own counters, then the
 control socket and the MQTT publisher; only then does systemd hear READY=1.
 
 Stopping (SIGTERM, SIGINT) runs the other way: STOPPING=1, a running session
-is aborted (ALL_OFF first, the session closed with its record), every
+is interrupted (ALL_OFF first, the session closed with its record), every
 controller gets ALL_OFF and DISARM, the API says goodbye and removes its
 socket, the records are flushed and closed.
 """
@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,6 +397,8 @@ class Service:
             calibration_due=self.calibration.due,
         )
         self.engine.add_listener(self._on_session_event)
+        self._load_service_required()
+        self.engine.on_service_required = self._service_required_set
         try:
             self.reconciled = await self.engine.reconcile()
         except (ClientError, RecordsError) as exc:
@@ -638,10 +640,23 @@ class Service:
                 await asyncio.sleep(delay_s)  # retry back-off
                 delay_s = min(delay_s * 2, 30.0)
                 continue
+            log.warning("controller.reconnected", controller=link.name)
             if self._engine is not None:
                 self._engine.port_map = self._port_map()
-            log.warning("controller.reconnected", controller=link.name)
+                if self._engine.unreconciled:
+                    await self._reconcile_after_reconnect()
             return
+
+    async def _reconcile_after_reconnect(self) -> None:
+        """Sessions a restart left open wait for their controller's counters; read them now."""
+        try:
+            closed = await self.engine.reconcile()
+        except (ClientError, RecordsError) as exc:
+            log.error("sessions.reconcile_failed", error=str(exc))
+            return
+        if closed:
+            self.reconciled.extend(closed)
+            log.warning("sessions.reconciled", sessions=closed)
 
     # ------------------------------------------------------------------ run / stop
 
@@ -669,7 +684,7 @@ class Service:
                 log.warning("session.interrupted_by_stop", session_id=s.id)
                 try:
                     await asyncio.wait_for(
-                        s.abort(f"pbmd stopping ({self.stop_reason or 'requested'})"),
+                        s.interrupt(f"pbmd stopping ({self.stop_reason or 'requested'})"),
                         STOP_SESSION_TIMEOUT_S,
                     )
                 except Exception as exc:
@@ -866,12 +881,68 @@ class Service:
         """Persist first, then apply (worker thread; the engine reads one attribute)."""
         path = self._calibration_file()
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"due": due.isoformat(), "set_by": user, "set_utc": now}) + "\n")
-        os.replace(tmp, path)
+        _write_json_atomic(path, {"due": due.isoformat(), "set_by": user, "set_utc": now})
         self.calibration = Calibration(due, f"set through the API ({path})", user, now)
         self.engine.calibration_due = due
         log.info("calibration.set", due=due.isoformat(), user=user)
+
+    # ------------------------------------------------------------- service latch
+
+    def _service_required_file(self) -> Path:
+        return self.state_dir / "service-required.json"
+
+    def _load_service_required(self) -> None:
+        """A port that stayed lit through ALL_OFF needs service, whatever restarts since."""
+        path = self._service_required_file()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            cause = str(data["cause"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Unreadable is not cleared: the latch holds until a technician clears it.
+            cause = f"{path} is unreadable ({exc}); the last recorded cause is unknown"
+        self.engine.service_required = cause
+        self.warnings.append(f"SERVICE REQUIRED (latched before this start): {cause}")
+        log.critical("service.required", cause=cause, source=str(path))
+
+    def _service_required_set(self, cause: str) -> None:
+        """Persist the latch off the safety path (called after ALL_OFF and read-back)."""
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self._spawn(asyncio.to_thread(self._write_service_required, cause, now), "service-latch")
+
+    def _write_service_required(self, cause: str, utc: str) -> None:
+        path = self._service_required_file()
+        try:
+            _write_json_atomic(path, {"cause": cause, "set_utc": utc})
+        except OSError as exc:
+            log.critical("service.required_not_persisted", path=str(path), error=str(exc))
+
+    def clear_service_required(self, user: str, note: str) -> dict[str, Any]:
+        """A technician has serviced the system; record who and what, then allow sessions."""
+        from pbmd.daemon.api import REFUSED, RpcError
+
+        engine = self.engine
+        cause = engine.service_required
+        if cause is None:
+            raise RpcError(REFUSED, "no service is required; nothing to clear")
+        s = engine.session
+        if s is not None and not s.state.final:
+            raise RpcError(REFUSED, "a session is running; end it before clearing")
+        try:
+            self._service_required_file().unlink(missing_ok=True)
+        except OSError as exc:
+            raise RpcError(REFUSED, f"cannot clear the stored latch: {exc}") from None
+        engine.service_required = None
+        self.warnings[:] = [w for w in self.warnings if not w.startswith("SERVICE REQUIRED")]
+        self.store.event(
+            "service_cleared",
+            f"service done by {user}: {note}",
+            severity="warning",
+            data={"user": user, "note": note, "cause": cause},
+        )
+        log.warning("service.cleared", user=user, note=note, cause=cause)
+        return {"cleared": True, "cause": cause, "user": user, "note": note}
 
     async def clear_fault(self, controller: str, user: str) -> dict[str, Any]:
         from pbmd.daemon.api import NOT_FOUND, REFUSED, RpcError
@@ -894,6 +965,13 @@ class Service:
             raise RpcError(REFUSED, f"controller {controller} refused CLEAR_FAULT: {exc}") from None
         log.warning("controller.fault_cleared", controller=controller, user=user)
         return {"controller": controller, "cleared": True}
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- entry point

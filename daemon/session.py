@@ -32,6 +32,7 @@ import structlog
 from pbmd.daemon.controllers import PortMap, PortTarget, port_lit
 from pbmd.daemon.dose import DoseIntegrator
 from pbmd.daemon.safety import (
+    EndCause,
     SafetyLimits,
     Supervisor,
     Trip,
@@ -1098,6 +1099,7 @@ class Session:
         self._listeners: list[SessionListener] = []
         self._done = asyncio.Event()
         self.aborting = False
+        self.end_cause: EndCause | None = None
         self._unsubscribe: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._work: asyncio.Task[None] | None = None
@@ -1200,21 +1202,28 @@ class Session:
         self.emit("resumed", "resumed by operator", port)
 
     async def abort(self, reason: str = "aborted by operator") -> None:
-        """Operator abort: ALL_OFF at once, then the session ends as aborted.
+        """Operator abort: ALL_OFF at once, then the session ends as aborted."""
+        await self._end_early(EndCause.OPERATOR_ABORT, reason)
 
-        EMIT_START is inhibited first (synchronously), so a start already queued
-        behind the ALL_OFF never reaches the wire after it.
-        """
+    async def interrupt(self, reason: str) -> None:
+        """The service is stopping: ALL_OFF at once, then the session ends as
+        interrupted (not aborted: nobody chose to end this treatment)."""
+        await self._end_early(EndCause.DAEMON_STOPPED, reason)
+
+    async def _end_early(self, cause: EndCause, reason: str) -> None:
+        """EMIT_START is inhibited first (synchronously), so a start already queued
+        behind the ALL_OFF never reaches the wire after it."""
         if self.state.final:
             raise SessionError(f"session already {self.state.value}")
         if self.supervisor.tripped is not None or self.aborting:
-            await self.wait()  # already ending: a trip's cause stays the cause
+            await self.wait()  # already ending: the first cause stays the cause
             return
         self.aborting = True
-        self.cause_code = "A001"
+        self.end_cause = cause
+        self.cause_code = cause.code
         self.cause_message = reason
         for ctrl in self.port_map.controllers():
-            ctrl.client.inhibit_emission(f"A001 {reason}")
+            ctrl.client.inhibit_emission(f"{cause.code} {reason}")
         results = await asyncio.gather(
             *(c.all_off() for c in self.port_map.controllers()), return_exceptions=True
         )
@@ -1223,7 +1232,8 @@ class Session:
             for c, r in zip(self.port_map.controllers(), results, strict=True)
             if isinstance(r, BaseException)
         ]
-        self.emit("abort", reason, data={"code": "A001", "all_off_failed": failed})
+        kind = "abort" if cause is EndCause.OPERATOR_ABORT else "interrupt"
+        self.emit(kind, reason, data={"code": cause.code, "all_off_failed": failed})
         self._stop_work()
         await self.wait()
 
@@ -1620,7 +1630,11 @@ class Session:
                 self.cause_message = f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
             final = SessionState.FAULTED
         elif self.aborting:
-            final = SessionState.ABORTED
+            final = (
+                SessionState.INTERRUPTED
+                if self.end_cause is EndCause.DAEMON_STOPPED
+                else SessionState.ABORTED
+            )
         else:
             final = SessionState.COMPLETED
         # Nothing may start on these controllers until a person starts a session.

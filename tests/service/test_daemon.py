@@ -145,12 +145,23 @@ def test_sigterm_during_session_closes_it_with_its_record(make_daemon: DaemonFac
         assert "session.ended" in methods and "daemon.stopping" in methods
     assert not d.socket_path.exists(), "the control socket is removed"
     db = sqlite3.connect(d.state_dir / "records.sqlite")
-    outcome, cause, ended = db.execute(
-        "SELECT outcome, stop_cause_message, ended_utc FROM sessions WHERE id = ?",
+    outcome, code, cause, ended = db.execute(
+        "SELECT outcome, stop_cause_code, stop_cause_message, ended_utc FROM sessions "
+        "WHERE id = ?",
         (result["session_id"],),
     ).fetchone()
-    assert outcome == "aborted" and ended is not None
+    # Nobody chose to end this treatment: it is interrupted, not aborted.
+    assert outcome == "interrupted" and code == "I001" and ended is not None
     assert "pbmd stopping (SIGTERM)" in cause
+    step_outcomes = {
+        row[0]
+        for row in db.execute(
+            "SELECT outcome FROM steps WHERE session_id = ? AND outcome NOT IN "
+            "('completed', 'skipped')",
+            (result["session_id"],),
+        )
+    }
+    assert step_outcomes == {"interrupted"}
     open_emissions = db.execute(
         "SELECT COUNT(*) FROM emissions WHERE ended_utc IS NULL"
     ).fetchone()[0]

@@ -396,7 +396,9 @@ class PortRunner:
         sample = self.target.controller.sample(self.target.device_port)
         power_uw = sample.measured_power_uw if sample is not None and sample.emitting else 0
         rate = integ.last_power_uw or o.power_uw
-        if o.target_kind is TargetKind.TIME:
+        if prog.outcome != "pending":
+            remaining_s = 0.0  # a step that ended has nothing left, whatever its last reading
+        elif o.target_kind is TargetKind.TIME:
             remaining_s = max(o.target_time_s - prog.emitting_us / 1e6, 0.0)
         else:
             remaining_s = max(o.target_energy_uj - integ.energy_uj, 0.0) / max(rate, 1.0)

@@ -186,6 +186,9 @@ async def test_epilepsy_answered_no_delivers_everything(tmp_path: Path) -> None:
         assert await asyncio.wait_for(session.wait(), 10.0) is SessionState.COMPLETED
         assert session.supervisor.tripped is None  # not even while closing out
         assert [s.wavelength_nm for s in starts(rig)] == [660, 830]
+        # Done ports show nothing left, whatever the last reading fell short by.
+        ports = session.status()["ports"]
+        assert ports and all(p["state"] == "done" and p["remaining_s"] == 0.0 for p in ports)
 
 
 async def test_pregnancy_blocks_lumbar_steps(tmp_path: Path) -> None:

@@ -1344,16 +1344,20 @@ class RecordStore:
                     sessions.append(s)
             return sessions
 
-        sessions = await self._read(q)
-        if format == "json":
-            doc = {
-                "format": "pbmd-records",
-                "schema_version": SCHEMA_VERSION,
-                "exported_utc": utc_text(),
-                "sessions": sessions,
-            }
-            return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-        return _steps_csv(sessions)
+        def render(conn: sqlite3.Connection) -> str:
+            # Rendering a large export takes as long as reading it: both stay off the loop.
+            sessions = q(conn)
+            if format == "json":
+                doc = {
+                    "format": "pbmd-records",
+                    "schema_version": SCHEMA_VERSION,
+                    "exported_utc": utc_text(),
+                    "sessions": sessions,
+                }
+                return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+            return _steps_csv(sessions)
+
+        return await self._read(render)
 
 
 # --------------------------------------------------------------------------- read helpers

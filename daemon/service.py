@@ -799,12 +799,10 @@ class Service:
         return self.library.load(protocol_id), self.library.show(protocol_id)
 
     def describe_protocol(self, protocol_id: str, source: bool) -> dict[str, Any]:
-        from pbmd.protocols.cli import _report as protocol_report
-
         loaded, entry = self.load_protocol(protocol_id)
         out: dict[str, Any] = {
             "installed": entry.as_dict(),
-            "protocol": protocol_report(loaded),
+            "protocol": loaded.as_dict(),
             "contraindications": [
                 {"name": c.value, "description": c.description}
                 for c in loaded.protocol.contraindications
@@ -822,8 +820,6 @@ class Service:
         return out
 
     def validate_protocol(self, content: str, signature: str | None, source: str) -> dict[str, Any]:
-        from pbmd.protocols.cli import _report as protocol_report
-
         try:
             loaded, verified = self.library.check(content.encode("utf-8"), signature, source=source)
         except LibraryError as exc:
@@ -837,7 +833,7 @@ class Service:
         return {
             "valid": True,
             "signed_by": verified.key.id_hex if verified else None,
-            "protocol": protocol_report(loaded),
+            "protocol": loaded.as_dict(),
             "warnings": [i.as_dict() for i in loaded.warnings],
             "installed_version": highest or None,
             "installable": loaded.protocol.version > highest,

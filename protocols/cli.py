@@ -74,53 +74,6 @@ def _minutes(seconds: float) -> str:
     return f"{whole // 60} min {whole % 60:02d} s"
 
 
-def _report(loaded: LoadedProtocol) -> dict[str, Any]:
-    protocol = loaded.protocol
-    ports = []
-    for number, port in sorted(protocol.ports.items()):
-        steps: list[dict[str, Any]] = []
-        for dose in (d for d in loaded.doses if d.port == number):
-            step = port.steps[dose.index]
-            steps.append(
-                {
-                    "index": dose.index,
-                    "site": dose.site,
-                    "site_label": protocol.sites[dose.site].label,
-                    "wavelength_nm": dose.wavelength_nm,
-                    "mode": dose.mode.value,
-                    "pulse_hz": dose.pulse_hz,
-                    "duty_permille": None if dose.duty is None else dose.duty * 1000,
-                    "technique": dose.technique.value,
-                    "power_mw": dose.power_mw,
-                    "irradiance_mw_cm2": dose.irradiance_mw_cm2,
-                    "beam_area_cm2": dose.area_cm2,
-                    "time_s": dose.time_s,
-                    "energy_j": dose.energy_j,
-                    "fluence_j_cm2": dose.fluence_j_cm2,
-                    "target": dose.target.value,
-                    "max_time_s": dose.max_time_s,
-                    "gating": step.gating.model_dump(),
-                }
-            )
-        ports.append(
-            {
-                "port": number,
-                "applicator": port.applicator.model_dump(mode="json"),
-                "time_s": sum(float(s["time_s"]) for s in steps),
-                "steps": steps,
-            }
-        )
-    return {
-        "id": protocol.id,
-        "version": protocol.version,
-        "title": protocol.title,
-        "sha256": loaded.sha256,
-        "session_time_s": loaded.session_time_s,
-        "course": protocol.course.model_dump(),
-        "ports": ports,
-    }
-
-
 def _print_protocol(console: Console, path: Path, loaded: LoadedProtocol, signed: str) -> None:
     protocol = loaded.protocol
     console.print(
@@ -226,7 +179,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 signature_error = f"signature refused: {exc}"
         entry.update(
             valid=signature_error is None,
-            protocol=_report(loaded),
+            protocol=loaded.as_dict(),
             errors=[],
             warnings=[i.as_dict() for i in loaded.warnings],
         )

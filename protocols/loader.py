@@ -84,6 +84,53 @@ class LoadedProtocol:
             per_port[dose.port] = per_port.get(dose.port, 0.0) + dose.time_s
         return max(per_port.values(), default=0.0)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The protocol as the API and `protocol validate --json` show it, dose by dose."""
+        protocol = self.protocol
+        ports = []
+        for number, port in sorted(protocol.ports.items()):
+            steps: list[dict[str, Any]] = []
+            for dose in (d for d in self.doses if d.port == number):
+                step = port.steps[dose.index]
+                steps.append(
+                    {
+                        "index": dose.index,
+                        "site": dose.site,
+                        "site_label": protocol.sites[dose.site].label,
+                        "wavelength_nm": dose.wavelength_nm,
+                        "mode": dose.mode.value,
+                        "pulse_hz": dose.pulse_hz,
+                        "duty_permille": None if dose.duty is None else dose.duty * 1000,
+                        "technique": dose.technique.value,
+                        "power_mw": dose.power_mw,
+                        "irradiance_mw_cm2": dose.irradiance_mw_cm2,
+                        "beam_area_cm2": dose.area_cm2,
+                        "time_s": dose.time_s,
+                        "energy_j": dose.energy_j,
+                        "fluence_j_cm2": dose.fluence_j_cm2,
+                        "target": dose.target.value,
+                        "max_time_s": dose.max_time_s,
+                        "gating": step.gating.model_dump(),
+                    }
+                )
+            ports.append(
+                {
+                    "port": number,
+                    "applicator": port.applicator.model_dump(mode="json"),
+                    "time_s": sum(float(s["time_s"]) for s in steps),
+                    "steps": steps,
+                }
+            )
+        return {
+            "id": protocol.id,
+            "version": protocol.version,
+            "title": protocol.title,
+            "sha256": self.sha256,
+            "session_time_s": self.session_time_s,
+            "course": protocol.course.model_dump(),
+            "ports": ports,
+        }
+
 
 def load_protocol(path: str | FsPath, limits: Limits = DEFAULT_LIMITS) -> LoadedProtocol:
     """Read and check one protocol file."""

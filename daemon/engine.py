@@ -31,6 +31,8 @@ from pbmd.daemon.records import (
 )
 from pbmd.daemon.safety import (
     EndCause,
+    IdleEmission,
+    IdleWatch,
     SafetyLimits,
     Supervisor,
     Trip,
@@ -384,9 +386,11 @@ class Engine:
             # back from other threads (the records writer) within a millisecond or
             # so, not the interpreter's default 5 ms, or stops go out late.
             sys.setswitchinterval(gil_switch_interval_s)
-        self.port_map = port_map
         self.store = store
         self.limits = limits or SafetyLimits()
+        self.idle_watch = IdleWatch(self._idle, self._idle_emission, self.limits)
+        self._idle_detach: list[Callable[[], None]] = []
+        self.port_map = port_map
         self.telemetry_hz = telemetry_hz
         self.calibration_due = calibration_due
         self._today = today
@@ -404,6 +408,60 @@ class Engine:
     def add_listener(self, listener: SessionListener) -> None:
         """Session events of every session this engine runs."""
         self._listeners.append(listener)
+
+    @property
+    def port_map(self) -> PortMap:
+        return self._port_map
+
+    @port_map.setter
+    def port_map(self, port_map: PortMap) -> None:
+        """A new map (a controller reconnected): the idle watch follows its controllers."""
+        for undo in self._idle_detach:
+            undo()
+        self._port_map = port_map
+        self._idle_detach = [
+            ctrl.add_sample_listener(functools.partial(self._idle_sample, ctrl))
+            for ctrl in port_map.controllers()
+        ]
+
+    def _idle_sample(self, ctrl: ControllerHandle, t: codec.Telemetry, now_s: float) -> None:
+        self.idle_watch.on_sample(ctrl)
+
+    def _idle(self) -> bool:
+        return self.session is None or self.session.closed
+
+    def _idle_emission(self, found: IdleEmission) -> None:
+        """Emission is off (or could not be): record it; light that stayed latches service."""
+        cause = TripCause.STUCK_EMISSION if found.stuck else TripCause.IDLE_EMISSION
+        if found.stuck and not self.service_required:
+            self.service_required = found.describe()
+            if self.on_service_required is not None:
+                try:
+                    self.on_service_required(self.service_required)
+                except Exception:
+                    log.exception("engine.service_required_listener_failed")
+        try:
+            self.store.event(
+                "idle_emission",
+                found.describe(),
+                code=cause.code,
+                severity="critical" if found.stuck else "error",
+                data={
+                    "controller": found.controller,
+                    "ports": list(found.ports),
+                    "escalation": list(found.escalation),
+                    "service_required": found.stuck,
+                },
+            )
+        except Exception:
+            log.exception("engine.idle_record_failed")
+
+    async def close(self) -> None:
+        """Stop watching (the service is stopping or the controllers are going)."""
+        for undo in self._idle_detach:
+            undo()
+        self._idle_detach.clear()
+        await self.idle_watch.close()
 
     @property
     def controllers(self) -> list[ControllerHandle]:
@@ -615,6 +673,9 @@ class Engine:
 
         def on_trip(trip: Trip) -> None:
             if supervisor.service_required:
+                dark_uw = self.limits.dark_power_uw
+                for ctrl in sub_map.controllers():
+                    self.idle_watch.known_stuck(ctrl.name, ctrl.lit_ports(dark_uw))
                 stuck = TripCause.STUCK_EMISSION
                 self.service_required = (
                     trip.describe()

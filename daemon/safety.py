@@ -21,6 +21,7 @@ from typing import Protocol
 
 import structlog
 
+from pbmd.daemon.controllers import ControllerHandle
 from pbmd.drivers import codec
 
 log = structlog.get_logger()
@@ -89,6 +90,11 @@ class TripCause(_Cause):
         "the system needs service before further use.",
         needs_service=True,
     )
+    IDLE_EMISSION = CauseInfo(
+        "E502",
+        "A port emitted while no treatment was running; it was switched off. "
+        "Have the system checked before the next treatment.",
+    )
     PLAN_HASH_MISMATCH = CauseInfo(
         "E601", "The treatment plan changed after it was confirmed; nothing was emitted."
     )
@@ -153,6 +159,9 @@ class SafetyLimits:
     dark_power_uw: int = 500
     """Measured power above this on a port that should be dark is light that should
     not be there (a stuck emitter): far above photodiode offset, far below any dose."""
+    idle_lit_samples: int = 3
+    """Between sessions, this many samples in a row showing a port lit or emitting
+    switch the controller off (one sample could be the tail of the last stop)."""
     fluence_ceiling_tolerance_fraction: float = 0.01
     """The host stops a step where the site's fluence would reach its ceiling and trips
     there; a sample that shows the ceiling passed by more than this also trips (the
@@ -173,6 +182,119 @@ class ControllerPort(Protocol):
 
 
 TripListener = Callable[[Trip], None]
+
+
+@dataclass(frozen=True)
+class IdleEmission:
+    """What the idle watch found and did on one controller."""
+
+    controller: str
+    ports: tuple[int, ...]
+    escalation: tuple[str, ...]
+    stuck: bool
+    """Still lit after ALL_OFF and DISARM: the system needs service."""
+    monotonic_s: float
+
+    def describe(self) -> str:
+        cause = TripCause.STUCK_EMISSION if self.stuck else TripCause.IDLE_EMISSION
+        ports = ", ".join(str(p) for p in self.ports)
+        return (
+            f"{cause.code} {cause.message} ({self.controller} port(s) {ports} lit with no "
+            f"session running; {' → '.join(self.escalation)})"
+        )
+
+
+class IdleWatch:
+    """Between sessions nothing may emit. Telemetry that shows a port emitting or lit
+    while no session runs gets ALL_OFF at once (EMIT_START inhibited first), then a
+    read-back, DISARM if still lit, and a report; light through all of that means
+    the system needs service. Runs from the telemetry callback: it never waits on
+    disk or clients, and its report is handed on after emission is off."""
+
+    def __init__(
+        self,
+        idle: Callable[[], bool],
+        report: Callable[[IdleEmission], None],
+        limits: SafetyLimits,
+    ) -> None:
+        self._idle = idle
+        self._report = report
+        self.limits = limits
+        self._lit_runs: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy: set[str] = set()
+        self._known_stuck: dict[str, set[int]] = {}
+
+    def known_stuck(self, controller: str, ports: set[int]) -> None:
+        """Light already reported as stuck (service required): not switched off again
+        at every sample while it stays; a port lit beyond these still is."""
+        if ports:
+            self._known_stuck.setdefault(controller, set()).update(ports)
+
+    def on_sample(self, ctrl: ControllerHandle) -> None:
+        if not self._idle() or ctrl.name in self._busy:
+            self._lit_runs[ctrl.name] = 0
+            return
+        lit = ctrl.lit_ports(self.limits.dark_power_uw)
+        if not lit:
+            self._lit_runs[ctrl.name] = 0
+            self._known_stuck.pop(ctrl.name, None)
+            return
+        if lit <= self._known_stuck.get(ctrl.name, set()):
+            return
+        run = self._lit_runs.get(ctrl.name, 0) + 1
+        self._lit_runs[ctrl.name] = run
+        if run < self.limits.idle_lit_samples:
+            return
+        self._busy.add(ctrl.name)
+        ctrl.client.inhibit_emission(f"{TripCause.IDLE_EMISSION.code} light with no session")
+        task = asyncio.create_task(
+            self._switch_off(ctrl, tuple(sorted(lit)), time.monotonic()),
+            name=f"idle-watch-{ctrl.name}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _switch_off(
+        self, ctrl: ControllerHandle, ports: tuple[int, ...], found_s: float
+    ) -> None:
+        escalation: list[str] = []
+        timeout_s = self.limits.stop_readback_timeout_s
+        dark: bool | None = None
+        try:
+            for step, action in (("ALL_OFF", ctrl.all_off), ("DISARM", ctrl.disarm)):
+                try:
+                    await action()
+                    escalation.append(step)
+                except Exception as exc:
+                    escalation.append(f"{step} failed ({exc})")
+                dark = await ctrl.wait_dark(timeout_s, self.limits.dark_power_uw)
+                if dark is not False:
+                    break
+            escalation.append(
+                {True: "dark", False: "still lit", None: "cannot read back"}[dark]
+            )
+            found = IdleEmission(ctrl.name, ports, tuple(escalation), dark is False, found_s)
+            if dark is False:
+                self.known_stuck(ctrl.name, ctrl.lit_ports(self.limits.dark_power_uw))
+            log.critical("idle.emission", description=found.describe())
+            try:
+                self._report(found)
+            except Exception:
+                log.exception("idle.report_failed")
+        finally:
+            self._busy.discard(ctrl.name)
+            self._lit_runs[ctrl.name] = 0
+
+    async def settled(self) -> None:
+        """Wait until every switch-off under way has been reported."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class Supervisor:

@@ -708,6 +708,8 @@ class Service:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._engine is not None:
+            await self._engine.close()
         await self.loop_monitor.close()
         for link in self.links:
             await link.close()

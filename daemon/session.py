@@ -1304,6 +1304,11 @@ class Session:
         await self._done.wait()
         return self.state
 
+    @property
+    def closed(self) -> bool:
+        """Ended and closed out: controllers disarmed, the record written."""
+        return self._done.is_set()
+
     def _stop_work(self) -> None:
         if self._work is not None and not self._work.done():
             self._work.cancel()

@@ -184,6 +184,8 @@ class Rig:
         if s is not None and not s.state.final:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.abort("test ended"), 5.0)
+        if hasattr(self, "engine"):
+            await self.engine.close()
         if hasattr(self, "store"):
             with contextlib.suppress(Exception):
                 await self.store.close()

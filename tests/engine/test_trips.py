@@ -221,6 +221,13 @@ async def test_stuck_emitter_escalates_to_service(tmp_path: Path) -> None:
         p, loaded = rig.plan(LONG)
         with pytest.raises(StartRefused, match="service"):
             await rig.start(p, loaded)
+        # Between sessions the idle watch knows this light: no ALL_OFF storm, no new record.
+        closed_at = time.monotonic()
+        await rig.next_samples(10)
+        await rig.engine.idle_watch.settled()
+        assert rig.rx.find(is_msg(codec.AllOff), after=closed_at) is None
+        await rig.store.sync()
+        assert not [e for e in await rig.store.outbox_pending() if e["kind"] == "idle_emission"]
 
 
 # ---------------------------------------------------------------- ceilings
@@ -487,3 +494,57 @@ async def test_internal_error_still_ends_emission(tmp_path: Path) -> None:
             f"\nE901: ALL_OFF received {(found[0] - trip.monotonic_s) * 1000:.2f} ms after the trip"
         )
         await expect_stays_dark(rig)
+
+
+# ---------------------------------------------------------------- between sessions
+
+
+async def _rogue_emission(rig: Rig, port: int = 1) -> float:
+    """Light with no session: something other than a session starts an emission
+    (a second host, a firmware bug). Returns when it was seen on the wire."""
+    rig.client.release_emission()  # the engine keeps EMIT_START inhibited between sessions
+    await rig.client.arm(0xBAD)
+    armed_us = (await rig.handle.next_sample(2.0)).device_time_us
+    delay_us = rig.client.info.emission_delay_ms * 1000
+    while (await rig.handle.next_sample(2.0)).device_time_us < armed_us + delay_us:
+        pass  # the emission delay runs in device time
+    await rig.client.emit_start(codec.EmitStart(port, 660, 0, 500_000, 0, 1000, 10**9, 600_000))
+    while port not in rig.handle.lit_ports():
+        await rig.handle.next_sample(2.0)
+    return time.monotonic()
+
+
+async def test_emission_with_no_session_is_switched_off_and_recorded(tmp_path: Path) -> None:
+    async with Rig(tmp_path) as rig:
+        t0 = await _rogue_emission(rig)
+        off_at = await rig.all_off_at(t0 - 1.0)
+        print(f"\nidle emission: ALL_OFF {(off_at - t0) * 1000:.1f} ms after it was seen")
+        await rig.engine.idle_watch.settled()
+        assert not rig.handle.lit_ports()
+        assert rig.client.emission_inhibited  # nothing starts again by itself
+        assert rig.engine.service_required is None
+        await rig.store.sync()
+        events = [e for e in await rig.store.outbox_pending() if e["kind"] == "idle_emission"]
+        assert len(events) == 1
+        assert events[0]["code"] == "E502" and events[0]["data"]["ports"] == [1]
+        assert events[0]["data"]["escalation"] == ["ALL_OFF", "dark"]
+        # A session can still start: the emission was stopped and read back dark.
+        rig.engine.check_ready()
+
+
+async def test_stuck_light_with_no_session_latches_service(tmp_path: Path) -> None:
+    async with Rig(tmp_path) as rig:
+        rig.sim.faults.stuck_on(1)
+        t0 = await _rogue_emission(rig)
+        await rig.all_off_at(t0 - 1.0)
+        await rig.engine.idle_watch.settled()
+        kinds = [type(m).__name__ for stamp, m in rig.rx.items if stamp >= t0]
+        assert [k for k in kinds if k in ("AllOff", "Disarm")] == ["AllOff", "Disarm"]
+        assert rig.engine.service_required is not None
+        assert rig.engine.service_required.startswith("E501")
+        await rig.store.sync()
+        events = [e for e in await rig.store.outbox_pending() if e["kind"] == "idle_emission"]
+        assert events[0]["code"] == "E501" and events[0]["severity"] == "critical"
+        assert events[0]["data"]["escalation"] == ["ALL_OFF", "DISARM", "still lit"]
+        with pytest.raises(StartRefused, match="service"):
+            rig.engine.check_ready()

@@ -48,18 +48,24 @@ def test_status_and_shipped_library(daemon: Daemon) -> None:
     assert "ready for a session: yes" in human.stdout
 
 
-def test_chronic_lumbar_end_to_end_through_pbmctl(make_daemon: DaemonFactory) -> None:
-    """The README's job: the four-port lumbar session, gated steps confirmed, report."""
+def test_session_end_to_end_through_pbmctl_json(
+    make_daemon: DaemonFactory, workdir: Path
+) -> None:
+    """What a script does with `pbmctl --json`: install, start with --auto-confirm and
+    follow to the end, read the record and the report. (The four-port lumbar session
+    runs end to end through `pbmd demo` in test_demo.py.)"""
     daemon = make_daemon(time_scale=60.0).start()
+    path = write_protocol(workdir)
+    pbmctl_json(daemon.socket_path, "protocol", "install", str(path))
     res = pbmctl(
         daemon.socket_path,
         "--json",
         "session",
         "start",
-        "lumbar-chronic-nonspecific",
+        "service-short",
         "--patient",
         "E2E-1",
-        *screening_args(SCREENING_CHRONIC),
+        *screening_args(SHORT_SCREENING),
         "--auto-confirm",
         timeout_s=180,
     )
@@ -73,7 +79,7 @@ def test_chronic_lumbar_end_to_end_through_pbmctl(make_daemon: DaemonFactory) ->
     record = pbmctl_json(daemon.socket_path, "records", "show", session_id)["session"]
     assert record["outcome"] == "completed"
     assert record["operator"] == "root"
-    assert len(record["steps"]) == 12
+    assert len(record["steps"]) == SHORT_STEPS
     assert max(abs(e) for e in step_errors(record)) < 0.02
     report = pbmctl(daemon.socket_path, "report", session_id)
     assert report.returncode == 0

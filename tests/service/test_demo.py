@@ -7,6 +7,8 @@ import os
 import pty
 import re
 import select
+import shutil
+import sqlite3
 import struct
 import subprocess
 import termios
@@ -58,8 +60,33 @@ def run_on_a_terminal(argv: list[str], timeout_s: float) -> tuple[int, str]:
 
 
 def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
-    rc, text = run_on_a_terminal([*PBMD, "demo", "--time-scale", "60"], timeout_s=300)
-    assert rc == 0, text[-3000:]
+    """The README's job: the four-port lumbar session, gated steps confirmed, report,
+    and a record in which every one of the 12 steps delivered its dose."""
+    rc, text = run_on_a_terminal([*PBMD, "demo", "--time-scale", "60", "--keep"], timeout_s=300)
+    kept = re.search(r"state kept in (\S+)", text)
+    assert kept is not None, text[-3000:]
+    state = Path(kept.group(1))
+    try:
+        assert rc == 0, text[-3000:]
+        db = sqlite3.connect(state / "records.sqlite")
+        try:
+            (session_id, outcome, operator), = db.execute(
+                "SELECT id, outcome, operator FROM sessions"
+            ).fetchall()
+            steps = db.execute(
+                "SELECT outcome, delivered_controller_j, prescribed_energy_j FROM steps "
+                "WHERE session_id = ?",
+                (session_id,),
+            ).fetchall()
+        finally:
+            db.close()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    assert outcome == "completed" and operator
+    assert len(steps) == 12
+    assert all(o == "completed" for o, _, _ in steps)
+    errors = [(delivered - prescribed) / prescribed for _, delivered, prescribed in steps]
+    assert max(abs(e) for e in errors) < 0.02, errors
     assert "pbmd is ready" in text
     assert "confirms every gated placement by itself" in text
     assert "confirmed automatically (--auto-confirm)" in text

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .harness import Daemon, public_dir, toml_config
+from .harness import DEPLOYED_NICE, Daemon, public_dir, toml_config
 
 DaemonFactory = Callable[..., Daemon]
 
@@ -29,7 +29,7 @@ def _factory(base: Path, made: list[Daemon]) -> DaemonFactory:
         *,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
-        nice: int | None = None,
+        nice: int | None = DEPLOYED_NICE,
         socket: Path | None = None,
         **config: Any,
     ) -> Daemon:

@@ -221,6 +221,11 @@ format = "json"
 {extra}"""
 
 
+DEPLOYED_NICE: int | None = -10 if os.geteuid() == 0 else None
+"""systemd/pbmd.service runs pbmd at Nice=-10; the daemons of these tests run as
+deployed, so that the test runner's own load (two workers, brokers, simulators)
+does not stand in for a clinic workstation's."""
+
 _PRIORITY = re.compile(rb"^<(\d)>(\{.*\})\s*$")
 
 
@@ -245,7 +250,7 @@ class Daemon:
     extra_args: Sequence[str] = ()
     argv: Sequence[str] | None = None
     """The whole command line instead of `pbmd run --config FILE`."""
-    nice: int | None = None
+    nice: int | None = DEPLOYED_NICE
     """Run at this nice value, as systemd/pbmd.service does (Nice=-10)."""
     proc: subprocess.Popen[bytes] | None = None
     lines: list[bytes] = field(default_factory=list)
@@ -471,7 +476,8 @@ def run_session_confirming(
     ports: Sequence[int] | None = None,
 ) -> tuple[str, str]:
     """Start with watch=true on this connection, confirm every placement prompt as it
-    comes, return (session id, final state) at session.ended."""
+    comes, return (session id, final state) at session.ended; a state other than
+    completed comes with its cause code and message."""
     params: dict[str, Any] = {
         "protocol": protocol,
         "patient_ref": patient,
@@ -498,7 +504,12 @@ def run_session_confirming(
         msg = client.next_notification()
         params_ = msg.get("params") or {}
         if msg["method"] == "session.ended":
-            return session_id, str(params_["state"])
+            state = str(params_["state"])
+            if state != "completed":
+                # Say why, so that a failing `state == "completed"` shows the cause.
+                ended = params_.get("status") or {}
+                state += f" ({ended.get('cause_code')}: {ended.get('cause_message')})"
+            return session_id, state
         if msg["method"] == "session.status":
             status = params_["status"]
         elif msg["method"] == "session.event":

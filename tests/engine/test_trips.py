@@ -519,6 +519,9 @@ async def test_emission_with_no_session_is_switched_off_and_recorded(tmp_path: P
         t0 = await _rogue_emission(rig)
         off_at = await rig.all_off_at(t0 - 1.0)
         print(f"\nidle emission: ALL_OFF {(off_at - t0) * 1000:.1f} ms after it was seen")
+        # Confirmed over idle_lit_samples samples in a row (the first is the one seen).
+        confirm_s = (rig.engine.limits.idle_lit_samples - 1) / rig.telemetry_hz
+        assert off_at - t0 <= confirm_s + REACTION_BOUND_S
         await rig.engine.idle_watch.settled()
         assert not rig.handle.lit_ports()
         assert rig.client.emission_inhibited  # nothing starts again by itself

@@ -1251,6 +1251,15 @@ def _current(service: Service, what: str) -> Session:
     return s
 
 
+@contextlib.contextmanager
+def _refused_on_session_error() -> Iterator[None]:
+    """A session that says no (wrong state, unknown port) is a refusal, with its reason."""
+    try:
+        yield
+    except SessionError as exc:
+        raise RpcError(REFUSED, str(exc)) from None
+
+
 def build_registry(service: Service) -> Registry:
     """Every method of the control API, bound to the running service."""
     reg = Registry(service.roles.role_help)
@@ -1420,37 +1429,29 @@ def build_registry(service: Service) -> Registry:
     @reg.add("session.confirm", PortParams, CLINICIAN, "Confirm the placement on a gated port.")
     async def session_confirm(caller: Caller, p: PortParams) -> Any:
         s = _current(service, "confirm")
-        try:
+        with _refused_on_session_error():
             s.confirm(p.port)
-        except SessionError as exc:
-            raise RpcError(REFUSED, str(exc)) from None
         return {"confirmed": p.port}
 
     @reg.add("session.pause", OptionalPortParams, CLINICIAN, "Pause one port or all.")
     async def session_pause(caller: Caller, p: OptionalPortParams) -> Any:
         s = _current(service, "pause")
-        try:
+        with _refused_on_session_error():
             s.pause(p.port)
-        except SessionError as exc:
-            raise RpcError(REFUSED, str(exc)) from None
         return {"paused": p.port if p.port is not None else "all"}
 
     @reg.add("session.resume", OptionalPortParams, CLINICIAN, "Resume one port or all.")
     async def session_resume(caller: Caller, p: OptionalPortParams) -> Any:
         s = _current(service, "resume")
-        try:
+        with _refused_on_session_error():
             s.resume(p.port)
-        except SessionError as exc:
-            raise RpcError(REFUSED, str(exc)) from None
         return {"resumed": p.port if p.port is not None else "all"}
 
     @reg.add("session.abort", AbortParams, CLINICIAN, "Stop all emission and end the session.")
     async def session_abort(caller: Caller, p: AbortParams) -> Any:
         s = _current(service, "abort")
-        try:
+        with _refused_on_session_error():
             await s.abort(f"{p.reason} ({caller.peer.user})")
-        except SessionError as exc:
-            raise RpcError(REFUSED, str(exc)) from None
         return {"session_id": s.id, "state": s.state.value}
 
     # ---------------------------------------------------------------- records

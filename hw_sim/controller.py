@@ -705,6 +705,7 @@ class Controller:
                         "power_factor": p.power_factor,
                         "photodiode_gain": p.gain_at(self.t),
                         "calibration_drift_per_hour": p.drift_per_hour,
+                        "integrator_gain": p.integrator_gain,
                         "stuck_on": p.stuck,
                     },
                 }

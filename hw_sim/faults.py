@@ -87,6 +87,7 @@ class FaultInjector:
         "temperature",
         "power_factor",
         "calibration_drift",
+        "integrator_gain",
         "latch_fault",
         "clear",
     )
@@ -107,6 +108,15 @@ class FaultInjector:
         slot = self._ctl.slot(_port(port))
         with self._ctl.mutation():
             slot.phys.set_gain(g)
+
+    def integrator_gain(self, port: int, gain: float) -> None:
+        """The controller's own dose integral (delivered_uj, STOPPED, COUNTERS, the
+        energy budget) counts ``gain`` × what the photodiode measures, while
+        telemetry's measured power stays right: the two dose channels disagree."""
+        g = _number(gain, "gain", 0.0, 100.0)
+        slot = self._ctl.slot(_port(port))
+        with self._ctl.mutation():
+            slot.phys.integrator_gain = g
 
     def calibration_drift(self, port: int, fraction_per_hour: float) -> None:
         """Photodiode gain drifts by this fraction per hour of device time (e.g. -0.05)."""
@@ -225,6 +235,7 @@ class FaultInjector:
                 p = slot.phys
                 p.power_factor = 1.0
                 p.drift_per_hour = 0.0
+                p.integrator_gain = 1.0
                 p.set_gain(1.0)
                 p.set_stuck(False)
         ctl.set_interlocks(int(Interlock.run_state()))

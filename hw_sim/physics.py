@@ -123,6 +123,7 @@ class PortPhysics:
     pd_gain: float = 1.0
     drift_per_hour: float = 0.0
     drift_t0_s: float = 0.0
+    integrator_gain: float = 1.0  # the controller's dose integral counts gain × photodiode
     stuck: bool = False
     # emitter (the physical light source; may disagree with the controller when stuck)
     light_on: bool = False
@@ -326,10 +327,10 @@ class PortPhysics:
             if em.t_limit_s <= b:
                 events.append((max(a, em.t_limit_s), PhysicsEvent.MAX_DURATION))
             if n:
-                cum = em.energy_uj + np.cumsum(measured_uj)
+                cum = em.energy_uj + np.cumsum(measured_uj) * self.integrator_gain
                 j = int(np.searchsorted(cum, float(em.energy_budget_uj), side="left"))
                 if j < n:
-                    step = float(measured_uj[j])
+                    step = float(measured_uj[j]) * self.integrator_gain
                     before = float(cum[j]) - step
                     frac = (em.energy_budget_uj - before) / step if step > 0 else 0.0
                     t_cross = float(edges[j]) + min(max(frac, 0.0), 1.0) * float(widths[j])
@@ -384,7 +385,7 @@ class PortPhysics:
         self.pd_total_uj += d_meas
         self.true_total_uj += d_true
         if self.emission is not None:
-            self.emission.energy_uj += d_meas
+            self.emission.energy_uj += d_meas * self.integrator_gain
             self.emission.true_energy_uj += d_true
         self.over_run_s = run if self.has_light else 0.0
         if idx >= 0:
@@ -409,8 +410,9 @@ class PortPhysics:
         em = self.emission
         if em is not None:
             times.append(em.t_limit_s)
-            if rate > 0.0:
-                times.append(now_s + max(0.0, em.energy_budget_uj - em.energy_uj) / rate)
+            counted = rate * self.integrator_gain
+            if counted > 0.0:
+                times.append(now_s + max(0.0, em.energy_budget_uj - em.energy_uj) / counted)
         if detect_faults and self.has_light:
             if rate > OVERPOWER_RATIO * self.setpoint_uw:
                 times.append(now_s + max(0.0, OVERPOWER_HOLD_S - self.over_run_s))

@@ -117,8 +117,6 @@ class Rig:
     events: Log[SessionEvent] = field(init=False, default_factory=Log)
     reply_timeouts: Log[Exception] = field(init=False, default_factory=Log)
     session: Session | None = field(init=False, default=None)
-    tx_transform: Callable[[codec.Message], codec.Message] | None = field(init=False, default=None)
-    """Rewrites what the controller sends (a firmware that misbehaves on the wire)."""
     records_failures: Log[BaseException] = field(init=False, default_factory=Log)
 
     async def __aenter__(self) -> Rig:
@@ -220,8 +218,6 @@ class Rig:
         tx = self.tx
 
         def tapped_send(msg: codec.Message, seq: int, kind: str) -> None:
-            if self.tx_transform is not None:
-                msg = self.tx_transform(msg)
             tx.add((kind, msg))
             send(msg, seq, kind)
 

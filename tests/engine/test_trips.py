@@ -315,38 +315,41 @@ async def test_controller_energy_budget_is_a_backup_stop(tmp_path: Path) -> None
 async def test_dose_channels_disagree(tmp_path: Path) -> None:
     """Host vs controller delivered energy apart by more than 2 %: E105.
 
-    hw_sim cannot make its two channels disagree: the controller's integral and
-    the telemetry's mean power both come from the same simulated photodiode. So
-    the test rewrites the controller's reported delivered_uj on its way out of
-    the simulator (3 % low), which is what a drifting firmware integrator looks
-    like on the wire; the engine sees it over the real byte protocol.
+    The simulator's `integrator_gain` fault makes the controller's own integral
+    count 0.9 × its photodiode while telemetry's measured power stays true (a
+    drifting firmware integrator); the engine sees it over the real byte protocol.
     """
     async with Rig(tmp_path) as rig:
         await _running(rig)
         session = rig.session
         assert session is not None
-
-        def drifting(msg: codec.Message) -> codec.Message:
-            if not isinstance(msg, codec.Telemetry):
-                return msg
-            ports = list(msg.ports)
-            s = ports[0]
-            ports[0] = codec.PortSample(
-                s.flags,
-                s.wavelength_nm,
-                s.measured_power_uw,
-                int(s.delivered_uj * 0.97),
-                s.temp_centi_c,
-            )
-            return codec.Telemetry(
-                msg.device_time_us, msg.state, msg.interlocks, msg.fault_code, tuple(ports)
-            )
-
+        gain = 0.9
         t0 = time.monotonic()
-        rig.tx_transform = drifting
-        observed, _ = await rig.host_telemetry.wait(lambda t: True, 2.0, after=t0)
-        await expect_trip(rig, session, "E105", observed_at=observed, stop_reasons={R.ALL_OFF})
-        rig.tx_transform = None
+        rig.sim.faults.integrator_gain(1, gain)
+        d0_uj = rig.snapshot()["ports"][0]["delivered_uj"]
+        limits = session.limits
+
+        def apart(t: codec.Telemetry) -> bool:
+            """The first sample whose channels are apart by the trip threshold (less a
+            tenth, so that the sample the engine acts on is never before it)."""
+            ctrl_uj = t.ports[0].delivered_uj
+            host_uj = d0_uj + (ctrl_uj - d0_uj) / gain
+            allowed = max(
+                limits.dose_disagreement_fraction * ctrl_uj, limits.dose_disagreement_floor_uj
+            )
+            return host_uj - ctrl_uj > 0.9 * allowed
+
+        observed, _ = await rig.host_telemetry.wait(apart, 5.0, after=t0)
+        result = await expect_trip(
+            rig,
+            session,
+            "E105",
+            observed_at=observed,
+            # The threshold itself may fall on the next sample.
+            bound_s=REACTION_BOUND_S + 1 / rig.telemetry_hz,
+            stop_reasons={R.ALL_OFF},
+        )
+        assert result.record["events"]  # the trip is in the record
         await expect_stays_dark(rig)
 
 

@@ -238,6 +238,35 @@ async def test_photodiode_gain_changes_what_is_measured(lab: Lab) -> None:
     await host.wait_event(EventCode.FAULT, port=1, value=FaultCode.OVERPOWER, after=mark)
 
 
+async def test_integrator_gain_makes_the_two_dose_channels_disagree(lab: Lab) -> None:
+    """The controller's integral counts 0.9 × the photodiode; telemetry's power stays
+    true, so a host integrating it sees 1/0.9 of what the controller reports, and the
+    energy budget (on the controller's integral) ends the emission that much later."""
+    rig = await lab.rig(time_scale=60, telemetry_hz=200, emission_delay_ms=100)
+    host, sim = rig.host, rig.sim
+    await host.arm_ready()
+    sim.faults.integrator_gain(1, 0.9)
+    assert sim.snapshot()["ports"][0]["faults"]["integrator_gain"] == 0.9
+    budget_uj = 2_000_000
+    mark = host.mark()
+    await host.ack(emit(1, 830, 1_000_000, energy_budget_uj=budget_uj))
+    ended = await host.wait_event(EventCode.EMISSION_ENDED, port=1, after=mark)
+    assert ended.value == StopReason.ENERGY_BUDGET
+    stopped = await host.expect(codec.EmitStop(1), codec.Stopped)
+    assert abs(stopped.delivered_uj - budget_uj) <= budget_uj * 1e-6
+    expected_ms = budget_uj / 0.9 / 1_000_000 * 1000  # 2.22 s of light at 1 W
+    assert abs(stopped.duration_ms - expected_ms) < expected_ms * 0.03 + 2
+    await host.wait_telemetry(lambda t: t.device_time_us > ended.device_time_us)
+    frames = host.telemetry(mark)
+    host_uj = frames[0].ports[0].delivered_uj / 0.9 + sum(
+        b.ports[0].measured_power_uw * (b.device_time_us - a.device_time_us) / 1e6
+        for a, b in itertools.pairwise(frames)
+    )
+    assert host_uj == pytest.approx(budget_uj / 0.9, rel=2e-3)
+    sim.faults.clear()
+    assert sim.snapshot()["ports"][0]["faults"]["integrator_gain"] == 1.0
+
+
 async def test_over_temperature_latches_fault_3_until_it_cools(lab: Lab) -> None:
     rig = await lab.rig(time_scale=60, armed=True)
     host, sim = rig.host, rig.sim

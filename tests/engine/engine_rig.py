@@ -92,7 +92,11 @@ class Rig:
     """A simulator, a client, a store and an engine; closed in reverse order."""
 
     tmp_path: Path
-    time_scale: float = 60.0
+    time_scale: float = 30.0
+    """×30, and default steps of 20–30 s of device time: a host stop that lands a
+    few ms late on a loaded test machine is tens of ms of device time, and the
+    controller's energy budget (prescription + 5 %) must stay the backstop, not
+    the stop (E404), as it is at ×1 where 5 % of such a step is a second."""
     ports: Mapping[int, str | None] | None = None
     telemetry_hz: int = 50
     seed: int = 1
@@ -391,13 +395,13 @@ def pad_step(
     site: str = "back",
     nm: int = 660,
     irradiance: float = 4.0,
-    fluence: float | None = 0.06,
+    fluence: float | None = 0.12,
     time_s: float | None = None,
     max_time_s: float | None = None,
     gating: dict[str, bool] | None = None,
     **extra: Any,
 ) -> str:
-    """A pad step: 720 mW over 180 cm² by default, 0.06 J/cm² (15 s of device time)."""
+    """A pad step: 720 mW over 180 cm² by default, 0.12 J/cm² (30 s of device time)."""
     fields: dict[str, Any] = {
         "site": site,
         "wavelength_nm": nm,
@@ -423,14 +427,14 @@ def probe_step(
     *,
     site: str = "point",
     power_mw: float = 50.0,
-    energy_j: float = 0.5,
+    energy_j: float = 1.0,
     pulse_hz: int = 5000,
     duty_permille: int = 1,
     nm: int = 905,
     gating: dict[str, bool] | None = None,
     max_time_s: float | None = None,
 ) -> str:
-    """A 905 nm probe point: 50 mW to 0.5 J by default (10 s of device time)."""
+    """A 905 nm probe point: 50 mW to 1 J by default (20 s of device time)."""
     fields: dict[str, Any] = {
         "site": site,
         "wavelength_nm": nm,

@@ -151,7 +151,11 @@ class ControllerHandle:
         """
         if self._next_sample is None or self._next_sample.done():
             self._next_sample = asyncio.get_running_loop().create_future()
-        return await asyncio.wait_for(asyncio.shield(self._next_sample), timeout_s)
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for can drop a
+        # cancellation that arrives as the sample does, and a session's work is
+        # stopped by cancelling it.
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(self._next_sample)
 
     def emitting_ports(self) -> set[int]:
         t = self.telemetry

@@ -60,6 +60,11 @@ SPIN_BEFORE_STOP_S = 0.002
 the last 2 ms before a stop are waited out by yielding, not by a timer."""
 
 
+RECANCEL_INTERVAL_S = 0.25
+"""While a trip or an abort waits for the session's work to stop, how often the
+work is cancelled again (emission is already off: this bounds a hang, not a dose)."""
+
+
 class SessionState(enum.StrEnum):
     IDLE = "idle"
     READY = "ready"
@@ -1102,6 +1107,7 @@ class Session:
         self._done = asyncio.Event()
         self.aborting = False
         self.end_cause: EndCause | None = None
+        self._stop_requested = False
         self._unsubscribe: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._work: asyncio.Task[None] | None = None
@@ -1310,6 +1316,7 @@ class Session:
         return self._done.is_set()
 
     def _stop_work(self) -> None:
+        self._stop_requested = True
         if self._work is not None and not self._work.done():
             self._work.cancel()
 
@@ -1326,7 +1333,12 @@ class Session:
         work = asyncio.create_task(self._main(), name=f"session-work-{self.id[:8]}")
         self._work = work
         try:
-            await asyncio.wait([work])
+            while not (await asyncio.wait([work], timeout=RECANCEL_INTERVAL_S))[0]:
+                if self._stop_requested:
+                    # A cancellation can be lost on its way in (asyncio.wait_for in
+                    # Python 3.11 drops one that meets a result); ask again until the
+                    # work has stopped, or a session could wait at a gate forever.
+                    work.cancel()
         except asyncio.CancelledError:
             # This task was cancelled from outside (shutdown): stop safely, then go.
             if self.supervisor.tripped is None and not self.aborting:

@@ -260,3 +260,30 @@ async def test_operator_abort(tmp_path: Path) -> None:
         await expect_stays_dark(rig)
         with pytest.raises(Exception, match="already aborted"):
             await session.abort()
+
+
+async def test_abort_ends_the_session_even_when_a_cancellation_is_lost(tmp_path: Path) -> None:
+    """Python 3.11's asyncio.wait_for can drop a cancellation that meets a result. An
+    abort during arming whose cancellation is lost that way must still end the
+    session, not leave it waiting at a placement gate (and the abort call with it)."""
+    async with Rig(tmp_path, auto_confirm=False) as rig:
+        lost: list[float] = []
+        real = rig.handle.next_sample
+
+        async def losing_one_cancel(timeout_s: float) -> codec.Telemetry:
+            try:
+                return await real(timeout_s)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost.append(time.monotonic())
+                return await real(timeout_s)  # as if the sample had won the race
+
+        rig.handle.next_sample = losing_one_cancel  # type: ignore[method-assign]
+        p, loaded = rig.plan(protocol({1: [pad_step(gating={"confirm_placement": True})]}))
+        session = await rig.start(p, loaded)
+        await rig.wait_event(lambda e: e.kind == "state" and e.data.get("to") == "armed", 5.0)
+        await asyncio.wait_for(session.abort("operator"), 5.0)
+        assert lost, "the abort's cancellation did not meet the sample wait"
+        assert session.state is SessionState.ABORTED and session.cause_code == "A001"
+        assert not starts(rig)  # nothing was emitted

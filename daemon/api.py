@@ -665,7 +665,8 @@ class Connection:
                     chunks.append(self._queue.popleft())
                 self.writer.write(b"".join(chunks))
                 try:
-                    await asyncio.wait_for(self.writer.drain(), timeout)
+                    async with asyncio.timeout(timeout):  # cancellable, unlike 3.11's wait_for
+                        await self.writer.drain()
                 except TimeoutError:
                     self.server.stats.dropped_slow += 1
                     self.abort(f"slow reader: nothing read for {timeout:g} s")

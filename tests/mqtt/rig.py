@@ -75,7 +75,7 @@ mode = "continuous"
 technique = "contact"
 irradiance_mw_cm2 = 10.0
 fluence_j_cm2 = {fluence}
-max_time_s = 600
+max_time_s = {max(600, round(fluence / 10.0 * 1000 * 1.3))}
 """
             )
     if probe_energy_j is not None:

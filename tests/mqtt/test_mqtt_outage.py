@@ -1,7 +1,8 @@
 """A broker outage mid-session: zero events lost, dose delivery unaffected.
 
-mosquitto is stopped while the pads emit and kept down for 30 s of the
-controller's (device) time, then restarted on the same port. The publisher
+mosquitto is stopped while the pads emit and kept down for 30 s (measured on
+the controller's clock at ×30: 900 s of device time, so the session runs on
+through it), then restarted on the same port. The publisher
 reaches the broker through a gate that the test opens only once its own
 subscriber is back, so that everything the publisher replays has a listener.
 """
@@ -18,7 +19,9 @@ from .rig import protocol_text
 from .subscriber import Subscriber
 
 PREFIX = "pbm/v1/ws-01"
-OUTAGE_DEVICE_S = 30.0
+TIME_SCALE = 30.0
+OUTAGE_WALL_S = 30.0
+OUTAGE_DEVICE_S = OUTAGE_WALL_S * TIME_SCALE
 
 
 async def test_broker_outage_mid_session_loses_no_event(
@@ -30,13 +33,14 @@ async def test_broker_outage_mid_session_loses_no_event(
     gate = Gate(broker.port)
     await gate.open()
     try:
-        rig = await make_rig(time_scale=30.0)
+        rig = await make_rig(time_scale=TIME_SCALE)
         pub = await make_publisher(rig, gate.port)
         await subscriber.wait_for(
             lambda m: m.topic == f"{PREFIX}/status" and m.text == "online", what="online"
         )
-        # Pads on ports 1-3, two steps of 0.5 J/cm² (50 s of device time each).
-        session = await rig.start_session(protocol_text({p: (0.5, 0.5) for p in (1, 2, 3)}))
+        # Pads on ports 1-3, two steps of 7 J/cm² (700 s of device time each, 47 s of
+        # wall time in all): the outage begins in the first and ends in the second.
+        session = await rig.start_session(protocol_text({p: (7.0, 7.0) for p in (1, 2, 3)}))
 
         # Mid-way through the first step (as a dashboard sees it), the broker dies.
         await subscriber.wait_for(
@@ -48,7 +52,7 @@ async def test_broker_outage_mid_session_loses_no_event(
         await gate.shut()
         await broker.stop()
         await subscriber.disconnect()
-        await rig.device_time_passes(OUTAGE_DEVICE_S)
+        await rig.device_time_passes(OUTAGE_DEVICE_S, timeout_s=OUTAGE_WALL_S * 3)
         held = rig.outbox()
         held_during_outage = [eid for _, eid, published in held if published is None]
         assert not pub.connected

@@ -54,8 +54,9 @@ class SignatureError(ValueError):
 
 
 def key_id_hex(key_id: bytes) -> str:
-    """A key id as minisign prints it (the 8 bytes as a little-endian number, in hex)."""
-    return key_id[::-1].hex().upper()
+    """A key id as minisign prints it: the 8 bytes as a little-endian number in upper-case
+    hex, without leading zeros (minisign's "%" PRIX64), so it reads the same in both."""
+    return f"{int.from_bytes(key_id, 'little'):X}"
 
 
 def _b64(text: str, what: str) -> bytes:

@@ -18,6 +18,11 @@ from pbmd.drivers import codec
 TOLERANCE = 0.005
 """Every step's delivered dose (controller channel) within ±0.5 % (issue 4)."""
 
+ACCURACY_TIME_SCALE = 10.0
+"""Tests that assert TOLERANCE run the simulator in the engine's own event loop; at
+×10 a 75 s pad step keeps 37 ms of wall time between on-time and 0.5 % late, which
+a busy test machine does not take from it (at ×30 it had 12 ms)."""
+
 
 def within(delivered_j: float, prescribed_j: float, tolerance: float = TOLERANCE) -> bool:
     return abs(delivered_j - prescribed_j) <= tolerance * prescribed_j
@@ -32,7 +37,7 @@ async def test_pause_resume_delivers_only_the_rest(tmp_path: Path) -> None:
     resumed; resume delivers only the remainder, with the controller's budget and
     max duration reduced by what was already delivered and emitted (the backup
     timer keeps its reading). Before + after = the prescription."""
-    async with Rig(tmp_path, time_scale=30.0) as rig:
+    async with Rig(tmp_path, time_scale=ACCURACY_TIME_SCALE) as rig:
         p, loaded = rig.plan(protocol({1: [pad_step(fluence=0.3, max_time_s=100)]}))
         session = await rig.start(p, loaded)
         await rig.emitting(1)
@@ -55,7 +60,7 @@ async def test_pause_resume_delivers_only_the_rest(tmp_path: Path) -> None:
         t_resume = time.monotonic()
         session.resume(1)
         _, done = await rig.wait_event(lambda e: e.kind == "step_completed", 10.0)
-        assert await asyncio.wait_for(session.wait(), 5.0) is SessionState.COMPLETED
+        assert await asyncio.wait_for(session.wait(), 30.0) is SessionState.COMPLETED
         assert session.supervisor.tripped is None  # not even while closing out
         first, second = starts(rig)
         assert starts(rig, t_resume) == [second]
@@ -80,7 +85,7 @@ async def test_probe_contact_loss_waits_for_reconfirmation(tmp_path: Path) -> No
     """The probe leaves the skin: the controller stops the port; contact coming back is
     not enough, the port waits for the operator to confirm the placement again and
     then delivers only the rest of the point's dose."""
-    async with Rig(tmp_path, time_scale=10.0, auto_confirm=False) as rig:
+    async with Rig(tmp_path, time_scale=ACCURACY_TIME_SCALE / 2, auto_confirm=False) as rig:
         p, loaded = rig.plan(protocol({4: [probe_step(power_mw=20.0, energy_j=0.4)]}))
         session = await rig.start(p, loaded)
         await rig.wait_event(lambda e: e.kind == "port_waiting", 5.0)
@@ -107,7 +112,7 @@ async def test_probe_contact_loss_waits_for_reconfirmation(tmp_path: Path) -> No
         assert session.status()["ports"][0]["state"] == PortState.GATED
         session.confirm(4)
         _, done = await rig.wait_event(lambda e: e.kind == "step_completed", 10.0)
-        assert await asyncio.wait_for(session.wait(), 5.0) is SessionState.COMPLETED
+        assert await asyncio.wait_for(session.wait(), 30.0) is SessionState.COMPLETED
         assert session.supervisor.tripped is None  # not even while closing out
         assert len(starts(rig)) == 2
         assert within(done.data["controller_energy_j"], 0.4), done.data
@@ -119,7 +124,7 @@ async def test_probe_contact_loss_waits_for_reconfirmation(tmp_path: Path) -> No
 async def test_footswitch_gates_emission(tmp_path: Path) -> None:
     """A footswitch step emits only while the footswitch is held: releasing it stops
     the port, pressing it again resumes the rest."""
-    async with Rig(tmp_path, time_scale=30.0) as rig:
+    async with Rig(tmp_path, time_scale=ACCURACY_TIME_SCALE) as rig:
         p, loaded = rig.plan(
             protocol({1: [pad_step(fluence=0.3, max_time_s=100, gating={"footswitch": True})]})
         )
@@ -142,7 +147,7 @@ async def test_footswitch_gates_emission(tmp_path: Path) -> None:
         assert len(starts(rig)) == 1
         rig.sim.faults.footswitch(pressed=True)
         _, done = await rig.wait_event(lambda e: e.kind == "step_completed", 10.0)
-        assert await asyncio.wait_for(session.wait(), 5.0) is SessionState.COMPLETED
+        assert await asyncio.wait_for(session.wait(), 30.0) is SessionState.COMPLETED
         assert session.supervisor.tripped is None  # not even while closing out
         assert len(starts(rig)) == 2
         assert within(done.data["controller_energy_j"], 54.0), done.data

@@ -1708,14 +1708,16 @@ class _Writer:
         store._stats.written += len(writes) - len(rejected)
         self.pending.clear()
         store._stats.held = 0
-        store._post(store._notify_commit, len(writes) - len(rejected))
         if recovering:
+            # Healthy before anyone hears of the commit: a listener that checks the
+            # store on a commit must not find it still failed.
             with store._health_lock:
                 store._health.healthy = True
                 store._health.error = None
                 store._health.since_utc = None
             log.warning("records.recovered", path=str(self.path), written=len(writes))
             self.failed_at_utc = None
+        store._post(store._notify_commit, len(writes) - len(rejected))
         return None
 
     def apply(

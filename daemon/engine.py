@@ -430,16 +430,20 @@ class Engine:
     def _idle(self) -> bool:
         return self.session is None or self.session.closed
 
+    def _latch_service(self, cause: str) -> None:
+        """No session starts until a technician clears this (the service persists it)."""
+        self.service_required = cause
+        if self.on_service_required is not None:
+            try:
+                self.on_service_required(cause)
+            except Exception:
+                log.exception("engine.service_required_listener_failed")
+
     def _idle_emission(self, found: IdleEmission) -> None:
         """Emission is off (or could not be): record it; light that stayed latches service."""
         cause = TripCause.STUCK_EMISSION if found.stuck else TripCause.IDLE_EMISSION
         if found.stuck and not self.service_required:
-            self.service_required = found.describe()
-            if self.on_service_required is not None:
-                try:
-                    self.on_service_required(self.service_required)
-                except Exception:
-                    log.exception("engine.service_required_listener_failed")
+            self._latch_service(found.describe())
         try:
             self.store.event(
                 "idle_emission",
@@ -677,16 +681,11 @@ class Engine:
                 for ctrl in sub_map.controllers():
                     self.idle_watch.known_stuck(ctrl.name, ctrl.lit_ports(dark_uw))
                 stuck = TripCause.STUCK_EMISSION
-                self.service_required = (
+                self._latch_service(
                     trip.describe()
                     if trip.cause is stuck
                     else f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
                 )
-                if self.on_service_required is not None:
-                    try:
-                        self.on_service_required(self.service_required)
-                    except Exception:
-                        log.exception("engine.service_required_listener_failed")
                 session.emit(
                     "service_required",
                     "a port kept emitting after ALL_OFF and DISARM; no session can start "

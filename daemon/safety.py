@@ -268,7 +268,12 @@ class IdleWatch:
                     escalation.append(step)
                 except Exception as exc:
                     escalation.append(f"{step} failed ({exc})")
-                dark = await ctrl.wait_dark(timeout_s, self.limits.dark_power_uw)
+                try:
+                    dark = await ctrl.wait_dark(timeout_s, self.limits.dark_power_uw)
+                except Exception:
+                    # As the supervisor does: a read-back that fails is not dark.
+                    log.exception("idle.readback_failed", controller=ctrl.name)
+                    dark = False
                 if dark is not False:
                     break
             escalation.append(

@@ -25,10 +25,10 @@ from typing import Any
 
 import structlog
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, SessionRequest
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.session import Session, SessionEvent
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, SessionRequest
+from pbmd.daemon.core.session import Session, SessionEvent
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers.client import ControllerClient, open_controller
 from pbmd.protocols.loader import parse_protocol
 from pbmd.protocols.plan import Plan, plan

@@ -31,10 +31,10 @@ from pathlib import Path
 
 from benchlib import TapSim, protocol, quiet_logs
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, SessionRequest
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.session import SessionEvent
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, SessionRequest
+from pbmd.daemon.core.session import SessionEvent
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
 from pbmd.drivers.client import open_controller
 from pbmd.protocols.loader import parse_protocol

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbmd.daemon import demo, service
+    from pbmd.daemon.clients import demo
+    from pbmd.daemon.services import service
     from pbmd.hw_sim import cli as sim_cli
     from pbmd.protocols import cli as protocol_cli
 

@@ -17,10 +17,10 @@ import structlog
 # run as a script: its own directory is on sys.path
 from engine_rig import pad_step, probe_step, protocol  # type: ignore[import-not-found]
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, SessionRequest
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.session import SessionEvent
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, SessionRequest
+from pbmd.daemon.core.session import SessionEvent
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers.client import open_controller
 from pbmd.protocols.loader import parse_protocol
 from pbmd.protocols.plan import plan

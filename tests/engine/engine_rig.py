@@ -27,11 +27,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, SessionRequest
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.safety import SafetyLimits
-from pbmd.daemon.session import Session, SessionEvent
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, SessionRequest
+from pbmd.daemon.core.safety import SafetyLimits
+from pbmd.daemon.core.session import Session, SessionEvent
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
 from pbmd.drivers.client import ControllerClient, open_controller
 from pbmd.hw_sim import SimConfig, Simulator

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sim_process import SimProcess
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, StartRefused
-from pbmd.daemon.records import RecordStore
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, StartRefused
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
 from pbmd.drivers.client import open_controller
 

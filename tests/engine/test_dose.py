@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pbmd.daemon.dose import DeviceClock, DoseIntegrator, integrate_samples
+from pbmd.daemon.core.dose import DeviceClock, DoseIntegrator, integrate_samples
 
 
 def test_interval_means_integrate_exactly() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sim_process import SimProcess
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, SessionRequest
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.session import SessionEvent, SessionState
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, SessionRequest
+from pbmd.daemon.core.session import SessionEvent, SessionState
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers.client import open_controller
 from pbmd.protocols.loader import load_protocol
 from pbmd.protocols.plan import plan

@@ -12,8 +12,8 @@ import pytest
 from engine_rig import Rig, pad_step, probe_step, protocol
 from trip_checks import expect_stays_dark, expect_trip
 
-from pbmd.daemon.report import session_report
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.session import SessionState
+from pbmd.daemon.services.report import session_report
 from pbmd.drivers import codec
 
 # Short steps at ×5, so that scheduling jitter on a loaded machine stays inside the ±0.5 %

@@ -11,8 +11,8 @@ import pytest
 from engine_rig import Rig, is_msg, pad_step, probe_step, protocol
 from trip_checks import REACTION_BOUND_S, expect_stays_dark
 
-from pbmd.daemon.engine import StartRefused
-from pbmd.daemon.session import PortState, SessionState
+from pbmd.daemon.core.engine import StartRefused
+from pbmd.daemon.core.session import PortState, SessionState
 from pbmd.drivers import codec
 
 TOLERANCE = 0.005

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pbmd.daemon.safety import EndCause, TripCause
+from pbmd.daemon.core.safety import EndCause, TripCause
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "stop-causes.md"
 

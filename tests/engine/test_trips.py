@@ -24,8 +24,8 @@ from trip_checks import (
     expect_trip,
 )
 
-from pbmd.daemon.engine import StartRefused
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.engine import StartRefused
+from pbmd.daemon.core.session import SessionState
 from pbmd.drivers import codec
 from pbmd.protocols.limits import Limits
 

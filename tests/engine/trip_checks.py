@@ -9,7 +9,7 @@ from typing import Any
 
 from engine_rig import Rig, is_msg
 
-from pbmd.daemon.session import Session, SessionState
+from pbmd.daemon.core.session import Session, SessionState
 from pbmd.drivers import codec
 
 # Measured bounds (docs/performance.md): the host's reaction to the frame or the

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from pbmd.daemon.mqtt import MqttConfig, MqttPublisher
+from pbmd.daemon.services.mqtt import MqttConfig, MqttPublisher
 
 from .rig import Rig, protocol_text
 

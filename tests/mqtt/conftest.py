@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pbmd.daemon.mqtt import MqttConfig, MqttPublisher, MqttStats
+from pbmd.daemon.services.mqtt import MqttConfig, MqttPublisher, MqttStats
 
 from .broker import MOSQUITTO, Mosquitto
 from .rig import Rig

@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.engine import Engine, SessionRequest
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.session import Session
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.engine import Engine, SessionRequest
+from pbmd.daemon.core.session import Session
+from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
 from pbmd.drivers.client import ControllerClient, open_controller
 from pbmd.hw_sim import SimConfig, Simulator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.session import SessionState
 
 from .broker import Mosquitto
 from .conftest import PublisherFactory, RigFactory

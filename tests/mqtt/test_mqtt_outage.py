@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.session import SessionState
 
 from .broker import Gate, Mosquitto
 from .conftest import PublisherFactory, RigFactory

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.session import SessionState
 
 from .broker import Mosquitto, free_port
 from .conftest import PublisherFactory, RigFactory, wait_stats

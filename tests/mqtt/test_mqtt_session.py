@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from pbmd.daemon.safety import SafetyLimits
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.safety import SafetyLimits
+from pbmd.daemon.core.session import SessionState
 
 from .broker import Mosquitto
 from .conftest import PublisherFactory, RigFactory

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pbmd.daemon import mqtt
-from pbmd.daemon.session import SessionState
+from pbmd.daemon.core.session import SessionState
+from pbmd.daemon.services import mqtt
 
 from .broker import Mosquitto
 from .conftest import PublisherFactory, RigFactory

@@ -11,7 +11,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from pbmd.daemon.mqtt import LiveBuffer, MqttConfig, MqttPublisher, encode
+from pbmd.daemon.services.mqtt import LiveBuffer, MqttConfig, MqttPublisher, encode
 
 
 def _publisher(**fields: Any) -> MqttPublisher:

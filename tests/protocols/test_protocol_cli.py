@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from protocol_helpers import BASE, edit
 
-from pbmd.daemon import pbmctl
+from pbmd.daemon.clients import pbmctl
 from pbmd.protocols import library
 
 FILES = [str(p) for p in library.protocol_files()]

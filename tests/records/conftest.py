@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pbmd.daemon.records import RecordStore
+from pbmd.daemon.services.records import RecordStore
 
 
 def writer_threads() -> list[threading.Thread]:

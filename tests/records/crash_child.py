@@ -12,7 +12,7 @@ import time
 # run as a script: its own directory is on sys.path
 from synthetic import PAD_660, emit_request, session_start  # type: ignore[import-not-found]
 
-from pbmd.daemon.records import RecordStore
+from pbmd.daemon.services.records import RecordStore
 
 SYNCED = 2000
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pbmd.daemon.records import RecordStore, SessionPort, SessionStart, StepStart
+from pbmd.daemon.services.records import RecordStore, SessionPort, SessionStart, StepStart
 from pbmd.drivers import codec
 
 T0_S = 1_700_000_000.0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pbmd.daemon.records import RecordStore, RecordsUnavailable
+from pbmd.daemon.services.records import RecordStore, RecordsUnavailable
 
 from . import synthetic as syn
 from .conftest import writer_threads

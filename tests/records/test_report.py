@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pbmd.daemon.records import RecordStore
-from pbmd.daemon.report import DASH, build_report, render_text, session_report
+from pbmd.daemon.services.records import RecordStore
+from pbmd.daemon.services.report import DASH, build_report, render_text, session_report
 
 from . import synthetic as syn
 

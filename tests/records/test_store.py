@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pbmd.daemon.records import (
+from pbmd.daemon.services.records import (
     RecordsCorrupt,
     RecordStore,
     RecordsUnavailable,

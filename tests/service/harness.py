@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_SECRET_KEY = ROOT / "tests" / "keys" / "test-protocol-signing.key"
 MINISIGN = shutil.which("minisign") or "/usr/bin/minisign"
 PBMD = [sys.executable, "-m", "pbmd.daemon.cli"]
-PBMCTL = [sys.executable, "-m", "pbmd.daemon.pbmctl"]
+PBMCTL = [sys.executable, "-m", "pbmd.daemon.clients.pbmctl"]
 TIMEOUT_S = 30.0
 
 SCREENING_CHRONIC = {
@@ -613,7 +613,7 @@ def pbmctl_in_child(
     uid: int, gid: int, groups: Sequence[int], argv: Sequence[str]
 ) -> tuple[int, str]:
     """pbmctl's main() as another user (forked; see `in_child`): exit status and output."""
-    from pbmd.daemon import pbmctl as ctl
+    from pbmd.daemon.clients import pbmctl as ctl
 
     def run() -> Any:
         out_r, out_w = os.pipe()

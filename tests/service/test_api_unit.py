@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from pydantic import Field
 
-from pbmd.daemon import api
-from pbmd.daemon import log as daemon_log
+from pbmd.daemon.services import api
+from pbmd.daemon.services import log as daemon_log
 
 
 class Count(api.Params):

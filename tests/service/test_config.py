@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pbmd.daemon import config as cfg
+from pbmd.daemon.services import config as cfg
 
 from .harness import PBMD
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pbmd.daemon import pbmctl as ctl
+from pbmd.daemon.clients import pbmctl as ctl
 
 from .conftest import DaemonFactory
 from .harness import (

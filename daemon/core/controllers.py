@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from pbmd.daemon.dose import DeviceClock
+from pbmd.daemon.core.dose import DeviceClock
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError, ControllerClient
 

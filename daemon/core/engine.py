@@ -20,16 +20,9 @@ from typing import Any
 
 import structlog
 
-from pbmd.daemon.controllers import ControllerHandle, PortMap
-from pbmd.daemon.records import (
-    RecordsError,
-    RecordStore,
-    RecordsUnavailable,
-    SessionPort,
-    SessionStart,
-    StepStart,
-)
-from pbmd.daemon.safety import (
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.recording import RecordSink, RecordsUnavailable, StoreRecorder
+from pbmd.daemon.core.safety import (
     EndCause,
     IdleEmission,
     IdleWatch,
@@ -39,21 +32,18 @@ from pbmd.daemon.safety import (
     TripCause,
     interlock_cause,
 )
-from pbmd.daemon.session import (
-    RecordingFailed,
+from pbmd.daemon.core.session import (
     Session,
     SessionError,
-    SessionEvent,
     SessionListener,
     StepOrder,
-    StepProgress,
     TargetKind,
 )
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
 from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, skin_mpe_mw_cm2
 from pbmd.protocols.model import Contraindication, Region, Target
-from pbmd.protocols.plan import Plan, PlannedEmission, canonical_json, content_hash
+from pbmd.protocols.plan import Plan, PlannedEmission, content_hash
 
 log = structlog.get_logger()
 
@@ -157,223 +147,13 @@ class SessionRequest:
     contraindicated_by_protocol: frozenset[str] = frozenset()
 
 
-class StoreRecorder:
-    """Writes one session to the records store (the session's Recorder)."""
-
-    def __init__(
-        self,
-        store: RecordStore,
-        request: SessionRequest,
-        controller: ControllerHandle,
-        plan: Plan | None = None,
-    ) -> None:
-        self.store = store
-        self.request = request
-        self.controller = controller
-        self.plan = plan or request.plan
-        """The plan as verified at start (a private copy): what the records describe."""
-        self._emissions: dict[tuple[int, int, int], int] = {}
-
-    def session_started(self, session: Session) -> None:
-        plan = self.plan
-        ports = [
-            SessionPort(
-                port=p,
-                applicator_kind=codec.describe(
-                    codec.ApplicatorKind, session.port_map[p].applicator.applicator_kind
-                ),
-                applicator_serial=session.port_map[p].applicator.applicator_serial,
-                beam_area_cm2=session.port_map[p].applicator.area_mm2 / 100.0,
-                channels_nm=tuple(c.wavelength_nm for c in session.port_map[p].applicator.channels),
-            )
-            for p in session.runners
-        ]
-        self.store.session_started(
-            SessionStart(
-                session_id=session.id,
-                protocol_id=plan.protocol_id,
-                protocol_version=plan.protocol_version,
-                protocol_sha256=plan.protocol_sha256,
-                plan_hash=plan.content_hash,
-                plan_json=canonical_json(plan).decode("utf-8"),
-                patient_ref=session.patient_ref,
-                contraindications=dict(self.request.contraindications),
-                ports=ports,
-                session_token=session.token,
-                signing_key_id=self.request.signing_key_id,
-                protocol_title=plan.protocol_title,
-                controller_serial=self.controller.info.serial,
-                controller_firmware=self.controller.info.firmware,
-                operator=self.request.operator,
-                course_sessions=plan.course.sessions,
-                course_interval_days=plan.course.interval_days,
-                time_scale=self.controller.clock.ratio,
-            )
-        )
-
-    def _emission(self, port: int, step: int) -> PlannedEmission:
-        return next(e for e in self.plan.port(port).emissions if e.step_index == step)
-
-    def step_started(self, session: Session, step: StepOrder) -> None:
-        e = self._emission(step.port, step.index)
-        self.store.step_started(
-            StepStart(
-                session_id=session.id,
-                port=step.port,
-                step_index=step.index,
-                site=e.site_id,
-                site_label=e.site_label,
-                region=e.region.value,
-                area_covered_cm2=e.area_covered_cm2,
-                technique=e.technique.value,
-                wavelength_nm=e.wavelength_nm,
-                mode="pulsed" if e.mode == codec.EmitMode.PULSED else "continuous",
-                pulse_hz=e.pulse_hz or None,
-                duty_permille=e.duty_permille if e.mode == codec.EmitMode.PULSED else None,
-                pulse_width_ns=e.pulse_width_ns,
-                peak_power_mw=e.peak_power_mw,
-                power_setpoint_mw=e.power_uw / 1000.0,
-                area_cm2=e.area_mm2 / 100.0,
-                target_kind=e.target.value,
-                target_value=e.target_value,
-                prescribed_energy_j=e.target_energy_uj / 1e6,
-                prescribed_fluence_j_cm2=e.target_energy_uj / 1e6 / (e.area_mm2 / 100.0),
-                planned_time_s=e.expected_duration_ms / 1000.0,
-                max_time_s=e.backup_time_s,
-            )
-        )
-
-    def emission_started(
-        self,
-        session: Session,
-        step: StepOrder,
-        emission_no: int,
-        request: codec.EmitStart,
-        device_time_us: int | None,
-    ) -> None:
-        seq = self.store.emission_started(
-            session.id, step.index, request, port=step.port, device_time_us=device_time_us
-        )
-        self._emissions[(step.port, step.index, emission_no)] = seq
-
-    def emission_progress(
-        self,
-        session: Session,
-        step: StepOrder,
-        emission_no: int,
-        host_energy_uj: float,
-        controller_energy_uj: int,
-        device_time_us: int,
-    ) -> None:
-        seq = self._emissions.get((step.port, step.index, emission_no))
-        if seq is not None:
-            self.store.emission_progress(
-                seq,
-                host_energy_uj=host_energy_uj,
-                controller_energy_uj=controller_energy_uj,
-                device_time_us=device_time_us,
-            )
-
-    def emission_ended(
-        self,
-        session: Session,
-        step: StepOrder,
-        emission_no: int,
-        host_energy_uj: float,
-        stopped: codec.Stopped | None,
-        host_stop_cause: str,
-    ) -> None:
-        seq = self._emissions.get((step.port, step.index, emission_no))
-        if seq is None:
-            return
-        self.store.emission_ended(
-            seq,
-            host_stop_cause=host_stop_cause,
-            host_energy_uj=host_energy_uj,
-            controller_energy_uj=stopped.delivered_uj if stopped else None,
-            duration_ms=stopped.duration_ms if stopped else None,
-            stop_reason=stopped.stop_reason if stopped else None,
-        )
-
-    def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None:
-        outcome = {"completed": "completed", "skipped": "skipped"}.get(progress.outcome)
-        if outcome is None:
-            if session.supervisor.tripped:
-                outcome = "faulted"
-            elif session.end_cause is EndCause.DAEMON_STOPPED:
-                outcome = "interrupted"
-            else:
-                outcome = "aborted"
-        integ = progress.integrator
-        self.store.step_ended(
-            session.id,
-            step.port,
-            step.index,
-            outcome=outcome,  # type: ignore[arg-type]
-            stop_cause_code=session.cause_code
-            if outcome in ("faulted", "aborted", "interrupted")
-            else None,
-            stop_cause_message="; ".join(progress.stop_causes) or None,
-            delivered_host_j=integ.energy_j,
-            delivered_controller_j=progress.controller_energy_uj / 1e6,
-            delivered_fluence_j_cm2=integ.fluence_j_cm2,
-            mean_irradiance_mw_cm2=_mean_irradiance(progress),
-            emitting_time_s=progress.emitted_us / 1e6 if progress.emissions else None,
-        )
-
-    def event(self, event: SessionEvent) -> None:
-        severity = _SEVERITY.get(event.kind, "info")
-        code = event.data.get("code") if event.kind in _SEVERITY else None
-        self.store.event(
-            event.kind,
-            event.message,
-            code=str(code) if code is not None else None,
-            session_id=event.session_id,
-            port=event.port,
-            severity=severity,  # type: ignore[arg-type]
-            data=dict(event.data) | ({"step": event.step} if event.step is not None else {}),
-        )
-
-    def session_ended(self, session: Session) -> None:
-        self.store.session_ended(
-            session.id,
-            outcome=session.state.value,  # type: ignore[arg-type]
-            stop_cause_code=session.cause_code,
-            stop_cause_message=session.cause_message,
-        )
-
-    async def sync(self) -> None:
-        try:
-            await self.store.sync()
-        except RecordsError as exc:
-            raise RecordingFailed(str(exc)) from exc
-
-
-_SEVERITY = {
-    "trip": "error",
-    "abort": "warning",
-    "interrupt": "warning",
-    "service_required": "critical",
-}
-"""Event kinds that carry a cause code, and how severe they are."""
-
-
-def _mean_irradiance(progress: StepProgress) -> float | None:
-    """Delivered energy over the controller's emitting time, per area (DOSIMETRY.md)."""
-    if not progress.emitted_us:
-        return None
-    seconds = progress.emitted_us / 1e6
-    energy_j = (progress.controller_energy_uj or progress.integrator.energy_uj) / 1e6
-    return energy_j / seconds * 1000.0 / progress.order.area_cm2
-
-
 class Engine:
     """Controllers, records and the current session."""
 
     def __init__(
         self,
         port_map: PortMap,
-        store: RecordStore,
+        store: RecordSink,
         *,
         limits: SafetyLimits | None = None,
         telemetry_hz: int = 50,

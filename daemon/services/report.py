@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from pbmd.daemon.records import RecordStore
+from pbmd.daemon.services.records import RecordStore
 
 REPORT_VERSION = 1
 DASH = "—"

@@ -49,7 +49,28 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
+from pbmd.daemon.core.recording import (
+    RecordsError,
+    RecordsUnavailable,
+    SessionOutcome,
+    SessionPort,
+    SessionStart,
+    Severity,
+    StepOutcome,
+    StepStart,
+    UtcTime,
+)
 from pbmd.drivers import codec
+
+__all__ = [
+    "RecordStore",
+    "RecordsCorrupt",
+    "RecordsError",
+    "RecordsUnavailable",
+    "SessionPort",
+    "SessionStart",
+    "StepStart",
+]
 
 log = structlog.get_logger()
 
@@ -58,12 +79,10 @@ DEFAULT_SYNC_INTERVAL_S = 1.0
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 
-SessionOutcome = Literal["completed", "aborted", "faulted", "interrupted"]
-StepOutcome = Literal["completed", "aborted", "faulted", "interrupted", "skipped"]
-Severity = Literal["debug", "info", "warning", "error", "critical"]
+
+
+
 ExportFormat = Literal["json", "csv"]
-UtcTime = datetime | float | None
-"""An aware datetime, POSIX seconds, or None for now."""
 
 SESSION_OUTCOMES: frozenset[str] = frozenset(("completed", "aborted", "faulted", "interrupted"))
 STEP_OUTCOMES: frozenset[str] = SESSION_OUTCOMES | {"skipped"}
@@ -73,92 +92,8 @@ FailureCallback = Callable[[BaseException], None]
 T = TypeVar("T")
 
 
-class RecordsError(Exception):
-    """Base class of the records store's errors."""
-
-
-class RecordsUnavailable(RecordsError):
-    """Records cannot be written (or read) now; the message says why and how to fix it."""
-
-
 class RecordsCorrupt(RecordsError):
     """The database file exists but is not a usable pbmd records database."""
-
-
-# --------------------------------------------------------------------------- typed inputs
-
-
-@dataclass(frozen=True, slots=True)
-class SessionPort:
-    """A port in use by a session and the applicator the controller reported on it."""
-
-    port: int
-    applicator_kind: str
-    applicator_serial: str | None = None
-    beam_area_cm2: float | None = None
-    channels_nm: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStart:
-    """Everything fixed when a session starts: who, what protocol, which frozen plan."""
-
-    session_id: str
-    protocol_id: str
-    protocol_version: int
-    protocol_sha256: str
-    plan_hash: str
-    plan_json: str
-    """The canonical JSON the plan hash was computed over, stored byte for byte."""
-    patient_ref: str
-    contraindications: Mapping[str, bool | None]
-    """Screening answers: contraindication name -> present (None: not asked)."""
-    ports: Sequence[SessionPort]
-    session_token: int | None = None
-    signing_key_id: str | None = None
-    protocol_title: str | None = None
-    controller_serial: str | None = None
-    controller_firmware: str | None = None
-    operator: str | None = None
-    course_sessions: int | None = None
-    course_interval_days: float | None = None
-    time_scale: float = 1.0
-    notes: str | None = None
-    state: str = "ready"
-    started_utc: UtcTime = None
-
-
-@dataclass(frozen=True, slots=True)
-class StepStart:
-    """One step of the plan as it starts: the Jenkins & Carroll parameters it prescribes."""
-
-    session_id: str
-    port: int
-    step_index: int
-    site: str
-    wavelength_nm: int
-    mode: str
-    """"continuous" or "pulsed"."""
-    power_setpoint_mw: float
-    """Average optical power setpoint."""
-    area_cm2: float
-    """Beam (emitting) area at the skin."""
-    target_kind: str
-    """Which quantity ends the step: "fluence_j_cm2", "energy_j" or "time_s"."""
-    target_value: float
-    prescribed_energy_j: float | None
-    prescribed_fluence_j_cm2: float | None
-    planned_time_s: float | None
-    max_time_s: float | None = None
-    site_label: str | None = None
-    region: str | None = None
-    area_covered_cm2: float | None = None
-    technique: str | None = None
-    pulse_hz: float | None = None
-    duty_permille: int | None = None
-    pulse_width_ns: float | None = None
-    peak_power_mw: float | None = None
-    started_utc: UtcTime = None
 
 
 @dataclass(slots=True)

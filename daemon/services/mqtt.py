@@ -44,12 +44,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pbmd.daemon.records import RecordsError, utc_text
+from pbmd.daemon.services.records import RecordsError, utc_text
 from pbmd.drivers import codec
 
 if TYPE_CHECKING:
-    from pbmd.daemon.engine import Engine
-    from pbmd.daemon.records import RecordStore
+    from pbmd.daemon.core.engine import Engine
+    from pbmd.daemon.services.records import RecordStore
 
 log = structlog.get_logger()
 

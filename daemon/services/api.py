@@ -46,17 +46,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError
 
-from pbmd.daemon.engine import SessionRequest, StartRefused
-from pbmd.daemon.records import RecordsError
-from pbmd.daemon.report import build_report, render_text
-from pbmd.daemon.session import Session, SessionError, SessionEvent
+from pbmd.daemon.core.engine import SessionRequest, StartRefused
+from pbmd.daemon.core.session import Session, SessionError, SessionEvent
+from pbmd.daemon.services.records import RecordsError
+from pbmd.daemon.services.report import build_report, render_text
 from pbmd.protocols.errors import PlanError
 from pbmd.protocols.model import Contraindication
 from pbmd.protocols.plan import plan as make_plan
 from pbmd.protocols.store import LibraryError, LibraryFault
 
 if TYPE_CHECKING:
-    from pbmd.daemon.service import Service
+    from pbmd.daemon.services.service import Service
 
 log = structlog.get_logger()
 

@@ -7,7 +7,7 @@ stop takes effect, then sends EMIT_STOP so that it arrives on time. The
 controller's energy budget (+5 %) and max duration (+20 %), and the host's own
 backup timer, stand behind it. Every telemetry sample is checked as it
 arrives (in the reader's callback, with no task hop); anything wrong goes to
-the one :class:`~pbmd.daemon.safety.Supervisor` latch.
+the one :class:`~pbmd.daemon.core.safety.Supervisor` latch.
 
 Nothing resumes by itself: a trip ends the session; a pause, a lost probe
 contact or a released footswitch wait for an operator's action.
@@ -29,9 +29,9 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from pbmd.daemon.controllers import PortMap, PortTarget, port_lit
-from pbmd.daemon.dose import DoseIntegrator
-from pbmd.daemon.safety import (
+from pbmd.daemon.core.controllers import PortMap, PortTarget, port_lit
+from pbmd.daemon.core.dose import DoseIntegrator
+from pbmd.daemon.core.safety import (
     EndCause,
     SafetyLimits,
     Supervisor,

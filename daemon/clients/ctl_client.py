@@ -35,7 +35,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); a running session is not affected",
 }
 
-# Error codes of the API (pbmd.daemon.api) that pbmctl maps to exit statuses.
+# Error codes of the API (pbmd.daemon.services.api) that pbmctl maps to exit statuses.
 NOT_AUTHORISED = -32001
 OVERLOADED = -32006
 SHUTTING_DOWN = -32007
@@ -82,7 +82,7 @@ class RemoteError(CtlError):
 
 def find_socket(explicit: Path | None, config_file: Path | None) -> Path:
     """The daemon's socket: --socket, $PBMD_SOCKET, the configuration, the usual places."""
-    from pbmd.daemon import config as cfg
+    from pbmd.daemon.services import config as cfg
 
     if explicit is not None:
         return explicit

@@ -36,13 +36,19 @@ from typing import Any
 
 import structlog
 
-from pbmd.daemon import config as cfg
-from pbmd.daemon import log as daemon_log
-from pbmd.daemon.api import JsonRpcServer, RoleResolver, WatchHub, build_registry, redact_session
-from pbmd.daemon.controllers import ControllerHandle, PortMap, PortTarget
-from pbmd.daemon.engine import Engine, StartRefused
-from pbmd.daemon.records import RecordsError, RecordStore
-from pbmd.daemon.session import SessionEvent
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap, PortTarget
+from pbmd.daemon.core.engine import Engine, StartRefused
+from pbmd.daemon.core.session import SessionEvent
+from pbmd.daemon.services import config as cfg
+from pbmd.daemon.services import log as daemon_log
+from pbmd.daemon.services.api import (
+    JsonRpcServer,
+    RoleResolver,
+    WatchHub,
+    build_registry,
+    redact_session,
+)
+from pbmd.daemon.services.records import RecordsError, RecordStore
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError, ControllerClient, open_controller
 from pbmd.drivers.transport import LinkURLError
@@ -552,12 +558,12 @@ class Service:
         raw = self.config.mqtt
         if raw is None:
             return
-        if importlib.util.find_spec("pbmd.daemon.mqtt") is None:
+        if importlib.util.find_spec("pbmd.daemon.services.mqtt") is None:
             text = "an [mqtt] table is configured but this pbmd has no MQTT publisher"
             self.warnings.append(text)
             log.warning("mqtt.unavailable", message=text)
             return
-        module = importlib.import_module("pbmd.daemon.mqtt")
+        module = importlib.import_module("pbmd.daemon.services.mqtt")
         model = cfg.mqtt_config_model()
         if model is None:
             return
@@ -918,7 +924,7 @@ class Service:
 
     def clear_service_required(self, user: str, note: str) -> dict[str, Any]:
         """A technician has serviced the system; record who and what, then allow sessions."""
-        from pbmd.daemon.api import REFUSED, RpcError
+        from pbmd.daemon.services.api import REFUSED, RpcError
 
         engine = self.engine
         cause = engine.service_required
@@ -943,7 +949,7 @@ class Service:
         return {"cleared": True, "cause": cause, "user": user, "note": note}
 
     async def clear_fault(self, controller: str, user: str) -> dict[str, Any]:
-        from pbmd.daemon.api import NOT_FOUND, REFUSED, RpcError
+        from pbmd.daemon.services.api import NOT_FOUND, REFUSED, RpcError
 
         link = next((x for x in self.links if x.name == controller), None)
         if link is None:

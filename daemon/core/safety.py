@@ -21,7 +21,7 @@ from typing import Protocol
 
 import structlog
 
-from pbmd.daemon.controllers import ControllerHandle
+from pbmd.daemon.core.controllers import ControllerHandle
 from pbmd.drivers import codec
 
 log = structlog.get_logger()

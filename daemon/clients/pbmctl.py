@@ -21,8 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from pbmd.daemon import ctl_view as view
-from pbmd.daemon.ctl_client import (
+from pbmd.daemon.clients import ctl_view as view
+from pbmd.daemon.clients.ctl_client import (
     EXIT_CODES,
     EXIT_INTERRUPTED,
     EXIT_OK,

@@ -75,7 +75,7 @@ async def _pbmctl(console: Console, env: dict[str, str], *args: str, show: bool 
     if show:
         console.print(f"\n[bold cyan]$ pbmctl {shlex.join(args)}[/]", highlight=False)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pbmd.daemon.pbmctl", *args, env=env
+        sys.executable, "-m", "pbmd.daemon.clients.pbmctl", *args, env=env
     )
     return await proc.wait()
 
@@ -84,7 +84,7 @@ async def _pbmctl_json(env: dict[str, str], *args: str) -> object:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "pbmd.daemon.pbmctl",
+        "pbmd.daemon.clients.pbmctl",
         "--json",
         *args,
         env=env,

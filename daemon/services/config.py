@@ -740,10 +740,10 @@ def _issues_from(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> li
 
 
 def mqtt_config_model() -> type[BaseModel] | None:
-    """`pbmd.daemon.mqtt.MqttConfig`, when this pbmd has the MQTT publisher."""
-    if importlib.util.find_spec("pbmd.daemon.mqtt") is None:
+    """`pbmd.daemon.services.mqtt.MqttConfig`, when this pbmd has the MQTT publisher."""
+    if importlib.util.find_spec("pbmd.daemon.services.mqtt") is None:
         return None
-    module = importlib.import_module("pbmd.daemon.mqtt")
+    module = importlib.import_module("pbmd.daemon.services.mqtt")
     model = getattr(module, "MqttConfig", None)
     if isinstance(model, type) and issubclass(model, BaseModel):
         return model

@@ -1,0 +1,442 @@
+"""What the safety core records, and the narrow interface it records through.
+
+The core never imports the records store: it writes typed records (these
+dataclasses) to a `RecordSink`, which the services' SQLite store implements.
+`StoreRecorder` turns one session's life (its plan, steps, emissions, events)
+into those records; the engine gives one to every session it starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from pbmd.daemon.core.controllers import ControllerHandle
+from pbmd.daemon.core.safety import EndCause
+from pbmd.daemon.core.session import (
+    RecordingFailed,
+    Session,
+    SessionEvent,
+    StepOrder,
+    StepProgress,
+)
+from pbmd.drivers import codec
+from pbmd.protocols.plan import Plan, PlannedEmission, canonical_json
+
+if TYPE_CHECKING:
+    from pbmd.daemon.core.engine import SessionRequest
+
+SessionOutcome = Literal["completed", "aborted", "faulted", "interrupted"]
+StepOutcome = Literal["completed", "aborted", "faulted", "interrupted", "skipped"]
+Severity = Literal["debug", "info", "warning", "error", "critical"]
+UtcTime = datetime | float | None
+"""An aware datetime, POSIX seconds, or None for now."""
+
+
+class RecordsError(Exception):
+    """Base class of the records store's errors."""
+
+
+class RecordsUnavailable(RecordsError):
+    """Records cannot be written (or read) now; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPort:
+    """A port in use by a session and the applicator the controller reported on it."""
+
+    port: int
+    applicator_kind: str
+    applicator_serial: str | None = None
+    beam_area_cm2: float | None = None
+    channels_nm: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStart:
+    """Everything fixed when a session starts: who, what protocol, which frozen plan."""
+
+    session_id: str
+    protocol_id: str
+    protocol_version: int
+    protocol_sha256: str
+    plan_hash: str
+    plan_json: str
+    """The canonical JSON the plan hash was computed over, stored byte for byte."""
+    patient_ref: str
+    contraindications: Mapping[str, bool | None]
+    """Screening answers: contraindication name -> present (None: not asked)."""
+    ports: Sequence[SessionPort]
+    session_token: int | None = None
+    signing_key_id: str | None = None
+    protocol_title: str | None = None
+    controller_serial: str | None = None
+    controller_firmware: str | None = None
+    operator: str | None = None
+    course_sessions: int | None = None
+    course_interval_days: float | None = None
+    time_scale: float = 1.0
+    notes: str | None = None
+    state: str = "ready"
+    started_utc: UtcTime = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepStart:
+    """One step of the plan as it starts: the Jenkins & Carroll parameters it prescribes."""
+
+    session_id: str
+    port: int
+    step_index: int
+    site: str
+    wavelength_nm: int
+    mode: str
+    """"continuous" or "pulsed"."""
+    power_setpoint_mw: float
+    """Average optical power setpoint."""
+    area_cm2: float
+    """Beam (emitting) area at the skin."""
+    target_kind: str
+    """Which quantity ends the step: "fluence_j_cm2", "energy_j" or "time_s"."""
+    target_value: float
+    prescribed_energy_j: float | None
+    prescribed_fluence_j_cm2: float | None
+    planned_time_s: float | None
+    max_time_s: float | None = None
+    site_label: str | None = None
+    region: str | None = None
+    area_covered_cm2: float | None = None
+    technique: str | None = None
+    pulse_hz: float | None = None
+    duty_permille: int | None = None
+    pulse_width_ns: float | None = None
+    peak_power_mw: float | None = None
+    started_utc: UtcTime = None
+
+class RecordSink(Protocol):
+    """Where the core's records go (the services' RecordStore).
+
+    Every write is a plain call that only queues the record (no I/O on the
+    caller's thread); `sync` is the barrier the engine awaits at step boundaries.
+    """
+
+    on_failure: Callable[[BaseException], None] | None
+
+    def check_ready(self) -> None: ...
+
+    def session_started(self, record: SessionStart) -> None: ...
+
+    def step_started(self, record: StepStart) -> None: ...
+
+    def emission_started(
+        self,
+        session_id: str,
+        step_index: int | None,
+        request: codec.EmitStart,
+        *,
+        port: int | None = None,
+        device_time_us: int | None = None,
+        utc: UtcTime = None,
+    ) -> int: ...
+
+    def emission_progress(
+        self,
+        seq: int,
+        *,
+        host_energy_uj: float,
+        controller_energy_uj: float | None = None,
+        device_time_us: int | None = None,
+        utc: UtcTime = None,
+    ) -> None: ...
+
+    def emission_ended(
+        self,
+        seq: int,
+        *,
+        host_stop_cause: str,
+        host_energy_uj: float | None,
+        controller_energy_uj: float | None = None,
+        duration_ms: int | None = None,
+        stop_reason: codec.StopReason | int | None = None,
+        device_time_us: int | None = None,
+        utc: UtcTime = None,
+    ) -> None: ...
+
+    def reconcile_emission(
+        self,
+        seq: int,
+        *,
+        controller_energy_uj: int,
+        duration_ms: int | None,
+        stop_reason: codec.StopReason | int | None,
+        host_stop_cause: str = "interrupted (daemon restarted)",
+        utc: UtcTime = None,
+    ) -> None: ...
+
+    def reconcile_port(
+        self,
+        session_id: str,
+        port: int,
+        *,
+        controller_session_delivered_uj: int,
+        step_index: int | None = None,
+        utc: UtcTime = None,
+    ) -> int: ...
+
+    def step_ended(
+        self,
+        session_id: str,
+        port: int,
+        step_index: int,
+        *,
+        outcome: StepOutcome,
+        stop_cause_code: str | None = None,
+        stop_cause_message: str | None = None,
+        delivered_host_j: float | None = None,
+        delivered_controller_j: float | None = None,
+        delivered_fluence_j_cm2: float | None = None,
+        mean_irradiance_mw_cm2: float | None = None,
+        emitting_time_s: float | None = None,
+        utc: UtcTime = None,
+    ) -> None: ...
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        code: str | None = None,
+        session_id: str | None = None,
+        port: int | None = None,
+        severity: Severity = "info",
+        device_time_us: int | None = None,
+        data: Mapping[str, Any] | None = None,
+        utc: UtcTime = None,
+    ) -> str: ...
+
+    def session_ended(
+        self,
+        session_id: str,
+        *,
+        outcome: SessionOutcome,
+        stop_cause_code: str | None = None,
+        stop_cause_message: str | None = None,
+        state: str | None = None,
+        utc: UtcTime = None,
+    ) -> None: ...
+
+    async def sync(self) -> None: ...
+
+    async def unfinished_sessions(self) -> list[dict[str, Any]]: ...
+
+
+class StoreRecorder:
+    """Writes one session to the records store (the session's Recorder)."""
+
+    def __init__(
+        self,
+        store: RecordSink,
+        request: SessionRequest,
+        controller: ControllerHandle,
+        plan: Plan | None = None,
+    ) -> None:
+        self.store = store
+        self.request = request
+        self.controller = controller
+        self.plan = plan or request.plan
+        """The plan as verified at start (a private copy): what the records describe."""
+        self._emissions: dict[tuple[int, int, int], int] = {}
+
+    def session_started(self, session: Session) -> None:
+        plan = self.plan
+        ports = [
+            SessionPort(
+                port=p,
+                applicator_kind=codec.describe(
+                    codec.ApplicatorKind, session.port_map[p].applicator.applicator_kind
+                ),
+                applicator_serial=session.port_map[p].applicator.applicator_serial,
+                beam_area_cm2=session.port_map[p].applicator.area_mm2 / 100.0,
+                channels_nm=tuple(c.wavelength_nm for c in session.port_map[p].applicator.channels),
+            )
+            for p in session.runners
+        ]
+        self.store.session_started(
+            SessionStart(
+                session_id=session.id,
+                protocol_id=plan.protocol_id,
+                protocol_version=plan.protocol_version,
+                protocol_sha256=plan.protocol_sha256,
+                plan_hash=plan.content_hash,
+                plan_json=canonical_json(plan).decode("utf-8"),
+                patient_ref=session.patient_ref,
+                contraindications=dict(self.request.contraindications),
+                ports=ports,
+                session_token=session.token,
+                signing_key_id=self.request.signing_key_id,
+                protocol_title=plan.protocol_title,
+                controller_serial=self.controller.info.serial,
+                controller_firmware=self.controller.info.firmware,
+                operator=self.request.operator,
+                course_sessions=plan.course.sessions,
+                course_interval_days=plan.course.interval_days,
+                time_scale=self.controller.clock.ratio,
+            )
+        )
+
+    def _emission(self, port: int, step: int) -> PlannedEmission:
+        return next(e for e in self.plan.port(port).emissions if e.step_index == step)
+
+    def step_started(self, session: Session, step: StepOrder) -> None:
+        e = self._emission(step.port, step.index)
+        self.store.step_started(
+            StepStart(
+                session_id=session.id,
+                port=step.port,
+                step_index=step.index,
+                site=e.site_id,
+                site_label=e.site_label,
+                region=e.region.value,
+                area_covered_cm2=e.area_covered_cm2,
+                technique=e.technique.value,
+                wavelength_nm=e.wavelength_nm,
+                mode="pulsed" if e.mode == codec.EmitMode.PULSED else "continuous",
+                pulse_hz=e.pulse_hz or None,
+                duty_permille=e.duty_permille if e.mode == codec.EmitMode.PULSED else None,
+                pulse_width_ns=e.pulse_width_ns,
+                peak_power_mw=e.peak_power_mw,
+                power_setpoint_mw=e.power_uw / 1000.0,
+                area_cm2=e.area_mm2 / 100.0,
+                target_kind=e.target.value,
+                target_value=e.target_value,
+                prescribed_energy_j=e.target_energy_uj / 1e6,
+                prescribed_fluence_j_cm2=e.target_energy_uj / 1e6 / (e.area_mm2 / 100.0),
+                planned_time_s=e.expected_duration_ms / 1000.0,
+                max_time_s=e.backup_time_s,
+            )
+        )
+
+    def emission_started(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        request: codec.EmitStart,
+        device_time_us: int | None,
+    ) -> None:
+        seq = self.store.emission_started(
+            session.id, step.index, request, port=step.port, device_time_us=device_time_us
+        )
+        self._emissions[(step.port, step.index, emission_no)] = seq
+
+    def emission_progress(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        controller_energy_uj: int,
+        device_time_us: int,
+    ) -> None:
+        seq = self._emissions.get((step.port, step.index, emission_no))
+        if seq is not None:
+            self.store.emission_progress(
+                seq,
+                host_energy_uj=host_energy_uj,
+                controller_energy_uj=controller_energy_uj,
+                device_time_us=device_time_us,
+            )
+
+    def emission_ended(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        stopped: codec.Stopped | None,
+        host_stop_cause: str,
+    ) -> None:
+        seq = self._emissions.get((step.port, step.index, emission_no))
+        if seq is None:
+            return
+        self.store.emission_ended(
+            seq,
+            host_stop_cause=host_stop_cause,
+            host_energy_uj=host_energy_uj,
+            controller_energy_uj=stopped.delivered_uj if stopped else None,
+            duration_ms=stopped.duration_ms if stopped else None,
+            stop_reason=stopped.stop_reason if stopped else None,
+        )
+
+    def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None:
+        outcome = {"completed": "completed", "skipped": "skipped"}.get(progress.outcome)
+        if outcome is None:
+            if session.supervisor.tripped:
+                outcome = "faulted"
+            elif session.end_cause is EndCause.DAEMON_STOPPED:
+                outcome = "interrupted"
+            else:
+                outcome = "aborted"
+        integ = progress.integrator
+        self.store.step_ended(
+            session.id,
+            step.port,
+            step.index,
+            outcome=outcome,  # type: ignore[arg-type]
+            stop_cause_code=session.cause_code
+            if outcome in ("faulted", "aborted", "interrupted")
+            else None,
+            stop_cause_message="; ".join(progress.stop_causes) or None,
+            delivered_host_j=integ.energy_j,
+            delivered_controller_j=progress.controller_energy_uj / 1e6,
+            delivered_fluence_j_cm2=integ.fluence_j_cm2,
+            mean_irradiance_mw_cm2=_mean_irradiance(progress),
+            emitting_time_s=progress.emitted_us / 1e6 if progress.emissions else None,
+        )
+
+    def event(self, event: SessionEvent) -> None:
+        severity = _SEVERITY.get(event.kind, "info")
+        code = event.data.get("code") if event.kind in _SEVERITY else None
+        self.store.event(
+            event.kind,
+            event.message,
+            code=str(code) if code is not None else None,
+            session_id=event.session_id,
+            port=event.port,
+            severity=severity,  # type: ignore[arg-type]
+            data=dict(event.data) | ({"step": event.step} if event.step is not None else {}),
+        )
+
+    def session_ended(self, session: Session) -> None:
+        self.store.session_ended(
+            session.id,
+            outcome=session.state.value,  # type: ignore[arg-type]
+            stop_cause_code=session.cause_code,
+            stop_cause_message=session.cause_message,
+        )
+
+    async def sync(self) -> None:
+        try:
+            await self.store.sync()
+        except RecordsError as exc:
+            raise RecordingFailed(str(exc)) from exc
+
+
+_SEVERITY = {
+    "trip": "error",
+    "abort": "warning",
+    "interrupt": "warning",
+    "service_required": "critical",
+}
+"""Event kinds that carry a cause code, and how severe they are."""
+
+
+def _mean_irradiance(progress: StepProgress) -> float | None:
+    """Delivered energy over the controller's emitting time, per area (DOSIMETRY.md)."""
+    if not progress.emitted_us:
+        return None
+    seconds = progress.emitted_us / 1e6
+    energy_j = (progress.controller_energy_uj or progress.integrator.energy_uj) / 1e6
+    return energy_j / seconds * 1000.0 / progress.order.area_cm2

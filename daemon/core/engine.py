@@ -6,10 +6,16 @@ overdue, a controller fault or open interlock, an applicator that is not the
 one the plan was made for, a contraindicated protocol), turns a frozen plan
 into the steps each port runs, and on start reconciles sessions that a crash
 left open from the controllers' own counters.
+
+It also holds the operator's use cases (start a protocol by id, confirm, pause,
+resume, abort, check a protocol against the connected applicators), so that
+every transport (the control API, MQTT, a second API) only adapts its own
+parameters and replies to them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import json
@@ -41,9 +47,13 @@ from pbmd.daemon.core.session import (
 )
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
-from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, skin_mpe_mw_cm2
-from pbmd.protocols.model import Contraindication, Region, Target
+from pbmd.protocols.errors import Issue, PlanError
+from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, Limits, skin_mpe_mw_cm2
+from pbmd.protocols.loader import LoadedProtocol
+from pbmd.protocols.model import Contraindication, Protocol, Region, Target
 from pbmd.protocols.plan import Plan, PlannedEmission, content_hash
+from pbmd.protocols.plan import plan as make_plan
+from pbmd.protocols.store import InstalledProtocol, ProtocolLibrary
 
 log = structlog.get_logger()
 
@@ -57,6 +67,29 @@ class StartRefused(SessionError):
     def __init__(self, message: str, cause: TripCause | None = None) -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class Unanswered(StartRefused):
+    """The operator has not answered every contraindication the protocol lists."""
+
+    def __init__(self, protocol_id: str, missing: list[str]) -> None:
+        super().__init__(
+            f"answer every contraindication {protocol_id} lists before starting; "
+            f"unanswered: {', '.join(missing)} (pbmctl: --contraindication NAME=no)"
+        )
+        self.missing = missing
+
+
+class NotRunnable(StartRefused):
+    """The protocol cannot be planned for the applicators connected now."""
+
+    def __init__(self, protocol_id: str, exc: PlanError) -> None:
+        super().__init__(f"{protocol_id} cannot run on the connected applicators: {exc}")
+        self.issues: list[Issue] = list(exc.errors)
+
+
+class NoSession(SessionError):
+    """An operator command (confirm, pause, resume, abort) with no session running."""
 
 
 # Contraindications that block only the steps they concern; every other one
@@ -145,6 +178,18 @@ class SessionRequest:
     protocol_title: str | None = None
     operator: str | None = None
     contraindicated_by_protocol: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class StartCommand:
+    """What an operator asks for: an installed protocol, for a patient, on some ports."""
+
+    protocol_id: str
+    patient_ref: str
+    contraindications: Mapping[str, bool]
+    """Screening answers, name -> present; every one the protocol lists is required."""
+    ports: tuple[int, ...] | None = None
+    operator: str | None = None
 
 
 class Engine:
@@ -320,15 +365,95 @@ class Engine:
                     TripCause.STUCK_EMISSION,
                 )
 
+    # ---------------------------------------------------------------- use cases
+
+    def plan_for(self, protocol: Protocol, limits: Limits) -> Plan:
+        """The protocol planned for the applicators connected now, or NotRunnable."""
+        try:
+            return make_plan(protocol, self.port_map.applicators(), limits)
+        except PlanError as exc:
+            raise NotRunnable(protocol.id, exc) from None
+
+    async def start_protocol(self, library: ProtocolLibrary, command: StartCommand) -> Session:
+        """Start an installed protocol for a patient: the operator's one way to treat.
+
+        Refuses (StartRefused, or the library's LibraryError for a protocol that
+        is not installed or no longer verifies) before anything is planned when
+        the system is not ready, when a contraindication the protocol lists is
+        unanswered, or when the protocol cannot run on the connected applicators.
+        """
+        self.check_ready(command.ports)
+        loaded, entry = await asyncio.to_thread(_load, library, command.protocol_id)
+        protocol = loaded.protocol
+        listed = {c.value for c in protocol.contraindications}
+        answers = {str(k): bool(v) for k, v in command.contraindications.items()}
+        missing = sorted(listed - set(answers))
+        if missing:
+            raise Unanswered(protocol.id, missing)
+        plan = await asyncio.to_thread(self.plan_for, protocol, library.limits)
+        session = await self.start_session(
+            SessionRequest(
+                plan=plan,
+                patient_ref=command.patient_ref,
+                contraindications=answers,
+                ports=command.ports,
+                signing_key_id=entry.signed_by,
+                protocol_title=protocol.title,
+                operator=command.operator,
+                contraindicated_by_protocol=frozenset(listed),
+            )
+        )
+        log.info(
+            "session.started_by",
+            session_id=session.id,
+            protocol=protocol.id,
+            user=command.operator,
+            ports=list(session.runners),
+        )
+        return session
+
+    def running(self, what: str) -> Session:
+        """The session an operator command is for, or NoSession saying there is none."""
+        s = self.session
+        if s is None or s.state.final:
+            raise NoSession(
+                f"no session is running, nothing to {what}; start one with pbmctl session start"
+            )
+        return s
+
+    def confirm(self, port: int) -> None:
+        """The operator confirms the placement on a gated port."""
+        self.running("confirm").confirm(port)
+
+    def pause(self, port: int | None) -> None:
+        """Pause one port, or every port (None)."""
+        self.running("pause").pause(port)
+
+    def resume(self, port: int | None) -> None:
+        """Resume one port, or every port (None)."""
+        self.running("resume").resume(port)
+
+    async def abort(self, reason: str, operator: str | None) -> Session:
+        """Stop all emission and end the session, saying who aborted it."""
+        s = self.running("abort")
+        await s.abort(f"{reason} ({operator})")
+        return s
+
     # ----------------------------------------------------------------- sessions
 
     async def start_session(self, request: SessionRequest) -> Session:
         """Start a session, or raise StartRefused (recorded as an event) saying why."""
+        # The session's tasks must not inherit the caller's log context (an API
+        # connection's client, uid, pid): they outlive it and log for the session.
+        saved = dict(structlog.contextvars.get_contextvars())
+        structlog.contextvars.clear_contextvars()
         try:
             return self._start_session(request)
         except StartRefused as exc:
             self._record_refusal(request, exc)
             raise
+        finally:
+            structlog.contextvars.bind_contextvars(**saved)
 
     def _record_refusal(self, request: SessionRequest, exc: StartRefused) -> None:
         cause = exc.cause
@@ -349,7 +474,8 @@ class Engine:
             log.exception("engine.record_refusal_failed")
         log.warning("session.refused", reason=str(exc))
 
-    def _start_session(self, request: SessionRequest) -> Session:
+    def _screen(self, request: SessionRequest) -> tuple[tuple[int, ...], set[str]]:
+        """The ports to run and the contraindications present, or StartRefused."""
         plan = request.plan
         if not plan.verify():
             raise StartRefused(
@@ -393,11 +519,13 @@ class Engine:
                     f"port {port}: the applicator now reported ({info.applicator_serial}) is "
                     f"not the one the plan was made for ({pp.applicator_serial}); plan again"
                 )
-        # The session runs from a private copy of the verified plan; the caller's
-        # object is checked against the same hash before every emission too, so an
-        # edit anywhere is caught rather than silently ignored.
-        frozen = plan.model_copy(deep=True)
-        all_steps = steps_from_plan(frozen, self.port_map)
+        return ports, present
+
+    def _steps(
+        self, plan: Plan, ports: tuple[int, ...], present: set[str]
+    ) -> dict[int, list[StepOrder]]:
+        """Each port's steps, unless every one of them is contraindicated."""
+        all_steps = steps_from_plan(plan, self.port_map)
         steps = {p: all_steps[p] for p in ports}
         blocked = {
             p: all(s.blocked_by & present for s in port_steps) for p, port_steps in steps.items()
@@ -409,6 +537,16 @@ class Engine:
                 f"contraindicated for this patient ({', '.join(names)}); nothing would be "
                 "delivered"
             )
+        return steps
+
+    def _start_session(self, request: SessionRequest) -> Session:
+        plan = request.plan
+        ports, present = self._screen(request)
+        # The session runs from a private copy of the verified plan; the caller's
+        # object is checked against the same hash before every emission too, so an
+        # edit anywhere is caught rather than silently ignored.
+        frozen = plan.model_copy(deep=True)
+        steps = self._steps(frozen, ports, present)
         sub_map = PortMap({p: self.port_map[p] for p in ports})
         supervisor = Supervisor(sub_map.controllers(), self.limits)
         for ctrl in sub_map.controllers():
@@ -436,24 +574,7 @@ class Engine:
         )
         for listener in self._listeners:
             session.add_listener(listener)
-        supervisor.add_listener(
-            lambda trip: session.emit(
-                "trip",
-                trip.describe(),
-                trip.port,
-                data={
-                    "code": trip.cause.code,
-                    "cause": trip.cause.name,
-                    "escalation": list(supervisor.escalation),
-                    "service_required": supervisor.service_required,
-                    "all_off_after_ms": (
-                        (supervisor.all_off_sent_monotonic_s - trip.monotonic_s) * 1000
-                        if supervisor.all_off_sent_monotonic_s is not None
-                        else None
-                    ),
-                },
-            )
-        )
+        supervisor.add_listener(functools.partial(_emit_trip, session, supervisor))
 
         def on_trip(trip: Trip) -> None:
             if supervisor.service_required:
@@ -504,83 +625,119 @@ class Engine:
             session_id = str(row["id"])
             if self.session is not None and self.session.id == session_id:
                 continue  # this engine's own session, still running
-            token = row.get("session_token")
-            readings: dict[int, codec.Counters] = {}
-            failure: str | None = None
-            for port in _ports_of(row):
-                if port not in self.port_map:
-                    continue
-                target = self.port_map[port]
-                try:
-                    counters = await target.controller.client.get_counters(target.device_port)
-                    if counters.emitting:
-                        # Nothing may emit for a session nobody is running.
-                        await target.controller.client.all_off()
-                except ClientError as exc:
-                    failure = f"port {port}: {exc}"
-                    log.error(
-                        "reconcile.counters_failed",
-                        session_id=session_id,
-                        port=port,
-                        error=str(exc),
-                    )
-                    break
-                readings[port] = counters
-            if failure is not None:
-                self.unreconciled[session_id] = failure
+            readings = await self._read_counters(session_id, row)
+            if readings is None:
                 continue
-            matched = False
-            for port, counters in readings.items():
-                if token is None or counters.session_token != int(token):
-                    continue
-                matched = True
-                for em in row.get("emissions", []):
-                    if em.get("port") == port and em.get("ended_utc") is None:
-                        self.store.reconcile_emission(
-                            int(em["seq"]),
-                            controller_energy_uj=counters.delivered_uj,
-                            duration_ms=counters.duration_ms,
-                            stop_reason=counters.last_stop_reason,
-                        )
-                self.store.reconcile_port(
-                    session_id,
-                    port,
-                    controller_session_delivered_uj=counters.session_delivered_uj,
-                )
-            self.store.event(
-                "reconciled",
-                "session closed as interrupted after a restart; "
-                + (
-                    "delivered dose taken from the controller's counters"
-                    if matched
-                    else "the controller holds no counters of this session (another session "
-                    "or a power cycle reset them): the dose recorded before the restart stands"
-                ),
-                code=EndCause.RESTART_RECONCILED.code,
-                session_id=session_id,
-                severity="warning",
-                data={
-                    str(p): {
-                        "session_delivered_uj": c.session_delivered_uj,
-                        "delivered_uj": c.delivered_uj,
-                        "last_stop_reason": c.last_stop_reason,
-                        "session_token": c.session_token,
-                    }
-                    for p, c in readings.items()
-                },
-            )
-            self.store.session_ended(
-                session_id,
-                outcome="interrupted",
-                stop_cause_code=EndCause.RESTART_RECONCILED.code,
-                stop_cause_message="daemon stopped during the session; "
-                + ("dose reconciled from controller counters" if matched else "no counters"),
-            )
+            self._close_reconciled(session_id, row, readings)
             self.unreconciled.pop(session_id, None)
             closed.append(session_id)
         if closed:
             await self.store.sync()
         return closed
+
+    async def _read_counters(
+        self, session_id: str, row: Mapping[str, Any]
+    ) -> dict[int, codec.Counters] | None:
+        """The counters of each of the session's ports; None (and unreconciled) on failure."""
+        readings: dict[int, codec.Counters] = {}
+        for port in _ports_of(row):
+            if port not in self.port_map:
+                continue
+            target = self.port_map[port]
+            try:
+                counters = await target.controller.client.get_counters(target.device_port)
+                if counters.emitting:
+                    # Nothing may emit for a session nobody is running.
+                    await target.controller.client.all_off()
+            except ClientError as exc:
+                self.unreconciled[session_id] = f"port {port}: {exc}"
+                log.error(
+                    "reconcile.counters_failed",
+                    session_id=session_id,
+                    port=port,
+                    error=str(exc),
+                )
+                return None
+            readings[port] = counters
+        return readings
+
+    def _close_reconciled(
+        self, session_id: str, row: Mapping[str, Any], readings: Mapping[int, codec.Counters]
+    ) -> None:
+        """Record the counted dose (when the counters are this session's) and close it."""
+        token = row.get("session_token")
+        matched = False
+        for port, counters in readings.items():
+            if token is None or counters.session_token != int(token):
+                continue
+            matched = True
+            for em in row.get("emissions", []):
+                if em.get("port") == port and em.get("ended_utc") is None:
+                    self.store.reconcile_emission(
+                        int(em["seq"]),
+                        controller_energy_uj=counters.delivered_uj,
+                        duration_ms=counters.duration_ms,
+                        stop_reason=counters.last_stop_reason,
+                    )
+            self.store.reconcile_port(
+                session_id,
+                port,
+                controller_session_delivered_uj=counters.session_delivered_uj,
+            )
+        self.store.event(
+            "reconciled",
+            "session closed as interrupted after a restart; "
+            + (
+                "delivered dose taken from the controller's counters"
+                if matched
+                else "the controller holds no counters of this session (another session "
+                "or a power cycle reset them): the dose recorded before the restart stands"
+            ),
+            code=EndCause.RESTART_RECONCILED.code,
+            session_id=session_id,
+            severity="warning",
+            data={
+                str(p): {
+                    "session_delivered_uj": c.session_delivered_uj,
+                    "delivered_uj": c.delivered_uj,
+                    "last_stop_reason": c.last_stop_reason,
+                    "session_token": c.session_token,
+                }
+                for p, c in readings.items()
+            },
+        )
+        self.store.session_ended(
+            session_id,
+            outcome="interrupted",
+            stop_cause_code=EndCause.RESTART_RECONCILED.code,
+            stop_cause_message="daemon stopped during the session; "
+            + ("dose reconciled from controller counters" if matched else "no counters"),
+        )
+
+
+def _load(library: ProtocolLibrary, protocol_id: str) -> tuple[LoadedProtocol, InstalledProtocol]:
+    """An installed protocol, re-verified, and its index entry (worker thread)."""
+    return library.load(protocol_id), library.show(protocol_id)
+
+
+def _emit_trip(session: Session, supervisor: Supervisor, trip: Trip) -> None:
+    """The session's record of a trip: what tripped, the escalation, how fast all went off."""
+    session.emit(
+        "trip",
+        trip.describe(),
+        trip.port,
+        data={
+            "code": trip.cause.code,
+            "cause": trip.cause.name,
+            "escalation": list(supervisor.escalation),
+            "service_required": supervisor.service_required,
+            "all_off_after_ms": (
+                (supervisor.all_off_sent_monotonic_s - trip.monotonic_s) * 1000
+                if supervisor.all_off_sent_monotonic_s is not None
+                else None
+            ),
+        },
+    )
 
 
 def _inhibit(ctrl: ControllerHandle, trip: Trip) -> None:

@@ -1,0 +1,163 @@
+"""Endpoints of the treatment session: start, watch, confirm, pause, resume, abort.
+
+Each one adapts its params to one of the engine's use cases and the engine's
+answer to a reply; the engine decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field, Strict, StringConstraints
+
+from pbmd.daemon.core.engine import NoSession, NotRunnable, StartCommand, StartRefused, Unanswered
+from pbmd.daemon.core.session import SessionError
+from pbmd.daemon.services.api.protocols import ProtocolId, library_error
+from pbmd.daemon.services.api.registry import (
+    NO_SESSION,
+    REFUSED,
+    Caller,
+    Handler,
+    NoParams,
+    Params,
+    Registry,
+    RpcError,
+)
+from pbmd.daemon.services.api.roles import ANYONE, CLINICIAN
+from pbmd.daemon.services.api.watch import redact_session
+from pbmd.protocols.model import Contraindication
+from pbmd.protocols.store import LibraryError
+
+if TYPE_CHECKING:
+    from pbmd.daemon.services.service import Service
+
+PatientRef = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+PortNumber = Annotated[int, Field(ge=1, le=8)]
+
+
+class SessionStartParams(Params):
+    protocol: ProtocolId
+    patient_ref: PatientRef = Field(
+        description="The clinic's reference for the patient (not a name): 1-64 characters."
+    )
+    contraindications: dict[Annotated[Contraindication, Strict(False)], bool] = Field(
+        default_factory=dict,
+        description="Screening answers, name -> present; every contraindication the protocol "
+        "lists must be answered.",
+    )
+    ports: Annotated[list[PortNumber], Field(min_length=1, max_length=8)] | None = None
+    watch: bool = Field(default=False, description="Stream the session on this connection.")
+
+
+class PortParams(Params):
+    port: PortNumber
+
+
+class OptionalPortParams(Params):
+    port: PortNumber | None = None
+
+
+class AbortParams(Params):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "aborted by operator"
+
+
+def refused(exc: StartRefused) -> RpcError:
+    """A refused start as an error reply, with the cause's name and code when it has one."""
+    if isinstance(exc, Unanswered):
+        return RpcError(
+            REFUSED,
+            str(exc),
+            {
+                "missing": exc.missing,
+                "descriptions": {m: Contraindication(m).description for m in exc.missing},
+            },
+        )
+    if isinstance(exc, NotRunnable):
+        return RpcError(REFUSED, str(exc), {"issues": [i.as_dict() for i in exc.issues]})
+    cause = exc.cause
+    return RpcError(
+        REFUSED,
+        str(exc),
+        {"cause": cause.name if cause else None, "code": cause.code if cause else None},
+    )
+
+
+@contextlib.contextmanager
+def _session_errors() -> Iterator[None]:
+    """No session is NO_SESSION; a session that says no (wrong state, unknown port) refuses."""
+    try:
+        yield
+    except NoSession as exc:
+        raise RpcError(NO_SESSION, str(exc)) from None
+    except StartRefused as exc:
+        raise refused(exc) from None
+    except SessionError as exc:
+        raise RpcError(REFUSED, str(exc)) from None
+
+
+def _port_command(command: Callable[[int | None], None], done: str) -> Handler:
+    """A handler for a command on one port or all (pause, resume)."""
+
+    async def handler(caller: Caller, p: OptionalPortParams) -> Any:
+        with _session_errors():
+            command(p.port)
+        return {done: p.port if p.port is not None else "all"}
+
+    return handler
+
+
+def register(reg: Registry, service: Service) -> None:
+    """`session.*`."""
+    hub = service.watch_hub
+
+    @reg.add("session.start", SessionStartParams, CLINICIAN, "Start a protocol for a patient.")
+    async def session_start(caller: Caller, p: SessionStartParams) -> Any:
+        command = StartCommand(
+            protocol_id=p.protocol,
+            patient_ref=p.patient_ref,
+            contraindications={c.value: v for c, v in p.contraindications.items()},
+            ports=tuple(p.ports) if p.ports else None,
+            operator=caller.peer.user,
+        )
+        try:
+            with _session_errors():
+                session = await service.engine.start_protocol(service.library, command)
+        except LibraryError as exc:
+            raise library_error(exc) from None
+        if p.watch:
+            hub.subscribe(caller, session)
+        return {"session_id": session.id, "status": session.status(), "watching": p.watch}
+
+    @reg.add("session.watch", NoParams, ANYONE, "Stream the running session until it ends.")
+    async def session_watch(caller: Caller, p: NoParams) -> Any:
+        s = service.engine.session
+        if s is None:
+            return {"session_id": None, "status": None, "watching": False}
+        shown = s.status() if caller.peer.sees_patients else redact_session(s.status())
+        if s.state.final:
+            return {"session_id": s.id, "status": shown, "watching": False}
+        hub.subscribe(caller, s)
+        return {"session_id": s.id, "status": shown, "watching": True}
+
+    @reg.add("session.confirm", PortParams, CLINICIAN, "Confirm the placement on a gated port.")
+    async def session_confirm(caller: Caller, p: PortParams) -> Any:
+        with _session_errors():
+            service.engine.confirm(p.port)
+        return {"confirmed": p.port}
+
+    reg.add("session.pause", OptionalPortParams, CLINICIAN, "Pause one port or all.")(
+        _port_command(lambda port: service.engine.pause(port), "paused")
+    )
+    reg.add("session.resume", OptionalPortParams, CLINICIAN, "Resume one port or all.")(
+        _port_command(lambda port: service.engine.resume(port), "resumed")
+    )
+
+    @reg.add("session.abort", AbortParams, CLINICIAN, "Stop all emission and end the session.")
+    async def session_abort(caller: Caller, p: AbortParams) -> Any:
+        with _session_errors():
+            s = await service.engine.abort(p.reason, caller.peer.user)
+        return {"session_id": s.id, "state": s.state.value}

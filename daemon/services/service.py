@@ -16,31 +16,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import datetime as dt
-import fcntl
 import gc
 import importlib
 import importlib.util
 import json
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from pbmd.daemon.core.controllers import ControllerHandle, PortMap, PortTarget
+from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import Engine, StartRefused
 from pbmd.daemon.core.session import SessionEvent
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
+from pbmd.daemon.services import state_dir
 from pbmd.daemon.services.api import (
     JsonRpcServer,
     RoleResolver,
@@ -48,15 +44,15 @@ from pbmd.daemon.services.api import (
     build_registry,
     redact_session,
 )
+from pbmd.daemon.services.controller_link import ControllerLink
+from pbmd.daemon.services.errors import StartupError
+from pbmd.daemon.services.loop_monitor import LoopMonitor
 from pbmd.daemon.services.records import RecordsError, RecordStore
+from pbmd.daemon.services.state_dir import Calibration, write_json_atomic
+from pbmd.daemon.services.systemd import Notifier
 from pbmd.drivers import codec
-from pbmd.drivers.client import ClientError, ControllerClient, open_controller
-from pbmd.drivers.transport import LinkURLError
-from pbmd.hw_sim import SimConfig, Simulator
-from pbmd.protocols.errors import PlanError
-from pbmd.protocols.loader import LoadedProtocol
-from pbmd.protocols.plan import plan as make_plan
-from pbmd.protocols.store import InstalledProtocol, LibraryError, LibraryFault, ProtocolLibrary
+from pbmd.drivers.client import ClientError
+from pbmd.protocols.store import LibraryError, LibraryFault, ProtocolLibrary
 
 log = structlog.get_logger()
 
@@ -68,263 +64,7 @@ VERSION = "0.1.0"
 STOP_SESSION_TIMEOUT_S = 10.0
 
 
-class StartupError(Exception):
-    """The daemon cannot start; the message says what failed and what to do."""
-
-
-# --------------------------------------------------------------------------- systemd
-
-
-class Notifier:
-    """sd_notify(3) without libsystemd: one datagram per message to $NOTIFY_SOCKET."""
-
-    def __init__(self) -> None:
-        self.address: str | None = None
-        self._sock: socket.socket | None = None
-        raw = os.environ.get("NOTIFY_SOCKET")
-        if raw:
-            self.address = "\0" + raw[1:] if raw.startswith("@") else raw
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        self.watchdog_s: float | None = None
-        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
-            self.watchdog_s = int(usec) / 1e6
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
-    def send(self, *lines: str) -> bool:
-        if self.address is None:
-            return False
-        try:
-            if self._sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                sock.setblocking(False)
-                sock.connect(self.address)
-                self._sock = sock
-            self._sock.send("\n".join(lines).encode("utf-8"))
-            return True
-        except OSError as exc:
-            log.warning("systemd.notify_failed", error=str(exc), message=lines[0])
-            if self._sock is not None:
-                self._sock.close()
-            self._sock = None
-            return False
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-
-# --------------------------------------------------------------------------- controllers
-
-
-class ControllerLink:
-    """One configured controller: its (embedded) simulator, client and handle."""
-
-    def __init__(self, config: cfg.ControllerConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self.sim: Simulator | None = None
-        self.url: str | None = None
-        self.control_address: str | None = None
-        self.client: ControllerClient | None = None
-        self.handle: ControllerHandle | None = None
-        self.lost: str | None = None
-        self.connected_utc: float | None = None
-
-    async def open(self, telemetry_hz: int, on_lost: Callable[[ControllerLink, str], None]) -> None:
-        c = self.config
-        if c.link == "sim" and self.sim is None:
-            opts = c.sim_options
-            sim = Simulator(
-                SimConfig(
-                    time_scale=opts.time_scale,
-                    ports=opts.port_map(),
-                    seed=opts.seed,
-                    emission_delay_ms=opts.emission_delay_ms,
-                    serial=opts.serial,
-                )
-            )
-            await sim.start()
-            self.sim = sim
-            try:
-                if opts.transport == "pty":
-                    self.url = await sim.listen_pty()
-                else:
-                    self.url = await sim.listen_tcp("127.0.0.1", 0)
-                if opts.control is not None:
-                    host, _, port = opts.control.rpartition(":")
-                    self.control_address = await sim.listen_control(host.strip("[]"), int(port))
-            except OSError as exc:
-                raise StartupError(
-                    f"controller {c.name}: the embedded simulator cannot open its "
-                    f'{opts.transport} link ({exc}); try transport = "tcp" in '
-                    "[controllers.sim]"
-                ) from exc
-            log.info(
-                "controller.simulated",
-                controller=c.name,
-                link=self.url,
-                time_scale=opts.time_scale,
-                control=self.control_address,
-            )
-        elif c.link != "sim":
-            self.url = c.link
-        assert self.url is not None
-        try:
-            client = await asyncio.wait_for(
-                open_controller(self.url, telemetry_hz=telemetry_hz), c.connect_timeout_s
-            )
-        except TimeoutError:
-            raise StartupError(
-                f"controller {c.name} at {self.url} did not complete the handshake within "
-                f"{c.connect_timeout_s:g} s; check that it is powered and connected (and the "
-                "link URL), then start pbmd again"
-            ) from None
-        except (OSError, ClientError, LinkURLError) as exc:
-            raise StartupError(
-                f"controller {c.name} at {self.url}: {exc}; check the link URL in "
-                "[[controllers]], the cable or the simulator, then start pbmd again"
-            ) from exc
-        handle = ControllerHandle(c.name, client)
-        try:
-            await handle.next_sample(max(2.0, 20.0 / telemetry_hz))
-        except TimeoutError:
-            handle.detach()
-            await client.close()
-            raise StartupError(
-                f"controller {c.name} at {self.url} answered but sends no telemetry; check "
-                "its firmware (ICD §7), then start pbmd again"
-            ) from None
-        client.add_link_lost_listener(lambda exc: on_lost(self, str(exc)))
-        self.client = client
-        self.handle = handle
-        self.lost = None
-        self.connected_utc = time.time()
-        info = client.info
-        log.info(
-            "controller.connected",
-            controller=c.name,
-            link=self.url,
-            serial=info.serial,
-            firmware=info.firmware,
-            ports=info.port_count,
-        )
-
-    async def close_client(self) -> None:
-        if self.handle is not None:
-            self.handle.detach()
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                await self.client.close()
-
-    async def close(self) -> None:
-        await self.close_client()
-        if self.sim is not None:
-            await self.sim.close()
-            self.sim = None
-
-    def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "link": self.config.link,
-            "url": self.url,
-            "simulated": self.config.link == "sim",
-            "connected": bool(self.client is not None and self.client.is_open),
-            "lost": self.lost,
-        }
-        if self.control_address is not None:
-            out["sim_control"] = self.control_address
-        client, handle = self.client, self.handle
-        if client is None or handle is None:
-            return out
-        info = client.info
-        t = handle.telemetry
-        age = (
-            None if handle.telemetry_host_s is None else time.monotonic() - handle.telemetry_host_s
-        )
-        stats = client.stats
-        out.update(
-            serial=info.serial,
-            firmware=info.firmware,
-            port_count=info.port_count,
-            watchdog_ms=info.watchdog_ms,
-            emission_delay_ms=info.emission_delay_ms,
-            time_scale=self.config.sim_options.time_scale
-            if self.config.link == "sim"
-            else round(handle.clock.ratio, 3),
-            clock_ratio=round(handle.clock.ratio, 3),
-            telemetry_age_s=None if age is None else round(age, 3),
-            rtt_ms_p99=stats.rtt_ms.p99_ms,
-            frames_dropped=stats.dropped_total,
-            emission_inhibited=client.emission_inhibited,
-        )
-        if t is not None:
-            out.update(
-                state=codec.describe(codec.ControllerState, t.state).lower(),
-                fault=None if not t.fault_code else codec.describe(codec.FaultCode, t.fault_code),
-                interlocks={
-                    "key": bool(t.interlocks & codec.Interlock.KEY),
-                    "remote": bool(t.interlocks & codec.Interlock.REMOTE),
-                    "estop_released": bool(t.interlocks & codec.Interlock.ESTOP_RELEASED),
-                    "footswitch": bool(t.interlocks & codec.Interlock.FOOTSWITCH),
-                },
-                device_time_s=t.device_time_us / 1e6,
-            )
-        return out
-
-
-# --------------------------------------------------------------------------- loop health
-
-
-class LoopMonitor:
-    """How late the event loop runs a timer: the figure API load must not move."""
-
-    PERIOD_S = 0.05
-
-    def __init__(self) -> None:
-        self.lag_ms: collections.deque[float] = collections.deque(maxlen=1200)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="loop-monitor")
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + self.PERIOD_S
-            await asyncio.sleep(self.PERIOD_S)
-            self.lag_ms.append(max(0.0, (loop.time() - due) * 1000.0))
-
-    def summary(self) -> dict[str, float | None]:
-        lat = sorted(self.lag_ms)
-        if not lat:
-            return {"lag_ms_p50": None, "lag_ms_p99": None, "lag_ms_max": None}
-        return {
-            "lag_ms_p50": round(lat[len(lat) // 2], 3),
-            "lag_ms_p99": round(lat[min(int(0.99 * len(lat)), len(lat) - 1)], 3),
-            "lag_ms_max": round(lat[-1], 3),
-        }
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
 # --------------------------------------------------------------------------- service
-
-
-@dataclass
-class Calibration:
-    due: dt.date | None
-    source: str
-    set_by: str | None = None
-    set_utc: str | None = None
 
 
 class Service:
@@ -380,8 +120,8 @@ class Service:
         for line in cfg_.development:
             self.warnings.append(line)
             log.warning("config.development", setting=line)
-        self._lock_state_dir()
-        self._load_calibration()
+        self._lock_fd = state_dir.lock(self.state_dir)
+        self.calibration = Calibration.load(self._calibration_file(), self.calibration)
         try:
             self._store = await RecordStore.open(
                 cfg_.records_path,
@@ -411,32 +151,7 @@ class Service:
             raise StartupError(f"reconciling unfinished sessions failed: {exc}") from exc
         if self.reconciled:
             log.warning("sessions.reconciled", sessions=self.reconciled)
-        missing = self.roles.missing_groups()
-        if missing:
-            text = (
-                f"group(s) {', '.join(missing)} do not exist: only root and the daemon's user "
-                "hold those roles (create them, e.g. with systemd-sysusers)"
-            )
-            self.warnings.append(text)
-            log.warning("api.groups_missing", groups=missing)
-        registry = build_registry(self)
-        api = cfg_.api
-        self.api = JsonRpcServer(
-            registry,
-            self.roles,
-            self.socket_path,
-            socket_mode=int(api.socket_mode, 8),
-            max_request_bytes=api.max_request_bytes,
-            max_clients=api.max_clients,
-            max_clients_per_uid=api.max_clients_per_uid,
-            queue_messages=api.send_queue_messages,
-            send_timeout_s=api.send_timeout_s,
-            requests_per_tick=api.requests_per_tick,
-        )
-        try:
-            await self.api.start()
-        except OSError as exc:
-            raise StartupError(f"control socket {self.socket_path}: {exc}") from exc
+        await self._start_api()
         await self._start_mqtt()
         # Everything loaded so far lives as long as the daemon: take it out of the
         # collector's view, so that a full collection (which runs on the event loop,
@@ -458,33 +173,34 @@ class Service:
             pid=os.getpid(),
         )
 
-    def _lock_state_dir(self) -> None:
+    async def _start_api(self) -> None:
+        """The control socket, serving the endpoint registry to the roles that may call."""
+        missing = self.roles.missing_groups()
+        if missing:
+            text = (
+                f"group(s) {', '.join(missing)} do not exist: only root and the daemon's user "
+                "hold those roles (create them, e.g. with systemd-sysusers)"
+            )
+            self.warnings.append(text)
+            log.warning("api.groups_missing", groups=missing)
+        registry = build_registry(self)
+        api = self.config.api
+        self.api = JsonRpcServer(
+            registry,
+            self.roles,
+            self.socket_path,
+            socket_mode=int(api.socket_mode, 8),
+            max_request_bytes=api.max_request_bytes,
+            max_clients=api.max_clients,
+            max_clients_per_uid=api.max_clients_per_uid,
+            queue_messages=api.send_queue_messages,
+            send_timeout_s=api.send_timeout_s,
+            requests_per_tick=api.requests_per_tick,
+        )
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-            path = self.state_dir / "pbmd.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            await self.api.start()
         except OSError as exc:
-            raise StartupError(
-                f"state directory {self.state_dir}: {exc.strerror or exc}; create it writable "
-                "for the user pbmd runs as, or set state_dir (or --state-dir)"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(
-                f"another pbmd (pid {other}) is using the state directory {self.state_dir}; "
-                "stop it first, or give this one another state_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-
-    def _unlock_state_dir(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            raise StartupError(f"control socket {self.socket_path}: {exc}") from exc
 
     def _open_library(self) -> None:
         c = self.config.protocols
@@ -724,7 +440,9 @@ class Service:
                 await self._store.close()
             except RecordsError as exc:
                 log.critical("records.close_failed", error=str(exc))
-        self._unlock_state_dir()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         self.notifier.close()
         log.info("daemon.stopped", reason=self.stop_reason)
 
@@ -802,91 +520,17 @@ class Service:
             "session": session_status if full else redact_session(session_status),
         }
 
-    def load_protocol(self, protocol_id: str) -> tuple[LoadedProtocol, InstalledProtocol]:
-        """An installed protocol, re-verified, and its index entry (worker thread)."""
-        return self.library.load(protocol_id), self.library.show(protocol_id)
-
-    def describe_protocol(self, protocol_id: str, source: bool) -> dict[str, Any]:
-        loaded, entry = self.load_protocol(protocol_id)
-        out: dict[str, Any] = {
-            "installed": entry.as_dict(),
-            "protocol": loaded.as_dict(),
-            "contraindications": [
-                {"name": c.value, "description": c.description}
-                for c in loaded.protocol.contraindications
-            ],
-            "cautions": list(loaded.protocol.cautions),
-            "warnings": [i.as_dict() for i in loaded.warnings],
-        }
-        try:
-            make_plan(loaded.protocol, self.engine.port_map.applicators(), self.library.limits)
-            out["runnable"] = {"ok": True, "issues": []}
-        except PlanError as exc:
-            out["runnable"] = {"ok": False, "issues": [i.as_dict() for i in exc.errors]}
-        if source:
-            out["source"] = (self.library.directory / entry.file).read_text(encoding="utf-8")
-        return out
-
-    def validate_protocol(self, content: str, signature: str | None, source: str) -> dict[str, Any]:
-        try:
-            loaded, verified = self.library.check(content.encode("utf-8"), signature, source=source)
-        except LibraryError as exc:
-            return {
-                "valid": False,
-                "fault": exc.fault.value,
-                "message": str(exc),
-                "issues": [i.as_dict() for i in exc.issues],
-            }
-        highest = self.library.highest_version(loaded.protocol.id)
-        return {
-            "valid": True,
-            "signed_by": verified.key.id_hex if verified else None,
-            "protocol": loaded.as_dict(),
-            "warnings": [i.as_dict() for i in loaded.warnings],
-            "installed_version": highest or None,
-            "installable": loaded.protocol.version > highest,
-        }
-
     # -- calibration
 
     def _calibration_file(self) -> Path:
         return self.state_dir / "calibration.json"
 
-    def _load_calibration(self) -> None:
-        path = self._calibration_file()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            self.calibration = Calibration(
-                dt.date.fromisoformat(data["due"]),
-                f"set through the API ({path})",
-                data.get("set_by"),
-                data.get("set_utc"),
-            )
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StartupError(
-                f"{path} is unreadable ({exc}); set the date again with `pbmctl calibration set "
-                "DATE` after removing the file, or restore it"
-            ) from exc
-
     def calibration_status(self) -> dict[str, Any]:
-        c = self.calibration
-        today = dt.date.today()
-        return {
-            "due": c.due.isoformat() if c.due else None,
-            "overdue": bool(c.due and today > c.due),
-            "source": c.source,
-            "set_by": c.set_by,
-            "set_utc": c.set_utc,
-        }
+        return self.calibration.status()
 
     def set_calibration_due(self, due: dt.date, user: str) -> None:
         """Persist first, then apply (worker thread; the engine reads one attribute)."""
-        path = self._calibration_file()
-        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        _write_json_atomic(path, {"due": due.isoformat(), "set_by": user, "set_utc": now})
-        self.calibration = Calibration(due, f"set through the API ({path})", user, now)
+        self.calibration = Calibration.save(self._calibration_file(), due, user)
         self.engine.calibration_due = due
         log.info("calibration.set", due=due.isoformat(), user=user)
 
@@ -918,7 +562,7 @@ class Service:
     def _write_service_required(self, cause: str, utc: str) -> None:
         path = self._service_required_file()
         try:
-            _write_json_atomic(path, {"cause": cause, "set_utc": utc})
+            write_json_atomic(path, {"cause": cause, "set_utc": utc})
         except OSError as exc:
             log.critical("service.required_not_persisted", path=str(path), error=str(exc))
 
@@ -969,13 +613,6 @@ class Service:
             raise RpcError(REFUSED, f"controller {controller} refused CLEAR_FAULT: {exc}") from None
         log.warning("controller.fault_cleared", controller=controller, user=user)
         return {"controller": controller, "cleared": True}
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- entry point

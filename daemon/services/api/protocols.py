@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import structlog
 from pydantic import Field, StringConstraints
 
+from pbmd.daemon.core.engine import NotRunnable
 from pbmd.daemon.services.api.registry import (
     NOT_FOUND,
     REFUSED,
@@ -18,7 +19,7 @@ from pbmd.daemon.services.api.registry import (
     RpcError,
 )
 from pbmd.daemon.services.api.roles import ANYONE, TECHNICIAN
-from pbmd.protocols.store import LibraryError, LibraryFault
+from pbmd.protocols.store import LibraryError, LibraryFault, ProtocolLibrary
 
 if TYPE_CHECKING:
     from pbmd.daemon.services.service import Service
@@ -61,6 +62,54 @@ def library_error(exc: LibraryError) -> RpcError:
     return RpcError(REFUSED, str(exc), data)
 
 
+def describe(service: Service, protocol_id: str, source: bool) -> dict[str, Any]:
+    """An installed protocol, re-verified, and whether it runs here (worker thread)."""
+    library = service.library
+    loaded, entry = library.load(protocol_id), library.show(protocol_id)
+    out: dict[str, Any] = {
+        "installed": entry.as_dict(),
+        "protocol": loaded.as_dict(),
+        "contraindications": [
+            {"name": c.value, "description": c.description}
+            for c in loaded.protocol.contraindications
+        ],
+        "cautions": list(loaded.protocol.cautions),
+        "warnings": [i.as_dict() for i in loaded.warnings],
+    }
+    try:
+        service.engine.plan_for(loaded.protocol, library.limits)
+        out["runnable"] = {"ok": True, "issues": []}
+    except NotRunnable as exc:
+        out["runnable"] = {"ok": False, "issues": [i.as_dict() for i in exc.issues]}
+    if source:
+        out["source"] = (library.directory / entry.file).read_text(encoding="utf-8")
+    return out
+
+
+def validate(
+    library: ProtocolLibrary, content: str, signature: str | None, source: str
+) -> dict[str, Any]:
+    """A protocol file checked as install would, without installing it (worker thread)."""
+    try:
+        loaded, verified = library.check(content.encode("utf-8"), signature, source=source)
+    except LibraryError as exc:
+        return {
+            "valid": False,
+            "fault": exc.fault.value,
+            "message": str(exc),
+            "issues": [i.as_dict() for i in exc.issues],
+        }
+    highest = library.highest_version(loaded.protocol.id)
+    return {
+        "valid": True,
+        "signed_by": verified.key.id_hex if verified else None,
+        "protocol": loaded.as_dict(),
+        "warnings": [i.as_dict() for i in loaded.warnings],
+        "installed_version": highest or None,
+        "installable": loaded.protocol.version > highest,
+    }
+
+
 def register(reg: Registry, service: Service) -> None:
     """`protocol.*`."""
 
@@ -75,7 +124,7 @@ def register(reg: Registry, service: Service) -> None:
     @reg.add("protocol.show", ProtocolShowParams, ANYONE, "One installed protocol, step by step.")
     async def protocol_show(caller: Caller, p: ProtocolShowParams) -> Any:
         try:
-            return await asyncio.to_thread(service.describe_protocol, p.id, p.source)
+            return await asyncio.to_thread(describe, service, p.id, p.source)
         except LibraryError as exc:
             raise library_error(exc) from None
 
@@ -87,7 +136,7 @@ def register(reg: Registry, service: Service) -> None:
     )
     async def protocol_validate(caller: Caller, p: ProtocolFileParams) -> Any:
         return await asyncio.to_thread(
-            service.validate_protocol, p.content, p.signature, p.filename or "<upload>"
+            validate, service.library, p.content, p.signature, p.filename or "<upload>"
         )
 
     @reg.add("protocol.install", ProtocolFileParams, TECHNICIAN, "Install a signed protocol.")

@@ -1,0 +1,182 @@
+"""One configured controller as the process holds it: (embedded) simulator, client, handle.
+
+Opening a link means the handshake and a first telemetry sample; a link that
+cannot open raises StartupError saying what to check. The service reopens a
+lost link once no session runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from pbmd.daemon.core.controllers import ControllerHandle
+from pbmd.daemon.services import config as cfg
+from pbmd.daemon.services.errors import StartupError
+from pbmd.drivers import codec
+from pbmd.drivers.client import ClientError, ControllerClient, open_controller
+from pbmd.drivers.transport import LinkURLError
+from pbmd.hw_sim import SimConfig, Simulator
+
+log = structlog.get_logger()
+
+
+class ControllerLink:
+    """One configured controller: its (embedded) simulator, client and handle."""
+
+    def __init__(self, config: cfg.ControllerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.sim: Simulator | None = None
+        self.url: str | None = None
+        self.control_address: str | None = None
+        self.client: ControllerClient | None = None
+        self.handle: ControllerHandle | None = None
+        self.lost: str | None = None
+        self.connected_utc: float | None = None
+
+    async def open(self, telemetry_hz: int, on_lost: Callable[[ControllerLink, str], None]) -> None:
+        c = self.config
+        if c.link == "sim" and self.sim is None:
+            opts = c.sim_options
+            sim = Simulator(
+                SimConfig(
+                    time_scale=opts.time_scale,
+                    ports=opts.port_map(),
+                    seed=opts.seed,
+                    emission_delay_ms=opts.emission_delay_ms,
+                    serial=opts.serial,
+                )
+            )
+            await sim.start()
+            self.sim = sim
+            try:
+                if opts.transport == "pty":
+                    self.url = await sim.listen_pty()
+                else:
+                    self.url = await sim.listen_tcp("127.0.0.1", 0)
+                if opts.control is not None:
+                    host, _, port = opts.control.rpartition(":")
+                    self.control_address = await sim.listen_control(host.strip("[]"), int(port))
+            except OSError as exc:
+                raise StartupError(
+                    f"controller {c.name}: the embedded simulator cannot open its "
+                    f'{opts.transport} link ({exc}); try transport = "tcp" in '
+                    "[controllers.sim]"
+                ) from exc
+            log.info(
+                "controller.simulated",
+                controller=c.name,
+                link=self.url,
+                time_scale=opts.time_scale,
+                control=self.control_address,
+            )
+        elif c.link != "sim":
+            self.url = c.link
+        assert self.url is not None
+        try:
+            client = await asyncio.wait_for(
+                open_controller(self.url, telemetry_hz=telemetry_hz), c.connect_timeout_s
+            )
+        except TimeoutError:
+            raise StartupError(
+                f"controller {c.name} at {self.url} did not complete the handshake within "
+                f"{c.connect_timeout_s:g} s; check that it is powered and connected (and the "
+                "link URL), then start pbmd again"
+            ) from None
+        except (OSError, ClientError, LinkURLError) as exc:
+            raise StartupError(
+                f"controller {c.name} at {self.url}: {exc}; check the link URL in "
+                "[[controllers]], the cable or the simulator, then start pbmd again"
+            ) from exc
+        handle = ControllerHandle(c.name, client)
+        try:
+            await handle.next_sample(max(2.0, 20.0 / telemetry_hz))
+        except TimeoutError:
+            handle.detach()
+            await client.close()
+            raise StartupError(
+                f"controller {c.name} at {self.url} answered but sends no telemetry; check "
+                "its firmware (ICD §7), then start pbmd again"
+            ) from None
+        client.add_link_lost_listener(lambda exc: on_lost(self, str(exc)))
+        self.client = client
+        self.handle = handle
+        self.lost = None
+        self.connected_utc = time.time()
+        info = client.info
+        log.info(
+            "controller.connected",
+            controller=c.name,
+            link=self.url,
+            serial=info.serial,
+            firmware=info.firmware,
+            ports=info.port_count,
+        )
+
+    async def close_client(self) -> None:
+        if self.handle is not None:
+            self.handle.detach()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+
+    async def close(self) -> None:
+        await self.close_client()
+        if self.sim is not None:
+            await self.sim.close()
+            self.sim = None
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "link": self.config.link,
+            "url": self.url,
+            "simulated": self.config.link == "sim",
+            "connected": bool(self.client is not None and self.client.is_open),
+            "lost": self.lost,
+        }
+        if self.control_address is not None:
+            out["sim_control"] = self.control_address
+        client, handle = self.client, self.handle
+        if client is None or handle is None:
+            return out
+        info = client.info
+        t = handle.telemetry
+        age = (
+            None if handle.telemetry_host_s is None else time.monotonic() - handle.telemetry_host_s
+        )
+        stats = client.stats
+        out.update(
+            serial=info.serial,
+            firmware=info.firmware,
+            port_count=info.port_count,
+            watchdog_ms=info.watchdog_ms,
+            emission_delay_ms=info.emission_delay_ms,
+            time_scale=self.config.sim_options.time_scale
+            if self.config.link == "sim"
+            else round(handle.clock.ratio, 3),
+            clock_ratio=round(handle.clock.ratio, 3),
+            telemetry_age_s=None if age is None else round(age, 3),
+            rtt_ms_p99=stats.rtt_ms.p99_ms,
+            frames_dropped=stats.dropped_total,
+            emission_inhibited=client.emission_inhibited,
+        )
+        if t is not None:
+            out.update(
+                state=codec.describe(codec.ControllerState, t.state).lower(),
+                fault=None if not t.fault_code else codec.describe(codec.FaultCode, t.fault_code),
+                interlocks={
+                    "key": bool(t.interlocks & codec.Interlock.KEY),
+                    "remote": bool(t.interlocks & codec.Interlock.REMOTE),
+                    "estop_released": bool(t.interlocks & codec.Interlock.ESTOP_RELEASED),
+                    "footswitch": bool(t.interlocks & codec.Interlock.FOOTSWITCH),
+                },
+                device_time_s=t.device_time_us / 1e6,
+            )
+        return out

@@ -92,6 +92,10 @@ class NoSession(SessionError):
     """An operator command (confirm, pause, resume, abort) with no session running."""
 
 
+class CommandRefused(SessionError):
+    """A technician's command the engine will not carry out now; the message says why."""
+
+
 # Contraindications that block only the steps they concern; every other one
 # answered "yes" refuses a protocol that lists it.
 _REGIONS_BLOCKED: dict[Contraindication, frozenset[Region]] = {
@@ -438,6 +442,19 @@ class Engine:
         s = self.running("abort")
         await s.abort(f"{reason} ({operator})")
         return s
+
+    async def clear_fault(self, ctrl: ControllerHandle | None, name: str, user: str) -> None:
+        """Clear a controller's latched fault (a technician found its cause), never mid-session."""
+        s = self.session
+        if s is not None and not s.state.final:
+            raise CommandRefused("a session is running; end it before clearing a fault")
+        if ctrl is None or not ctrl.client.is_open:
+            raise CommandRefused(f"controller {name} is not connected")
+        try:
+            await ctrl.client.clear_fault()
+        except ClientError as exc:
+            raise CommandRefused(f"controller {name} refused CLEAR_FAULT: {exc}") from None
+        log.warning("controller.fault_cleared", controller=name, user=user)
 
     # ----------------------------------------------------------------- sessions
 

@@ -592,28 +592,6 @@ class Service:
         log.warning("service.cleared", user=user, note=note, cause=cause)
         return {"cleared": True, "cause": cause, "user": user, "note": note}
 
-    async def clear_fault(self, controller: str, user: str) -> dict[str, Any]:
-        from pbmd.daemon.services.api import NOT_FOUND, REFUSED, RpcError
-
-        link = next((x for x in self.links if x.name == controller), None)
-        if link is None:
-            raise RpcError(
-                NOT_FOUND,
-                f"no controller {controller!r}; controllers: "
-                f"{', '.join(x.name for x in self.links)}",
-            )
-        s = self.engine.session
-        if s is not None and not s.state.final:
-            raise RpcError(REFUSED, "a session is running; end it before clearing a fault")
-        if link.client is None or not link.client.is_open:
-            raise RpcError(REFUSED, f"controller {controller} is not connected")
-        try:
-            await link.client.clear_fault()
-        except ClientError as exc:
-            raise RpcError(REFUSED, f"controller {controller} refused CLEAR_FAULT: {exc}") from None
-        log.warning("controller.fault_cleared", controller=controller, user=user)
-        return {"controller": controller, "cleared": True}
-
 
 # --------------------------------------------------------------------------- entry point
 

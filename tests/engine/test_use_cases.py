@@ -9,6 +9,7 @@ import pytest
 from engine_rig import Rig, is_msg, pad_step, probe_step, protocol
 
 from pbmd.daemon.core.engine import (
+    CommandRefused,
     NoSession,
     NotRunnable,
     StartCommand,
@@ -118,3 +119,15 @@ async def test_commands_without_a_session_say_so(tmp_path: Path) -> None:
                 call()
         with pytest.raises(NoSession, match="nothing to abort"):
             await rig.engine.abort("why", "tester")
+
+
+async def test_clear_fault_refuses_mid_session_and_unconnected(tmp_path: Path) -> None:
+    async with Rig(tmp_path) as rig:
+        with pytest.raises(CommandRefused, match="controller main is not connected"):
+            await rig.engine.clear_fault(None, "main", "tech")
+        lib = library(tmp_path, protocol({1: [pad_step()]}))
+        rig.session = await rig.engine.start_protocol(lib, command())
+        with pytest.raises(CommandRefused, match="a session is running"):
+            await rig.engine.clear_fault(rig.handle, "main", "tech")
+        assert rig.rx.find(is_msg(codec.ClearFault)) is None
+        await rig.engine.abort("test over", "tester")

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, StringConstraints
 
+from pbmd.daemon.core.engine import CommandRefused
 from pbmd.daemon.services.api.registry import (
     INVALID_PARAMS,
+    NOT_FOUND,
     REFUSED,
     Caller,
     NoParams,
@@ -65,7 +67,18 @@ def register(reg: Registry, service: Service) -> None:
         "Clear a controller's latched fault (after finding its cause).",
     )
     async def controller_clear_fault(caller: Caller, p: ControllerParams) -> Any:
-        return await service.clear_fault(p.controller, caller.peer.user)
+        link = next((x for x in service.links if x.name == p.controller), None)
+        if link is None:
+            raise RpcError(
+                NOT_FOUND,
+                f"no controller {p.controller!r}; controllers: "
+                f"{', '.join(x.name for x in service.links)}",
+            )
+        try:
+            await service.engine.clear_fault(link.handle, p.controller, caller.peer.user)
+        except CommandRefused as exc:
+            raise RpcError(REFUSED, str(exc)) from None
+        return {"controller": p.controller, "cleared": True}
 
     @reg.add(
         "service.clear",

@@ -443,11 +443,14 @@ class Engine:
         await s.abort(f"{reason} ({operator})")
         return s
 
-    async def clear_fault(self, ctrl: ControllerHandle | None, name: str, user: str) -> None:
-        """Clear a controller's latched fault (a technician found its cause), never mid-session."""
+    def _refuse_mid_session(self, what: str) -> None:
         s = self.session
         if s is not None and not s.state.final:
-            raise CommandRefused("a session is running; end it before clearing a fault")
+            raise CommandRefused(f"a session is running; end it before {what}")
+
+    async def clear_fault(self, ctrl: ControllerHandle | None, name: str, user: str) -> None:
+        """Clear a controller's latched fault (a technician found its cause), never mid-session."""
+        self._refuse_mid_session("clearing a fault")
         if ctrl is None or not ctrl.client.is_open:
             raise CommandRefused(f"controller {name} is not connected")
         try:
@@ -455,6 +458,27 @@ class Engine:
         except ClientError as exc:
             raise CommandRefused(f"controller {name} refused CLEAR_FAULT: {exc}") from None
         log.warning("controller.fault_cleared", controller=name, user=user)
+
+    def clear_service_required(self, user: str, note: str, forget: Callable[[], None]) -> str:
+        """A technician has serviced the system: record who and what, then allow sessions.
+
+        `forget` removes the latch's stored copy first (the service's file); if it
+        raises, the latch holds. Returns the cause that was cleared.
+        """
+        cause = self.service_required
+        if cause is None:
+            raise CommandRefused("no service is required; nothing to clear")
+        self._refuse_mid_session("clearing")
+        forget()
+        self.service_required = None
+        self.store.event(
+            "service_cleared",
+            f"service done by {user}: {note}",
+            severity="warning",
+            data={"user": user, "note": note, "cause": cause},
+        )
+        log.warning("service.cleared", user=user, note=note, cause=cause)
+        return cause
 
     # ----------------------------------------------------------------- sessions
 

@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 
 from pbmd.daemon.core.controllers import PortMap, PortTarget
-from pbmd.daemon.core.engine import Engine, StartRefused
+from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
 from pbmd.daemon.core.session import SessionEvent
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
@@ -567,29 +567,16 @@ class Service:
             log.critical("service.required_not_persisted", path=str(path), error=str(exc))
 
     def clear_service_required(self, user: str, note: str) -> dict[str, Any]:
-        """A technician has serviced the system; record who and what, then allow sessions."""
-        from pbmd.daemon.services.api import REFUSED, RpcError
+        """The engine clears the latch once its stored copy is gone (CommandRefused if not)."""
 
-        engine = self.engine
-        cause = engine.service_required
-        if cause is None:
-            raise RpcError(REFUSED, "no service is required; nothing to clear")
-        s = engine.session
-        if s is not None and not s.state.final:
-            raise RpcError(REFUSED, "a session is running; end it before clearing")
-        try:
-            self._service_required_file().unlink(missing_ok=True)
-        except OSError as exc:
-            raise RpcError(REFUSED, f"cannot clear the stored latch: {exc}") from None
-        engine.service_required = None
-        self.warnings[:] = [w for w in self.warnings if not w.startswith("SERVICE REQUIRED")]
-        self.store.event(
-            "service_cleared",
-            f"service done by {user}: {note}",
-            severity="warning",
-            data={"user": user, "note": note, "cause": cause},
-        )
-        log.warning("service.cleared", user=user, note=note, cause=cause)
+        def forget() -> None:
+            try:
+                self._service_required_file().unlink(missing_ok=True)
+            except OSError as exc:
+                raise CommandRefused(f"cannot clear the stored latch: {exc}") from None
+            self.warnings[:] = [w for w in self.warnings if not w.startswith("SERVICE REQUIRED")]
+
+        cause = self.engine.clear_service_required(user, note, forget)
         return {"cleared": True, "cause": cause, "user": user, "note": note}
 
 

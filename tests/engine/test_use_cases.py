@@ -131,3 +131,25 @@ async def test_clear_fault_refuses_mid_session_and_unconnected(tmp_path: Path) -
             await rig.engine.clear_fault(rig.handle, "main", "tech")
         assert rig.rx.find(is_msg(codec.ClearFault)) is None
         await rig.engine.abort("test over", "tester")
+
+
+async def test_clear_service_required(tmp_path: Path) -> None:
+    """Nothing to clear is refused; a stored copy that cannot be removed keeps the latch;
+    otherwise the latch clears and the record says who serviced it."""
+    async with Rig(tmp_path) as rig:
+        engine = rig.engine
+        forgotten: list[str] = []
+        with pytest.raises(CommandRefused, match="nothing to clear"):
+            engine.clear_service_required("tech", "checked", lambda: forgotten.append("x"))
+        engine.service_required = "E301 port 1 stayed lit"
+
+        def cannot() -> None:
+            raise CommandRefused("cannot clear the stored latch: read-only")
+
+        with pytest.raises(CommandRefused, match="read-only"):
+            engine.clear_service_required("tech", "checked", cannot)
+        assert engine.service_required == "E301 port 1 stayed lit"
+        cause = engine.clear_service_required("tech", "checked", lambda: forgotten.append("x"))
+        assert cause == "E301 port 1 stayed lit"
+        assert forgotten == ["x"]
+        assert engine.service_required is None

@@ -87,6 +87,9 @@ def register(reg: Registry, service: Service) -> None:
         "Record that the system was serviced after a port stayed lit; sessions may start again.",
     )
     async def service_clear(caller: Caller, p: ServiceClearParams) -> Any:
-        result = service.clear_service_required(caller.peer.user, p.note)
+        try:
+            result = service.clear_service_required(caller.peer.user, p.note)
+        except CommandRefused as exc:
+            raise RpcError(REFUSED, str(exc)) from None
         await service.store.sync()
         return result

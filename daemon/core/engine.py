@@ -379,7 +379,7 @@ class Engine:
             raise NotRunnable(protocol.id, exc) from None
 
     async def start_protocol(self, library: ProtocolLibrary, command: StartCommand) -> Session:
-        """Start an installed protocol for a patient: the operator's one way to treat.
+        """Start an installed protocol for a patient, as an operator asks for it by id.
 
         Refuses (StartRefused, or the library's LibraryError for a protocol that
         is not installed or no longer verifies) before anything is planned when

@@ -303,23 +303,36 @@ Record = (
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _Rec = TypeVar("_Rec")
-_Sink = TypeVar("_Sink", bound="RecordSink")
+Answer = int | str | None
+"""What `RecordSink.write` answers: an emission's number, an event's id, or None."""
 
 
-def _from_fields(
-    record_type: Callable[_P, _Rec],
-) -> Callable[[Callable[[_Sink, _Rec], _R]], Callable[Concatenate[_Sink, _P], _R]]:
-    """Give a sink method ``(self, record)`` the record's fields as its parameters."""
+def _keyword_call(
+    record_type: Callable[_P, _Rec], answer: Callable[[Answer, _Rec], _R]
+) -> Callable[Concatenate[RecordSink, _P], _R]:
+    """A sink method whose parameters are the record's fields: it builds the record,
+    writes it, and returns what ``answer`` makes of the sink's answer."""
 
-    def decorate(method: Callable[[_Sink, _Rec], _R]) -> Callable[Concatenate[_Sink, _P], _R]:
-        def call(self: _Sink, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-            return method(self, record_type(*args, **kwargs))
+    def call(self: RecordSink, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        record = record_type(*args, **kwargs)
+        return answer(self.write(record), record)  # type: ignore[arg-type]
 
-        call.__name__ = call.__qualname__ = getattr(method, "__name__", "call")
-        call.__doc__ = method.__doc__
-        return call
+    call.__doc__ = record_type.__doc__
+    return call
 
-    return decorate
+
+def _nothing(answer: Answer, record: object) -> None:
+    return None
+
+
+def _number(answer: Answer, record: object) -> int:
+    if not isinstance(answer, int):
+        raise TypeError(f"the sink answered {record!r} with {answer!r}, not its number")
+    return answer
+
+
+def _event_id(answer: Answer, record: Event) -> str:
+    return record.event_id
 
 
 class RecordSink(abc.ABC):
@@ -333,7 +346,7 @@ class RecordSink(abc.ABC):
     on_failure: Callable[[BaseException], None] | None = None
 
     @abc.abstractmethod
-    def write(self, record: Record) -> int | str | None:
+    def write(self, record: Record) -> Answer:
         """Queue one record. Answers an `EmissionStarted` or `PortReconciled` with the
         emission's sequence number, an `Event` with its id, anything else with None."""
 
@@ -357,48 +370,15 @@ class RecordSink(abc.ABC):
     def step_started(self, record: StepStarted) -> None:
         self.write(record)
 
-    @_from_fields(SessionStateChanged)
-    def session_state(self, record: SessionStateChanged) -> None:
-        self.write(record)
-
-    @_from_fields(EmissionStarted)
-    def emission_started(self, record: EmissionStarted) -> int:
-        return _seq(self.write(record))
-
-    @_from_fields(EmissionProgress)
-    def emission_progress(self, record: EmissionProgress) -> None:
-        self.write(record)
-
-    @_from_fields(EmissionEnded)
-    def emission_ended(self, record: EmissionEnded) -> None:
-        self.write(record)
-
-    @_from_fields(EmissionReconciled)
-    def reconcile_emission(self, record: EmissionReconciled) -> None:
-        self.write(record)
-
-    @_from_fields(PortReconciled)
-    def reconcile_port(self, record: PortReconciled) -> int:
-        return _seq(self.write(record))
-
-    @_from_fields(StepEnded)
-    def step_ended(self, record: StepEnded) -> None:
-        self.write(record)
-
-    @_from_fields(Event)
-    def event(self, record: Event) -> str:
-        self.write(record)
-        return record.event_id
-
-    @_from_fields(SessionEnded)
-    def session_ended(self, record: SessionEnded) -> None:
-        self.write(record)
-
-
-def _seq(answer: int | str | None) -> int:
-    if not isinstance(answer, int):
-        raise TypeError(f"the sink answered an emission record with {answer!r}, not its number")
-    return answer
+    session_state = _keyword_call(SessionStateChanged, _nothing)
+    emission_started = _keyword_call(EmissionStarted, _number)
+    emission_progress = _keyword_call(EmissionProgress, _nothing)
+    emission_ended = _keyword_call(EmissionEnded, _nothing)
+    reconcile_emission = _keyword_call(EmissionReconciled, _nothing)
+    reconcile_port = _keyword_call(PortReconciled, _number)
+    step_ended = _keyword_call(StepEnded, _nothing)
+    event = _keyword_call(Event, _event_id)
+    session_ended = _keyword_call(SessionEnded, _nothing)
 
 
 class StoreRecorder:
@@ -498,7 +478,9 @@ class StoreRecorder:
         record = EmissionStarted(
             session.id, step.index, request, port=step.port, device_time_us=device_time_us
         )
-        self._emissions[(step.port, step.index, emission_no)] = _seq(self.store.write(record))
+        self._emissions[(step.port, step.index, emission_no)] = _number(
+            self.store.write(record), record
+        )
 
     def emission_progress(
         self,

@@ -45,11 +45,15 @@ UtcTime = datetime | float | None
 """An aware datetime, POSIX seconds, or None for the time the sink writes the record."""
 
 
-def _check_choice(value: str, allowed: Any, what: str) -> None:
+_SESSION_OUTCOMES = frozenset(get_args(SessionOutcome))
+_STEP_OUTCOMES = frozenset(get_args(StepOutcome))
+_SEVERITIES = frozenset(get_args(Severity))
+
+
+def _check_choice(value: str, allowed: frozenset[str], what: str) -> None:
     """Refuse a value outside a Literal type at the record's construction, not in the writer."""
-    choices = get_args(allowed)
-    if value not in choices:
-        raise ValueError(f"{what} {value!r} is not one of {sorted(choices)}")
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {sorted(allowed)}")
 
 
 class RecordsError(Exception):
@@ -244,7 +248,7 @@ class StepEnded:
     utc: UtcTime = None
 
     def __post_init__(self) -> None:
-        _check_choice(self.outcome, StepOutcome, "step outcome")
+        _check_choice(self.outcome, _STEP_OUTCOMES, "step outcome")
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +269,7 @@ class Event:
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def __post_init__(self) -> None:
-        _check_choice(self.severity, Severity, "severity")
+        _check_choice(self.severity, _SEVERITIES, "severity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +286,7 @@ class SessionEnded:
     utc: UtcTime = None
 
     def __post_init__(self) -> None:
-        _check_choice(self.outcome, SessionOutcome, "session outcome")
+        _check_choice(self.outcome, _SESSION_OUTCOMES, "session outcome")
 
 
 Record = (

@@ -73,8 +73,9 @@ class StoreOptions(TypedDict, total=False):
 class RecordStore(RecordReads, RecordSink):
     """The treatment records. Open with ``await RecordStore.open(path, ...)``.
 
-    Write methods are synchronous and only enqueue; call them from the event
-    loop thread. ``await sync()`` is the durability barrier. Reads are async.
+    Writes (``write(record)`` and the keyword calls `RecordSink` builds from the
+    records) are synchronous and only enqueue; call them from the event loop
+    thread. ``await sync()`` is the durability barrier. Reads are async.
     """
 
     def __init__(self, path: str | os.PathLike[str], **options: Unpack[StoreOptions]) -> None:

@@ -1,17 +1,27 @@
 """What the safety core records, and the narrow interface it records through.
 
-The core never imports the records store: it writes typed records (these
-dataclasses) to a `RecordSink`, which the services' SQLite store implements.
+The core never imports the records store. It describes what happens as typed
+records (the frozen dataclasses below: a session started, an emission ended, an
+event, ...) and hands each to a `RecordSink` with ``sink.write(record)``; the
+services' SQLite store is one. Records are plain values, so the same objects
+could cross a queue to a sink in another thread or process.
+
+`RecordSink` also offers every record as a keyword call built from the record's
+own fields (``sink.event("trip", "...", code="E101")`` writes an `Event`), so a
+record's parameters are written once, in its dataclass.
+
 `StoreRecorder` turns one session's life (its plan, steps, emissions, events)
 into those records; the engine gives one to every session it starts.
 """
 
 from __future__ import annotations
 
+import abc
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
 from pbmd.daemon.core.controllers import ControllerHandle
 from pbmd.daemon.core.safety import EndCause
@@ -32,7 +42,18 @@ SessionOutcome = Literal["completed", "aborted", "faulted", "interrupted"]
 StepOutcome = Literal["completed", "aborted", "faulted", "interrupted", "skipped"]
 Severity = Literal["debug", "info", "warning", "error", "critical"]
 UtcTime = datetime | float | None
-"""An aware datetime, POSIX seconds, or None for now."""
+"""An aware datetime, POSIX seconds, or None for the time the sink writes the record."""
+
+
+_SESSION_OUTCOMES = frozenset(get_args(SessionOutcome))
+_STEP_OUTCOMES = frozenset(get_args(StepOutcome))
+_SEVERITIES = frozenset(get_args(Severity))
+
+
+def _check_choice(value: str, allowed: frozenset[str], what: str) -> None:
+    """Refuse a value outside a Literal type at the record's construction, not in the writer."""
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {sorted(allowed)}")
 
 
 class RecordsError(Exception):
@@ -55,7 +76,7 @@ class SessionPort:
 
 
 @dataclass(frozen=True, slots=True)
-class SessionStart:
+class SessionStarted:
     """Everything fixed when a session starts: who, what protocol, which frozen plan."""
 
     session_id: str
@@ -84,7 +105,7 @@ class SessionStart:
 
 
 @dataclass(frozen=True, slots=True)
-class StepStart:
+class StepStarted:
     """One step of the plan as it starts: the Jenkins & Carroll parameters it prescribes."""
 
     session_id: str
@@ -115,121 +136,253 @@ class StepStart:
     peak_power_mw: float | None = None
     started_utc: UtcTime = None
 
-class RecordSink(Protocol):
-    """Where the core's records go (the services' RecordStore).
 
-    Every write is a plain call that only queues the record (no I/O on the
-    caller's thread); `sync` is the barrier the engine awaits at step boundaries.
+SessionStart = SessionStarted
+"""The name the store's callers know the record by."""
+StepStart = StepStarted
+"""The name the store's callers know the record by."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStateChanged:
+    """The session's latest state (idle, ready, armed, running, paused, ...)."""
+
+    session_id: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmissionStarted:
+    """An EMIT_START as sent. The sink answers with the emission's sequence number, unique
+    in the records and increasing in start order, that the emission's later records name."""
+
+    session_id: str
+    step_index: int | None
+    request: codec.EmitStart
+    _: KW_ONLY
+    port: int | None = None
+    """The session's (logical) port, the one its steps use; default: the request's."""
+    device_time_us: int | None = None
+    utc: UtcTime = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmissionProgress:
+    """Latest energies of a running emission (host integrator, controller telemetry).
+
+    Sent as often as telemetry arrives: within one batch the sink writes only the
+    latest of an emission, so a crash loses at most one batch."""
+
+    seq: int
+    _: KW_ONLY
+    host_energy_uj: float
+    controller_energy_uj: float | None = None
+    device_time_us: int | None = None
+    utc: UtcTime = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmissionEnded:
+    """The end of an emission: the STOPPED reply (controller channel) and why the host
+    stopped it. Controller fields are None when no STOPPED arrived."""
+
+    seq: int
+    _: KW_ONLY
+    host_stop_cause: str
+    host_energy_uj: float | None
+    controller_energy_uj: float | None = None
+    duration_ms: int | None = None
+    stop_reason: codec.StopReason | int | None = None
+    device_time_us: int | None = None
+    utc: UtcTime = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmissionReconciled:
+    """After a restart: an unfinished emission's controller energy, read by GET_COUNTERS."""
+
+    seq: int
+    _: KW_ONLY
+    controller_energy_uj: int
+    duration_ms: int | None
+    stop_reason: codec.StopReason | int | None
+    host_stop_cause: str = "interrupted (daemon restarted)"
+    utc: UtcTime = None
+
+
+@dataclass(frozen=True, slots=True)
+class PortReconciled:
+    """After a restart: dose the controller counted on a port that no emission holds.
+
+    Sent after `EmissionReconciled` for the port's open emission. If the counters'
+    session total exceeds the recorded controller energies, the sink adds one
+    emission of origin 'counters' with the difference and answers with the
+    sequence number that emission gets if it is needed."""
+
+    session_id: str
+    port: int
+    """The session's (logical) port, as in `EmissionStarted`."""
+    _: KW_ONLY
+    controller_session_delivered_uj: int
+    step_index: int | None = None
+    utc: UtcTime = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepEnded:
+    """How a step ended. Delivered values left None are summed from its emissions
+    (energy, emitting time) and derived from those (fluence, irradiance)."""
+
+    session_id: str
+    port: int
+    step_index: int
+    _: KW_ONLY
+    outcome: StepOutcome
+    stop_cause_code: str | None = None
+    stop_cause_message: str | None = None
+    delivered_host_j: float | None = None
+    delivered_controller_j: float | None = None
+    delivered_fluence_j_cm2: float | None = None
+    mean_irradiance_mw_cm2: float | None = None
+    emitting_time_s: float | None = None
+    utc: UtcTime = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.outcome, _STEP_OUTCOMES, "step outcome")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened (a trip, a refusal, a reconciliation), queued for MQTT too.
+    The sink answers with its id."""
+
+    kind: str
+    message: str
+    _: KW_ONLY
+    code: str | None = None
+    session_id: str | None = None
+    port: int | None = None
+    severity: Severity = "info"
+    device_time_us: int | None = None
+    data: Mapping[str, Any] | None = None
+    utc: UtcTime = None
+    event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        _check_choice(self.severity, _SEVERITIES, "severity")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """A session closed. Steps and emissions still open are closed with it: their
+    delivered totals are summed from the emission rows (both channels)."""
+
+    session_id: str
+    _: KW_ONLY
+    outcome: SessionOutcome
+    stop_cause_code: str | None = None
+    stop_cause_message: str | None = None
+    state: str | None = None
+    utc: UtcTime = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.outcome, _SESSION_OUTCOMES, "session outcome")
+
+
+Record = (
+    SessionStarted
+    | SessionStateChanged
+    | StepStarted
+    | EmissionStarted
+    | EmissionProgress
+    | EmissionEnded
+    | EmissionReconciled
+    | PortReconciled
+    | StepEnded
+    | Event
+    | SessionEnded
+)
+"""Every record the core writes."""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Rec = TypeVar("_Rec")
+Answer = int | str | None
+"""What `RecordSink.write` answers: an emission's number, an event's id, or None."""
+
+
+def _keyword_call(
+    record_type: Callable[_P, _Rec], answer: Callable[[Answer, _Rec], _R]
+) -> Callable[Concatenate[RecordSink, _P], _R]:
+    """A sink method whose parameters are the record's fields: it builds the record,
+    writes it, and returns what ``answer`` makes of the sink's answer."""
+
+    def call(self: RecordSink, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        record = record_type(*args, **kwargs)
+        return answer(self.write(record), record)  # type: ignore[arg-type]
+
+    call.__doc__ = record_type.__doc__
+    return call
+
+
+def _nothing(answer: Answer, record: object) -> None:
+    return None
+
+
+def _number(answer: Answer, record: object) -> int:
+    if not isinstance(answer, int):
+        raise TypeError(f"the sink answered {record!r} with {answer!r}, not its number")
+    return answer
+
+
+def _event_id(answer: Answer, record: Event) -> str:
+    return record.event_id
+
+
+class RecordSink(abc.ABC):
+    """Where the core's records go (the services' RecordStore implements it).
+
+    `write` only queues the record (no I/O on the caller's thread); `sync` is the
+    barrier the engine awaits at step boundaries. ``on_failure`` is called on the
+    event loop when records can no longer be written.
     """
 
-    on_failure: Callable[[BaseException], None] | None
+    on_failure: Callable[[BaseException], None] | None = None
 
-    def check_ready(self) -> None: ...
+    @abc.abstractmethod
+    def write(self, record: Record) -> Answer:
+        """Queue one record. Answers an `EmissionStarted` or `PortReconciled` with the
+        emission's sequence number, an `Event` with its id, anything else with None."""
 
-    def session_started(self, record: SessionStart) -> None: ...
+    @abc.abstractmethod
+    def check_ready(self) -> None:
+        """Refuse a new session (RecordsUnavailable) if its records could not be kept."""
 
-    def step_started(self, record: StepStart) -> None: ...
+    @abc.abstractmethod
+    async def sync(self) -> None:
+        """Resolve when everything written before is durable (RecordsUnavailable if not)."""
 
-    def emission_started(
-        self,
-        session_id: str,
-        step_index: int | None,
-        request: codec.EmitStart,
-        *,
-        port: int | None = None,
-        device_time_us: int | None = None,
-        utc: UtcTime = None,
-    ) -> int: ...
+    @abc.abstractmethod
+    async def unfinished_sessions(self) -> list[dict[str, Any]]:
+        """Sessions never closed (the daemon died), with their steps and emissions."""
 
-    def emission_progress(
-        self,
-        seq: int,
-        *,
-        host_energy_uj: float,
-        controller_energy_uj: float | None = None,
-        device_time_us: int | None = None,
-        utc: UtcTime = None,
-    ) -> None: ...
+    # Each record as a keyword call, its parameters those of the record.
 
-    def emission_ended(
-        self,
-        seq: int,
-        *,
-        host_stop_cause: str,
-        host_energy_uj: float | None,
-        controller_energy_uj: float | None = None,
-        duration_ms: int | None = None,
-        stop_reason: codec.StopReason | int | None = None,
-        device_time_us: int | None = None,
-        utc: UtcTime = None,
-    ) -> None: ...
+    def session_started(self, record: SessionStarted) -> None:
+        self.write(record)
 
-    def reconcile_emission(
-        self,
-        seq: int,
-        *,
-        controller_energy_uj: int,
-        duration_ms: int | None,
-        stop_reason: codec.StopReason | int | None,
-        host_stop_cause: str = "interrupted (daemon restarted)",
-        utc: UtcTime = None,
-    ) -> None: ...
+    def step_started(self, record: StepStarted) -> None:
+        self.write(record)
 
-    def reconcile_port(
-        self,
-        session_id: str,
-        port: int,
-        *,
-        controller_session_delivered_uj: int,
-        step_index: int | None = None,
-        utc: UtcTime = None,
-    ) -> int: ...
-
-    def step_ended(
-        self,
-        session_id: str,
-        port: int,
-        step_index: int,
-        *,
-        outcome: StepOutcome,
-        stop_cause_code: str | None = None,
-        stop_cause_message: str | None = None,
-        delivered_host_j: float | None = None,
-        delivered_controller_j: float | None = None,
-        delivered_fluence_j_cm2: float | None = None,
-        mean_irradiance_mw_cm2: float | None = None,
-        emitting_time_s: float | None = None,
-        utc: UtcTime = None,
-    ) -> None: ...
-
-    def event(
-        self,
-        kind: str,
-        message: str,
-        *,
-        code: str | None = None,
-        session_id: str | None = None,
-        port: int | None = None,
-        severity: Severity = "info",
-        device_time_us: int | None = None,
-        data: Mapping[str, Any] | None = None,
-        utc: UtcTime = None,
-    ) -> str: ...
-
-    def session_ended(
-        self,
-        session_id: str,
-        *,
-        outcome: SessionOutcome,
-        stop_cause_code: str | None = None,
-        stop_cause_message: str | None = None,
-        state: str | None = None,
-        utc: UtcTime = None,
-    ) -> None: ...
-
-    async def sync(self) -> None: ...
-
-    async def unfinished_sessions(self) -> list[dict[str, Any]]: ...
+    session_state = _keyword_call(SessionStateChanged, _nothing)
+    emission_started = _keyword_call(EmissionStarted, _number)
+    emission_progress = _keyword_call(EmissionProgress, _nothing)
+    emission_ended = _keyword_call(EmissionEnded, _nothing)
+    reconcile_emission = _keyword_call(EmissionReconciled, _nothing)
+    reconcile_port = _keyword_call(PortReconciled, _number)
+    step_ended = _keyword_call(StepEnded, _nothing)
+    event = _keyword_call(Event, _event_id)
+    session_ended = _keyword_call(SessionEnded, _nothing)
 
 
 class StoreRecorder:
@@ -263,8 +416,8 @@ class StoreRecorder:
             )
             for p in session.runners
         ]
-        self.store.session_started(
-            SessionStart(
+        self.store.write(
+            SessionStarted(
                 session_id=session.id,
                 protocol_id=plan.protocol_id,
                 protocol_version=plan.protocol_version,
@@ -291,8 +444,8 @@ class StoreRecorder:
 
     def step_started(self, session: Session, step: StepOrder) -> None:
         e = self._emission(step.port, step.index)
-        self.store.step_started(
-            StepStart(
+        self.store.write(
+            StepStarted(
                 session_id=session.id,
                 port=step.port,
                 step_index=step.index,
@@ -326,10 +479,12 @@ class StoreRecorder:
         request: codec.EmitStart,
         device_time_us: int | None,
     ) -> None:
-        seq = self.store.emission_started(
+        record = EmissionStarted(
             session.id, step.index, request, port=step.port, device_time_us=device_time_us
         )
-        self._emissions[(step.port, step.index, emission_no)] = seq
+        self._emissions[(step.port, step.index, emission_no)] = _number(
+            self.store.write(record), record
+        )
 
     def emission_progress(
         self,
@@ -342,11 +497,13 @@ class StoreRecorder:
     ) -> None:
         seq = self._emissions.get((step.port, step.index, emission_no))
         if seq is not None:
-            self.store.emission_progress(
-                seq,
-                host_energy_uj=host_energy_uj,
-                controller_energy_uj=controller_energy_uj,
-                device_time_us=device_time_us,
+            self.store.write(
+                EmissionProgress(
+                    seq,
+                    host_energy_uj=host_energy_uj,
+                    controller_energy_uj=controller_energy_uj,
+                    device_time_us=device_time_us,
+                )
             )
 
     def emission_ended(
@@ -361,13 +518,15 @@ class StoreRecorder:
         seq = self._emissions.get((step.port, step.index, emission_no))
         if seq is None:
             return
-        self.store.emission_ended(
-            seq,
-            host_stop_cause=host_stop_cause,
-            host_energy_uj=host_energy_uj,
-            controller_energy_uj=stopped.delivered_uj if stopped else None,
-            duration_ms=stopped.duration_ms if stopped else None,
-            stop_reason=stopped.stop_reason if stopped else None,
+        self.store.write(
+            EmissionEnded(
+                seq,
+                host_stop_cause=host_stop_cause,
+                host_energy_uj=host_energy_uj,
+                controller_energy_uj=stopped.delivered_uj if stopped else None,
+                duration_ms=stopped.duration_ms if stopped else None,
+                stop_reason=stopped.stop_reason if stopped else None,
+            )
         )
 
     def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None:
@@ -380,41 +539,47 @@ class StoreRecorder:
             else:
                 outcome = "aborted"
         integ = progress.integrator
-        self.store.step_ended(
-            session.id,
-            step.port,
-            step.index,
-            outcome=outcome,  # type: ignore[arg-type]
-            stop_cause_code=session.cause_code
-            if outcome in ("faulted", "aborted", "interrupted")
-            else None,
-            stop_cause_message="; ".join(progress.stop_causes) or None,
-            delivered_host_j=integ.energy_j,
-            delivered_controller_j=progress.controller_energy_uj / 1e6,
-            delivered_fluence_j_cm2=integ.fluence_j_cm2,
-            mean_irradiance_mw_cm2=_mean_irradiance(progress),
-            emitting_time_s=progress.emitted_us / 1e6 if progress.emissions else None,
+        self.store.write(
+            StepEnded(
+                session.id,
+                step.port,
+                step.index,
+                outcome=outcome,  # type: ignore[arg-type]
+                stop_cause_code=session.cause_code
+                if outcome in ("faulted", "aborted", "interrupted")
+                else None,
+                stop_cause_message="; ".join(progress.stop_causes) or None,
+                delivered_host_j=integ.energy_j,
+                delivered_controller_j=progress.controller_energy_uj / 1e6,
+                delivered_fluence_j_cm2=integ.fluence_j_cm2,
+                mean_irradiance_mw_cm2=_mean_irradiance(progress),
+                emitting_time_s=progress.emitted_us / 1e6 if progress.emissions else None,
+            )
         )
 
     def event(self, event: SessionEvent) -> None:
         severity = _SEVERITY.get(event.kind, "info")
         code = event.data.get("code") if event.kind in _SEVERITY else None
-        self.store.event(
-            event.kind,
-            event.message,
-            code=str(code) if code is not None else None,
-            session_id=event.session_id,
-            port=event.port,
-            severity=severity,  # type: ignore[arg-type]
-            data=dict(event.data) | ({"step": event.step} if event.step is not None else {}),
+        self.store.write(
+            Event(
+                event.kind,
+                event.message,
+                code=str(code) if code is not None else None,
+                session_id=event.session_id,
+                port=event.port,
+                severity=severity,  # type: ignore[arg-type]
+                data=dict(event.data) | ({"step": event.step} if event.step is not None else {}),
+            )
         )
 
     def session_ended(self, session: Session) -> None:
-        self.store.session_ended(
-            session.id,
-            outcome=session.state.value,  # type: ignore[arg-type]
-            stop_cause_code=session.cause_code,
-            stop_cause_message=session.cause_message,
+        self.store.write(
+            SessionEnded(
+                session.id,
+                outcome=session.state.value,  # type: ignore[arg-type]
+                stop_cause_code=session.cause_code,
+                stop_cause_message=session.cause_message,
+            )
         )
 
     async def sync(self) -> None:

@@ -17,7 +17,7 @@ DOSIMETRY.md (mean power = energy / emitting time, pulse width = duty / rate).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -278,14 +278,14 @@ def _parse_utc(text: str | None) -> datetime | None:
         return None
 
 
+def _scaled(row: Mapping[str, Any], key: str, divisor: float) -> float | None:
+    """A recorded value in another unit (µJ to J: 1e6, ms to s: 1e3); None stays None."""
+    v = _f(row.get(key))
+    return None if v is None else v / divisor
+
+
 def _emission(e: Mapping[str, Any]) -> ReportEmission:
     reason = _s(e.get("stop_reason"))
-    power_uw = _f(e.get("power_uw"))
-    budget_uj = _f(e.get("energy_budget_uj"))
-    max_ms = _f(e.get("max_duration_ms"))
-    duration_ms = _f(e.get("duration_ms"))
-    host_uj = _f(e.get("host_energy_uj"))
-    ctrl_uj = _f(e.get("controller_energy_uj"))
     return ReportEmission(
         seq=int(e["seq"]),
         port=int(e["port"]),
@@ -294,12 +294,12 @@ def _emission(e: Mapping[str, Any]) -> ReportEmission:
         started_utc=_s(e.get("started_utc")),
         ended_utc=_s(e.get("ended_utc")),
         wavelength_nm=_i(e.get("wavelength_nm")),
-        power_setpoint_mw=None if power_uw is None else power_uw / 1e3,
-        energy_budget_j=None if budget_uj is None else budget_uj / 1e6,
-        max_duration_s=None if max_ms is None else max_ms / 1e3,
-        duration_s=None if duration_ms is None else duration_ms / 1e3,
-        host_energy_j=None if host_uj is None else host_uj / 1e6,
-        controller_energy_j=None if ctrl_uj is None else ctrl_uj / 1e6,
+        power_setpoint_mw=_scaled(e, "power_uw", 1e3),
+        energy_budget_j=_scaled(e, "energy_budget_uj", 1e6),
+        max_duration_s=_scaled(e, "max_duration_ms", 1e3),
+        duration_s=_scaled(e, "duration_ms", 1e3),
+        host_energy_j=_scaled(e, "host_energy_uj", 1e6),
+        controller_energy_j=_scaled(e, "controller_energy_uj", 1e6),
         controller_energy_source=_s(e.get("controller_energy_source")),
         controller_stop_reason=reason,
         controller_stop_reason_text=None
@@ -386,68 +386,7 @@ def _step(
 
 def build_report(session: Mapping[str, Any]) -> TreatmentReport:
     """The report of a session as returned by RecordStore.get_session()."""
-    raw_steps: list[Mapping[str, Any]] = list(session.get("steps") or [])
-    raw_emissions: list[Mapping[str, Any]] = list(session.get("emissions") or [])
-    by_step: dict[tuple[int, int | None], list[ReportEmission]] = {}
-    for e in raw_emissions:
-        key = (int(e["port"]), _i(e.get("step_index")))
-        by_step.setdefault(key, []).append(_emission(e))
-    points: dict[str, int] = {}
-    for s in raw_steps:
-        points[str(s["site"])] = points.get(str(s["site"]), 0) + 1
-    steps = [
-        _step(s, by_step.pop((int(s["port"]), int(s["step_index"])), []), points[str(s["site"])])
-        for s in raw_steps
-    ]
-    orphans = sorted((e for es in by_step.values() for e in es), key=lambda e: e.seq)
-
-    port_info = {int(p["port"]): p for p in session.get("ports") or [] if "port" in p}
-    port_numbers = sorted({s.port for s in steps} | set(port_info))
-    ports = []
-    for n in port_numbers:
-        ps = [s for s in steps if s.port == n]
-        info = port_info.get(n, {})
-        presc = _sum_all(s.energy_prescribed_j for s in ps)
-        host = _sum(s.energy_host_j for s in ps)
-        ctrl = _sum(s.energy_controller_j for s in ps)
-        ports.append(
-            ReportPort(
-                port=n,
-                applicator_kind=_s(info.get("applicator_kind")),
-                applicator_serial=_s(info.get("applicator_serial")),
-                steps=len(ps),
-                steps_completed=sum(1 for s in ps if s.outcome == "completed"),
-                energy_prescribed_j=presc,
-                energy_host_j=host,
-                energy_controller_j=ctrl,
-                energy_host_vs_prescribed_percent=_percent_off(host, presc),
-                energy_controller_vs_prescribed_percent=_percent_off(ctrl, presc),
-                exposure_time_delivered_s=_sum(s.exposure_time_delivered_s for s in ps),
-            )
-        )
-
-    stop_causes = _stop_causes(session, steps, orphans)
-    alerts = tuple(
-        ReportEvent(
-            utc=str(ev["utc"]),
-            severity=str(ev["severity"]),
-            kind=str(ev["kind"]),
-            code=_s(ev.get("code")),
-            port=_i(ev.get("port")),
-            message=str(ev["message"]),
-        )
-        for ev in session.get("events") or []
-        if ev.get("severity") in ("warning", "error", "critical")
-    )
-    answers = session.get("contraindications") or {}
-    contraindications = tuple(
-        ContraindicationAnswer(
-            name=str(name),
-            present=None if answer is None else bool(answer),
-            description=CONTRAINDICATION_TEXT.get(str(name)),
-        )
-        for name, answer in sorted(answers.items())
-    )
+    steps, orphans = _steps(session)
     started = _s(session.get("started_utc"))
     ended = _s(session.get("ended_utc"))
     t0, t1 = _parse_utc(started), _parse_utc(ended)
@@ -476,17 +415,90 @@ def build_report(session: Mapping[str, Any]) -> TreatmentReport:
         course_sessions=_i(session.get("course_sessions")),
         course_interval_days=_f(session.get("course_interval_days")),
         notes=_s(session.get("notes")),
-        contraindications=contraindications,
+        contraindications=_contraindications(session),
         steps=tuple(steps),
-        ports=tuple(ports),
+        ports=_ports(session, steps),
         energy_prescribed_j=_sum_all(s.energy_prescribed_j for s in steps),
         energy_host_j=_sum(s.energy_host_j for s in steps),
         energy_controller_j=_sum(
             [s.energy_controller_j for s in steps] + [e.controller_energy_j for e in orphans]
         ),
-        stop_causes=stop_causes,
+        stop_causes=_stop_causes(session, steps, orphans),
         unassigned_emissions=tuple(orphans),
-        alerts=alerts,
+        alerts=_alerts(session),
+    )
+
+
+def _steps(session: Mapping[str, Any]) -> tuple[list[ReportStep], list[ReportEmission]]:
+    """The steps with their emissions, and the emissions no step row owns (by seq)."""
+    raw_steps: list[Mapping[str, Any]] = list(session.get("steps") or [])
+    by_step: dict[tuple[int, int | None], list[ReportEmission]] = {}
+    for e in session.get("emissions") or []:
+        key = (int(e["port"]), _i(e.get("step_index")))
+        by_step.setdefault(key, []).append(_emission(e))
+    points: dict[str, int] = {}
+    for s in raw_steps:
+        points[str(s["site"])] = points.get(str(s["site"]), 0) + 1
+    steps = [
+        _step(s, by_step.pop((int(s["port"]), int(s["step_index"])), []), points[str(s["site"])])
+        for s in raw_steps
+    ]
+    orphans = sorted((e for es in by_step.values() for e in es), key=lambda e: e.seq)
+    return steps, orphans
+
+
+def _ports(session: Mapping[str, Any], steps: Sequence[ReportStep]) -> tuple[ReportPort, ...]:
+    """Totals per port, for every port the session used or has a step on."""
+    port_info = {int(p["port"]): p for p in session.get("ports") or [] if "port" in p}
+    ports = []
+    for n in sorted({s.port for s in steps} | set(port_info)):
+        ps = [s for s in steps if s.port == n]
+        info = port_info.get(n, {})
+        presc = _sum_all(s.energy_prescribed_j for s in ps)
+        host = _sum(s.energy_host_j for s in ps)
+        ctrl = _sum(s.energy_controller_j for s in ps)
+        ports.append(
+            ReportPort(
+                port=n,
+                applicator_kind=_s(info.get("applicator_kind")),
+                applicator_serial=_s(info.get("applicator_serial")),
+                steps=len(ps),
+                steps_completed=sum(1 for s in ps if s.outcome == "completed"),
+                energy_prescribed_j=presc,
+                energy_host_j=host,
+                energy_controller_j=ctrl,
+                energy_host_vs_prescribed_percent=_percent_off(host, presc),
+                energy_controller_vs_prescribed_percent=_percent_off(ctrl, presc),
+                exposure_time_delivered_s=_sum(s.exposure_time_delivered_s for s in ps),
+            )
+        )
+    return tuple(ports)
+
+
+def _alerts(session: Mapping[str, Any]) -> tuple[ReportEvent, ...]:
+    return tuple(
+        ReportEvent(
+            utc=str(ev["utc"]),
+            severity=str(ev["severity"]),
+            kind=str(ev["kind"]),
+            code=_s(ev.get("code")),
+            port=_i(ev.get("port")),
+            message=str(ev["message"]),
+        )
+        for ev in session.get("events") or []
+        if ev.get("severity") in ("warning", "error", "critical")
+    )
+
+
+def _contraindications(session: Mapping[str, Any]) -> tuple[ContraindicationAnswer, ...]:
+    answers = session.get("contraindications") or {}
+    return tuple(
+        ContraindicationAnswer(
+            name=str(name),
+            present=None if answer is None else bool(answer),
+            description=CONTRAINDICATION_TEXT.get(str(name)),
+        )
+        for name, answer in sorted(answers.items())
     )
 
 
@@ -528,29 +540,14 @@ def _stop_causes(
 
 
 def _emission_causes(e: ReportEmission, port: int | None, step: int | None) -> list[StopCause]:
+    """What the controller reported (STOPPED) and why the host stopped the emission."""
     out = []
     if e.controller_stop_reason is not None:
-        out.append(
-            StopCause(
-                source="emission (controller)",
-                port=port,
-                step_index=step,
-                emission_seq=e.seq,
-                code=e.controller_stop_reason,
-                message=e.controller_stop_reason_text or e.controller_stop_reason,
-            )
-        )
+        text = e.controller_stop_reason_text or e.controller_stop_reason
+        reason = e.controller_stop_reason
+        out.append(StopCause("emission (controller)", port, step, e.seq, reason, text))
     if e.host_stop_cause is not None:
-        out.append(
-            StopCause(
-                source="emission (host)",
-                port=port,
-                step_index=step,
-                emission_seq=e.seq,
-                code=None,
-                message=e.host_stop_cause,
-            )
-        )
+        out.append(StopCause("emission (host)", port, step, e.seq, None, e.host_stop_cause))
     return out
 
 
@@ -561,6 +558,12 @@ async def session_report(store: RecordStore, session_id: str) -> TreatmentReport
 
 
 # --------------------------------------------------------------------------- text
+
+
+Column = tuple[str, bool, Callable[[Any], str]]
+"""One column of a text table: header, left-aligned (text) or not (numbers), and its cell."""
+
+L, R = True, False
 
 
 def _num(v: float | int | None, decimals: int = 1) -> str:
@@ -577,22 +580,19 @@ def _text(v: object) -> str:
     return DASH if v is None or v == "" else str(v)
 
 
-def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], left: Collection[int] = ()
-) -> list[str]:
-    """Fixed-width columns: text columns (indices in ``left``) left-aligned, numbers right."""
-    widths = [len(h) for h in headers]
+def _table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Fixed-width columns: text columns left-aligned, numbers right."""
+    left = [is_left for _, is_left, _ in columns]
+    widths = [len(h) for h, _, _ in columns]
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
 
     def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(widths[i]) if i in left else c.rjust(widths[i]) for i, c in enumerate(cells)
-        ]
+        parts = [c.ljust(widths[i]) if left[i] else c.rjust(widths[i]) for i, c in enumerate(cells)]
         return "  " + "  ".join(parts).rstrip()
 
-    out = [line(headers), "  " + "  ".join("-" * w for w in widths)]
+    out = [line([h for h, _, _ in columns]), "  " + "  ".join("-" * w for w in widths)]
     out.extend(line(r) for r in rows)
     return out
 
@@ -604,13 +604,140 @@ def _duration(seconds: float | None) -> str:
     return f"{total // 3600:d}:{total % 3600 // 60:02d}:{total % 60:02d}"
 
 
+def _columns_table(columns: Sequence[Column], items: Iterable[Any]) -> list[str]:
+    return _table(columns, [[cell(x) for _, _, cell in columns] for x in items])
+
+
+def _step_no(i: int | None) -> str:
+    return DASH if i is None else str(i + 1)
+
+
+def _provisional(s: ReportStep) -> str:
+    """A controller figure that includes a telemetry reading not yet confirmed."""
+    return "*" if s.controller_channel_final is False else ""
+
+
+_SCREENING_COLUMNS: tuple[Column, ...] = (
+    ("contraindication", L, lambda c: c.name),
+    ("present", L, lambda c: DASH if c.present is None else ("yes" if c.present else "no")),
+    ("meaning", L, lambda c: _text(c.description)),
+)
+_BEAM_COLUMNS: tuple[Column, ...] = (
+    ("port", R, lambda s: str(s.port)),
+    ("step", R, lambda s: _step_no(s.step_index)),
+    ("site", L, lambda s: s.site_label or s.site),
+    ("technique", L, lambda s: _text(s.technique)),
+    ("points", R, lambda s: str(s.points_at_site)),
+    ("λ nm", R, lambda s: str(s.wavelength_nm)),
+    ("mode", L, lambda s: s.mode),
+    ("P set mW", R, lambda s: _num(s.average_power_setpoint_mw)),
+    ("P mean mW", R, lambda s: _num(s.average_power_delivered_mw)),
+    ("P peak mW", R, lambda s: _num(s.peak_power_mw)),
+    ("f Hz", R, lambda s: _num(s.pulse_hz, 0)),
+    ("width ns", R, lambda s: _num(s.pulse_width_ns, 0)),
+    ("duty %", R, lambda s: _num(s.duty_percent, 2)),
+    ("beam cm²", R, lambda s: _num(s.beam_area_cm2, 2)),
+    ("covered cm²", R, lambda s: _num(s.area_covered_cm2, 0)),
+    ("I set mW/cm²", R, lambda s: _num(s.irradiance_setpoint_mw_cm2)),
+    ("I mean mW/cm²", R, lambda s: _num(s.irradiance_delivered_mw_cm2)),
+)
+_DOSE_COLUMNS: tuple[Column, ...] = (
+    ("port", R, lambda s: str(s.port)),
+    ("step", R, lambda s: _step_no(s.step_index)),
+    ("target", L, lambda s: s.target_kind),
+    ("t plan s", R, lambda s: _num(s.exposure_time_planned_s)),
+    ("t emit s", R, lambda s: _num(s.exposure_time_delivered_s)),
+    ("E presc J", R, lambda s: _num(s.energy_prescribed_j, 3)),
+    ("E host J", R, lambda s: _num(s.energy_host_j, 3)),
+    ("host Δ %", R, lambda s: _pct(s.energy_host_vs_prescribed_percent)),
+    ("E ctrl J", R, lambda s: _num(s.energy_controller_j, 3) + _provisional(s)),
+    ("ctrl Δ %", R, lambda s: _pct(s.energy_controller_vs_prescribed_percent)),
+    ("H presc J/cm²", R, lambda s: _num(s.fluence_prescribed_j_cm2, 3)),
+    ("H deliv J/cm²", R, lambda s: _num(s.fluence_delivered_j_cm2, 3)),
+    ("outcome", L, lambda s: _text(s.outcome)),
+    ("cause", L, lambda s: _text(s.stop_cause_code)),
+)
+_PORT_COLUMNS: tuple[Column, ...] = (
+    ("port", L, lambda p: str(p.port)),
+    ("applicator", L, lambda p: _text(p.applicator_kind)),
+    ("serial", L, lambda p: _text(p.applicator_serial)),
+    ("steps done", R, lambda p: f"{p.steps_completed}/{p.steps}"),
+    ("t emit s", R, lambda p: _num(p.exposure_time_delivered_s)),
+    ("E presc J", R, lambda p: _num(p.energy_prescribed_j, 3)),
+    ("E host J", R, lambda p: _num(p.energy_host_j, 3)),
+    ("host Δ %", R, lambda p: _pct(p.energy_host_vs_prescribed_percent)),
+    ("E ctrl J", R, lambda p: _num(p.energy_controller_j, 3)),
+    ("ctrl Δ %", R, lambda p: _pct(p.energy_controller_vs_prescribed_percent)),
+)
+_EMISSION_COLUMNS: tuple[Column, ...] = (
+    ("port", R, lambda e: str(e.port)),
+    ("step", R, lambda e: _step_no(e.step_index)),
+    ("#", R, lambda e: str(e.seq)),
+    ("origin", L, lambda e: e.origin),
+    ("t s", R, lambda e: _num(e.duration_s, 1)),
+    ("E host J", R, lambda e: _num(e.host_energy_j, 3)),
+    ("E ctrl J", R, lambda e: _num(e.controller_energy_j, 3)),
+    ("ctrl source", L, lambda e: _text(e.controller_energy_source)),
+    ("controller stop reason", L, lambda e: _text(e.controller_stop_reason)),
+    ("host stop cause", L, lambda e: _text(e.host_stop_cause)),
+)
+_ALERT_COLUMNS: tuple[Column, ...] = (
+    ("utc", L, lambda a: a.utc),
+    ("severity", L, lambda a: a.severity),
+    ("code", L, lambda a: _text(a.code)),
+    ("port", R, lambda a: _text(a.port)),
+    ("message", L, lambda a: a.message),
+)
+
+
 def render_text(r: TreatmentReport) -> str:
     """The report as plain text (fixed-width tables, no terminal styling)."""
-    out: list[str] = []
     title = "PHOTOBIOMODULATION TREATMENT REPORT"
-    out += [title, "=" * len(title), ""]
+    out = [title, "=" * len(title), "", *_session_lines(r)]
+    screening = _columns_table(_SCREENING_COLUMNS, r.contraindications)
+    out += _section("Contraindication screening", screening if r.contraindications else [])
+    out += _section(
+        "Beam and exposure parameters per step (Jenkins & Carroll 2011)",
+        _columns_table(_BEAM_COLUMNS, r.steps),
+    )
+    out += _section(
+        "Dose per step: prescribed vs delivered (host and controller channels)",
+        _columns_table(_DOSE_COLUMNS, r.steps),
+    )
+    if any(_provisional(s) for s in r.steps):
+        out.append(
+            "  * controller figure includes a telemetry reading not confirmed by "
+            "STOPPED or COUNTERS"
+        )
+    out += _section("Per port", _port_lines(r))
+    emissions = [e for s in r.steps for e in s.emissions] + list(r.unassigned_emissions)
+    out += _section("Emissions", _columns_table(_EMISSION_COLUMNS, emissions) if emissions else [])
+    out += _section("Stop causes", [_stop_cause_line(c) for c in r.stop_causes])
+    out += _section(
+        "Warnings and errors", _columns_table(_ALERT_COLUMNS, r.alerts) if r.alerts else []
+    )
+    out.append("")
+    return "\n".join(out)
+
+
+def _section(title: str, lines: Sequence[str]) -> list[str]:
+    """A titled part of the text; a dash stands for an empty one."""
+    return ["", title, *(lines or [f"  {DASH}"])]
+
+
+def _session_lines(r: TreatmentReport) -> list[str]:
+    """Who, when, what protocol and how it ended, as aligned "key  value" lines."""
     outcome = (r.outcome or "unfinished").upper()
     cause = " ".join(x for x in (r.stop_cause_code, r.stop_cause_message) if x)
+    protocol = f"{_text(r.protocol_id)} version {_text(r.protocol_version)}"
+    controller = (
+        f"serial {_text(r.controller_serial)}, firmware {_text(r.controller_firmware)}, "
+        f"session token {_text(r.session_token)}"
+    )
+    course = DASH
+    if r.course_sessions is not None:
+        days = _num(r.course_interval_days, 0)
+        course = f"{r.course_sessions} sessions, at least {days} day(s) apart"
     kv = [
         ("Session", r.session_id),
         ("Patient", _text(r.patient_ref)),
@@ -619,166 +746,49 @@ def render_text(r: TreatmentReport) -> str:
         ("Ended (UTC)", _text(r.ended_utc)),
         ("Duration", _duration(r.duration_s)),
         ("Outcome", outcome + (f" — {cause}" if cause else "")),
-        ("Protocol", f"{_text(r.protocol_id)} version {_text(r.protocol_version)}"
-         + (f" ({r.protocol_title})" if r.protocol_title else "")),
+        ("Protocol", protocol + (f" ({r.protocol_title})" if r.protocol_title else "")),
         ("Protocol SHA-256", _text(r.protocol_sha256)),
         ("Signing key", _text(r.signing_key_id)),
         ("Plan hash", _text(r.plan_hash)),
-        ("Controller", f"serial {_text(r.controller_serial)}, firmware "
-         f"{_text(r.controller_firmware)}, session token {_text(r.session_token)}"),
-        ("Course", DASH if r.course_sessions is None else
-         f"{r.course_sessions} sessions, at least {_num(r.course_interval_days, 0)} day(s) "
-         "apart"),
+        ("Controller", controller),
+        ("Course", course),
     ]
     if r.time_scale is not None and r.time_scale != 1.0:
         kv.append(("Time scale", f"{r.time_scale:g}x (simulated controller)"))
     if r.notes:
         kv.append(("Notes", r.notes))
     width = max(len(k) for k, _ in kv)
-    out += [f"{k.ljust(width)}  {v}" for k, v in kv]
+    return [f"{k.ljust(width)}  {v}" for k, v in kv]
 
-    out += ["", "Contraindication screening"]
-    if r.contraindications:
-        rows = [
-            [c.name, DASH if c.present is None else ("yes" if c.present else "no"),
-             _text(c.description)]
-            for c in r.contraindications
-        ]
-        out += _table(["contraindication", "present", "meaning"], rows, left=(0, 1, 2))
-    else:
-        out.append(f"  {DASH}")
 
-    out += ["", "Beam and exposure parameters per step (Jenkins & Carroll 2011)"]
-    rows = [
-        [
-            str(s.port), str(s.step_index + 1), s.site_label or s.site, _text(s.technique),
-            str(s.points_at_site), str(s.wavelength_nm), s.mode,
-            _num(s.average_power_setpoint_mw), _num(s.average_power_delivered_mw),
-            _num(s.peak_power_mw), _num(s.pulse_hz, 0), _num(s.pulse_width_ns, 0),
-            _num(s.duty_percent, 2), _num(s.beam_area_cm2, 2), _num(s.area_covered_cm2, 0),
-            _num(s.irradiance_setpoint_mw_cm2), _num(s.irradiance_delivered_mw_cm2),
-        ]
-        for s in r.steps
+def _port_lines(r: TreatmentReport) -> list[str]:
+    """The per-port table with a last row for all ports together."""
+    rows = [[cell(p) for _, _, cell in _PORT_COLUMNS] for p in r.ports]
+    done = sum(p.steps_completed for p in r.ports)
+    total = [
+        "all",
+        "",
+        "",
+        f"{done}/{sum(p.steps for p in r.ports)}",
+        _num(_sum(p.exposure_time_delivered_s for p in r.ports)),
+        _num(r.energy_prescribed_j, 3),
+        _num(r.energy_host_j, 3),
+        _pct(_percent_off(r.energy_host_j, r.energy_prescribed_j)),
+        _num(r.energy_controller_j, 3),
+        _pct(_percent_off(r.energy_controller_j, r.energy_prescribed_j)),
     ]
-    out += _table(
-        ["port", "step", "site", "technique", "points", "λ nm", "mode", "P set mW",
-         "P mean mW", "P peak mW", "f Hz", "width ns", "duty %", "beam cm²", "covered cm²",
-         "I set mW/cm²", "I mean mW/cm²"],
-        rows,
-        left=(2, 3, 6),
-    )
+    return _table(_PORT_COLUMNS, [*rows, total])
 
-    out += ["", "Dose per step: prescribed vs delivered (host and controller channels)"]
-    rows = []
-    any_provisional = False
-    for s in r.steps:
-        mark = ""
-        if s.controller_channel_final is False:
-            mark, any_provisional = "*", True
-        rows.append(
-            [
-                str(s.port), str(s.step_index + 1), s.target_kind,
-                _num(s.exposure_time_planned_s), _num(s.exposure_time_delivered_s),
-                _num(s.energy_prescribed_j, 3), _num(s.energy_host_j, 3),
-                _pct(s.energy_host_vs_prescribed_percent),
-                _num(s.energy_controller_j, 3) + mark,
-                _pct(s.energy_controller_vs_prescribed_percent),
-                _num(s.fluence_prescribed_j_cm2, 3), _num(s.fluence_delivered_j_cm2, 3),
-                _text(s.outcome), _text(s.stop_cause_code),
-            ]
+
+def _stop_cause_line(c: StopCause) -> str:
+    where = ", ".join(
+        x
+        for x in (
+            None if c.port is None else f"port {c.port}",
+            None if c.step_index is None else f"step {c.step_index + 1}",
+            None if c.emission_seq is None else f"emission #{c.emission_seq}",
         )
-    out += _table(
-        ["port", "step", "target", "t plan s", "t emit s", "E presc J", "E host J",
-         "host Δ %", "E ctrl J", "ctrl Δ %", "H presc J/cm²", "H deliv J/cm²", "outcome",
-         "cause"],
-        rows,
-        left=(2, 12, 13),
+        if x
     )
-    if any_provisional:
-        out.append("  * controller figure includes a telemetry reading not confirmed by "
-                   "STOPPED or COUNTERS")
-
-    out += ["", "Per port"]
-    rows = [
-        [
-            str(p.port), _text(p.applicator_kind), _text(p.applicator_serial),
-            f"{p.steps_completed}/{p.steps}", _num(p.exposure_time_delivered_s),
-            _num(p.energy_prescribed_j, 3), _num(p.energy_host_j, 3),
-            _pct(p.energy_host_vs_prescribed_percent), _num(p.energy_controller_j, 3),
-            _pct(p.energy_controller_vs_prescribed_percent),
-        ]
-        for p in r.ports
-    ]
-    rows.append(
-        ["all", "", "", f"{sum(p.steps_completed for p in r.ports)}/"
-         f"{sum(p.steps for p in r.ports)}",
-         _num(_sum(p.exposure_time_delivered_s for p in r.ports)),
-         _num(r.energy_prescribed_j, 3), _num(r.energy_host_j, 3),
-         _pct(_percent_off(r.energy_host_j, r.energy_prescribed_j)),
-         _num(r.energy_controller_j, 3),
-         _pct(_percent_off(r.energy_controller_j, r.energy_prescribed_j))]
-    )
-    out += _table(
-        ["port", "applicator", "serial", "steps done", "t emit s", "E presc J", "E host J",
-         "host Δ %", "E ctrl J", "ctrl Δ %"],
-        rows,
-        left=(0, 1, 2),
-    )
-
-    out += ["", "Emissions"]
-    rows = []
-    for s in r.steps:
-        for e in s.emissions:
-            rows.append(_emission_row(e))
-    rows.extend(_emission_row(e) for e in r.unassigned_emissions)
-    if rows:
-        out += _table(
-            ["port", "step", "#", "origin", "t s", "E host J", "E ctrl J", "ctrl source",
-             "controller stop reason", "host stop cause"],
-            rows,
-            left=(3, 7, 8, 9),
-        )
-    else:
-        out.append(f"  {DASH}")
-
-    out += ["", "Stop causes"]
-    if r.stop_causes:
-        for c in r.stop_causes:
-            where = ", ".join(
-                x
-                for x in (
-                    None if c.port is None else f"port {c.port}",
-                    None if c.step_index is None else f"step {c.step_index + 1}",
-                    None if c.emission_seq is None else f"emission #{c.emission_seq}",
-                )
-                if x
-            )
-            code = f"{c.code} " if c.code and c.source != "emission (controller)" else ""
-            out.append(f"  {c.source}{' (' + where + ')' if where else ''}: {code}{c.message}")
-    else:
-        out.append(f"  {DASH}")
-
-    out += ["", "Warnings and errors"]
-    if r.alerts:
-        out += _table(
-            ["utc", "severity", "code", "port", "message"],
-            [[a.utc, a.severity, _text(a.code), _text(a.port), a.message] for a in r.alerts],
-            left=(0, 1, 2, 4),
-        )
-    else:
-        out.append(f"  {DASH}")
-    out.append("")
-    return "\n".join(out)
-
-
-def _emission_row(e: ReportEmission) -> list[str]:
-    return [
-        str(e.port),
-        DASH if e.step_index is None else str(e.step_index + 1),
-        str(e.seq),
-        e.origin,
-        _num(e.duration_s, 1),
-        _num(e.host_energy_j, 3),
-        _num(e.controller_energy_j, 3), _text(e.controller_energy_source),
-        _text(e.controller_stop_reason), _text(e.host_stop_cause),
-    ]
+    code = f"{c.code} " if c.code and c.source != "emission (controller)" else ""
+    return f"  {c.source}{' (' + where + ')' if where else ''}: {code}{c.message}"

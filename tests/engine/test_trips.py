@@ -25,6 +25,7 @@ from trip_checks import (
 )
 
 from pbmd.daemon.core.engine import StartRefused
+from pbmd.daemon.core.recording import Record, StepEnded
 from pbmd.daemon.core.session import SessionState
 from pbmd.drivers import codec
 from pbmd.protocols.limits import Limits
@@ -479,15 +480,17 @@ async def test_internal_error_still_ends_emission(tmp_path: Path) -> None:
         p, loaded = rig.plan(TWO_STEPS)
         session = await rig.start(p, loaded)
         await rig.emitting(1)
-        real = rig.store.step_ended
+        real = rig.store.write
 
-        def broken(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("simulated bug")
+        def broken(record: Record) -> int | str | None:
+            if isinstance(record, StepEnded):
+                raise RuntimeError("simulated bug")
+            return real(record)
 
-        rig.store.step_ended = broken  # type: ignore[method-assign]
+        rig.store.write = broken  # type: ignore[method-assign]
         t0 = time.monotonic()
         state = await asyncio.wait_for(session.wait(), 10.0)
-        rig.store.step_ended = real  # type: ignore[method-assign]
+        rig.store.write = real  # type: ignore[method-assign]
         assert state is SessionState.FAULTED
         trip = session.supervisor.tripped
         assert trip is not None and trip.cause.code == "E901" and "simulated bug" in trip.detail

@@ -1,0 +1,288 @@
+"""Reading the records: sessions, the MQTT outbox, and exports (JSON, CSV).
+
+Every read opens its own read-only connection in a worker thread
+(`asyncio.to_thread`) and reads one snapshot, so reads never wait on the writer
+and never run on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pbmd.daemon.core.recording import RecordsUnavailable, UtcTime
+from pbmd.daemon.services.records.schema import SCHEMA_VERSION, utc_text
+
+ExportFormat = Literal["json", "csv"]
+T = TypeVar("T")
+
+
+class RecordReads:
+    """The read side of `RecordStore` (a part of it, not used alone)."""
+
+    path: Path
+    _busy_timeout_s: float
+
+    def _connect_read(self) -> sqlite3.Connection:
+        uri = self.path.as_uri() + "?mode=ro"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                isolation_level=None,
+                timeout=self._busy_timeout_s,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise RecordsUnavailable(
+                f"Treatment records at {self.path} cannot be read ({exc}). Check that the file "
+                f"exists and is readable by the pbmd user."
+            ) from exc
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._connect_read()
+            try:
+                conn.execute("BEGIN")  # one snapshot for every query of the read
+                try:
+                    return fn(conn)
+                finally:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise RecordsUnavailable(
+                    f"Reading treatment records from {self.path} failed ({exc})."
+                ) from exc
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(run)
+
+    async def list_sessions(
+        self, limit: int = 50, offset: int = 0, since_utc: UtcTime = None
+    ) -> list[dict[str, Any]]:
+        """Sessions, newest first, with their step count and delivered totals."""
+        since = utc_text(since_utc) if since_utc is not None else None
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                """
+                SELECT s.id, s.started_utc, s.ended_utc, s.state, s.outcome, s.stop_cause_code,
+                    s.stop_cause_message, s.protocol_id, s.protocol_version, s.protocol_title,
+                    s.patient_ref, s.operator, s.controller_serial,
+                    (SELECT COUNT(*) FROM steps t WHERE t.session_id = s.id) AS steps,
+                    (SELECT SUM(t.prescribed_energy_j) FROM steps t WHERE t.session_id = s.id)
+                        AS prescribed_energy_j,
+                    (SELECT SUM(t.delivered_host_j) FROM steps t WHERE t.session_id = s.id)
+                        AS delivered_host_j,
+                    (SELECT SUM(t.delivered_controller_j) FROM steps t
+                        WHERE t.session_id = s.id) AS delivered_controller_j
+                FROM sessions s
+                WHERE (? IS NULL OR s.started_utc >= ?)
+                ORDER BY s.started_utc DESC, s.id
+                LIMIT ? OFFSET ?
+                """,
+                (since, since, int(limit), int(offset)),
+            ).fetchall()
+            return [dict(r) for r in rows]
+
+        return await self._read(q)
+
+    async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """The session with its steps, emissions and events (JSON columns decoded)."""
+        return await self._read(lambda conn: _load_session(conn, session_id, events=True))
+
+    async def unfinished_sessions(self) -> list[dict[str, Any]]:
+        """Sessions never closed (the daemon died), with steps and emissions, oldest first.
+
+        The engine reconciles each from GET_COUNTERS (reconcile_emission,
+        reconcile_port) and closes it: session_ended(outcome="interrupted").
+        """
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM sessions WHERE ended_utc IS NULL ORDER BY started_utc, id"
+                )
+            ]
+            out = []
+            for sid in ids:
+                s = _load_session(conn, sid, events=False)
+                if s is not None:
+                    out.append(s)
+            return out
+
+        return await self._read(q)
+
+    async def outbox_pending(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Unpublished events in the order they were recorded (oldest first)."""
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                """
+                SELECT o.seq AS outbox_seq, e.* FROM outbox o JOIN events e ON e.id = o.event_id
+                WHERE o.published_utc IS NULL ORDER BY o.seq LIMIT ?
+                """,
+                (int(limit),),
+            ).fetchall()
+            return [_event_dict(r) for r in rows]
+
+        return await self._read(q)
+
+    async def export(
+        self,
+        format: ExportFormat = "json",
+        *,
+        since_utc: UtcTime = None,
+        session_ids: Sequence[str] | None = None,
+    ) -> str:
+        """Every session (or the ones named) as JSON, or one CSV row per step."""
+        if format not in ("json", "csv"):
+            raise ValueError(f"export format {format!r}: use 'json' or 'csv'")
+        since = utc_text(since_utc) if since_utc is not None else None
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            if session_ids is not None:
+                ids = list(session_ids)
+            else:
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM sessions WHERE (? IS NULL OR started_utc >= ?) "
+                        "ORDER BY started_utc, id",
+                        (since, since),
+                    )
+                ]
+            sessions = []
+            for sid in ids:
+                s = _load_session(conn, sid, events=format == "json")
+                if s is not None:
+                    sessions.append(s)
+            return sessions
+
+        def render(conn: sqlite3.Connection) -> str:
+            # Rendering a large export takes as long as reading it: both stay off the loop.
+            sessions = q(conn)
+            if format == "json":
+                doc = {
+                    "format": "pbmd-records",
+                    "schema_version": SCHEMA_VERSION,
+                    "exported_utc": utc_text(),
+                    "sessions": sessions,
+                }
+                return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+            return _steps_csv(sessions)
+
+        return await self._read(render)
+
+
+_CSV_SESSION_COLUMNS = (
+    "started_utc",
+    "ended_utc",
+    "outcome",
+    "stop_cause_code",
+    "protocol_id",
+    "protocol_version",
+    "protocol_sha256",
+    "plan_hash",
+    "patient_ref",
+    "controller_serial",
+)
+_CSV_STEP_COLUMNS = (
+    "port",
+    "step_index",
+    "site",
+    "site_label",
+    "technique",
+    "wavelength_nm",
+    "mode",
+    "pulse_hz",
+    "duty_permille",
+    "pulse_width_ns",
+    "peak_power_mw",
+    "power_setpoint_mw",
+    "area_cm2",
+    "target_kind",
+    "target_value",
+    "prescribed_energy_j",
+    "prescribed_fluence_j_cm2",
+    "planned_time_s",
+    "delivered_host_j",
+    "delivered_controller_j",
+    "delivered_fluence_j_cm2",
+    "mean_irradiance_mw_cm2",
+    "emitting_time_s",
+    "outcome",
+    "stop_cause_code",
+    "stop_cause_message",
+    "started_utc",
+    "ended_utc",
+)
+
+
+def _steps_csv(sessions: Sequence[Mapping[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["session_id"]
+        + [f"session_{c}" for c in _CSV_SESSION_COLUMNS]
+        + [
+            f"step_{c}"
+            if c in ("outcome", "started_utc", "ended_utc", "stop_cause_code", "stop_cause_message")
+            else c
+            for c in _CSV_STEP_COLUMNS
+        ]
+    )
+    for s in sessions:
+        head = [s["id"]] + [s.get(c) for c in _CSV_SESSION_COLUMNS]
+        for step in s["steps"]:
+            writer.writerow(
+                ["" if v is None else v for v in head + [step.get(c) for c in _CSV_STEP_COLUMNS]]
+            )
+    return out.getvalue()
+
+
+def _event_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    raw = d.pop("data_json", None)
+    d["data"] = None if raw is None else json.loads(raw)
+    return d
+
+
+def _load_session(
+    conn: sqlite3.Connection, session_id: str, *, events: bool
+) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    if row is None:
+        return None
+    s = dict(row)
+    s["contraindications"] = json.loads(s.pop("contraindications_json"))
+    s["ports"] = json.loads(s.pop("ports_json"))
+    s["steps"] = [
+        dict(r)
+        for r in conn.execute(
+            "SELECT * FROM steps WHERE session_id = ? ORDER BY port, step_index", (session_id,)
+        )
+    ]
+    s["emissions"] = [
+        dict(r)
+        for r in conn.execute(
+            "SELECT * FROM emissions WHERE session_id = ? ORDER BY seq", (session_id,)
+        )
+    ]
+    if events:
+        s["events"] = [
+            _event_dict(r)
+            for r in conn.execute(
+                "SELECT * FROM events WHERE session_id = ? ORDER BY seq", (session_id,)
+            )
+        ]
+    return s

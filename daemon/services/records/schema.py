@@ -1,0 +1,162 @@
+"""The records database's schema, and the time format its rows use.
+
+Times are stored as fixed-width ISO 8601 UTC text (``2024-05-01T10:00:00.000000Z``)
+so that they sort as text.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pbmd.daemon.core.recording import RecordsError, UtcTime
+
+SCHEMA_VERSION = 1
+"""Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema."""
+
+
+class RecordsCorrupt(RecordsError):
+    """The database file exists but is not a usable pbmd records database."""
+
+
+SCHEMA: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        started_utc TEXT NOT NULL,
+        ended_utc TEXT,
+        state TEXT NOT NULL,
+        outcome TEXT CHECK (outcome IN ('completed', 'aborted', 'faulted', 'interrupted')),
+        stop_cause_code TEXT,
+        stop_cause_message TEXT,
+        protocol_id TEXT NOT NULL,
+        protocol_version INTEGER NOT NULL,
+        protocol_title TEXT,
+        protocol_sha256 TEXT NOT NULL,
+        signing_key_id TEXT,
+        plan_hash TEXT NOT NULL,
+        plan_json TEXT NOT NULL,
+        patient_ref TEXT NOT NULL,
+        operator TEXT,
+        contraindications_json TEXT NOT NULL,
+        ports_json TEXT NOT NULL,
+        controller_serial TEXT,
+        controller_firmware TEXT,
+        session_token INTEGER,
+        course_sessions INTEGER,
+        course_interval_days REAL,
+        time_scale REAL NOT NULL DEFAULT 1.0,
+        notes TEXT
+    )
+    """,
+    "CREATE INDEX sessions_started ON sessions (started_utc)",
+    "CREATE INDEX sessions_unfinished ON sessions (started_utc) WHERE ended_utc IS NULL",
+    """
+    CREATE TABLE steps (
+        session_id TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        step_index INTEGER NOT NULL,
+        site TEXT NOT NULL,
+        site_label TEXT,
+        region TEXT,
+        area_covered_cm2 REAL,
+        technique TEXT,
+        wavelength_nm INTEGER NOT NULL,
+        mode TEXT NOT NULL,
+        pulse_hz REAL,
+        duty_permille INTEGER,
+        pulse_width_ns REAL,
+        peak_power_mw REAL,
+        power_setpoint_mw REAL NOT NULL,
+        area_cm2 REAL NOT NULL,
+        target_kind TEXT NOT NULL,
+        target_value REAL NOT NULL,
+        prescribed_energy_j REAL,
+        prescribed_fluence_j_cm2 REAL,
+        planned_time_s REAL,
+        max_time_s REAL,
+        delivered_host_j REAL,
+        delivered_controller_j REAL,
+        delivered_fluence_j_cm2 REAL,
+        mean_irradiance_mw_cm2 REAL,
+        emitting_time_s REAL,
+        outcome TEXT CHECK (outcome IN
+            ('completed', 'aborted', 'faulted', 'interrupted', 'skipped')),
+        stop_cause_code TEXT,
+        stop_cause_message TEXT,
+        started_utc TEXT NOT NULL,
+        ended_utc TEXT,
+        PRIMARY KEY (session_id, port, step_index)
+    )
+    """,
+    """
+    CREATE TABLE emissions (
+        seq INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        device_port INTEGER,
+        step_index INTEGER,
+        origin TEXT NOT NULL DEFAULT 'host' CHECK (origin IN ('host', 'counters')),
+        wavelength_nm INTEGER,
+        mode TEXT,
+        power_uw INTEGER,
+        pulse_hz INTEGER,
+        duty_permille INTEGER,
+        energy_budget_uj INTEGER,
+        max_duration_ms INTEGER,
+        started_utc TEXT NOT NULL,
+        started_device_time_us INTEGER,
+        progress_utc TEXT,
+        progress_device_time_us INTEGER,
+        host_energy_uj INTEGER,
+        controller_energy_uj INTEGER,
+        controller_energy_source TEXT
+            CHECK (controller_energy_source IN ('telemetry', 'stopped', 'counters')),
+        controller_port_session_uj INTEGER,
+        duration_ms INTEGER,
+        stop_reason TEXT,
+        stop_reason_code INTEGER,
+        host_stop_cause TEXT,
+        ended_utc TEXT,
+        ended_device_time_us INTEGER
+    )
+    """,
+    "CREATE INDEX emissions_session ON emissions (session_id, port, seq)",
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        session_id TEXT,
+        utc TEXT NOT NULL,
+        device_time_us INTEGER,
+        kind TEXT NOT NULL,
+        code TEXT,
+        port INTEGER,
+        severity TEXT NOT NULL
+            CHECK (severity IN ('debug', 'info', 'warning', 'error', 'critical')),
+        message TEXT NOT NULL,
+        data_json TEXT
+    )
+    """,
+    "CREATE INDEX events_session ON events (session_id, seq)",
+    """
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        published_utc TEXT
+    )
+    """,
+    "CREATE INDEX outbox_pending ON outbox (seq) WHERE published_utc IS NULL",
+)
+
+
+def utc_text(t: UtcTime = None) -> str:
+    """Fixed-width ISO 8601 UTC text, so that stored times sort as text."""
+    if t is None:
+        dt = datetime.now(UTC)
+    elif isinstance(t, datetime):
+        if t.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware datetime (UTC) or POSIX seconds")
+        dt = t.astimezone(UTC)
+    else:
+        dt = datetime.fromtimestamp(float(t), UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -430,25 +430,42 @@ def _check_targets(
         )
 
     target = choose_target(step)
-    if applicator is not None and target is not None:
-        if applicator.kind is ApplicatorKind.PAD and target is Target.ENERGY:
-            yield Issue(
-                "target-kind",
-                "pads are dosed in J/cm² over their area, not in J",
-                path=(*path, "target" if step.target else "energy_j"),
-                value=show_value(target.value),
-                allowed="fluence_j_cm2 or time_s for a pad",
-                fix="state fluence_j_cm2 (energy / pad area) instead of energy_j",
-            )
-        if applicator.kind is ApplicatorKind.PROBE and target is Target.FLUENCE:
-            yield Issue(
-                "target-kind",
-                "probes are dosed in J per point, not in J/cm²",
-                path=(*path, "target" if step.target else "fluence_j_cm2"),
-                value=show_value(target.value),
-                allowed="energy_j or time_s for a probe",
-                fix="state energy_j (fluence × beam area) instead of fluence_j_cm2",
-            )
+    wrong = _WRONG_TARGET.get(applicator.kind) if applicator is not None else None
+    if wrong is not None and target is wrong.target:
+        yield Issue(
+            "target-kind",
+            wrong.message,
+            path=(*path, "target" if step.target else target.value),
+            value=show_value(target.value),
+            allowed=wrong.allowed,
+            fix=wrong.fix,
+        )
+
+
+@dataclass(frozen=True)
+class _WrongTarget:
+    """A dose quantity an applicator kind is not dosed in, and what to say instead."""
+
+    target: Target
+    message: str
+    allowed: str
+    fix: str
+
+
+_WRONG_TARGET = {
+    ApplicatorKind.PAD: _WrongTarget(
+        Target.ENERGY,
+        "pads are dosed in J/cm² over their area, not in J",
+        "fluence_j_cm2 or time_s for a pad",
+        "state fluence_j_cm2 (energy / pad area) instead of energy_j",
+    ),
+    ApplicatorKind.PROBE: _WrongTarget(
+        Target.FLUENCE,
+        "probes are dosed in J per point, not in J/cm²",
+        "energy_j or time_s for a probe",
+        "state energy_j (fluence × beam area) instead of fluence_j_cm2",
+    ),
+}
 
 
 def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) -> Iterable[Issue]:

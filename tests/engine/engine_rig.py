@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 from fixtures.protocols import pad_step as pad_step
 from fixtures.protocols import probe_step as probe_step
 from fixtures.protocols import protocol as protocol
+from fixtures.simulator import connect, start_simulator
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest
@@ -36,7 +37,7 @@ from pbmd.daemon.core.safety import SafetyLimits
 from pbmd.daemon.core.session import Session, SessionEvent
 from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient, open_controller
+from pbmd.drivers.client import ControllerClient
 from pbmd.hw_sim import SimConfig, Simulator
 from pbmd.protocols.limits import DEFAULT_LIMITS, Limits
 from pbmd.protocols.loader import LoadedProtocol, parse_protocol
@@ -131,15 +132,12 @@ class Rig:
         cfg = SimConfig(time_scale=self.time_scale, seed=self.seed)
         if ports is not None:
             cfg.ports = ports
-        self.sim = Simulator(cfg)
-        await self.sim.start()
+        self.sim = await start_simulator(cfg)
         self._tap_simulator()
         try:
-            if self.link == "pty":
-                self.url = await self.sim.listen_pty()
-            else:
-                self.url = await self.sim.listen_tcp("127.0.0.1", 0)
-            self.client = await open_controller(self.url, telemetry_hz=self.telemetry_hz)
+            self.url, self.client = await connect(
+                self.sim, telemetry_hz=self.telemetry_hz, link=self.link
+            )
             # Registered before the handle's: stamps a sample before the engine acts on it.
             self.client.add_telemetry_listener(self.host_telemetry.add)
             self.client.add_reply_timeout_listener(self.reply_timeouts.add)

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures.protocols import mqtt_protocol
+from fixtures.simulator import connect, start_simulator
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest
 from pbmd.daemon.core.session import Session
 from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient, open_controller
+from pbmd.drivers.client import ControllerClient
 from pbmd.hw_sim import SimConfig, Simulator
 from pbmd.protocols.loader import parse_protocol
 from pbmd.protocols.plan import Plan, plan
@@ -44,13 +45,11 @@ class Rig:
 
     @classmethod
     async def open(cls, directory: Path, *, time_scale: float, seed: int = 7) -> Rig:
-        sim = Simulator(SimConfig(time_scale=time_scale, seed=seed))
-        await sim.start()
+        sim = await start_simulator(SimConfig(time_scale=time_scale, seed=seed))
         client: ControllerClient | None = None
         store: RecordStore | None = None
         try:
-            url = await sim.listen_tcp("127.0.0.1", 0)
-            client = await open_controller(url, telemetry_hz=TELEMETRY_HZ)
+            _, client = await connect(sim, telemetry_hz=TELEMETRY_HZ)
             handle = ControllerHandle("main", client)
             path = directory / "records.sqlite"
             store = await RecordStore.open(path)

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,13 +54,6 @@ def write_protocol(directory: Path, text: str = SHORT_PROTOCOL, name: str = "sho
     path = directory / name
     path.write_text(text, encoding="utf-8")
     sign(path)
-    return path
-
-
-def public_dir() -> Path:
-    """A directory every uid can traverse (for sockets other users connect to)."""
-    path = Path(tempfile.mkdtemp(prefix="pbmd-svc-", dir="/tmp"))
-    path.chmod(0o755)
     return path
 
 

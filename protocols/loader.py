@@ -429,6 +429,19 @@ class _Failure:
     def is_port_key(self) -> bool:
         return self.is_key and self.path[:1] == ("ports",)
 
+    def issue(
+        self,
+        rule: str,
+        message: str,
+        *,
+        allowed: str | None,
+        fix: str | None,
+        value: str | None = None,
+    ) -> Issue:
+        """An issue at the failure's path, showing its input unless `value` says otherwise."""
+        shown = show_value(self.value) if value is None else value
+        return Issue(rule, message, path=self.path, value=shown, allowed=allowed, fix=fix)
+
 
 def _issue_from_pydantic(error: Mapping[str, Any]) -> Issue:
     """Say a pydantic error in the protocol's words: what is wrong, what is allowed, the fix."""
@@ -436,11 +449,9 @@ def _issue_from_pydantic(error: Mapping[str, Any]) -> Issue:
     for applies, explain in _EXPLAINERS:
         if applies(failure):
             return explain(failure)
-    return Issue(
+    return failure.issue(
         "value",
         str(error.get("msg", "invalid value")),
-        path=failure.path,
-        value=show_value(failure.value),
         allowed=_range_text(failure.info, failure.unit, failure.ctx),
         fix=failure.description,
     )
@@ -463,18 +474,16 @@ def _unknown_key(f: _Failure) -> Issue:
         fix = f"did you mean {close[0]!r}? rename it"
     else:
         fix = "remove it"
-    return Issue(
+    return f.issue(
         "unknown-key",
         f"unknown key {name!r}",
-        path=f.path,
-        value=show_value(f.value),
         allowed=", ".join(allowed_keys) or None,
         fix=fix,
     )
 
 
 def _missing_key(f: _Failure) -> Issue:
-    return Issue(
+    return Issue(  # nothing to show: the key is absent
         "missing-key",
         f"required key {f.name!r} is missing" + (f" ({f.description})" if f.description else ""),
         path=f.path,
@@ -485,10 +494,9 @@ def _missing_key(f: _Failure) -> Issue:
 
 def _out_of_range(f: _Failure) -> Issue:
     what = "port number" if f.is_port_key else str(f.name)
-    return Issue(
+    return f.issue(
         "range",
         f"{what} is out of range",
-        path=f.path,
         value=show_value(f.value) + f.unit,
         allowed=_range_text(None if f.is_key else f.info, f.unit, f.ctx),
         fix="use a value inside the allowed range"
@@ -497,11 +505,9 @@ def _out_of_range(f: _Failure) -> Issue:
 
 
 def _not_a_choice(f: _Failure) -> Issue:
-    return Issue(
+    return f.issue(
         "choice",
         "not one of the allowed values",
-        path=f.path,
-        value=show_value(f.value),
         allowed=str(f.ctx.get("expected", "")) or None,
         fix="use one of the allowed values (quoted, lower case)",
     )
@@ -509,11 +515,9 @@ def _not_a_choice(f: _Failure) -> Issue:
 
 def _bad_length(f: _Failure) -> Issue:
     ctx = f.ctx
-    return Issue(
+    return f.issue(
         "length",
         f.error["msg"],
-        path=f.path,
-        value=show_value(f.value),
         allowed=(
             f"at least {ctx['min_length']}"
             if f.kind == "too_short" and "min_length" in ctx
@@ -525,11 +529,9 @@ def _bad_length(f: _Failure) -> Issue:
 
 
 def _bad_identifier(f: _Failure) -> Issue:
-    return Issue(
+    return f.issue(
         "pattern",
         "not a valid identifier",
-        path=f.path,
-        value=show_value(f.value),
         allowed="3–64 characters: lower-case letters, digits and '-', "
         "starting and ending with a letter or digit",
         fix="rename it, e.g. 'lumbar-chronic'",
@@ -537,21 +539,18 @@ def _bad_identifier(f: _Failure) -> Issue:
 
 
 def _not_finite(f: _Failure) -> Issue:
-    return Issue(
+    return f.issue(
         "type",
         "inf and nan are not allowed",
-        path=f.path,
-        value=show_value(f.value),
         allowed=_range_text(f.info, f.unit, {}) or "a finite number",
         fix="write a finite number",
     )
 
 
 def _bad_port_key(f: _Failure) -> Issue:
-    return Issue(
+    return f.issue(
         "range",
         "port keys are port numbers",
-        path=f.path,
         value=show_value(f.path[-1] if f.path else f.value),
         allowed=f"1–{MAX_PORTS}",
         fix="name the table [ports.1] … [ports.8]",
@@ -573,11 +572,9 @@ _EXPECTED_TYPES = {
 def _wrong_type(f: _Failure) -> Issue:
     got = _TOML_TYPES.get(type(f.value), type(f.value).__name__)
     expected = _EXPECTED_TYPES.get(f.kind, f.error["msg"])
-    return Issue(
+    return f.issue(
         "type",
         f"expected {expected}, found {got}",
-        path=f.path,
-        value=show_value(f.value),
         allowed=_range_text(f.info, f.unit, {}) or expected,
         fix="write " + expected + (" without quotes" if isinstance(f.value, str) else ""),
     )

@@ -473,19 +473,48 @@ def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) ->
     path = step_path(port.key, index)
     tol = CONSISTENCY_TOLERANCE
     pct = f"{tol * 100:g} %"
+    for claim in _restated(step, dose):
+        if _relative_gap(claim.stated, claim.implied) > tol:
+            yield Issue(
+                claim.rule,
+                claim.message,
+                path=(*path, claim.field),
+                value=claim.value,
+                allowed=f"{claim.allowed} ± {pct}",
+                fix=claim.fix,
+            )
+
+
+@dataclass(frozen=True)
+class _Restated:
+    """A quantity the step states and the dose also implies: they must agree."""
+
+    rule: str
+    field: str
+    stated: float
+    implied: float
+    message: str
+    value: str
+    allowed: str
+    fix: str
+
+
+def _restated(step: Step, dose: StepDose) -> Iterable[_Restated]:
+    """Every quantity of the step that is stated besides the one the dose is computed from."""
     area = dose.area_cm2
     if step.power_mw is not None and step.irradiance_mw_cm2 is not None:
         implied = step.irradiance_mw_cm2 * area
-        if _relative_gap(step.power_mw, implied) > tol:
-            yield Issue(
-                "power-irradiance",
-                f"power_mw disagrees with irradiance_mw_cm2 × beam area "
-                f"({_g(step.irradiance_mw_cm2)} × {_g(area)} cm² = {_g(implied)} mW)",
-                path=(*path, "power_mw"),
-                value=_g(step.power_mw),
-                allowed=f"{_g(implied)} mW ± {pct}",
-                fix="state only one of power_mw and irradiance_mw_cm2, or make them agree",
-            )
+        yield _Restated(
+            "power-irradiance",
+            "power_mw",
+            step.power_mw,
+            implied,
+            f"power_mw disagrees with irradiance_mw_cm2 × beam area "
+            f"({_g(step.irradiance_mw_cm2)} × {_g(area)} cm² = {_g(implied)} mW)",
+            _g(step.power_mw),
+            f"{_g(implied)} mW",
+            "state only one of power_mw and irradiance_mw_cm2, or make them agree",
+        )
     for target in Target:
         stated = getattr(step, target.value)
         if stated is None or target is dose.target:
@@ -495,29 +524,31 @@ def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) ->
             Target.FLUENCE: dose.fluence_j_cm2,
             Target.ENERGY: dose.energy_j,
         }[target]
-        if _relative_gap(float(stated), implied) > tol:
-            yield Issue(
-                "dose-consistency",
-                f"{target.value} disagrees with the dose implied by the target "
-                f"{dose.target.value} = {_g(dose.target_value)} at {_g(dose.power_mw)} mW "
-                f"on {_g(area)} cm² ({_g(implied)})",
-                path=(*path, target.value),
-                value=_g(float(stated)),
-                allowed=f"{_g(implied)} ± {pct}",
-                fix=f"set {target.value} = {_g(implied)} or remove it",
-            )
+        yield _Restated(
+            "dose-consistency",
+            target.value,
+            float(stated),
+            implied,
+            f"{target.value} disagrees with the dose implied by the target "
+            f"{dose.target.value} = {_g(dose.target_value)} at {_g(dose.power_mw)} mW "
+            f"on {_g(area)} cm² ({_g(implied)})",
+            _g(float(stated)),
+            _g(implied),
+            f"set {target.value} = {_g(implied)} or remove it",
+        )
     if step.mode is Mode.PULSED and step.peak_power_mw is not None and dose.duty is not None:
         implied = step.peak_power_mw * dose.duty
-        if _relative_gap(dose.power_mw, implied) > tol:
-            yield Issue(
-                "peak-consistency",
-                f"average power {_g(dose.power_mw)} mW disagrees with peak power × duty "
-                f"({_g(step.peak_power_mw)} mW × {_g(dose.duty * 1000)} ‰ = {_g(implied)} mW)",
-                path=(*path, "peak_power_mw"),
-                value=_g(step.peak_power_mw),
-                allowed=f"{_g(dose.power_mw / dose.duty)} mW ± {pct}",
-                fix="correct peak_power_mw, or the average setpoint, or the duty cycle",
-            )
+        yield _Restated(
+            "peak-consistency",
+            "peak_power_mw",
+            dose.power_mw,
+            implied,
+            f"average power {_g(dose.power_mw)} mW disagrees with peak power × duty "
+            f"({_g(step.peak_power_mw)} mW × {_g(dose.duty * 1000)} ‰ = {_g(implied)} mW)",
+            _g(step.peak_power_mw),
+            f"{_g(dose.power_mw / dose.duty)} mW",
+            "correct peak_power_mw, or the average setpoint, or the duty cycle",
+        )
 
 
 def check_dose(step: Step | None, dose: StepDose, limits: Limits) -> Iterable[Issue]:

@@ -293,7 +293,8 @@ def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
     raw_ports = document.get("ports")
     if isinstance(raw_ports, dict):
         for key, raw_port in sorted(raw_ports.items()):
-            if not (key.isdigit() and 1 <= int(key) <= MAX_PORTS) or not isinstance(raw_port, dict):
+            digits = key.isascii() and key.isdigit()  # "²".isdigit(), but int("²") fails
+            if not (digits and 1 <= int(key) <= MAX_PORTS) or not isinstance(raw_port, dict):
                 continue
             try:
                 applicator: Applicator | None = _lenient(Applicator, raw_port.get("applicator"))[0]

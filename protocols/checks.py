@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pbmd.protocols.errors import Issue, Path, Severity, show_value
 from pbmd.protocols.evidence import REFERENCES
@@ -431,39 +431,33 @@ def _check_targets(
 
     target = choose_target(step)
     wrong = _WRONG_TARGET.get(applicator.kind) if applicator is not None else None
-    if wrong is not None and target is wrong.target:
-        yield Issue(
-            "target-kind",
-            wrong.message,
+    if wrong is not None and target is not None and target is wrong[0]:
+        yield replace(
+            wrong[1],
             path=(*path, "target" if step.target else target.value),
             value=show_value(target.value),
-            allowed=wrong.allowed,
-            fix=wrong.fix,
         )
 
 
-@dataclass(frozen=True)
-class _WrongTarget:
-    """A dose quantity an applicator kind is not dosed in, and what to say instead."""
-
-    target: Target
-    message: str
-    allowed: str
-    fix: str
-
-
-_WRONG_TARGET = {
-    ApplicatorKind.PAD: _WrongTarget(
+# The dose quantity each applicator kind is not dosed in, and what to say instead.
+_WRONG_TARGET: dict[ApplicatorKind, tuple[Target, Issue]] = {
+    ApplicatorKind.PAD: (
         Target.ENERGY,
-        "pads are dosed in J/cm² over their area, not in J",
-        "fluence_j_cm2 or time_s for a pad",
-        "state fluence_j_cm2 (energy / pad area) instead of energy_j",
+        Issue(
+            "target-kind",
+            "pads are dosed in J/cm² over their area, not in J",
+            allowed="fluence_j_cm2 or time_s for a pad",
+            fix="state fluence_j_cm2 (energy / pad area) instead of energy_j",
+        ),
     ),
-    ApplicatorKind.PROBE: _WrongTarget(
+    ApplicatorKind.PROBE: (
         Target.FLUENCE,
-        "probes are dosed in J per point, not in J/cm²",
-        "energy_j or time_s for a probe",
-        "state energy_j (fluence × beam area) instead of fluence_j_cm2",
+        Issue(
+            "target-kind",
+            "probes are dosed in J per point, not in J/cm²",
+            allowed="energy_j or time_s for a probe",
+            fix="state energy_j (fluence × beam area) instead of fluence_j_cm2",
+        ),
     ),
 }
 

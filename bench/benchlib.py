@@ -1,5 +1,5 @@
 """Shared parts of the engine benchmarks: a simulated controller in its own process,
-an engine on it, and synthetic protocols.
+an engine on it, and synthetic protocols (`protocol`, from tests/fixtures/protocols.py).
 
 The simulator runs in a child process (bench/sim_tap.py) so that it never shares
 an event loop or a GIL with the engine under test, as a real controller would not.
@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,12 @@ from pbmd.protocols.loader import parse_protocol
 from pbmd.protocols.plan import Plan, plan
 
 HERE = Path(__file__).resolve().parent
+
+# The protocol texts are the tests' (tests/fixtures/protocols.py), written once.
+sys.path.insert(0, str(HERE.parent / "tests"))
+from fixtures.protocols import bench_protocol  # noqa: E402
+
+protocol = bench_protocol
 
 
 def _drop(*_: object) -> Any:
@@ -223,65 +229,3 @@ class Bench:
 def _confirm(s: Session, port: int) -> None:
     with contextlib.suppress(Exception):
         s.confirm(port)
-
-
-HEADER = """\
-schema_version = 1
-id = "{id}"
-version = 1
-title = "Benchmark protocol"
-indication = "Benchmark only."
-contraindications = ["cancer", "pregnancy"]
-
-[course]
-sessions = 1
-interval_days = 1
-
-[[evidence]]
-ref = "jenkins-carroll-2011"
-relevance = "Benchmark only."
-"""
-
-PAD = 'kind = "pad"\nchannels_nm = [660, 830]\nbeam_area_cm2 = 180.0\n'
-PROBE = 'kind = "probe"\nchannels_nm = [905]\nbeam_area_cm2 = 0.5\n'
-
-
-def protocol(
-    pad_steps: Mapping[int, Sequence[tuple[int, float, float]]],
-    probe_points: Sequence[tuple[float, float]] = (),
-    protocol_id: str = "bench",
-) -> str:
-    """Pads: per port, (wavelength, irradiance mW/cm², fluence J/cm²) steps; the probe
-    (port 4): (power mW, energy J) points, each its own site."""
-    text = HEADER.format(id=protocol_id)
-    for port in pad_steps:
-        text += (
-            f'\n[sites.pad{port}]\nlabel = "Pad site {port}"\nregion = "lumbar"\n'
-            "area_covered_cm2 = 180.0\n"
-        )
-    for i in range(len(probe_points)):
-        text += (
-            f'\n[sites.point{i}]\nlabel = "Point {i}"\nregion = "lumbar"\narea_covered_cm2 = 0.5\n'
-        )
-    for port, steps in sorted(pad_steps.items()):
-        text += f"\n[ports.{port}.applicator]\n{PAD}"
-        for nm, irradiance, fluence in steps:
-            planned = fluence / irradiance * 1000
-            text += (
-                f'\n[[ports.{port}.steps]]\nsite = "pad{port}"\nwavelength_nm = {nm}\n'
-                'mode = "continuous"\ntechnique = "contact"\n'
-                f"irradiance_mw_cm2 = {irradiance}\nfluence_j_cm2 = {fluence}\n"
-                f"max_time_s = {min(max(round(planned * 1.2 + 1), 2), 1800)}\n"
-            )
-    if probe_points:
-        text += f"\n[ports.4.applicator]\n{PROBE}"
-        for i, (power_mw, energy_j) in enumerate(probe_points):
-            planned = energy_j / power_mw * 1000
-            text += (
-                f'\n[[ports.4.steps]]\nsite = "point{i}"\nwavelength_nm = 905\n'
-                'mode = "pulsed"\ntechnique = "contact"\n'
-                f"power_mw = {power_mw}\npulse_hz = 5000\nduty_permille = 1\n"
-                f"energy_j = {energy_j}\nmax_time_s = {max(round(planned * 1.2 + 1), 2)}\n"
-                "gating = { confirm_placement = true, skin_contact = true }\n"
-            )
-    return text

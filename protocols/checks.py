@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pbmd.protocols.errors import Issue, Path, Severity, show_value
 from pbmd.protocols.evidence import REFERENCES
@@ -209,9 +209,37 @@ def resolve_step(
 def check_step_structure(
     view: ProtocolView, port: PortView, index: int, step: Step
 ) -> Iterable[Issue]:
+    """A step's fields on their own and against its site, applicator and siblings."""
     path = step_path(port.key, index)
     applicator = port.applicator
+    yield from _check_site_and_channel(view, port, path, step)
+    if step.mode is Mode.CONTINUOUS:
+        yield from _check_continuous(path, step)
+    elif not (port.dropped.get(index, frozenset()) & set(_PULSE_FIELDS)):
+        yield from _check_pulsed(path, step)
+        yield from _check_epilepsy(view, path, step)
+    dropped = port.dropped.get(index, frozenset())
+    if step.power_mw is None and step.irradiance_mw_cm2 is None and not (dropped & _SETPOINTS):
+        yield Issue(
+            "setpoint-missing",
+            "the step has no power or irradiance setpoint",
+            path=(*path, "power_mw"),
+            allowed="power_mw or irradiance_mw_cm2 (or both, agreeing to 1 %)",
+            fix="add power_mw or irradiance_mw_cm2",
+        )
 
+    stated = _stated_targets(step)
+    if not (dropped & _TARGETS):
+        yield from _check_targets(path, step, stated, applicator)
+
+    yield from _check_applicator_rules(path, step, applicator, dropped)
+
+
+def _check_site_and_channel(
+    view: ProtocolView, port: PortView, path: Path, step: Step
+) -> Iterable[Issue]:
+    """The step's site is defined and its wavelength is a channel of the port's applicator."""
+    applicator = port.applicator
     if step.site not in view.sites and view.sites_complete:
         known = ", ".join(sorted(view.sites)) or "none"
         yield Issue(
@@ -235,106 +263,105 @@ def check_step_structure(
             f"ports.{port.key}.applicator.channels_nm",
         )
 
-    if step.mode is Mode.CONTINUOUS:
-        if PULSED_ONLY_MIN_NM <= step.wavelength_nm <= PULSED_ONLY_MAX_NM:
+
+def _check_continuous(path: Path, step: Step) -> Iterable[Issue]:
+    """A continuous step: a wavelength that can emit continuously, and no pulse parameters."""
+    if PULSED_ONLY_MIN_NM <= step.wavelength_nm <= PULSED_ONLY_MAX_NM:
+        yield Issue(
+            "pulsed-only",
+            f"{step.wavelength_nm} nm superpulsed GaAs sources emit only pulses",
+            path=(*path, "mode"),
+            value='"continuous"',
+            allowed=f'"pulsed" at {PULSED_ONLY_MIN_NM}–{PULSED_ONLY_MAX_NM} nm',
+            fix='set mode = "pulsed" with pulse_hz and duty_permille or pulse_width_ns',
+        )
+    for name in _PULSE_FIELDS:
+        value = getattr(step, name)
+        if value is not None:
             yield Issue(
-                "pulsed-only",
-                f"{step.wavelength_nm} nm superpulsed GaAs sources emit only pulses",
-                path=(*path, "mode"),
-                value='"continuous"',
-                allowed=f'"pulsed" at {PULSED_ONLY_MIN_NM}–{PULSED_ONLY_MAX_NM} nm',
-                fix='set mode = "pulsed" with pulse_hz and duty_permille or pulse_width_ns',
-            )
-        for name in _PULSE_FIELDS:
-            value = getattr(step, name)
-            if value is not None:
-                yield Issue(
-                    "pulse-params-continuous",
-                    f"{name} is a pulse parameter but the step is continuous",
-                    path=(*path, name),
-                    value=show_value(value),
-                    allowed='pulse parameters only with mode = "pulsed"',
-                    fix=f'remove {name}, or set mode = "pulsed"',
-                )
-    elif not (port.dropped.get(index, frozenset()) & set(_PULSE_FIELDS)):
-        if step.pulse_hz is None:
-            yield Issue(
-                "pulse-params-missing",
-                "a pulsed step needs its repetition rate",
-                path=(*path, "pulse_hz"),
-                allowed="1–10000 Hz",
-                fix="add pulse_hz",
-            )
-        if step.duty_permille is None and step.pulse_width_ns is None:
-            yield Issue(
-                "pulse-params-missing",
-                "a pulsed step needs its duty cycle or its pulse width",
-                path=(*path, "duty_permille"),
-                allowed="duty_permille 1–999, or pulse_width_ns",
-                fix="add duty_permille or pulse_width_ns",
-            )
-        if (
-            step.duty_permille is not None
-            and step.pulse_width_ns is not None
-            and step.pulse_hz is not None
-        ):
-            implied = step.pulse_width_ns * 1e-9 * step.pulse_hz * 1000.0
-            if abs(implied - step.duty_permille) > 0.5:
-                yield Issue(
-                    "duty-consistency",
-                    f"duty_permille disagrees with pulse_width_ns × pulse_hz = {_g(implied)} ‰",
-                    path=(*path, "duty_permille"),
-                    value=str(step.duty_permille),
-                    allowed=f"{round(implied)} (pulse width × rate, rounded)",
-                    fix="state only one of duty_permille and pulse_width_ns, or make them agree",
-                )
-        duty = duty_of(step)
-        if duty is not None and step.pulse_width_ns is not None and not 0.0005 <= duty < 0.9995:
-            yield Issue(
-                "duty-range",
-                f"pulse_width_ns × pulse_hz gives a duty cycle of {_g(duty * 1000)} ‰, "
-                "which the controller cannot be told (EMIT_START carries whole ‰)",
-                path=(*path, "pulse_width_ns"),
-                value=show_value(step.pulse_width_ns),
-                allowed="a duty cycle of 1–999 ‰",
-                fix="raise pulse_hz or the pulse width so that the duty is at least 1 ‰",
-            )
-        if (
-            step.wavelength_nm < RED_MAX_NM
-            and step.pulse_hz is not None
-            and step.pulse_hz <= EPILEPSY_MAX_PULSE_HZ
-        ):
-            listed = (
-                view.contraindications is None
-                or Contraindication.EPILEPSY in view.contraindications
-            )
-            yield Issue(
-                "epilepsy",
-                f"red light ({step.wavelength_nm} nm) pulsed at {_g(step.pulse_hz)} Hz: "
-                "pulsed red light at 5–10 Hz can trigger seizures",
-                path=(*path, "pulse_hz"),
-                value=_g(step.pulse_hz),
-                allowed=f"above {_g(EPILEPSY_MAX_PULSE_HZ)} Hz, or continuous, or "
-                '"epilepsy" listed in contraindications',
-                fix='add "epilepsy" to contraindications (the clinician screens for it), '
-                "or use continuous mode or a rate above 30 Hz",
-                severity=Severity.WARNING if listed else Severity.ERROR,
+                "pulse-params-continuous",
+                f"{name} is a pulse parameter but the step is continuous",
+                path=(*path, name),
+                value=show_value(value),
+                allowed='pulse parameters only with mode = "pulsed"',
+                fix=f'remove {name}, or set mode = "pulsed"',
             )
 
-    dropped = port.dropped.get(index, frozenset())
-    if step.power_mw is None and step.irradiance_mw_cm2 is None and not (dropped & _SETPOINTS):
+
+def _check_pulsed(path: Path, step: Step) -> Iterable[Issue]:
+    """A pulsed step: rate and duty (or width) present, agreeing, and sayable in whole ‰."""
+    if step.pulse_hz is None:
         yield Issue(
-            "setpoint-missing",
-            "the step has no power or irradiance setpoint",
-            path=(*path, "power_mw"),
-            allowed="power_mw or irradiance_mw_cm2 (or both, agreeing to 1 %)",
-            fix="add power_mw or irradiance_mw_cm2",
+            "pulse-params-missing",
+            "a pulsed step needs its repetition rate",
+            path=(*path, "pulse_hz"),
+            allowed="1–10000 Hz",
+            fix="add pulse_hz",
+        )
+    if step.duty_permille is None and step.pulse_width_ns is None:
+        yield Issue(
+            "pulse-params-missing",
+            "a pulsed step needs its duty cycle or its pulse width",
+            path=(*path, "duty_permille"),
+            allowed="duty_permille 1–999, or pulse_width_ns",
+            fix="add duty_permille or pulse_width_ns",
+        )
+    if (
+        step.duty_permille is not None
+        and step.pulse_width_ns is not None
+        and step.pulse_hz is not None
+    ):
+        implied = step.pulse_width_ns * 1e-9 * step.pulse_hz * 1000.0
+        if abs(implied - step.duty_permille) > 0.5:
+            yield Issue(
+                "duty-consistency",
+                f"duty_permille disagrees with pulse_width_ns × pulse_hz = {_g(implied)} ‰",
+                path=(*path, "duty_permille"),
+                value=str(step.duty_permille),
+                allowed=f"{round(implied)} (pulse width × rate, rounded)",
+                fix="state only one of duty_permille and pulse_width_ns, or make them agree",
+            )
+    duty = duty_of(step)
+    if duty is not None and step.pulse_width_ns is not None and not 0.0005 <= duty < 0.9995:
+        yield Issue(
+            "duty-range",
+            f"pulse_width_ns × pulse_hz gives a duty cycle of {_g(duty * 1000)} ‰, "
+            "which the controller cannot be told (EMIT_START carries whole ‰)",
+            path=(*path, "pulse_width_ns"),
+            value=show_value(step.pulse_width_ns),
+            allowed="a duty cycle of 1–999 ‰",
+            fix="raise pulse_hz or the pulse width so that the duty is at least 1 ‰",
         )
 
-    stated = _stated_targets(step)
-    if not (dropped & _TARGETS):
-        yield from _check_targets(path, step, stated, applicator)
 
+def _check_epilepsy(view: ProtocolView, path: Path, step: Step) -> Iterable[Issue]:
+    """Pulsed red light at low rates: refused unless epilepsy is screened for."""
+    if (
+        step.wavelength_nm < RED_MAX_NM
+        and step.pulse_hz is not None
+        and step.pulse_hz <= EPILEPSY_MAX_PULSE_HZ
+    ):
+        listed = (
+            view.contraindications is None or Contraindication.EPILEPSY in view.contraindications
+        )
+        yield Issue(
+            "epilepsy",
+            f"red light ({step.wavelength_nm} nm) pulsed at {_g(step.pulse_hz)} Hz: "
+            "pulsed red light at 5–10 Hz can trigger seizures",
+            path=(*path, "pulse_hz"),
+            value=_g(step.pulse_hz),
+            allowed=f"above {_g(EPILEPSY_MAX_PULSE_HZ)} Hz, or continuous, or "
+            '"epilepsy" listed in contraindications',
+            fix='add "epilepsy" to contraindications (the clinician screens for it), '
+            "or use continuous mode or a rate above 30 Hz",
+            severity=Severity.WARNING if listed else Severity.ERROR,
+        )
+
+
+def _check_applicator_rules(
+    path: Path, step: Step, applicator: Applicator | None, dropped: frozenset[str]
+) -> Iterable[Issue]:
+    """What the applicator kind demands: probes in contact and gated, pads without contact."""
     if applicator is not None and applicator.kind is ApplicatorKind.PROBE:
         if step.technique is not Technique.CONTACT:
             yield Issue(
@@ -403,25 +430,36 @@ def _check_targets(
         )
 
     target = choose_target(step)
-    if applicator is not None and target is not None:
-        if applicator.kind is ApplicatorKind.PAD and target is Target.ENERGY:
-            yield Issue(
-                "target-kind",
-                "pads are dosed in J/cm² over their area, not in J",
-                path=(*path, "target" if step.target else "energy_j"),
-                value=show_value(target.value),
-                allowed="fluence_j_cm2 or time_s for a pad",
-                fix="state fluence_j_cm2 (energy / pad area) instead of energy_j",
-            )
-        if applicator.kind is ApplicatorKind.PROBE and target is Target.FLUENCE:
-            yield Issue(
-                "target-kind",
-                "probes are dosed in J per point, not in J/cm²",
-                path=(*path, "target" if step.target else "fluence_j_cm2"),
-                value=show_value(target.value),
-                allowed="energy_j or time_s for a probe",
-                fix="state energy_j (fluence × beam area) instead of fluence_j_cm2",
-            )
+    wrong = _WRONG_TARGET.get(applicator.kind) if applicator is not None else None
+    if wrong is not None and target is not None and target is wrong[0]:
+        yield replace(
+            wrong[1],
+            path=(*path, "target" if step.target else target.value),
+            value=show_value(target.value),
+        )
+
+
+# The dose quantity each applicator kind is not dosed in, and what to say instead.
+_WRONG_TARGET: dict[ApplicatorKind, tuple[Target, Issue]] = {
+    ApplicatorKind.PAD: (
+        Target.ENERGY,
+        Issue(
+            "target-kind",
+            "pads are dosed in J/cm² over their area, not in J",
+            allowed="fluence_j_cm2 or time_s for a pad",
+            fix="state fluence_j_cm2 (energy / pad area) instead of energy_j",
+        ),
+    ),
+    ApplicatorKind.PROBE: (
+        Target.FLUENCE,
+        Issue(
+            "target-kind",
+            "probes are dosed in J per point, not in J/cm²",
+            allowed="energy_j or time_s for a probe",
+            fix="state energy_j (fluence × beam area) instead of fluence_j_cm2",
+        ),
+    ),
+}
 
 
 def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) -> Iterable[Issue]:
@@ -429,19 +467,48 @@ def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) ->
     path = step_path(port.key, index)
     tol = CONSISTENCY_TOLERANCE
     pct = f"{tol * 100:g} %"
+    for claim in _restated(step, dose):
+        if _relative_gap(claim.stated, claim.implied) > tol:
+            yield Issue(
+                claim.rule,
+                claim.message,
+                path=(*path, claim.field),
+                value=claim.value,
+                allowed=f"{claim.allowed} ± {pct}",
+                fix=claim.fix,
+            )
+
+
+@dataclass(frozen=True)
+class _Restated:
+    """A quantity the step states and the dose also implies: they must agree."""
+
+    rule: str
+    field: str
+    stated: float
+    implied: float
+    message: str
+    value: str
+    allowed: str
+    fix: str
+
+
+def _restated(step: Step, dose: StepDose) -> Iterable[_Restated]:
+    """Every quantity of the step that is stated besides the one the dose is computed from."""
     area = dose.area_cm2
     if step.power_mw is not None and step.irradiance_mw_cm2 is not None:
         implied = step.irradiance_mw_cm2 * area
-        if _relative_gap(step.power_mw, implied) > tol:
-            yield Issue(
-                "power-irradiance",
-                f"power_mw disagrees with irradiance_mw_cm2 × beam area "
-                f"({_g(step.irradiance_mw_cm2)} × {_g(area)} cm² = {_g(implied)} mW)",
-                path=(*path, "power_mw"),
-                value=_g(step.power_mw),
-                allowed=f"{_g(implied)} mW ± {pct}",
-                fix="state only one of power_mw and irradiance_mw_cm2, or make them agree",
-            )
+        yield _Restated(
+            "power-irradiance",
+            "power_mw",
+            step.power_mw,
+            implied,
+            f"power_mw disagrees with irradiance_mw_cm2 × beam area "
+            f"({_g(step.irradiance_mw_cm2)} × {_g(area)} cm² = {_g(implied)} mW)",
+            _g(step.power_mw),
+            f"{_g(implied)} mW",
+            "state only one of power_mw and irradiance_mw_cm2, or make them agree",
+        )
     for target in Target:
         stated = getattr(step, target.value)
         if stated is None or target is dose.target:
@@ -451,29 +518,31 @@ def check_consistency(port: PortView, index: int, step: Step, dose: StepDose) ->
             Target.FLUENCE: dose.fluence_j_cm2,
             Target.ENERGY: dose.energy_j,
         }[target]
-        if _relative_gap(float(stated), implied) > tol:
-            yield Issue(
-                "dose-consistency",
-                f"{target.value} disagrees with the dose implied by the target "
-                f"{dose.target.value} = {_g(dose.target_value)} at {_g(dose.power_mw)} mW "
-                f"on {_g(area)} cm² ({_g(implied)})",
-                path=(*path, target.value),
-                value=_g(float(stated)),
-                allowed=f"{_g(implied)} ± {pct}",
-                fix=f"set {target.value} = {_g(implied)} or remove it",
-            )
+        yield _Restated(
+            "dose-consistency",
+            target.value,
+            float(stated),
+            implied,
+            f"{target.value} disagrees with the dose implied by the target "
+            f"{dose.target.value} = {_g(dose.target_value)} at {_g(dose.power_mw)} mW "
+            f"on {_g(area)} cm² ({_g(implied)})",
+            _g(float(stated)),
+            _g(implied),
+            f"set {target.value} = {_g(implied)} or remove it",
+        )
     if step.mode is Mode.PULSED and step.peak_power_mw is not None and dose.duty is not None:
         implied = step.peak_power_mw * dose.duty
-        if _relative_gap(dose.power_mw, implied) > tol:
-            yield Issue(
-                "peak-consistency",
-                f"average power {_g(dose.power_mw)} mW disagrees with peak power × duty "
-                f"({_g(step.peak_power_mw)} mW × {_g(dose.duty * 1000)} ‰ = {_g(implied)} mW)",
-                path=(*path, "peak_power_mw"),
-                value=_g(step.peak_power_mw),
-                allowed=f"{_g(dose.power_mw / dose.duty)} mW ± {pct}",
-                fix="correct peak_power_mw, or the average setpoint, or the duty cycle",
-            )
+        yield _Restated(
+            "peak-consistency",
+            "peak_power_mw",
+            dose.power_mw,
+            implied,
+            f"average power {_g(dose.power_mw)} mW disagrees with peak power × duty "
+            f"({_g(step.peak_power_mw)} mW × {_g(dose.duty * 1000)} ‰ = {_g(implied)} mW)",
+            _g(step.peak_power_mw),
+            f"{_g(dose.power_mw / dose.duty)} mW",
+            "correct peak_power_mw, or the average setpoint, or the duty cycle",
+        )
 
 
 def check_dose(step: Step | None, dose: StepDose, limits: Limits) -> Iterable[Issue]:

@@ -17,7 +17,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
@@ -139,16 +139,11 @@ def load_protocol(path: str | FsPath, limits: Limits = DEFAULT_LIMITS) -> Loaded
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ProtocolInvalid(
+        raise _unreadable(
             name,
-            [
-                Issue(
-                    "unreadable",
-                    f"cannot read the file: {exc.strerror or exc}",
-                    file=name,
-                    fix="check the path and its permissions",
-                )
-            ],
+            "unreadable",
+            f"cannot read the file: {exc.strerror or exc}",
+            fix="check the path and its permissions",
         ) from None
     return parse_protocol(data, source=name, limits=limits)
 
@@ -159,81 +154,18 @@ def parse_protocol(
     """Check a protocol's text; ProtocolInvalid lists every error found."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     digest = hashlib.sha256(raw).hexdigest()
-    if len(raw) > MAX_FILE_BYTES:
-        raise ProtocolInvalid(
-            source,
-            [
-                Issue(
-                    "too-large",
-                    f"the file is larger than {MAX_FILE_BYTES} bytes",
-                    file=source,
-                    fix="a protocol is a few kilobytes: check that this is the right file",
-                )
-            ],
-        )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ProtocolInvalid(
-            source,
-            [
-                Issue(
-                    "encoding",
-                    f"byte 0x{raw[exc.start]:02x} is not UTF-8",
-                    file=source,
-                    line=line,
-                    fix="save the file as UTF-8",
-                )
-            ],
-        ) from None
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        found = re.search(r"\(at line (\d+), column (\d+)\)", message)
-        reason = re.sub(r" \(at line.*\)$", "", message)
-        raise ProtocolInvalid(
-            source,
-            [
-                Issue(
-                    "toml-syntax",
-                    f"not valid TOML: {reason}",
-                    file=source,
-                    line=int(found.group(1)) if found else None,
-                    fix="correct the syntax at that place (see https://toml.io)",
-                )
-            ],
-        ) from None
-    except RecursionError:
-        raise ProtocolInvalid(
-            source,
-            [
-                Issue(
-                    "toml-syntax",
-                    "arrays or tables are nested too deeply to read",
-                    file=source,
-                    fix="a protocol needs at most a few levels of nesting",
-                )
-            ],
-        ) from None
-    except ValueError as exc:  # e.g. an integer too long to convert
-        raise ProtocolInvalid(
-            source,
-            [Issue("toml-syntax", f"cannot read the TOML: {exc}", file=source)],
-        ) from None
+    text, document = _read_toml(raw, source)
 
-    issues: list[Issue] = []
-    for line, claim in find_unverifiable(text):
-        issues.append(
-            Issue(
-                "unverifiable-claim",
-                f"the file repeats an unverifiable claim: {claim.claim}",
-                line=line,
-                allowed="claims with a verified source only",
-                fix=claim.instead,
-            )
+    issues: list[Issue] = [
+        Issue(
+            "unverifiable-claim",
+            f"the file repeats an unverifiable claim: {claim.claim}",
+            line=line,
+            allowed="claims with a verified source only",
+            fix=claim.instead,
         )
+        for line, claim in find_unverifiable(text)
+    ]
 
     protocol: Protocol | None = None
     try:
@@ -262,6 +194,56 @@ def parse_protocol(
         errors.sort(key=lambda i: (i.line is None, i.line or 0))
         raise ProtocolInvalid(source, errors, warnings)
     return LoadedProtocol(protocol, source, digest, tuple(warnings), tuple(doses))
+
+
+def _unreadable(
+    source: str, rule: str, message: str, *, line: int | None = None, fix: str | None = None
+) -> ProtocolInvalid:
+    """The refusal of a file that cannot be read as TOML at all: one issue, no checks."""
+    return ProtocolInvalid(source, [Issue(rule, message, file=source, line=line, fix=fix)])
+
+
+def _read_toml(raw: bytes, source: str) -> tuple[str, dict[str, Any]]:
+    """The file's text and its TOML document; ProtocolInvalid if either cannot be had."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise _unreadable(
+            source,
+            "too-large",
+            f"the file is larger than {MAX_FILE_BYTES} bytes",
+            fix="a protocol is a few kilobytes: check that this is the right file",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _unreadable(
+            source,
+            "encoding",
+            f"byte 0x{raw[exc.start]:02x} is not UTF-8",
+            line=raw[: exc.start].count(b"\n") + 1,
+            fix="save the file as UTF-8",
+        ) from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        found = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        reason = re.sub(r" \(at line.*\)$", "", message)
+        raise _unreadable(
+            source,
+            "toml-syntax",
+            f"not valid TOML: {reason}",
+            line=int(found.group(1)) if found else None,
+            fix="correct the syntax at that place (see https://toml.io)",
+        ) from None
+    except RecursionError:
+        raise _unreadable(
+            source,
+            "toml-syntax",
+            "arrays or tables are nested too deeply to read",
+            fix="a protocol needs at most a few levels of nesting",
+        ) from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise _unreadable(source, "toml-syntax", f"cannot read the TOML: {exc}") from None
 
 
 # --------------------------------------------------------------------------
@@ -311,7 +293,8 @@ def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
     raw_ports = document.get("ports")
     if isinstance(raw_ports, dict):
         for key, raw_port in sorted(raw_ports.items()):
-            if not (key.isdigit() and 1 <= int(key) <= MAX_PORTS) or not isinstance(raw_port, dict):
+            digits = key.isascii() and key.isdigit()  # "²".isdigit(), but int("²") fails
+            if not (digits and 1 <= int(key) <= MAX_PORTS) or not isinstance(raw_port, dict):
                 continue
             try:
                 applicator: Applicator | None = _lenient(Applicator, raw_port.get("applicator"))[0]
@@ -404,137 +387,217 @@ def _range_text(info: FieldInfo | None, unit: str, ctx: Mapping[str, Any]) -> st
     return f"{low}value{high}{unit}"
 
 
-def _issue_from_pydantic(error: Mapping[str, Any]) -> Issue:
-    loc: tuple[PathPart, ...] = tuple(error["loc"])
-    kind: str = error["type"]
-    ctx: Mapping[str, Any] = error.get("ctx") or {}
-    value = error.get("input")
-    is_key = bool(loc) and loc[-1] == "[key]"
-    path: Path = loc[:-1] if is_key else loc
-    name = path[-1] if path else None
-    owner, info = _field_at(loc)
-    unit = _unit(name)
-    description = info.description if info is not None and info.description else None
+@dataclass(frozen=True)
+class _Failure:
+    """One pydantic error, read once: where it points, its kind, and the field it concerns."""
 
-    if kind == "extra_forbidden":
-        allowed_keys = sorted(owner.model_fields) if owner is not None else []
-        if owner is None:
-            parent_owner, _ = _field_at(loc[:-1])
-            if parent_owner is not None:
-                allowed_keys = sorted(parent_owner.model_fields)
-        close = difflib.get_close_matches(str(name), allowed_keys, n=1)
-        if len(path) > 1 and name in Protocol.model_fields:
-            fix = (
-                f"{name!r} is a top-level key: move it above the first [table] header "
-                "(in TOML, keys after a header belong to that table)"
-            )
-        elif close:
-            fix = f"did you mean {close[0]!r}? rename it"
-        else:
-            fix = "remove it"
-        return Issue(
-            "unknown-key",
-            f"unknown key {name!r}",
+    error: Mapping[str, Any]
+    loc: tuple[PathPart, ...]
+    kind: str
+    ctx: Mapping[str, Any]
+    value: Any
+    is_key: bool
+    path: Path
+    name: PathPart | None
+    owner: type[BaseModel] | None
+    info: FieldInfo | None
+    unit: str
+    description: str | None
+
+    @classmethod
+    def of(cls, error: Mapping[str, Any]) -> _Failure:
+        loc: tuple[PathPart, ...] = tuple(error["loc"])
+        is_key = bool(loc) and loc[-1] == "[key]"
+        path: Path = loc[:-1] if is_key else loc
+        name = path[-1] if path else None
+        owner, info = _field_at(loc)
+        return cls(
+            error=error,
+            loc=loc,
+            kind=error["type"],
+            ctx=error.get("ctx") or {},
+            value=error.get("input"),
+            is_key=is_key,
             path=path,
-            value=show_value(value),
-            allowed=", ".join(allowed_keys) or None,
-            fix=fix,
+            name=name,
+            owner=owner,
+            info=info,
+            unit=_unit(name),
+            description=info.description if info is not None and info.description else None,
         )
-    if kind == "missing":
-        return Issue(
-            "missing-key",
-            f"required key {name!r} is missing" + (f" ({description})" if description else ""),
-            path=path,
-            allowed=_range_text(info, unit, {}),
-            fix=f"add {name} = …",
-        )
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        what = "port number" if is_key and path[:1] == ("ports",) else str(name)
-        return Issue(
-            "range",
-            f"{what} is out of range",
-            path=path,
-            value=show_value(value) + unit,
-            allowed=_range_text(None if is_key else info, unit, ctx),
-            fix="use a value inside the allowed range"
-            + (f" ({description})" if description else ""),
-        )
-    if kind in ("enum", "literal_error"):
-        return Issue(
-            "choice",
-            "not one of the allowed values",
-            path=path,
-            value=show_value(value),
-            allowed=str(ctx.get("expected", "")) or None,
-            fix="use one of the allowed values (quoted, lower case)",
-        )
-    if kind in ("too_short", "too_long"):
-        return Issue(
-            "length",
-            error["msg"],
-            path=path,
-            value=show_value(value),
-            allowed=(
-                f"at least {ctx['min_length']}"
-                if kind == "too_short" and "min_length" in ctx
-                else f"at most {ctx.get('max_length')}"
-            )
-            + (" items" if isinstance(value, list | dict) else " characters"),
-            fix="add entries" if kind == "too_short" else "shorten it",
-        )
-    if kind == "string_pattern_mismatch":
-        return Issue(
-            "pattern",
-            "not a valid identifier",
-            path=path,
-            value=show_value(value),
-            allowed="3–64 characters: lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit",
-            fix="rename it, e.g. 'lumbar-chronic'",
-        )
-    if kind == "finite_number":
-        return Issue(
-            "type",
-            "inf and nan are not allowed",
-            path=path,
-            value=show_value(value),
-            allowed=_range_text(info, unit, {}) or "a finite number",
-            fix="write a finite number",
-        )
-    if kind == "int_parsing" and is_key and path[:1] == ("ports",):
-        return Issue(
-            "range",
-            "port keys are port numbers",
-            path=path,
-            value=show_value(path[-1] if path else value),
-            allowed=f"1–{MAX_PORTS}",
-            fix="name the table [ports.1] … [ports.8]",
-        )
-    if kind.endswith("_type") or kind in ("int_from_float", "is_instance_of", "model_type"):
-        got = _TOML_TYPES.get(type(value), type(value).__name__)
-        expected = {
-            "int_type": "an integer",
-            "int_from_float": "an integer (no decimal point)",
-            "float_type": "a number",
-            "string_type": "a string",
-            "bool_type": "true or false",
-            "list_type": "an array",
-            "dict_type": "a table",
-            "model_type": "a table",
-        }.get(kind, error["msg"])
-        return Issue(
-            "type",
-            f"expected {expected}, found {got}",
-            path=path,
-            value=show_value(value),
-            allowed=_range_text(info, unit, {}) or expected,
-            fix="write " + expected + (" without quotes" if isinstance(value, str) else ""),
-        )
-    return Issue(
+
+    @property
+    def is_port_key(self) -> bool:
+        return self.is_key and self.path[:1] == ("ports",)
+
+    def issue(
+        self,
+        rule: str,
+        message: str,
+        *,
+        allowed: str | None,
+        fix: str | None,
+        value: str | None = None,
+    ) -> Issue:
+        """An issue at the failure's path, showing its input unless `value` says otherwise."""
+        shown = show_value(self.value) if value is None else value
+        return Issue(rule, message, path=self.path, value=shown, allowed=allowed, fix=fix)
+
+
+def _issue_from_pydantic(error: Mapping[str, Any]) -> Issue:
+    """Say a pydantic error in the protocol's words: what is wrong, what is allowed, the fix."""
+    failure = _Failure.of(error)
+    for applies, explain in _EXPLAINERS:
+        if applies(failure):
+            return explain(failure)
+    return failure.issue(
         "value",
         str(error.get("msg", "invalid value")),
-        path=path,
-        value=show_value(value),
-        allowed=_range_text(info, unit, ctx),
-        fix=description,
+        allowed=_range_text(failure.info, failure.unit, failure.ctx),
+        fix=failure.description,
     )
+
+
+def _unknown_key(f: _Failure) -> Issue:
+    name = f.name
+    allowed_keys = sorted(f.owner.model_fields) if f.owner is not None else []
+    if f.owner is None:
+        parent_owner, _ = _field_at(f.loc[:-1])
+        if parent_owner is not None:
+            allowed_keys = sorted(parent_owner.model_fields)
+    close = difflib.get_close_matches(str(name), allowed_keys, n=1)
+    if len(f.path) > 1 and name in Protocol.model_fields:
+        fix = (
+            f"{name!r} is a top-level key: move it above the first [table] header "
+            "(in TOML, keys after a header belong to that table)"
+        )
+    elif close:
+        fix = f"did you mean {close[0]!r}? rename it"
+    else:
+        fix = "remove it"
+    return f.issue(
+        "unknown-key",
+        f"unknown key {name!r}",
+        allowed=", ".join(allowed_keys) or None,
+        fix=fix,
+    )
+
+
+def _missing_key(f: _Failure) -> Issue:
+    return Issue(  # nothing to show: the key is absent
+        "missing-key",
+        f"required key {f.name!r} is missing" + (f" ({f.description})" if f.description else ""),
+        path=f.path,
+        allowed=_range_text(f.info, f.unit, {}),
+        fix=f"add {f.name} = …",
+    )
+
+
+def _out_of_range(f: _Failure) -> Issue:
+    what = "port number" if f.is_port_key else str(f.name)
+    return f.issue(
+        "range",
+        f"{what} is out of range",
+        value=show_value(f.value) + f.unit,
+        allowed=_range_text(None if f.is_key else f.info, f.unit, f.ctx),
+        fix="use a value inside the allowed range"
+        + (f" ({f.description})" if f.description else ""),
+    )
+
+
+def _not_a_choice(f: _Failure) -> Issue:
+    return f.issue(
+        "choice",
+        "not one of the allowed values",
+        allowed=str(f.ctx.get("expected", "")) or None,
+        fix="use one of the allowed values (quoted, lower case)",
+    )
+
+
+def _bad_length(f: _Failure) -> Issue:
+    ctx = f.ctx
+    return f.issue(
+        "length",
+        f.error["msg"],
+        allowed=(
+            f"at least {ctx['min_length']}"
+            if f.kind == "too_short" and "min_length" in ctx
+            else f"at most {ctx.get('max_length')}"
+        )
+        + (" items" if isinstance(f.value, list | dict) else " characters"),
+        fix="add entries" if f.kind == "too_short" else "shorten it",
+    )
+
+
+def _bad_identifier(f: _Failure) -> Issue:
+    return f.issue(
+        "pattern",
+        "not a valid identifier",
+        allowed="3–64 characters: lower-case letters, digits and '-', "
+        "starting and ending with a letter or digit",
+        fix="rename it, e.g. 'lumbar-chronic'",
+    )
+
+
+def _not_finite(f: _Failure) -> Issue:
+    return f.issue(
+        "type",
+        "inf and nan are not allowed",
+        allowed=_range_text(f.info, f.unit, {}) or "a finite number",
+        fix="write a finite number",
+    )
+
+
+def _bad_port_key(f: _Failure) -> Issue:
+    return f.issue(
+        "range",
+        "port keys are port numbers",
+        value=show_value(f.path[-1] if f.path else f.value),
+        allowed=f"1–{MAX_PORTS}",
+        fix="name the table [ports.1] … [ports.8]",
+    )
+
+
+_EXPECTED_TYPES = {
+    "int_type": "an integer",
+    "int_from_float": "an integer (no decimal point)",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+
+
+def _wrong_type(f: _Failure) -> Issue:
+    got = _TOML_TYPES.get(type(f.value), type(f.value).__name__)
+    expected = _EXPECTED_TYPES.get(f.kind, f.error["msg"])
+    return f.issue(
+        "type",
+        f"expected {expected}, found {got}",
+        allowed=_range_text(f.info, f.unit, {}) or expected,
+        fix="write " + expected + (" without quotes" if isinstance(f.value, str) else ""),
+    )
+
+
+# Which explanation a pydantic error gets, first match wins; the rest are said as pydantic says.
+_EXPLAINERS: tuple[tuple[Callable[[_Failure], bool], Callable[[_Failure], Issue]], ...] = (
+    (lambda f: f.kind == "extra_forbidden", _unknown_key),
+    (lambda f: f.kind == "missing", _missing_key),
+    (
+        lambda f: f.kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"),
+        _out_of_range,
+    ),
+    (lambda f: f.kind in ("enum", "literal_error"), _not_a_choice),
+    (lambda f: f.kind in ("too_short", "too_long"), _bad_length),
+    (lambda f: f.kind == "string_pattern_mismatch", _bad_identifier),
+    (lambda f: f.kind == "finite_number", _not_finite),
+    (lambda f: f.kind == "int_parsing" and f.is_port_key, _bad_port_key),
+    (
+        lambda f: (
+            f.kind.endswith("_type") or f.kind in ("int_from_float", "is_instance_of", "model_type")
+        ),
+        _wrong_type,
+    ),
+)

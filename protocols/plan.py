@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,12 +40,15 @@ from pbmd.protocols.limits import (
     Limits,
 )
 from pbmd.protocols.model import (
+    Applicator,
     ApplicatorKind,
     Course,
     Gating,
     Mode,
+    Port,
     Protocol,
     Region,
+    Step,
     Target,
     Technique,
 )
@@ -198,206 +201,16 @@ def plan(
     if refusals:
         raise PlanError(protocol.id, [_on_protocol(i, protocol) for i in refusals])
 
-    errors: list[Issue] = []
-    warnings: list[Issue] = []
-    doses: list[StepDose] = []
+    tally = _Tally()
     ports: list[PortPlan] = []
-
     for number, port in sorted(protocol.ports.items()):
-        key = str(number)
-        need = port.applicator
-        info = applicators.get(number)
-        where = ("ports", key, "applicator")
-        channels = ", ".join(f"{c} nm" for c in need.channels_nm)
-        if info is None or info.applicator_kind == codec.ApplicatorKind.NONE:
-            errors.append(
-                Issue(
-                    "no-applicator",
-                    f"port {number} has no applicator; the protocol needs a {need.kind.value} "
-                    f"with {channels}",
-                    path=where,
-                    allowed=f"a {need.kind.value} on port {number}",
-                    fix=f"plug a {need.kind.value} ({channels}) into port {number}",
-                )
-            )
-            continue
-        if info.applicator_kind != _KIND_ON_WIRE[need.kind]:
-            errors.append(
-                Issue(
-                    "applicator-kind",
-                    f"port {number} reports a "
-                    f"{codec.describe(codec.ApplicatorKind, info.applicator_kind).lower()} "
-                    f"(serial {info.applicator_serial or '?'}), the protocol needs a "
-                    f"{need.kind.value}",
-                    path=(*where, "kind"),
-                    value=codec.describe(codec.ApplicatorKind, info.applicator_kind).lower(),
-                    allowed=need.kind.value,
-                    fix=f"plug a {need.kind.value} with {channels} into port {number}",
-                )
-            )
-            continue
-        area_cm2 = info.area_mm2 / 100.0
-        if (
-            area_cm2 <= 0
-            or abs(area_cm2 - need.beam_area_cm2) > AREA_TOLERANCE * need.beam_area_cm2
-        ):
-            errors.append(
-                Issue(
-                    "applicator-area",
-                    f"port {number} reports an emitting area of {area_cm2:g} cm²; the protocol "
-                    f"was written for {need.beam_area_cm2:g} cm²",
-                    path=(*where, "beam_area_cm2"),
-                    value=f"{area_cm2:g} cm²",
-                    allowed=f"{need.beam_area_cm2:g} cm² ± {AREA_TOLERANCE:.0%}",
-                    fix="use the applicator the protocol was written for, or a protocol "
-                    "written for this one",
-                )
-            )
-            continue
-
-        emissions: list[PlannedEmission] = []
-        for index, step in enumerate(port.steps):
-            path = ("ports", key, "steps", index)
-            channel = info.channel(step.wavelength_nm)
-            if channel is None:
-                reported = ", ".join(f"{c.wavelength_nm} nm" for c in info.channels) or "none"
-                errors.append(
-                    Issue(
-                        "channel-missing",
-                        f"the applicator on port {number} has no {step.wavelength_nm} nm channel",
-                        path=(*path, "wavelength_nm"),
-                        value=str(step.wavelength_nm),
-                        allowed=f"reported channels: {reported}",
-                        fix=f"plug an applicator with a {step.wavelength_nm} nm channel into "
-                        f"port {number}",
-                    )
-                )
-                continue
-            pulsed = step.mode is Mode.PULSED
-            if (pulsed and not channel.pulsed) or (not pulsed and not channel.continuous):
-                offered = [
-                    m
-                    for m, ok in (("continuous", channel.continuous), ("pulsed", channel.pulsed))
-                    if ok
-                ]
-                errors.append(
-                    Issue(
-                        "mode-unavailable",
-                        f"the {step.wavelength_nm} nm channel on port {number} does not offer "
-                        f"{step.mode.value} emission",
-                        path=(*path, "mode"),
-                        value=f'"{step.mode.value}"',
-                        allowed=" or ".join(offered) or "nothing",
-                        fix="use an applicator that offers this mode",
-                    )
-                )
-                continue
-            dose = resolve_step(number, key, index, step, area_cm2)
-            if dose is None:  # validated protocols always resolve
-                errors.append(Issue("unresolved", "the step's dose cannot be computed", path=path))
-                continue
-            power_uw = round(dose.power_mw * 1000.0)
-            if power_uw < 1 or power_uw > channel.max_power_uw:
-                errors.append(
-                    Issue(
-                        "power-above-max",
-                        f"{dose.power_mw:g} mW at {step.wavelength_nm} nm is above what the "
-                        f"applicator on port {number} reports it can emit",
-                        path=(
-                            *path,
-                            "power_mw" if step.power_mw is not None else "irradiance_mw_cm2",
-                        ),
-                        value=f"{dose.power_mw:g} mW",
-                        allowed=f"1 µW – {channel.max_power_uw / 1000:g} mW",
-                        fix="lower the setpoint or use a stronger applicator",
-                    )
-                )
-                continue
-            duty_permille = 1000
-            pulse_hz = 0
-            peak_mw: float | None = None
-            if pulsed and dose.duty is not None and dose.pulse_hz is not None:
-                pulse_hz = dose.pulse_hz
-                duty_permille = min(999, max(1, round(dose.duty * 1000)))
-                peak_mw = dose.power_mw / dose.duty
-                if channel.peak_power_mw and peak_mw > channel.peak_power_mw * (1 + 1e-9):
-                    errors.append(
-                        Issue(
-                            "peak-power",
-                            f"{dose.power_mw:g} mW average at {dose.duty * 1000:g} ‰ duty needs "
-                            f"{peak_mw:g} mW peak; the applicator on port {number} reports "
-                            f"{channel.peak_power_mw} mW",
-                            path=(*path, "power_mw"),
-                            value=f"{peak_mw:g} mW peak",
-                            allowed=f"≤ {channel.peak_power_mw} mW peak, i.e. ≤ "
-                            f"{channel.peak_power_mw * dose.duty:g} mW average at this duty",
-                            fix="lower the average power or raise the duty cycle "
-                            "(pulse rate or width)",
-                        )
-                    )
-                    continue
-            irradiance = power_uw / 1000.0 / area_cm2
-            if dose.target is Target.TIME:
-                duration_s = dose.target_value
-                target_energy_uj = round(power_uw * duration_s)
-            else:
-                if dose.target is Target.FLUENCE:
-                    target_energy_uj = round(dose.target_value * area_cm2 * 1e6)
-                else:
-                    target_energy_uj = round(dose.target_value * 1e6)
-                duration_s = target_energy_uj / power_uw
-            expected_ms = max(1, round(duration_s * 1000.0))
-            max_time_ms = round(step.max_time_s * 1000.0)
-            max_duration_ms = min(math.ceil(expected_ms * (1 + MAX_DURATION_MARGIN)), max_time_ms)
-            site = protocol.sites[step.site]  # checked by check_view above
-            doses.append(dose)
-            emissions.append(
-                PlannedEmission(
-                    port=number,
-                    step_index=index,
-                    site_id=step.site,
-                    site_label=site.label,
-                    region=site.region,
-                    area_covered_cm2=site.area_covered_cm2,
-                    technique=step.technique,
-                    wavelength_nm=step.wavelength_nm,
-                    mode=codec.EmitMode.PULSED if pulsed else codec.EmitMode.CONTINUOUS,
-                    power_uw=power_uw,
-                    pulse_hz=pulse_hz,
-                    duty_permille=duty_permille,
-                    pulse_width_ns=dose.pulse_width_ns,
-                    peak_power_mw=peak_mw,
-                    area_mm2=info.area_mm2,
-                    irradiance_mw_cm2=irradiance,
-                    target=dose.target,
-                    target_value=dose.target_value,
-                    target_energy_uj=target_energy_uj,
-                    expected_duration_ms=expected_ms,
-                    expected_energy_uj=target_energy_uj,
-                    expected_fluence_j_cm2=target_energy_uj / 1e6 / area_cm2,
-                    energy_budget_uj=math.ceil(target_energy_uj * (1 + ENERGY_BUDGET_MARGIN)),
-                    max_duration_ms=max_duration_ms,
-                    backup_time_s=step.max_time_s,
-                    gating=step.gating,
-                )
-            )
-            for issue in check_dose(step, dose, limits):
-                (warnings if issue.severity is Severity.WARNING else errors).append(issue)
-        ports.append(
-            PortPlan(
-                port=number,
-                applicator_kind=codec.ApplicatorKind(info.applicator_kind),
-                applicator_serial=info.applicator_serial,
-                area_mm2=info.area_mm2,
-                emissions=tuple(emissions),
-                expected_duration_ms=sum(e.expected_duration_ms for e in emissions),
-                expected_energy_uj=sum(e.expected_energy_uj for e in emissions),
-            )
-        )
-    for issue in check_totals(doses, limits):
-        (warnings if issue.severity is Severity.WARNING else errors).append(issue)
-    if errors:
-        raise PlanError(protocol.id, [_on_protocol(i, protocol) for i in errors])
+        port_plan = _plan_port(protocol, number, port, applicators.get(number), limits, tally)
+        if port_plan is not None:
+            ports.append(port_plan)
+    for issue in check_totals(tally.doses, limits):
+        tally.add(issue)
+    if tally.errors:
+        raise PlanError(protocol.id, [_on_protocol(i, protocol) for i in tally.errors])
 
     fields: dict[str, Any] = {
         "protocol_id": protocol.id,
@@ -408,11 +221,257 @@ def plan(
         "limits": limits,
         "ports": tuple(ports),
         "expected_duration_ms": max((p.expected_duration_ms for p in ports), default=0),
-        "warnings": tuple(str(_on_protocol(w, protocol)) for w in warnings),
+        "warnings": tuple(str(_on_protocol(w, protocol)) for w in tally.warnings),
         "content_hash": "",
     }
     draft = Plan(**fields)
     return draft.model_copy(update={"content_hash": content_hash(draft)})
+
+
+@dataclass
+class _Tally:
+    """What planning has found so far, in the order it found it."""
+
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+    doses: list[StepDose] = field(default_factory=list)
+
+    def add(self, issue: Issue) -> None:
+        (self.warnings if issue.severity is Severity.WARNING else self.errors).append(issue)
+
+
+def _plan_port(
+    protocol: Protocol,
+    number: int,
+    port: Port,
+    info: codec.PortInfo | None,
+    limits: Limits,
+    tally: _Tally,
+) -> PortPlan | None:
+    """One port's emissions, or None when its applicator does not fit (the misfit is tallied)."""
+    key = str(number)
+    misfit = _applicator_misfit(number, key, port.applicator, info)
+    if misfit is not None or info is None:
+        if misfit is not None:
+            tally.errors.append(misfit)
+        return None
+    area_cm2 = info.area_mm2 / 100.0
+    emissions: list[PlannedEmission] = []
+    for index, step in enumerate(port.steps):
+        planned = _plan_step(protocol, number, key, index, step, info, area_cm2)
+        if isinstance(planned, Issue):
+            tally.errors.append(planned)
+            continue
+        emission, dose = planned
+        tally.doses.append(dose)
+        emissions.append(emission)
+        for issue in check_dose(step, dose, limits):
+            tally.add(issue)
+    return PortPlan(
+        port=number,
+        applicator_kind=codec.ApplicatorKind(info.applicator_kind),
+        applicator_serial=info.applicator_serial,
+        area_mm2=info.area_mm2,
+        emissions=tuple(emissions),
+        expected_duration_ms=sum(e.expected_duration_ms for e in emissions),
+        expected_energy_uj=sum(e.expected_energy_uj for e in emissions),
+    )
+
+
+def _applicator_misfit(
+    number: int, key: str, need: Applicator, info: codec.PortInfo | None
+) -> Issue | None:
+    """Why the reported applicator cannot carry the port's steps, or None when it can."""
+    where = ("ports", key, "applicator")
+    channels = ", ".join(f"{c} nm" for c in need.channels_nm)
+    if info is None or info.applicator_kind == codec.ApplicatorKind.NONE:
+        return Issue(
+            "no-applicator",
+            f"port {number} has no applicator; the protocol needs a {need.kind.value} "
+            f"with {channels}",
+            path=where,
+            allowed=f"a {need.kind.value} on port {number}",
+            fix=f"plug a {need.kind.value} ({channels}) into port {number}",
+        )
+    if info.applicator_kind != _KIND_ON_WIRE[need.kind]:
+        return Issue(
+            "applicator-kind",
+            f"port {number} reports a "
+            f"{codec.describe(codec.ApplicatorKind, info.applicator_kind).lower()} "
+            f"(serial {info.applicator_serial or '?'}), the protocol needs a "
+            f"{need.kind.value}",
+            path=(*where, "kind"),
+            value=codec.describe(codec.ApplicatorKind, info.applicator_kind).lower(),
+            allowed=need.kind.value,
+            fix=f"plug a {need.kind.value} with {channels} into port {number}",
+        )
+    area_cm2 = info.area_mm2 / 100.0
+    if area_cm2 <= 0 or abs(area_cm2 - need.beam_area_cm2) > AREA_TOLERANCE * need.beam_area_cm2:
+        return Issue(
+            "applicator-area",
+            f"port {number} reports an emitting area of {area_cm2:g} cm²; the protocol "
+            f"was written for {need.beam_area_cm2:g} cm²",
+            path=(*where, "beam_area_cm2"),
+            value=f"{area_cm2:g} cm²",
+            allowed=f"{need.beam_area_cm2:g} cm² ± {AREA_TOLERANCE:.0%}",
+            fix="use the applicator the protocol was written for, or a protocol "
+            "written for this one",
+        )
+    return None
+
+
+def _mode_misfit(
+    number: int, path: tuple[str | int, ...], step: Step, channel: codec.Channel
+) -> Issue | None:
+    """Why the channel cannot emit in the step's mode, or None when it can."""
+    pulsed = step.mode is Mode.PULSED
+    if (pulsed and not channel.pulsed) or (not pulsed and not channel.continuous):
+        offered = [
+            m for m, ok in (("continuous", channel.continuous), ("pulsed", channel.pulsed)) if ok
+        ]
+        return Issue(
+            "mode-unavailable",
+            f"the {step.wavelength_nm} nm channel on port {number} does not offer "
+            f"{step.mode.value} emission",
+            path=(*path, "mode"),
+            value=f'"{step.mode.value}"',
+            allowed=" or ".join(offered) or "nothing",
+            fix="use an applicator that offers this mode",
+        )
+    return None
+
+
+def _plan_step(
+    protocol: Protocol,
+    number: int,
+    key: str,
+    index: int,
+    step: Step,
+    info: codec.PortInfo,
+    area_cm2: float,
+) -> tuple[PlannedEmission, StepDose] | Issue:
+    """One step as the controller will run it, or the first reason it cannot run."""
+    path = ("ports", key, "steps", index)
+    channel = info.channel(step.wavelength_nm)
+    if channel is None:
+        reported = ", ".join(f"{c.wavelength_nm} nm" for c in info.channels) or "none"
+        return Issue(
+            "channel-missing",
+            f"the applicator on port {number} has no {step.wavelength_nm} nm channel",
+            path=(*path, "wavelength_nm"),
+            value=str(step.wavelength_nm),
+            allowed=f"reported channels: {reported}",
+            fix=f"plug an applicator with a {step.wavelength_nm} nm channel into port {number}",
+        )
+    misfit = _mode_misfit(number, path, step, channel)
+    if misfit is not None:
+        return misfit
+    dose = resolve_step(number, key, index, step, area_cm2)
+    if dose is None:  # validated protocols always resolve
+        return Issue("unresolved", "the step's dose cannot be computed", path=path)
+    power_uw = round(dose.power_mw * 1000.0)
+    if power_uw < 1 or power_uw > channel.max_power_uw:
+        return Issue(
+            "power-above-max",
+            f"{dose.power_mw:g} mW at {step.wavelength_nm} nm is above what the "
+            f"applicator on port {number} reports it can emit",
+            path=(*path, "power_mw" if step.power_mw is not None else "irradiance_mw_cm2"),
+            value=f"{dose.power_mw:g} mW",
+            allowed=f"1 µW – {channel.max_power_uw / 1000:g} mW",
+            fix="lower the setpoint or use a stronger applicator",
+        )
+    pulse = _pulse_setpoints(number, path, step, dose, channel)
+    if isinstance(pulse, Issue):
+        return pulse
+    emission = _emission(protocol, number, index, step, dose, info, area_cm2, power_uw, pulse)
+    return emission, dose
+
+
+def _pulse_setpoints(
+    number: int,
+    path: tuple[str | int, ...],
+    step: Step,
+    dose: StepDose,
+    channel: codec.Channel,
+) -> tuple[int, int, float | None] | Issue:
+    """(pulse_hz, duty ‰, peak mW) for the step, or why the channel's peak forbids it."""
+    duty_permille = 1000
+    pulse_hz = 0
+    peak_mw: float | None = None
+    if step.mode is Mode.PULSED and dose.duty is not None and dose.pulse_hz is not None:
+        pulse_hz = dose.pulse_hz
+        duty_permille = min(999, max(1, round(dose.duty * 1000)))
+        peak_mw = dose.power_mw / dose.duty
+        if channel.peak_power_mw and peak_mw > channel.peak_power_mw * (1 + 1e-9):
+            return Issue(
+                "peak-power",
+                f"{dose.power_mw:g} mW average at {dose.duty * 1000:g} ‰ duty needs "
+                f"{peak_mw:g} mW peak; the applicator on port {number} reports "
+                f"{channel.peak_power_mw} mW",
+                path=(*path, "power_mw"),
+                value=f"{peak_mw:g} mW peak",
+                allowed=f"≤ {channel.peak_power_mw} mW peak, i.e. ≤ "
+                f"{channel.peak_power_mw * dose.duty:g} mW average at this duty",
+                fix="lower the average power or raise the duty cycle (pulse rate or width)",
+            )
+    return pulse_hz, duty_permille, peak_mw
+
+
+def _emission(
+    protocol: Protocol,
+    number: int,
+    index: int,
+    step: Step,
+    dose: StepDose,
+    info: codec.PortInfo,
+    area_cm2: float,
+    power_uw: int,
+    pulse: tuple[int, int, float | None],
+) -> PlannedEmission:
+    """The step's setpoints, target and the controller's two backstops."""
+    pulse_hz, duty_permille, peak_mw = pulse
+    irradiance = power_uw / 1000.0 / area_cm2
+    if dose.target is Target.TIME:
+        duration_s = dose.target_value
+        target_energy_uj = round(power_uw * duration_s)
+    else:
+        if dose.target is Target.FLUENCE:
+            target_energy_uj = round(dose.target_value * area_cm2 * 1e6)
+        else:
+            target_energy_uj = round(dose.target_value * 1e6)
+        duration_s = target_energy_uj / power_uw
+    expected_ms = max(1, round(duration_s * 1000.0))
+    max_time_ms = round(step.max_time_s * 1000.0)
+    max_duration_ms = min(math.ceil(expected_ms * (1 + MAX_DURATION_MARGIN)), max_time_ms)
+    site = protocol.sites[step.site]  # checked by check_view in plan()
+    return PlannedEmission(
+        port=number,
+        step_index=index,
+        site_id=step.site,
+        site_label=site.label,
+        region=site.region,
+        area_covered_cm2=site.area_covered_cm2,
+        technique=step.technique,
+        wavelength_nm=step.wavelength_nm,
+        mode=codec.EmitMode.PULSED if step.mode is Mode.PULSED else codec.EmitMode.CONTINUOUS,
+        power_uw=power_uw,
+        pulse_hz=pulse_hz,
+        duty_permille=duty_permille,
+        pulse_width_ns=dose.pulse_width_ns,
+        peak_power_mw=peak_mw,
+        area_mm2=info.area_mm2,
+        irradiance_mw_cm2=irradiance,
+        target=dose.target,
+        target_value=dose.target_value,
+        target_energy_uj=target_energy_uj,
+        expected_duration_ms=expected_ms,
+        expected_energy_uj=target_energy_uj,
+        expected_fluence_j_cm2=target_energy_uj / 1e6 / area_cm2,
+        energy_budget_uj=math.ceil(target_energy_uj * (1 + ENERGY_BUDGET_MARGIN)),
+        max_duration_ms=max_duration_ms,
+        backup_time_s=step.max_time_s,
+        gating=step.gating,
+    )
 
 
 def _on_protocol(issue: Issue, protocol: Protocol) -> Issue:

@@ -1,12 +1,20 @@
-"""Shared test fixtures: every async test fails if it leaves a task running."""
+"""Fixtures of the whole suite: every async test fails if it leaves a task running, and
+a work directory other users can reach (`workdir`).
+
+Shared test material that is not a pytest fixture (protocol texts, signing,
+simulators) is in tests/fixtures/.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from fixtures.paths import public_dir
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,3 +45,13 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
         await asyncio.gather(*leaked, return_exceptions=True)
         names = ", ".join(sorted(t.get_name() + ":" + repr(t.get_coro()) for t in leaked))
         pytest.fail(f"test leaked {len(leaked)} asyncio task(s): {names}")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory every uid can traverse, removed after the test."""
+    path = public_dir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -21,11 +21,15 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Generic, TypeVar
+
+from fixtures.protocols import pad_step as pad_step
+from fixtures.protocols import probe_step as probe_step
+from fixtures.protocols import protocol as protocol
+from fixtures.simulator import connect, start_simulator
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest
@@ -33,7 +37,7 @@ from pbmd.daemon.core.safety import SafetyLimits
 from pbmd.daemon.core.session import Session, SessionEvent
 from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient, open_controller
+from pbmd.drivers.client import ControllerClient
 from pbmd.hw_sim import SimConfig, Simulator
 from pbmd.protocols.limits import DEFAULT_LIMITS, Limits
 from pbmd.protocols.loader import LoadedProtocol, parse_protocol
@@ -128,15 +132,12 @@ class Rig:
         cfg = SimConfig(time_scale=self.time_scale, seed=self.seed)
         if ports is not None:
             cfg.ports = ports
-        self.sim = Simulator(cfg)
-        await self.sim.start()
+        self.sim = await start_simulator(cfg)
         self._tap_simulator()
         try:
-            if self.link == "pty":
-                self.url = await self.sim.listen_pty()
-            else:
-                self.url = await self.sim.listen_tcp("127.0.0.1", 0)
-            self.client = await open_controller(self.url, telemetry_hz=self.telemetry_hz)
+            self.url, self.client = await connect(
+                self.sim, telemetry_hz=self.telemetry_hz, link=self.link
+            )
             # Registered before the handle's: stamps a sample before the engine acts on it.
             self.client.add_telemetry_listener(self.host_telemetry.add)
             self.client.add_reply_timeout_listener(self.reply_timeouts.add)
@@ -173,12 +174,7 @@ class Rig:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self._close()
 
     async def _close(self) -> None:
@@ -312,161 +308,3 @@ class Rig:
             t = await self.handle.next_sample(timeout_s)
         assert t is not None
         return t
-
-
-# ---------------------------------------------------------------- protocols
-
-HEADER = """\
-schema_version = 1
-id = "{id}"
-version = 1
-title = "Engine test protocol"
-indication = "Tests only."
-contraindications = ["cancer", "pregnancy"]
-
-[course]
-sessions = 1
-interval_days = 1
-
-[[evidence]]
-ref = "jenkins-carroll-2011"
-relevance = "Tests only."
-
-[sites.back]
-label = "Lumbar paraspinal muscles"
-region = "lumbar"
-area_covered_cm2 = 180.0
-
-[sites.back2]
-label = "Thoracolumbar paraspinal muscles"
-region = "lumbar"
-area_covered_cm2 = 180.0
-
-[sites.arm]
-label = "Forearm"
-region = "upper-limb"
-area_covered_cm2 = 180.0
-
-[sites.point]
-label = "L4-5 left"
-region = "lumbar"
-area_covered_cm2 = 0.5
-
-[sites.point2]
-label = "L5-S1 left"
-region = "lumbar"
-area_covered_cm2 = 0.5
-
-[sites.knee]
-label = "Knee, medial joint line"
-region = "lower-limb"
-area_covered_cm2 = 0.5
-"""
-
-APPLICATOR = {
-    "pad": 'kind = "pad"\nchannels_nm = [660, 830]\nbeam_area_cm2 = 180.0\n',
-    "probe_905": 'kind = "probe"\nchannels_nm = [905]\nbeam_area_cm2 = 0.5\n',
-    "probe_830": 'kind = "probe"\nchannels_nm = [830]\nbeam_area_cm2 = 0.5\n',
-}
-
-
-def step(**fields: Any) -> str:
-    """One [[ports.N.steps]] body from keyword fields (strings quoted, dicts inline)."""
-    lines = []
-    for key, value in fields.items():
-        if isinstance(value, str):
-            text = f'"{value}"'
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, dict):
-            inner = ", ".join(
-                f"{k} = {'true' if v is True else 'false' if v is False else v}"
-                for k, v in value.items()
-            )
-            text = "{ " + inner + " }"
-        else:
-            text = repr(value)
-        lines.append(f"{key} = {text}")
-    return "\n".join(lines) + "\n"
-
-
-def pad_step(
-    *,
-    site: str = "back",
-    nm: int = 660,
-    irradiance: float = 4.0,
-    fluence: float | None = 0.12,
-    time_s: float | None = None,
-    max_time_s: float | None = None,
-    gating: dict[str, bool] | None = None,
-    **extra: Any,
-) -> str:
-    """A pad step: 720 mW over 180 cm² by default, 0.12 J/cm² (30 s of device time)."""
-    fields: dict[str, Any] = {
-        "site": site,
-        "wavelength_nm": nm,
-        "mode": "continuous",
-        "technique": "contact",
-        "irradiance_mw_cm2": irradiance,
-    }
-    if time_s is not None:
-        fields["time_s"] = time_s
-    elif fluence is not None:
-        fields["fluence_j_cm2"] = fluence
-    fields.update(extra)
-    if max_time_s is None:
-        planned = time_s if time_s is not None else (fluence or 0) / irradiance * 1000
-        max_time_s = max(round(planned * 1.2 + 1, 1), 2.0)
-    fields["max_time_s"] = max_time_s
-    if gating:
-        fields["gating"] = gating
-    return step(**fields)
-
-
-def probe_step(
-    *,
-    site: str = "point",
-    power_mw: float = 50.0,
-    energy_j: float = 1.0,
-    pulse_hz: int = 5000,
-    duty_permille: int = 1,
-    nm: int = 905,
-    gating: dict[str, bool] | None = None,
-    max_time_s: float | None = None,
-) -> str:
-    """A 905 nm probe point: 50 mW to 1 J by default (20 s of device time)."""
-    fields: dict[str, Any] = {
-        "site": site,
-        "wavelength_nm": nm,
-        "mode": "pulsed",
-        "technique": "contact",
-        "power_mw": power_mw,
-        "pulse_hz": pulse_hz,
-        "duty_permille": duty_permille,
-        "energy_j": energy_j,
-        "max_time_s": max_time_s or max(round(energy_j / power_mw * 1000 * 1.2 + 1, 1), 2.0),
-        "gating": gating or {"confirm_placement": True, "skin_contact": True},
-    }
-    return step(**fields)
-
-
-def protocol(
-    ports: Mapping[int, Sequence[str]],
-    *,
-    applicators: Mapping[int, str] | None = None,
-    protocol_id: str = "engine-test",
-    contraindications: Sequence[str] | None = None,
-) -> str:
-    """A protocol with the given steps per port (pads on 1–3, the 905 probe on 4)."""
-    kinds = {1: "pad", 2: "pad", 3: "pad", 4: "probe_905"} | dict(applicators or {})
-    text = HEADER.format(id=protocol_id)
-    if contraindications is not None:
-        listed = ", ".join(f'"{c}"' for c in contraindications)
-        text = text.replace(
-            'contraindications = ["cancer", "pregnancy"]', f"contraindications = [{listed}]"
-        )
-    for port, steps in sorted(ports.items()):
-        text += f"\n[ports.{port}.applicator]\n{APPLICATOR[kinds[port]]}"
-        for body in steps:
-            text += f"\n[[ports.{port}.steps]]\n{body}"
-    return text

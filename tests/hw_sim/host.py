@@ -17,7 +17,6 @@ from typing import TypeVar
 
 from pbmd.drivers import codec
 from pbmd.drivers.codec import ControllerState, EventCode
-from pbmd.hw_sim import SimConfig, Simulator
 
 M = TypeVar("M", bound=codec.Message)
 
@@ -365,9 +364,3 @@ def emit(
 def probe_pulse(power_uw: int = 100_000, **kw: int) -> codec.EmitStart:
     """EMIT_START for the 905 nm superpulsed probe on port 4 (10 kHz, 200 ns pulses)."""
     return emit(4, 905, power_uw, mode=1, pulse_hz=10_000, duty_permille=2, **kw)
-
-
-async def new_sim(time_scale: float = 60.0, **config: object) -> Simulator:
-    sim = Simulator(SimConfig(time_scale=time_scale, **config))  # type: ignore[arg-type]
-    await sim.start()
-    return sim

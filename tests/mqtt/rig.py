@@ -1,7 +1,8 @@
 """The treatment side of the MQTT tests: hw_sim, the real driver, Engine and RecordStore.
 
-Protocols are generated small and synthetic so that a whole session runs in
-about a second at the simulator's time scale.
+Protocols are generated small and synthetic (fixtures.protocols.mqtt_protocol,
+here as `protocol_text`) so that a whole session runs in about a second at the
+simulator's time scale.
 """
 
 from __future__ import annotations
@@ -9,102 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from fixtures.protocols import mqtt_protocol
+from fixtures.simulator import connect, start_simulator
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest
 from pbmd.daemon.core.session import Session
 from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient, open_controller
+from pbmd.drivers.client import ControllerClient
 from pbmd.hw_sim import SimConfig, Simulator
 from pbmd.protocols.loader import parse_protocol
 from pbmd.protocols.plan import Plan, plan
 
 TELEMETRY_HZ = 50
 
-_HEAD = """\
-schema_version = 1
-id = "mqtt-test"
-version = 1
-title = "Synthetic session for the MQTT tests"
-indication = "Tests only."
-contraindications = ["cancer", "pregnancy"]
-cautions = ["Eyewear."]
-
-[course]
-sessions = 1
-interval_days = 1
-
-[[evidence]]
-ref = "walt-2010"
-relevance = "Dose figures."
-"""
-
-
-def protocol_text(
-    pad_fluences_j_cm2: Mapping[int, Sequence[float]],
-    probe_energy_j: float | None = None,
-) -> str:
-    """Pads on the given ports (660 then 830 nm alternating, 10 mW/cm²), and a 905 nm
-    probe point on port 4 (50 mW average) that waits for a placement confirmation."""
-    parts = [_HEAD]
-    for port, fluences in sorted(pad_fluences_j_cm2.items()):
-        parts.append(
-            f"""
-[sites.pad{port}]
-label = "Lumbar paraspinal, pad {port}"
-region = "lumbar"
-area_covered_cm2 = 180.0
-
-[ports.{port}.applicator]
-kind = "pad"
-channels_nm = [660, 830]
-beam_area_cm2 = 180.0
-"""
-        )
-        for i, fluence in enumerate(fluences):
-            parts.append(
-                f"""
-[[ports.{port}.steps]]
-site = "pad{port}"
-wavelength_nm = {660 if i % 2 == 0 else 830}
-mode = "continuous"
-technique = "contact"
-irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = {fluence}
-max_time_s = {max(600, round(fluence / 10.0 * 1000 * 1.3))}
-"""
-            )
-    if probe_energy_j is not None:
-        parts.append(
-            f"""
-[sites.point4]
-label = "L4-5 left"
-region = "lumbar"
-area_covered_cm2 = 0.5
-
-[ports.4.applicator]
-kind = "probe"
-channels_nm = [905]
-beam_area_cm2 = 0.5
-
-[[ports.4.steps]]
-site = "point4"
-wavelength_nm = 905
-mode = "pulsed"
-technique = "contact"
-power_mw = 50.0
-pulse_hz = 5000
-duty_permille = 1
-energy_j = {probe_energy_j}
-max_time_s = 600
-gating = {{ confirm_placement = true, skin_contact = true }}
-"""
-        )
-    return "".join(parts)
+protocol_text = mqtt_protocol
 
 
 @dataclass
@@ -121,13 +45,11 @@ class Rig:
 
     @classmethod
     async def open(cls, directory: Path, *, time_scale: float, seed: int = 7) -> Rig:
-        sim = Simulator(SimConfig(time_scale=time_scale, seed=seed))
-        await sim.start()
+        sim = await start_simulator(SimConfig(time_scale=time_scale, seed=seed))
         client: ControllerClient | None = None
         store: RecordStore | None = None
         try:
-            url = await sim.listen_tcp("127.0.0.1", 0)
-            client = await open_controller(url, telemetry_hz=TELEMETRY_HZ)
+            _, client = await connect(sim, telemetry_hz=TELEMETRY_HZ)
             handle = ControllerHandle("main", client)
             path = directory / "records.sqlite"
             store = await RecordStore.open(path)

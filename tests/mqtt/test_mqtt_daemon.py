@@ -7,17 +7,13 @@ through the control socket while a subscriber to ``pbm/v1/#`` watches.
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from service.harness import (
     SHORT_SCREENING,
     Daemon,
     RawClient,
     pbmctl_json,
-    public_dir,
     run_session_confirming,
     toml_config,
     write_protocol,
@@ -27,15 +23,6 @@ from .broker import Mosquitto
 from .subscriber import Subscriber
 
 PREFIX = "pbm/v1/ws-e2e"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = public_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_daemon_publishes_a_whole_session(

@@ -1,16 +1,12 @@
-"""Shared material of the protocol tests: applicators, a small valid protocol, minisign."""
+"""Shared material of the protocol tests: the ICD's applicators and edits of a protocol.
+
+The small valid protocol (BASE) and minisign signing are the whole suite's:
+fixtures.protocols and fixtures.signing.
+"""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 from pbmd.drivers import codec
-
-MINISIGN = shutil.which("minisign") or "/usr/bin/minisign"
-TESTS_DIR = Path(__file__).resolve().parents[1]
-TEST_SECRET_KEY = TESTS_DIR / "keys" / "test-protocol-signing.key"
 
 C = codec.ChannelMode.CONTINUOUS
 P = codec.ChannelMode.PULSED
@@ -69,68 +65,6 @@ def sim_applicators() -> dict[int, codec.PortInfo]:
     return out
 
 
-# A small valid protocol: one pad step on port 1, one probe point on port 4.
-# Bad-file tests edit it one rule at a time.
-BASE = """\
-schema_version = 1
-id = "test-base"
-version = 1
-title = "Base protocol for tests"
-indication = "Tests only."
-contraindications = ["cancer", "pregnancy"]
-cautions = ["Eyewear."]
-
-[course]
-sessions = 10
-interval_days = 2
-
-[[evidence]]
-ref = "walt-2010"
-relevance = "Dose figures."
-
-[sites.back]
-label = "Left lumbar paraspinal muscles"
-region = "lumbar"
-area_covered_cm2 = 180.0
-
-[sites.point]
-label = "L4-5 left"
-region = "lumbar"
-area_covered_cm2 = 0.5
-
-[ports.1.applicator]
-kind = "pad"
-channels_nm = [660, 830]
-beam_area_cm2 = 180.0
-
-[[ports.1.steps]]
-site = "back"
-wavelength_nm = 660
-mode = "continuous"
-technique = "contact"
-irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 6.0
-max_time_s = 720
-
-[ports.4.applicator]
-kind = "probe"
-channels_nm = [905]
-beam_area_cm2 = 0.5
-
-[[ports.4.steps]]
-site = "point"
-wavelength_nm = 905
-mode = "pulsed"
-technique = "contact"
-power_mw = 50.0
-pulse_hz = 5000
-duty_permille = 1
-energy_j = 4.0
-max_time_s = 96
-gating = { confirm_placement = true, skin_contact = true }
-"""
-
-
 def edit(text: str, old: str, new: str, count: int = 1) -> str:
     """Replace `old` (which must occur) by `new`: a precise, checked edit of BASE."""
     assert old in text, f"{old!r} not in the text"
@@ -143,29 +77,3 @@ def line_with(text: str, fragment: str, start: int = 1) -> int:
         if number >= start and fragment in line:
             return number
     raise AssertionError(f"{fragment!r} not found")
-
-
-def run_minisign(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MINISIGN, *args], check=True, capture_output=True, text=True, timeout=30)
-
-
-def make_keypair(directory: Path, name: str = "key") -> tuple[Path, Path]:
-    """A fresh passwordless minisign key pair: (public, secret)."""
-    public, secret = directory / f"{name}.pub", directory / f"{name}.key"
-    run_minisign("-G", "-W", "-f", "-p", str(public), "-s", str(secret))
-    return public, secret
-
-
-def sign(
-    path: Path,
-    secret: Path = TEST_SECRET_KEY,
-    *,
-    legacy: bool = False,
-    trusted_comment: str = "pbmd test signature",
-) -> Path:
-    """Sign `path` with the real minisign binary; returns the .minisig path."""
-    args = ["-S", "-s", str(secret), "-m", str(path), "-t", trusted_comment]
-    if legacy:
-        args.insert(1, "-l")
-    run_minisign(*args)
-    return Path(str(path) + ".minisig")

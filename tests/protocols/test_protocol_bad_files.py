@@ -6,7 +6,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 import pytest
-from protocol_helpers import BASE, edit, line_with
+from fixtures.protocols import BASE
+from protocol_helpers import edit, line_with
 
 from pbmd.protocols.errors import Issue, ProtocolInvalid, Severity
 from pbmd.protocols.limits import Limits

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from protocol_helpers import BASE, edit
+from fixtures.protocols import BASE
+from protocol_helpers import edit
 
 from pbmd.daemon.clients import pbmctl
 from pbmd.protocols import library

@@ -7,7 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from protocol_helpers import icd_applicators, run_minisign, sim_applicators
+from fixtures.signing import run_minisign
+from protocol_helpers import icd_applicators, sim_applicators
 
 from pbmd.drivers import codec
 from pbmd.protocols import library

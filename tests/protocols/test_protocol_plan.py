@@ -6,7 +6,8 @@ import dataclasses
 import math
 
 import pytest
-from protocol_helpers import BASE, edit, icd_applicators, probe_830
+from fixtures.protocols import BASE
+from protocol_helpers import edit, icd_applicators, probe_830
 
 from pbmd.drivers import codec
 from pbmd.protocols.errors import PlanError

@@ -11,9 +11,10 @@ import math
 import tomllib
 from typing import Any
 
+from fixtures.protocols import BASE
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from protocol_helpers import BASE, icd_applicators
+from protocol_helpers import icd_applicators
 
 from pbmd.drivers import codec
 from pbmd.protocols.errors import PlanError, ProtocolInvalid

@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from protocol_helpers import BASE, make_keypair, run_minisign, sign
+from fixtures.protocols import BASE
+from fixtures.signing import make_keypair, run_minisign, sign
 
 from pbmd.protocols.signing import (
     PublicKey,

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from protocol_helpers import BASE, edit, make_keypair, sign
+from fixtures.protocols import BASE
+from fixtures.signing import make_keypair, sign
+from protocol_helpers import edit
 
 from pbmd.protocols import library as shipped
 from pbmd.protocols.signing import PublicKey

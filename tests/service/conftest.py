@@ -1,4 +1,4 @@
-"""Fixtures of the service tests: a work directory other users can reach, and daemons."""
+"""Fixtures of the service tests: daemons, configured in `workdir` (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.paths import public_dir
 
-from .harness import DEPLOYED_NICE, Daemon, public_dir, toml_config
+from .harness import DEPLOYED_NICE, Daemon, toml_config
 
 DaemonFactory = Callable[..., Daemon]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = public_dir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _factory(base: Path, made: list[Daemon]) -> DaemonFactory:

@@ -13,12 +13,10 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-TEST_SECRET_KEY = ROOT / "tests" / "keys" / "test-protocol-signing.key"
-MINISIGN = shutil.which("minisign") or "/usr/bin/minisign"
+from fixtures import signing
+from fixtures.protocols import SHORT_PROTOCOL as SHORT_PROTOCOL
+from fixtures.protocols import SHORT_SCREENING as SHORT_SCREENING
+from fixtures.protocols import SHORT_STEPS as SHORT_STEPS
+from fixtures.signing import TEST_SECRET_KEY
+
 PBMD = [sys.executable, "-m", "pbmd.daemon.cli"]
 PBMCTL = [sys.executable, "-m", "pbmd.daemon.clients.pbmctl"]
 TIMEOUT_S = 30.0
@@ -43,139 +44,16 @@ SCREENING_CHRONIC = {
     "reduced-sensation": False,
 }
 
-# A short protocol for service tests: three pad steps and two probe points, a few
-# seconds at ×30. Placements are gated, so a test must confirm them.
-SHORT_PROTOCOL = """\
-schema_version = 1
-id = "service-short"
-version = 1
-title = "Service test protocol (short)"
-indication = "Tests only."
-contraindications = ["cancer", "pregnancy"]
-cautions = ["Eyewear."]
-
-[course]
-sessions = 1
-interval_days = 1
-
-[[evidence]]
-ref = "walt-2010"
-relevance = "Dose figures."
-
-[sites.back]
-label = "Left lumbar paraspinal muscles"
-region = "lumbar"
-area_covered_cm2 = 180.0
-
-[sites.back-right]
-label = "Right lumbar paraspinal muscles"
-region = "lumbar"
-area_covered_cm2 = 180.0
-
-[sites.point]
-label = "L4-5, left"
-region = "lumbar"
-area_covered_cm2 = 0.5
-
-[sites.point-right]
-label = "L4-5, right"
-region = "lumbar"
-area_covered_cm2 = 0.5
-
-[ports.1.applicator]
-kind = "pad"
-channels_nm = [660, 830]
-beam_area_cm2 = 180.0
-
-[[ports.1.steps]]
-site = "back"
-wavelength_nm = 660
-mode = "continuous"
-technique = "contact"
-irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 1.0
-max_time_s = 240
-gating = { confirm_placement = true }
-
-[[ports.1.steps]]
-site = "back"
-wavelength_nm = 830
-mode = "continuous"
-technique = "contact"
-irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 1.0
-max_time_s = 240
-
-[ports.2.applicator]
-kind = "pad"
-channels_nm = [660, 830]
-beam_area_cm2 = 180.0
-
-[[ports.2.steps]]
-site = "back-right"
-wavelength_nm = 830
-mode = "continuous"
-technique = "contact"
-irradiance_mw_cm2 = 10.0
-fluence_j_cm2 = 1.5
-max_time_s = 360
-
-[ports.4.applicator]
-kind = "probe"
-channels_nm = [905]
-beam_area_cm2 = 0.5
-
-[[ports.4.steps]]
-site = "point"
-wavelength_nm = 905
-mode = "pulsed"
-technique = "contact"
-power_mw = 50.0
-pulse_hz = 5000
-duty_permille = 1
-energy_j = 2.0
-max_time_s = 48
-gating = { confirm_placement = true, skin_contact = true }
-
-[[ports.4.steps]]
-site = "point-right"
-wavelength_nm = 905
-mode = "pulsed"
-technique = "contact"
-power_mw = 50.0
-pulse_hz = 5000
-duty_permille = 1
-energy_j = 2.0
-max_time_s = 48
-gating = { confirm_placement = true, skin_contact = true }
-"""
-
-SHORT_STEPS = 5
-SHORT_SCREENING = {"cancer": False, "pregnancy": False}
-
 
 def sign(path: Path, secret: Path = TEST_SECRET_KEY) -> Path:
     """Sign with the real minisign (the TEST key); returns FILE.minisig."""
-    subprocess.run(
-        [MINISIGN, "-S", "-s", str(secret), "-m", str(path), "-t", "pbmd service test"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return Path(str(path) + ".minisig")
+    return signing.sign(path, secret, trusted_comment="pbmd service test")
 
 
 def write_protocol(directory: Path, text: str = SHORT_PROTOCOL, name: str = "short.toml") -> Path:
     path = directory / name
     path.write_text(text, encoding="utf-8")
     sign(path)
-    return path
-
-
-def public_dir() -> Path:
-    """A directory every uid can traverse (for sockets other users connect to)."""
-    path = Path(tempfile.mkdtemp(prefix="pbmd-svc-", dir="/tmp"))
-    path.chmod(0o755)
     return path
 
 

@@ -16,10 +16,10 @@ import os
 import random
 import termios
 import tty
-from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from pbmd.drivers import codec
+from pbmd.drivers.lifecycle import AsyncClosing
 
 from .config import SimConfig
 from .controller import Clock, Controller
@@ -239,7 +239,7 @@ class _PtyHost:
         os.close(self.fd)
 
 
-class Simulator:
+class Simulator(AsyncClosing):
     """A simulated PBM-Link controller (see docs/simulator.md).
 
     >>> async with Simulator(SimConfig(time_scale=60)) as sim:
@@ -291,17 +291,9 @@ class Simulator:
         self._controller = Controller(self.config, Clock(self._loop, self.config.time_scale), self)
         self._controller.reschedule()
 
-    async def __aenter__(self) -> Simulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close every listener and connection and cancel every timer."""

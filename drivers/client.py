@@ -7,11 +7,13 @@ plain callbacks, subscriptions have bounded queues that drop (and count)
 rather than block, so a slow dashboard can never delay a reply or the loss of
 the link from being noticed.
 
-Every request has a deadline (ICD §6: 20 ms nominal, 100 ms limit); a late
-reply is counted and ignored, never matched to a newer request. A heartbeat
-PING every 50 ms keeps the controller's watchdog fed while the link is
-healthy, and stops the moment the link is lost or closed, so the controller's
-own watchdog (ICD §5) then stops any emission by itself.
+Every request has a deadline (ICD §6: 20 ms nominal, 100 ms limit), judged
+after reading what waits in the receive buffer; a late reply is counted and
+ignored, never matched to a newer request. One missed reply is not a link
+fault: a repeatable request is asked again, EMIT_START/ARM raise
+OutcomeUnknown; ReplyTimeout (a link fault) comes after CONSECUTIVE_LOSS_LIMIT
+misses in a row or a spent retry budget. A heartbeat PING every 50 ms keeps
+the watchdog fed, and stops the moment the link is lost or closed (ICD §5).
 """
 
 from __future__ import annotations
@@ -98,8 +100,7 @@ __all__ = [
     "UnexpectedReply",
     "open_controller",
 ]
-"""The client's public names; errors, statistics and subscriptions live in their
-own modules (errors, link_stats, subscription, replies) and are re-exported here."""
+# Errors, statistics, subscriptions and reply rules live in their own modules.
 
 log = structlog.get_logger()
 
@@ -136,8 +137,6 @@ microseconds, not a wait."""
 
 RTT_WINDOW: Final = 1000
 """Round trips kept for the percentiles (20 s of heartbeats)."""
-
-_WriteGate = WriteGate  # the name tests knew it by before it had a module of its own
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)

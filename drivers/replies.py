@@ -11,67 +11,46 @@ from __future__ import annotations
 
 from typing import Final
 
-from pbmd.drivers.codec import (
-    Ack,
-    AllOff,
-    Arm,
-    ClearFault,
-    CodecError,
-    Counters,
-    Disarm,
-    EmitStart,
-    EmitStop,
-    Frame,
-    GetCounters,
-    GetPort,
-    Hello,
-    Info,
-    Message,
-    Nak,
-    Ping,
-    Pong,
-    PortInfo,
-    SetTelemetry,
-    Stopped,
-)
+from pbmd.drivers import codec
+from pbmd.drivers.codec import CodecError, Frame, Message, Nak
 from pbmd.drivers.errors import ClientError, NakReceived, UnexpectedReply
 
 REPLY_TYPES: Final[dict[type[Message], type[Message]]] = {
-    Hello: Info,
-    Ping: Pong,
-    GetPort: PortInfo,
-    SetTelemetry: Ack,
-    Arm: Ack,
-    Disarm: Ack,
-    EmitStart: Ack,
-    EmitStop: Stopped,
-    AllOff: Ack,
-    ClearFault: Ack,
-    GetCounters: Counters,
+    codec.Hello: codec.Info,
+    codec.Ping: codec.Pong,
+    codec.GetPort: codec.PortInfo,
+    codec.SetTelemetry: codec.Ack,
+    codec.Arm: codec.Ack,
+    codec.Disarm: codec.Ack,
+    codec.EmitStart: codec.Ack,
+    codec.EmitStop: codec.Stopped,
+    codec.AllOff: codec.Ack,
+    codec.ClearFault: codec.Ack,
+    codec.GetCounters: codec.Counters,
 }
 """ICD §3: the one reply type (besides NAK) that each request may get."""
 
 REPEATABLE_REQUESTS: Final[tuple[type[Message], ...]] = (
-    Hello,
-    Ping,
-    GetPort,
-    GetCounters,
-    SetTelemetry,
-    EmitStop,
-    AllOff,
-    Disarm,
-    ClearFault,
+    codec.Hello,
+    codec.Ping,
+    codec.GetPort,
+    codec.GetCounters,
+    codec.SetTelemetry,
+    codec.EmitStop,
+    codec.AllOff,
+    codec.Disarm,
+    codec.ClearFault,
 )
 """ICD §6: asked again with a new seq when the reply is missing. Sending one
 twice leaves the controller as sending it once would (EMIT_STOP on an idle
 port answers the last STOPPED). HELLO changes nothing on the controller."""
 
-OUTCOME_UNKNOWN_REQUESTS: Final[tuple[type[Message], ...]] = (EmitStart, Arm)
+OUTCOME_UNKNOWN_REQUESTS: Final[tuple[type[Message], ...]] = (codec.EmitStart, codec.Arm)
 """ICD §6: never sent again after a missing reply; the outcome is learned
 from telemetry or GET_PORT instead (see errors.OutcomeUnknown)."""
 
 REPLY_TYPE_CODES: Final = frozenset(cls.TYPE for cls in REPLY_TYPES.values()) | {Nak.TYPE}
-_PORT_REQUESTS: Final = (GetPort, EmitStop, GetCounters)
+_PORT_REQUESTS: Final = (codec.GetPort, codec.EmitStop, codec.GetCounters)
 
 
 def check_reply(request: Message, seq: int, frame: Frame) -> Message | ClientError:

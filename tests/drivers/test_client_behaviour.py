@@ -498,7 +498,7 @@ async def test_a_request_cancelled_in_the_write_queue_is_never_sent(
 
 
 async def test_write_gate_passes_on_a_grant_its_waiter_no_longer_wants() -> None:
-    from pbmd.drivers.client import _WriteGate
+    from pbmd.drivers.write_gate import WriteGate as _WriteGate
 
     gate = _WriteGate()
     await gate.acquire(urgent=False)

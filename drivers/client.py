@@ -7,29 +7,24 @@ plain callbacks, subscriptions have bounded queues that drop (and count)
 rather than block, so a slow dashboard can never delay a reply or the loss of
 the link from being noticed.
 
-Every request has a deadline (ICD §6: 20 ms nominal, 100 ms limit); a late
-reply is counted and ignored, never matched to a newer request. A heartbeat
-PING every 50 ms keeps the controller's watchdog fed while the link is
-healthy, and stops the moment the link is lost or closed, so the controller's
-own watchdog (ICD §5) then stops any emission by itself.
+Every request has a deadline (ICD §6: 20 ms nominal, 100 ms limit), judged
+after reading what waits in the receive buffer; a late reply is counted and
+ignored, never matched to a newer request. One missed reply is not a link
+fault: a repeatable request is asked again, EMIT_START/ARM raise
+OutcomeUnknown; ReplyTimeout (a link fault) comes after CONSECUTIVE_LOSS_LIMIT
+misses in a row or a spent retry budget. A heartbeat PING every 50 ms keeps
+the watchdog fed, and stops the moment the link is lost or closed (ICD §5).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import functools
-import math
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Final, Generic, Self, TypeVar
+from collections.abc import Callable
+from typing import Final, Self, TypeVar
 
 import structlog
 
 from pbmd.drivers.codec import (
-    PROTOCOL_VERSION,
     Ack,
     AllOff,
     Arm,
@@ -37,7 +32,6 @@ from pbmd.drivers.codec import (
     CodecError,
     Counters,
     Disarm,
-    DropReason,
     EmitStart,
     EmitStop,
     Event,
@@ -47,8 +41,6 @@ from pbmd.drivers.codec import (
     Hello,
     Info,
     Message,
-    Nak,
-    NakError,
     Ping,
     Pong,
     PortInfo,
@@ -58,7 +50,57 @@ from pbmd.drivers.codec import (
     Telemetry,
     encode_frame,
 )
+from pbmd.drivers.errors import (
+    ClientError,
+    EmissionInhibited,
+    LinkClosed,
+    NakReceived,
+    OutcomeUnknown,
+    ProtocolMismatch,
+    ReplyMissed,
+    ReplyTimeout,
+    SubscriptionOverflow,
+    UnexpectedReply,
+)
+from pbmd.drivers.handshake import open_session
+from pbmd.drivers.in_flight import SEQ_MODULUS, InFlight, Pending
+from pbmd.drivers.lifecycle import AsyncClosing
+from pbmd.drivers.link_stats import LinkStats, LinkTally, RoundTrip, RoundTrips
+from pbmd.drivers.listeners import Listeners
+from pbmd.drivers.replies import (
+    OUTCOME_UNKNOWN_REQUESTS,
+    REPEATABLE_REQUESTS,
+    REPLY_TYPE_CODES,
+    REPLY_TYPES,
+    check_reply,
+)
+from pbmd.drivers.subscription import Overflow, Subscription, remover
 from pbmd.drivers.transport import Link, open_link
+from pbmd.drivers.write_gate import WriteGate
+
+__all__ = [
+    "CONSECUTIVE_LOSS_LIMIT",
+    "DEFAULT_REPLY_TIMEOUT_S",
+    "DRAIN_LOOP_PASSES",
+    "REPLY_ATTEMPTS",
+    "REPLY_TYPES",
+    "ClientError",
+    "ControllerClient",
+    "EmissionInhibited",
+    "LinkClosed",
+    "LinkStats",
+    "NakReceived",
+    "OutcomeUnknown",
+    "Overflow",
+    "ProtocolMismatch",
+    "ReplyTimeout",
+    "RoundTrip",
+    "Subscription",
+    "SubscriptionOverflow",
+    "UnexpectedReply",
+    "open_controller",
+]
+# Errors, statistics, subscriptions and reply rules live in their own modules.
 
 log = structlog.get_logger()
 
@@ -69,371 +111,36 @@ DEFAULT_HEARTBEAT_INTERVAL_S: Final = 0.050
 MAX_HEARTBEAT_INTERVAL_S: Final = 0.100
 """ICD §5: a PING at least every 100 ms keeps the 250 ms watchdog fed."""
 
-HANDSHAKE_ATTEMPTS: Final = 3
-"""Tries per handshake request. Nothing emits before SET_TELEMETRY is answered
-(the session arms later), so a reply that misses its deadline while the link
-opens (a serial adapter waking, a host busy starting up) is asked again rather
-than failing the connection; once the handshake is done, a miss is a link fault."""
+REPLY_ATTEMPTS: Final = 3
+"""Sends per repeatable request (the first and two more, each with a new seq):
+its retry budget. ICD §6: a frame with a bad CRC is dropped silently, so on a
+noisy line a reply can go missing while the link is healthy; with one frame in
+a hundred lost each way, three misses of one request come once in ~10⁵ requests,
+a real fault (a cut, a dead controller) misses every one and is seen within
+REPLY_ATTEMPTS × reply_timeout_s."""
 
-MAX_PORT_COUNT: Final = 8
-SEQ_MODULUS: Final = 0x10000
+CONSECUTIVE_LOSS_LIMIT: Final = 3
+"""Missed replies in a row, heartbeats included, that make a link fault (ICD §6:
+"several requests in a row go unanswered"). Any reply in time resets the count;
+a late reply does not, so a controller that always answers late still faults.
+With the 50 ms heartbeat, a link that stops answering faults about
+(CONSECUTIVE_LOSS_LIMIT - 1) × 50 ms + reply_timeout_s after its first miss."""
+
+DRAIN_LOOP_PASSES: Final = 3
+"""Event-loop passes a missed deadline waits before it is judged (ICD §6: a
+frame already in the receive buffer before the deadline counts as in time).
+After a stall, asyncio runs due timers in the same pass as the I/O callbacks
+that read the socket, before the reader task has parsed those bytes; three
+passes let the selector read what is waiting (pass 1), the reader task parse
+it (pass 2) and the judgement see the outcome (pass 3). They cost
+microseconds, not a wait."""
+
 RTT_WINDOW: Final = 1000
 """Round trips kept for the percentiles (20 s of heartbeats)."""
-
-ABANDONED_SEQ_MEMORY: Final = 256
-"""Seqs of timed-out or cancelled requests that are remembered (and not
-reused) so that their late replies are recognised as late."""
-
-REPLY_TYPES: Final[dict[type[Message], type[Message]]] = {
-    Hello: Info,
-    Ping: Pong,
-    GetPort: PortInfo,
-    SetTelemetry: Ack,
-    Arm: Ack,
-    Disarm: Ack,
-    EmitStart: Ack,
-    EmitStop: Stopped,
-    AllOff: Ack,
-    ClearFault: Ack,
-    GetCounters: Counters,
-}
-"""ICD §3: the one reply type (besides NAK) that each request may get."""
-
-_REPLY_TYPE_CODES: Final = frozenset(cls.TYPE for cls in REPLY_TYPES.values()) | {Nak.TYPE}
-_PORT_REQUESTS: Final = (GetPort, EmitStop, GetCounters)
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Message)
 A = TypeVar("A")
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class ClientError(Exception):
-    """A request to the controller did not succeed."""
-
-
-class LinkClosed(ClientError, ConnectionError):
-    """The link is gone (lost, or closed by the host); nothing more can be sent."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-class ReplyTimeout(ClientError, TimeoutError):
-    """No reply by the deadline: a link fault by ICD §6."""
-
-    def __init__(self, request: Message, seq: int, timeout_s: float) -> None:
-        super().__init__(request, seq, timeout_s)
-        self.request = request
-        self.seq = seq
-        self.timeout_s = timeout_s
-
-    def __str__(self) -> str:
-        return (
-            f"no reply to {type(self.request).__name__} (seq {self.seq}) "
-            f"within {self.timeout_s * 1000:.0f} ms"
-        )
-
-
-class NakReceived(ClientError):
-    """The controller refused a request; ``code`` is the ICD §4 NAK error."""
-
-    def __init__(self, code: int, request: Message, seq: int) -> None:
-        super().__init__(code, request, seq)
-        try:
-            self.code: NakError | int = NakError(code)
-        except ValueError:
-            self.code = code
-        self.request = request
-        self.seq = seq
-
-    @property
-    def error(self) -> NakError | None:
-        """The code as a NakError, or None for a code this version does not know."""
-        return self.code if isinstance(self.code, NakError) else None
-
-    @property
-    def meaning(self) -> str:
-        if isinstance(self.code, NakError):
-            return self.code.meaning
-        return f"unknown NAK error {self.code}"
-
-    def __str__(self) -> str:
-        name = self.code.name if isinstance(self.code, NakError) else "?"
-        request = type(self.request).__name__
-        return f"{request} refused: NAK {int(self.code)} {name} ({self.meaning})"
-
-
-class UnexpectedReply(ClientError):
-    """A reply with the request's seq that is not a valid answer to it."""
-
-    def __init__(self, request: Message, reply: Message | None, detail: str) -> None:
-        super().__init__(request, reply, detail)
-        self.request = request
-        self.reply = reply
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"bad reply to {type(self.request).__name__}: {self.detail}"
-
-
-class ProtocolMismatch(ClientError):
-    """The controller does not speak PBM-Link v1 (ICD §6: refuse it)."""
-
-    def __init__(self, detail: str, info: Info | None = None) -> None:
-        super().__init__(detail)
-        self.info = info
-
-
-class EmissionInhibited(ClientError):
-    """EMIT_START refused on the host side: emission is inhibited (a trip latched)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"emission inhibited: {reason}")
-        self.reason = reason
-
-
-class SubscriptionOverflow(ClientError):
-    """A lossless subscription fell behind and lost items; resynchronise."""
-
-
-# --------------------------------------------------------------------------
-# Statistics
-
-
-@dataclass(frozen=True, slots=True)
-class RoundTrip:
-    """Request → reply times over the rolling window, in milliseconds."""
-
-    count: int
-    p50_ms: float | None
-    p99_ms: float | None
-    max_ms: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class LinkStats:
-    """A snapshot of the link's health counters."""
-
-    frames_rx: int
-    frames_tx: int
-    bytes_rx: int
-    bytes_tx: int
-    dropped: dict[str, int]
-    """Frames the decoder dropped, by reason (codec.DropReason values)."""
-    crc_errors: int
-    empty_frames: int
-    unknown_types: int
-    bad_payloads: int
-    unmatched_replies: int
-    late_replies: int
-    unexpected_replies: int
-    reply_timeouts: int
-    naks: int
-    telemetry_rx: int
-    events_rx: int
-    telemetry_dropped: int
-    events_dropped: int
-    listener_errors: int
-    heartbeats_sent: int
-    heartbeat_failures: int
-    rtt_ms: RoundTrip
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
-
-
-@dataclass(slots=True)
-class _Tally:
-    frames_tx: int = 0
-    bytes_rx: int = 0
-    bytes_tx: int = 0
-    unknown_types: int = 0
-    bad_payloads: int = 0
-    unmatched_replies: int = 0
-    late_replies: int = 0
-    unexpected_replies: int = 0
-    reply_timeouts: int = 0
-    naks: int = 0
-    telemetry_rx: int = 0
-    events_rx: int = 0
-    telemetry_dropped: int = 0
-    events_dropped: int = 0
-    listener_errors: int = 0
-    heartbeats_sent: int = 0
-    heartbeat_failures: int = 0
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of a sorted, non-empty list."""
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-# --------------------------------------------------------------------------
-# Subscriptions
-
-
-class Overflow(enum.Enum):
-    """What a full subscription does with a new item (the reader never waits)."""
-
-    DROP_OLDEST = "drop_oldest"
-    """Discard the oldest queued item: right for telemetry, where the newest counts."""
-    FAIL = "fail"
-    """Stop accepting; the consumer gets SubscriptionOverflow after the queued items."""
-
-
-class Subscription(Generic[T]):
-    """A bounded, async-iterable queue of telemetry or events.
-
-    Iteration ends when the subscription or the client is closed, and raises
-    LinkClosed (after the queued items) when the link was lost.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        maxsize: int,
-        overflow: Overflow,
-        on_drop: Callable[[int], None],
-        on_close: Callable[[Subscription[T]], None],
-    ) -> None:
-        if maxsize < 1:
-            raise ValueError(f"maxsize={maxsize}: a subscription holds at least one item")
-        self.kind = kind
-        self.maxsize = maxsize
-        self.overflow = overflow
-        self.dropped = 0
-        self._on_drop = on_drop
-        self._on_close = on_close
-        self._queue: deque[T] = deque()
-        self._wakeup = asyncio.Event()
-        self._ended = False
-        self._error: BaseException | None = None
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def offer(self, item: T) -> None:
-        """Queue an item without ever waiting (called by the reader)."""
-        if self._ended:
-            return
-        if len(self._queue) >= self.maxsize:
-            self.dropped += 1
-            self._on_drop(1)
-            if self.overflow is Overflow.FAIL:
-                self._end(
-                    SubscriptionOverflow(
-                        f"{self.kind} subscription overflowed its {self.maxsize} slots; "
-                        "items after the queued ones were lost"
-                    )
-                )
-                return
-            self._queue.popleft()
-        self._queue.append(item)
-        self._wakeup.set()
-
-    def _end(self, error: BaseException | None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        self._error = error
-        self._wakeup.set()
-        self._on_close(self)
-
-    def close(self) -> None:
-        """Unsubscribe; queued items are discarded."""
-        self._queue.clear()
-        self._end(None)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> T:
-        while True:
-            if self._queue:
-                return self._queue.popleft()
-            if self._ended:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------
-# Write serialisation
-
-
-class _WriteGate:
-    """One frame on the wire at a time; urgent frames (ALL_OFF) jump the queue.
-
-    A frame being written is never interrupted (that would garble two frames),
-    but an urgent frame is the next one out, ahead of any queued request.
-    """
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._urgent: deque[asyncio.Future[None]] = deque()
-        self._normal: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self, urgent: bool) -> None:
-        if not self._busy:
-            self._busy = True
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._normal).append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # granted just as we were cancelled: pass it on
-            raise
-
-    def release(self) -> None:
-        for queue in (self._urgent, self._normal):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    return
-        self._busy = False
-
-
-# --------------------------------------------------------------------------
-# The client
-
-
-@dataclass(slots=True)
-class _Pending:
-    request: Message
-    seq: int
-    future: asyncio.Future[Message]
-    timeout_s: float
-    sent_at: float | None = None
-    timer: asyncio.TimerHandle | None = None
 
 
 TelemetryListener = Callable[[Telemetry], None]
@@ -443,16 +150,7 @@ ReplyTimeoutListener = Callable[[ReplyTimeout], None]
 PongListener = Callable[[tuple[float, float, Pong]], None]
 
 
-@dataclass(slots=True)
-class _Listeners:
-    telemetry: list[TelemetryListener] = field(default_factory=list)
-    events: list[EventListener] = field(default_factory=list)
-    link_lost: list[LinkLostListener] = field(default_factory=list)
-    reply_timeout: list[ReplyTimeoutListener] = field(default_factory=list)
-    pong: list[PongListener] = field(default_factory=list)
-
-
-class ControllerClient:
+class ControllerClient(AsyncClosing):
     """Requests, replies, telemetry and events of one controller over one Link.
 
     The reader starts with :meth:`start` (or the first request); the heartbeat
@@ -468,6 +166,8 @@ class ControllerClient:
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         rtt_window: int = RTT_WINDOW,
         first_seq: int = 1,
+        reply_attempts: int = REPLY_ATTEMPTS,
+        consecutive_loss_limit: int = CONSECUTIVE_LOSS_LIMIT,
     ) -> None:
         if not reply_timeout_s > 0:
             raise ValueError(f"reply_timeout_s={reply_timeout_s} must be positive")
@@ -478,32 +178,45 @@ class ControllerClient:
             )
         if not 0 <= first_seq < SEQ_MODULUS:
             raise ValueError(f"first_seq={first_seq} does not fit u16")
+        if reply_attempts < 1 or consecutive_loss_limit < 1:
+            raise ValueError("reply_attempts and consecutive_loss_limit must be at least 1")
         self._link = link
         self._log = log.bind(link=link.url)
         self.reply_timeout_s = reply_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.reply_attempts = reply_attempts
+        self.consecutive_loss_limit = consecutive_loss_limit
+        self._losses_in_a_row = 0
         self._decoder = StreamDecoder()
-        self._pending: dict[int, _Pending] = {}
-        self._abandoned: OrderedDict[int, None] = OrderedDict()
-        self._next_seq = first_seq
-        self._gate = _WriteGate()
+        self._pending = InFlight(first_seq)
+        self._gate = WriteGate()
         self._reader_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._teardown_task: asyncio.Task[None] | None = None
         self._down: LinkClosed | None = None
         self._lost = False
-        self._listeners = _Listeners()
+        self._telemetry_listeners: Listeners[Telemetry] = self._new_listeners("telemetry")
+        self._event_listeners: Listeners[Event] = self._new_listeners("event")
+        self._link_lost_listeners: Listeners[LinkClosed] = self._new_listeners("link_lost")
+        self._reply_timeout_listeners: Listeners[ReplyTimeout] = self._new_listeners(
+            "reply_timeout"
+        )
+        self._pong_listeners: Listeners[tuple[float, float, Pong]] = self._new_listeners("pong")
         self._telemetry_subs: list[Subscription[Telemetry]] = []
         self._event_subs: list[Subscription[Event]] = []
-        self._rtts_ms: deque[float] = deque(maxlen=rtt_window)
-        self._rtt_cache: RoundTrip | None = None
-        self._tally = _Tally()
+        self._rtts = RoundTrips(rtt_window)
+        self._tally = LinkTally()
         self._info: Info | None = None
         self._inhibit: str | None = None
         self.ports: dict[int, PortInfo] = {}
         """The last PORT_INFO of each port (filled by get_port / the handshake)."""
         self.last_telemetry_monotonic: float | None = None
         """Event-loop time of the last TELEMETRY, for the host's staleness check."""
+        self.last_frame_monotonic: float | None = None
+        """Event-loop time at which the last valid frame of any type (CRC good:
+        telemetry, event or reply, late ones included) was read. ICD §6 judges
+        the link on the controller's silence, not on one frame type: see
+        :meth:`link_silence_s`."""
 
     # ---- properties
 
@@ -540,46 +253,44 @@ class ControllerClient:
         return len(self._pending)
 
     @property
+    def losses_in_a_row(self) -> int:
+        """Replies missed since the last one that came in time."""
+        return self._losses_in_a_row
+
+    @property
+    def link_faulted(self) -> bool:
+        """True while the consecutive-loss limit is reached (until a reply comes in time)."""
+        return self._losses_in_a_row >= self.consecutive_loss_limit
+
+    def link_silence_s(self) -> float | None:
+        """Seconds since the last valid frame of any type; None before the first.
+
+        Cheap (one subtraction). To judge silence on the link rather than on
+        the host's own scheduling, ``await drain()`` first after a wait that may
+        have overslept: frames that were waiting are then counted.
+        """
+        if self.last_frame_monotonic is None:
+            return None
+        return asyncio.get_running_loop().time() - self.last_frame_monotonic
+
+    async def drain(self) -> None:
+        """Let the reader parse what already sits in the receive buffer.
+
+        Takes DRAIN_LOOP_PASSES passes of the event loop (no waiting): after a
+        stalled loop, the frames that arrived meanwhile have then been read and
+        dispatched, so ``last_frame_monotonic`` and telemetry are up to date.
+        """
+        for _ in range(DRAIN_LOOP_PASSES):
+            await asyncio.sleep(0)
+
+    @property
     def stats(self) -> LinkStats:
-        t = self._tally
-        d = self._decoder.stats
-        return LinkStats(
-            frames_rx=d.frames,
-            frames_tx=t.frames_tx,
-            bytes_rx=t.bytes_rx,
-            bytes_tx=t.bytes_tx,
-            dropped=dict(d.dropped),
-            crc_errors=d.dropped[DropReason.CRC.value],
-            empty_frames=d.empty,
-            unknown_types=t.unknown_types,
-            bad_payloads=t.bad_payloads,
-            unmatched_replies=t.unmatched_replies,
-            late_replies=t.late_replies,
-            unexpected_replies=t.unexpected_replies,
-            reply_timeouts=t.reply_timeouts,
-            naks=t.naks,
-            telemetry_rx=t.telemetry_rx,
-            events_rx=t.events_rx,
-            telemetry_dropped=t.telemetry_dropped,
-            events_dropped=t.events_dropped,
-            listener_errors=t.listener_errors,
-            heartbeats_sent=t.heartbeats_sent,
-            heartbeat_failures=t.heartbeat_failures,
-            rtt_ms=self.round_trip,
-        )
+        return self._tally.snapshot(self._decoder.stats, self.round_trip)
 
     @property
     def round_trip(self) -> RoundTrip:
         """Round-trip percentiles, recomputed only after a new reply."""
-        if self._rtt_cache is None:
-            ordered = sorted(self._rtts_ms)
-            self._rtt_cache = RoundTrip(
-                count=len(ordered),
-                p50_ms=_percentile(ordered, 0.50) if ordered else None,
-                p99_ms=_percentile(ordered, 0.99) if ordered else None,
-                max_ms=ordered[-1] if ordered else None,
-            )
-        return self._rtt_cache
+        return self._rtts.summary()
 
     # ---- lifecycle
 
@@ -622,14 +333,6 @@ class ControllerClient:
         self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def _teardown(self) -> None:
         tasks = [t for t in (self._heartbeat_task, self._reader_task) if t is not None]
         for task in tasks:
@@ -654,8 +357,7 @@ class ControllerClient:
         self._log.warning("link lost", reason=reason, pending=len(self._pending))
         self._fail_pending(reason)
         self._end_subscriptions(reason)
-        for callback in tuple(self._listeners.link_lost):
-            self._call_listener(callback, LinkClosed(reason), "link_lost")
+        self._link_lost_listeners(LinkClosed(reason))
         self._teardown_task = asyncio.get_running_loop().create_task(
             self._teardown(), name=f"pbm-teardown {self.url}"
         )
@@ -682,23 +384,23 @@ class ControllerClient:
 
         Callbacks must not block; an exception is logged and counted.
         """
-        return _add(self._listeners.telemetry, callback)
+        return self._telemetry_listeners.add(callback)
 
     def add_event_listener(self, callback: EventListener) -> Callable[[], None]:
-        return _add(self._listeners.events, callback)
+        return self._event_listeners.add(callback)
 
     def add_link_lost_listener(self, callback: LinkLostListener) -> Callable[[], None]:
         """Called once if the link fails (EOF or I/O error), not on close()."""
-        return _add(self._listeners.link_lost, callback)
+        return self._link_lost_listeners.add(callback)
 
     def add_pong_listener(self, callback: PongListener) -> Callable[[], None]:
         """Called with (sent_s, received_s, Pong) for every PING answered, heartbeats
         included, in event-loop time: what a host needs to map the device clock."""
-        return _add(self._listeners.pong, callback)
+        return self._pong_listeners.add(callback)
 
     def add_reply_timeout_listener(self, callback: ReplyTimeoutListener) -> Callable[[], None]:
         """Called for every missed reply deadline, heartbeats included (ICD §6 link fault)."""
-        return _add(self._listeners.reply_timeout, callback)
+        return self._reply_timeout_listeners.add(callback)
 
     def subscribe_telemetry(
         self, maxsize: int = 64, overflow: Overflow = Overflow.DROP_OLDEST
@@ -707,7 +409,7 @@ class ControllerClient:
             self._tally.telemetry_dropped += n
 
         sub: Subscription[Telemetry] = Subscription(
-            "telemetry", maxsize, overflow, dropped, _remover(self._telemetry_subs)
+            "telemetry", maxsize, overflow, dropped, remover(self._telemetry_subs)
         )
         return self._attach(sub, self._telemetry_subs)
 
@@ -720,7 +422,7 @@ class ControllerClient:
             self._tally.events_dropped += n
 
         sub: Subscription[Event] = Subscription(
-            "event", maxsize, overflow, dropped, _remover(self._event_subs)
+            "event", maxsize, overflow, dropped, remover(self._event_subs)
         )
         return self._attach(sub, self._event_subs)
 
@@ -731,28 +433,53 @@ class ControllerClient:
             subs.append(sub)
         return sub
 
-    def _call_listener(self, callback: Callable[[T], None], arg: T, kind: str) -> None:
-        try:
-            callback(arg)
-        except Exception:
+    def _new_listeners(self, kind: str) -> Listeners[T]:
+        def counted() -> None:
             self._tally.listener_errors += 1
-            self._log.exception("listener failed", kind=kind, listener=repr(callback))
+
+        return Listeners(kind, log=self._log, on_error=counted)
 
     # ---- requests
 
     async def request(
-        self, msg: Message, *, timeout_s: float | None = None, urgent: bool = False
+        self,
+        msg: Message,
+        *,
+        timeout_s: float | None = None,
+        urgent: bool = False,
+        give_up: Callable[[], bool] | None = None,
     ) -> Message:
         """Send one request and return its reply (never a NAK: that raises).
 
-        Raises NakReceived, ReplyTimeout, UnexpectedReply or LinkClosed.
+        A missed reply to a repeatable request (replies.REPEATABLE_REQUESTS) is
+        asked again with a new seq, up to ``reply_attempts`` sends, unless the
+        link is faulted or ``give_up()`` says to stop. Raises NakReceived,
+        UnexpectedReply, LinkClosed, OutcomeUnknown (EMIT_START or ARM
+        unanswered, not sent again) or ReplyTimeout (the link is faulted).
         """
-        future = await self._submit(msg, timeout_s, urgent)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._abandon(future)
-            raise
+        attempts = self.reply_attempts if isinstance(msg, REPEATABLE_REQUESTS) else 1
+        for attempt in range(1, attempts + 1):
+            future = await self._submit(msg, timeout_s, urgent)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                self._abandon(future)
+                raise
+            except ReplyMissed as missed:
+                if attempt < attempts and not (give_up is not None and give_up()):
+                    self._log.info(
+                        "reply missing, asking again",
+                        request=type(msg).__name__,
+                        seq=missed.seq,
+                        attempt=attempt,
+                    )
+                    continue
+                if isinstance(msg, OUTCOME_UNKNOWN_REQUESTS):
+                    raise OutcomeUnknown(msg, missed.seq, missed.timeout_s) from None
+                # The retry budget is spent: a link fault even if replies to
+                # other requests (heartbeats) came in between.
+                raise self._link_fault(msg, missed.seq, missed.timeout_s) from None
+        raise AssertionError("unreachable")
 
     async def _submit(
         self, msg: Message, timeout_s: float | None, urgent: bool
@@ -764,9 +491,9 @@ class ControllerClient:
             raise self._closed_error()
         self.start()
         loop = asyncio.get_running_loop()
-        seq = self._allocate_seq()
+        seq = self._pending.new_seq()
         frame = encode_frame(msg, seq)  # a value out of range fails here, before any state
-        pending = _Pending(msg, seq, loop.create_future(), timeout_s or self.reply_timeout_s)
+        pending = Pending(msg, seq, loop.create_future(), timeout_s or self.reply_timeout_s)
         self._pending[seq] = pending
         try:
             await self._gate.acquire(urgent)
@@ -795,20 +522,6 @@ class ControllerClient:
             )
         return pending.future
 
-    def _allocate_seq(self) -> int:
-        """The next 16-bit seq that no pending or recently abandoned request holds."""
-        for _ in range(SEQ_MODULUS):
-            seq = self._next_seq
-            self._next_seq = (seq + 1) % SEQ_MODULUS
-            if seq not in self._pending and seq not in self._abandoned:
-                return seq
-        raise RuntimeError("all 65536 seqs are in use")
-
-    def _remember_abandoned(self, seq: int) -> None:
-        self._abandoned[seq] = None
-        while len(self._abandoned) > ABANDONED_SEQ_MEMORY:
-            self._abandoned.popitem(last=False)
-
     def _abandon(self, future: asyncio.Future[Message]) -> None:
         """Forget a request the caller gave up on; a reply to it will count as late."""
         for seq, p in list(self._pending.items()):
@@ -816,24 +529,44 @@ class ControllerClient:
                 del self._pending[seq]
                 if p.timer is not None:
                     p.timer.cancel()
-                self._remember_abandoned(seq)
+                self._pending.remember_abandoned(seq)
         if future.done() and not future.cancelled():
             future.exception()  # retrieved: the caller is already raising
         else:
             future.cancel()
 
-    def _expire(self, seq: int, future: asyncio.Future[Message]) -> None:
+    def _expire(
+        self, seq: int, future: asyncio.Future[Message], passes_left: int = DRAIN_LOOP_PASSES
+    ) -> None:
+        """The deadline passed: read what is waiting (DRAIN_LOOP_PASSES), then judge."""
         p = self._pending.get(seq)
         if p is None or p.future is not future or future.done():
             return
+        if passes_left > 0:
+            asyncio.get_running_loop().call_soon(self._expire, seq, future, passes_left - 1)
+            return
         del self._pending[seq]
-        self._remember_abandoned(seq)
+        self._pending.remember_abandoned(seq)
         self._tally.reply_timeouts += 1
-        error = ReplyTimeout(p.request, seq, p.timeout_s)
-        self._log.warning("reply timeout", request=type(p.request).__name__, seq=seq)
-        future.set_exception(error)
-        for callback in tuple(self._listeners.reply_timeout):
-            self._call_listener(callback, error, "reply_timeout")
+        self._losses_in_a_row += 1
+        self._log.warning(
+            "reply missing",
+            request=type(p.request).__name__,
+            seq=seq,
+            in_a_row=self._losses_in_a_row,
+        )
+        if self.link_faulted:
+            future.set_exception(self._link_fault(p.request, seq, p.timeout_s))
+        else:
+            future.set_exception(ReplyMissed(p.request, seq, p.timeout_s))
+
+    def _link_fault(self, request: Message, seq: int, timeout_s: float) -> ReplyTimeout:
+        """Declare the link faulty (ICD §6): tell the reply-timeout listeners."""
+        error = ReplyTimeout(request, seq, timeout_s)
+        self._tally.link_faults += 1
+        self._log.warning("link fault: replies missing", request=type(request).__name__, seq=seq)
+        self._reply_timeout_listeners(error)
+        return error
 
     async def _call(
         self,
@@ -842,16 +575,17 @@ class ControllerClient:
         *,
         urgent: bool = False,
         timeout_s: float | None = None,
+        give_up: Callable[[], bool] | None = None,
     ) -> R:
-        reply = await self.request(msg, urgent=urgent, timeout_s=timeout_s)
+        reply = await self.request(msg, urgent=urgent, timeout_s=timeout_s, give_up=give_up)
         if not isinstance(reply, reply_cls):  # request() already checked; this narrows
             raise UnexpectedReply(msg, reply, f"expected {reply_cls.__name__}")
         return reply
 
     # ---- typed requests (ICD §3)
 
-    async def hello(self) -> Info:
-        info = await self._call(Hello(), Info)
+    async def hello(self, *, give_up: Callable[[], bool] | None = None) -> Info:
+        info = await self._call(Hello(), Info, give_up=give_up)
         self._info = info
         return info
 
@@ -913,70 +647,10 @@ class ControllerClient:
 
         Raises ProtocolMismatch for a controller that is not PBM-Link v1.
         """
-        version_drops = self._decoder.stats.dropped[DropReason.VERSION.value]
-
-        def other_version_seen() -> bool:
-            return self._decoder.stats.dropped[DropReason.VERSION.value] > version_drops
-
-        try:
-            info = await self._retrying(self.hello, give_up=other_version_seen)
-        except ReplyTimeout as exc:
-            if other_version_seen():
-                raise ProtocolMismatch(
-                    "the controller answers with frames of another protocol version"
-                ) from exc
-            raise
-        except UnexpectedReply as exc:
-            raise ProtocolMismatch(f"INFO is not PBM-Link v1: {exc.detail}") from exc
-        if info.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolMismatch(
-                f"controller speaks protocol version {info.protocol_version}, "
-                f"this host only {PROTOCOL_VERSION}",
-                info,
-            )
-        if not 1 <= info.port_count <= MAX_PORT_COUNT:
-            raise ProtocolMismatch(
-                f"controller reports {info.port_count} ports, outside 1..{MAX_PORT_COUNT}", info
-            )
-        if not 0 <= telemetry_hz <= info.max_telemetry_hz:
-            raise ValueError(
-                f"telemetry_hz={telemetry_hz} outside 0..{info.max_telemetry_hz} "
-                "(the controller's max_telemetry_hz)"
-            )
-        self.ports = {}
-        for port in range(1, info.port_count + 1):
-            await self._retrying(functools.partial(self.get_port, port))
-        await self._retrying(lambda: self.set_telemetry(telemetry_hz))
+        info = await open_session(self, telemetry_hz)
         if heartbeat:
             self.start_heartbeat()
-        self._log.info(
-            "controller ready",
-            serial=info.serial,
-            firmware=info.firmware,
-            port_count=info.port_count,
-            telemetry_hz=telemetry_hz,
-        )
         return info
-
-    async def _retrying(
-        self,
-        request: Callable[[], Awaitable[A]],
-        *,
-        give_up: Callable[[], bool] = lambda: False,
-    ) -> A:
-        """Run an idempotent handshake request, asking again after a missed deadline."""
-        for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
-            try:
-                return await request()
-            except ReplyTimeout as exc:
-                if attempt == HANDSHAKE_ATTEMPTS or give_up():
-                    raise
-                self._log.warning(
-                    "handshake reply late, asking again",
-                    request=type(exc.request).__name__,
-                    attempt=attempt,
-                )
-        raise AssertionError("unreachable")
 
     # ---- tasks
 
@@ -1008,8 +682,8 @@ class ControllerClient:
         if future.cancelled():
             return
         error = future.exception()
-        if error is None or isinstance(error, LinkClosed):
-            return
+        if error is None or isinstance(error, (LinkClosed, ReplyMissed)):
+            return  # a single miss is judged by the loss count, not here
         self._tally.heartbeat_failures += 1
         self._log.warning("heartbeat failed", error=str(error))
 
@@ -1039,6 +713,7 @@ class ControllerClient:
                 return
 
     def _dispatch(self, frame: Frame) -> None:
+        self.last_frame_monotonic = asyncio.get_running_loop().time()
         if frame.msg_type in (Telemetry.TYPE, Event.TYPE):
             try:
                 msg = frame.message()
@@ -1050,7 +725,7 @@ class ControllerClient:
                 self._on_telemetry(msg)
             elif isinstance(msg, Event):
                 self._on_event(msg)
-        elif frame.msg_type in _REPLY_TYPE_CODES:
+        elif frame.msg_type in REPLY_TYPE_CODES:
             self._on_reply(frame)
         else:
             self._tally.unknown_types += 1
@@ -1059,23 +734,20 @@ class ControllerClient:
     def _on_telemetry(self, msg: Telemetry) -> None:
         self._tally.telemetry_rx += 1
         self.last_telemetry_monotonic = asyncio.get_running_loop().time()
-        for callback in tuple(self._listeners.telemetry):
-            self._call_listener(callback, msg, "telemetry")
+        self._telemetry_listeners(msg)
         for sub in tuple(self._telemetry_subs):
             sub.offer(msg)
 
     def _on_event(self, msg: Event) -> None:
         self._tally.events_rx += 1
-        for callback in tuple(self._listeners.events):
-            self._call_listener(callback, msg, "event")
+        self._event_listeners(msg)
         for sub in tuple(self._event_subs):
             sub.offer(msg)
 
     def _on_reply(self, frame: Frame) -> None:
         p = self._pending.pop(frame.seq, None)
         if p is None or p.future.done():
-            if frame.seq in self._abandoned or p is not None:
-                self._abandoned.pop(frame.seq, None)
+            if self._pending.forget_abandoned(frame.seq) or p is not None:
                 self._tally.late_replies += 1
                 self._log.info("late reply ignored", seq=frame.seq, type=f"0x{frame.msg_type:02X}")
             else:
@@ -1087,62 +759,19 @@ class ControllerClient:
         if p.timer is not None:
             p.timer.cancel()
         if p.sent_at is not None:
-            self._rtts_ms.append((asyncio.get_running_loop().time() - p.sent_at) * 1000.0)
-            self._rtt_cache = None
-        try:
-            reply = frame.message()
-        except CodecError as exc:
-            self._tally.bad_payloads += 1
-            self._tally.unexpected_replies += 1
-            p.future.set_exception(UnexpectedReply(p.request, None, f"malformed reply: {exc}"))
-            return
-        if isinstance(reply, Nak):
-            self._tally.naks += 1
-            p.future.set_exception(NakReceived(reply.error, p.request, p.seq))
-            return
-        expected = REPLY_TYPES[type(p.request)]
-        if type(reply) is not expected:
-            self._tally.unexpected_replies += 1
-            p.future.set_exception(
-                UnexpectedReply(
-                    p.request, reply, f"got {type(reply).__name__}, expected {expected.__name__}"
-                )
-            )
-            return
-        if isinstance(p.request, _PORT_REQUESTS) and getattr(reply, "port", None) != p.request.port:
-            self._tally.unexpected_replies += 1
-            p.future.set_exception(
-                UnexpectedReply(
-                    p.request,
-                    reply,
-                    f"{type(reply).__name__} for port {getattr(reply, 'port', None)}, "
-                    f"asked for port {p.request.port}",
-                )
-            )
+            self._rtts.add((asyncio.get_running_loop().time() - p.sent_at) * 1000.0)
+        self._losses_in_a_row = 0  # an answer in time: the link is working
+        reply = check_reply(p.request, p.seq, frame)
+        if isinstance(reply, ClientError):
+            self._tally.naks += isinstance(reply, NakReceived)
+            self._tally.unexpected_replies += isinstance(reply, UnexpectedReply)
+            self._tally.bad_payloads += isinstance(reply, UnexpectedReply) and reply.reply is None
+            p.future.set_exception(reply)
             return
         p.future.set_result(reply)
         if isinstance(reply, Pong) and p.sent_at is not None:
             received = asyncio.get_running_loop().time()
-            for callback in list(self._listeners.pong):
-                self._call_listener(callback, (p.sent_at, received, reply), "pong")
-
-
-def _add(listeners: list[T], callback: T) -> Callable[[], None]:
-    listeners.append(callback)
-
-    def remove() -> None:
-        if callback in listeners:
-            listeners.remove(callback)
-
-    return remove
-
-
-def _remover(subs: list[Subscription[T]]) -> Callable[[Subscription[T]], None]:
-    def remove(sub: Subscription[T]) -> None:
-        if sub in subs:
-            subs.remove(sub)
-
-    return remove
+            self._pong_listeners((p.sent_at, received, reply))
 
 
 async def open_controller(

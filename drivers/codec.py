@@ -9,11 +9,49 @@ value that does not fit its field is an error on encode, never truncated.
 
 from __future__ import annotations
 
+import binascii
 import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
+
+from pbmd.drivers.codes import (
+    ApplicatorKind as ApplicatorKind,
+)
+from pbmd.drivers.codes import (
+    ChannelMode as ChannelMode,
+)
+from pbmd.drivers.codes import (
+    ChannelModes as ChannelModes,
+)
+from pbmd.drivers.codes import (
+    ControllerState as ControllerState,
+)
+from pbmd.drivers.codes import (
+    EmitMode as EmitMode,
+)
+from pbmd.drivers.codes import (
+    EventCode as EventCode,
+)
+from pbmd.drivers.codes import (
+    FaultCode as FaultCode,
+)
+from pbmd.drivers.codes import (
+    Interlock as Interlock,
+)
+from pbmd.drivers.codes import (
+    NakError as NakError,
+)
+from pbmd.drivers.codes import (
+    PortFlag as PortFlag,
+)
+from pbmd.drivers.codes import (
+    StopReason as StopReason,
+)
+from pbmd.drivers.codes import (
+    describe as describe,
+)
 
 PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 512
@@ -42,129 +80,6 @@ class UnknownMessageType(CodecError):
 
 class PayloadLengthError(CodecError):
     """A known type whose payload has the wrong length (NAK 10)."""
-
-
-# --------------------------------------------------------------------------
-# Enumerations of ICD §4. Message fields keep raw ints (so a frame from another
-# implementation with a code we do not know still decodes); these name them.
-
-
-class ApplicatorKind(enum.IntEnum):
-    NONE = 0
-    PAD = 1
-    PROBE = 2
-
-
-class ControllerState(enum.IntEnum):
-    STANDBY = 0
-    ARMED_DELAY = 1
-    ARMED_READY = 2
-    FAULT = 3
-
-
-class Interlock(enum.IntFlag):
-    KEY = 0x01
-    REMOTE = 0x02
-    ESTOP_RELEASED = 0x04
-    FOOTSWITCH = 0x08
-
-    @classmethod
-    def run_state(cls) -> Interlock:
-        """The bits that gate emission (the footswitch is information only)."""
-        return cls.KEY | cls.REMOTE | cls.ESTOP_RELEASED
-
-
-class PortFlag(enum.IntFlag):
-    APPLICATOR = 0x01
-    EMITTING = 0x02
-    CONTACT = 0x04
-    FAULT = 0x08
-
-
-class ChannelMode(enum.IntFlag):
-    CONTINUOUS = 0x01
-    PULSED = 0x02
-
-
-class EmitMode(enum.IntEnum):
-    CONTINUOUS = 0
-    PULSED = 1
-
-
-class EventCode(enum.IntEnum):
-    EMISSION_ENDED = 1
-    INTERLOCK_CHANGED = 2
-    APPLICATOR_CHANGED = 3
-    FAULT = 4
-    WATCHDOG_EXPIRED = 5
-    CONTACT_CHANGED = 6
-
-
-class StopReason(enum.IntEnum):
-    NONE = 0
-    HOST_STOP = 1
-    ENERGY_BUDGET = 2
-    MAX_DURATION = 3
-    INTERLOCK = 4
-    WATCHDOG = 5
-    OVERPOWER = 6
-    OVER_TEMPERATURE = 7
-    APPLICATOR_REMOVED = 8
-    ALL_OFF = 9
-    DISARM = 10
-    CONTACT_LOST = 11
-
-
-class FaultCode(enum.IntEnum):
-    NONE = 0
-    WATCHDOG = 1
-    OVERPOWER = 2
-    OVER_TEMPERATURE = 3
-    PHOTODIODE = 4
-    INTERNAL = 5
-
-
-class NakError(enum.IntEnum):
-    BAD_PORT = 1
-    NO_APPLICATOR = 2
-    WAVELENGTH_NOT_ON_APPLICATOR = 3
-    POWER_ABOVE_MAXIMUM = 4
-    NOT_ARMED = 5
-    EMISSION_DELAY_ACTIVE = 6
-    INTERLOCK_OPEN = 7
-    FAULT_LATCHED = 8
-    PORT_ALREADY_EMITTING = 9
-    BAD_PARAMETER = 10
-    UNKNOWN_MESSAGE_TYPE = 11
-    NO_SKIN_CONTACT = 12
-
-    @property
-    def meaning(self) -> str:
-        return _NAK_MEANINGS[self]
-
-
-_NAK_MEANINGS = {
-    NakError.BAD_PORT: "port number outside 1..port_count",
-    NakError.NO_APPLICATOR: "no applicator plugged into the port",
-    NakError.WAVELENGTH_NOT_ON_APPLICATOR: "the applicator has no channel of that wavelength",
-    NakError.POWER_ABOVE_MAXIMUM: "power setpoint above the channel maximum",
-    NakError.NOT_ARMED: "controller not armed",
-    NakError.EMISSION_DELAY_ACTIVE: "emission delay after ARM has not elapsed",
-    NakError.INTERLOCK_OPEN: "an interlock (key, remote loop or emergency stop) is open",
-    NakError.FAULT_LATCHED: "a fault is latched; clear it and re-arm",
-    NakError.PORT_ALREADY_EMITTING: "the port is already emitting",
-    NakError.BAD_PARAMETER: "bad parameter or payload length",
-    NakError.UNKNOWN_MESSAGE_TYPE: "unknown message type",
-    NakError.NO_SKIN_CONTACT: "probe not in skin contact",
-}
-
-
-def describe(enum_cls: type[enum.IntEnum], code: int) -> str:
-    """Name a wire code, tolerating values this version does not know."""
-    try:
-        return enum_cls(code).name
-    except ValueError:
-        return f"{enum_cls.__name__}({code})"
 
 
 # --------------------------------------------------------------------------
@@ -217,25 +132,14 @@ def cobs_decode(data: bytes) -> bytes:
     return bytes(out)
 
 
-def _make_crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-        table.append(crc & 0xFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _make_crc_table()
-
-
 def crc16_ccitt_false(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, xorout 0."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC_TABLE[((crc >> 8) ^ byte) & 0xFF]
-    return crc
+    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, xorout 0.
+
+    ``binascii.crc_hqx`` is exactly this CRC once seeded with 0xFFFF (the
+    ICD §2 check value of ASCII ``123456789`` is 0x29B1), and runs in C: about
+    1.4 µs per 512-byte body instead of ~40 µs for a table-driven loop in Python.
+    """
+    return binascii.crc_hqx(data, 0xFFFF)
 
 
 # --------------------------------------------------------------------------
@@ -455,7 +359,7 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Channel:
+class Channel(ChannelModes):
     """One wavelength channel of an applicator, as PORT_INFO reports it."""
 
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
@@ -470,14 +374,6 @@ class Channel:
     max_power_uw: int
     modes: int
     peak_power_mw: int = 0
-
-    @property
-    def continuous(self) -> bool:
-        return bool(self.modes & ChannelMode.CONTINUOUS)
-
-    @property
-    def pulsed(self) -> bool:
-        return bool(self.modes & ChannelMode.PULSED)
 
 
 @dataclass(frozen=True, slots=True)

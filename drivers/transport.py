@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import socket
 import urllib.parse
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import structlog
+
+from pbmd.drivers.lifecycle import AsyncClosing
 
 log = structlog.get_logger()
 
@@ -56,7 +57,7 @@ class LinkUnavailableError(LinkURLError):
     """The URL names a transport that this build does not provide yet."""
 
 
-class Link(abc.ABC):
+class Link(AsyncClosing):
     """A bidirectional byte stream to one controller.
 
     The contract every transport keeps, so the client never needs to know
@@ -91,17 +92,6 @@ class Link(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"

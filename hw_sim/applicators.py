@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pbmd.drivers.codec import ApplicatorKind, Channel, ChannelMode
+from pbmd.drivers.codec import ApplicatorKind, Channel, ChannelMode, ChannelModes
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelSpec:
+class ChannelSpec(ChannelModes):
     """One wavelength channel of an applicator."""
 
     wavelength_nm: int
@@ -21,14 +21,6 @@ class ChannelSpec:
     modes: ChannelMode
     peak_power_mw: int
     max_pulse_hz: int  # upper end of the pulse-rate range (pulsed channels)
-
-    @property
-    def continuous(self) -> bool:
-        return bool(self.modes & ChannelMode.CONTINUOUS)
-
-    @property
-    def pulsed(self) -> bool:
-        return bool(self.modes & ChannelMode.PULSED)
 
     def wire(self) -> Channel:
         """The PORT_INFO channel record."""
@@ -65,6 +57,24 @@ class ApplicatorModel:
 
 CW_AND_PULSED = ChannelMode.CONTINUOUS | ChannelMode.PULSED
 
+
+def _probe(name: str, serial_prefix: str, channel: ChannelSpec) -> ApplicatorModel:
+    """A one-channel laser probe: a 0.5 cm² beam and a small head.
+
+    40 °C/W with a 90 s time constant (+4 °C at 100 mW, +10 °C at 250 mW).
+    """
+    return ApplicatorModel(
+        name=name,
+        kind=ApplicatorKind.PROBE,
+        serial_prefix=serial_prefix,
+        area_mm2=50,
+        channels=(channel,),
+        rise_c_per_w=40.0,
+        thermal_tau_s=90.0,
+        droop_per_c=0.005,
+    )
+
+
 APPLICATORS: dict[str, ApplicatorModel] = {
     # 180 emitters × 10 mW at 660 nm and 180 × 15 mW at 830 nm over 180 cm²;
     # pulsed 1–5000 Hz. A pad at full 830 nm power settles ~6 °C above ambient
@@ -83,28 +93,11 @@ APPLICATORS: dict[str, ApplicatorModel] = {
         droop_per_c=0.003,
     ),
     # 830 nm laser probe: 100 mW typical, 250 mW maximum, 0.5 cm² beam.
-    # A small head: 40 °C/W, 90 s time constant (+4 °C at 100 mW, +10 °C at 250 mW).
-    "probe_830": ApplicatorModel(
-        name="probe_830",
-        kind=ApplicatorKind.PROBE,
-        serial_prefix="L830",
-        area_mm2=50,
-        channels=(ChannelSpec(830, 250_000, CW_AND_PULSED, 250, 5_000),),
-        rise_c_per_w=40.0,
-        thermal_tau_s=90.0,
-        droop_per_c=0.005,
-    ),
+    "probe_830": _probe("probe_830", "L830", ChannelSpec(830, 250_000, CW_AND_PULSED, 250, 5_000)),
     # 905 nm superpulsed probe: 4 diodes × 25 W peak, 200 ns pulses, pulsed only,
     # 1–10000 Hz; 200 mW average at 10 kHz (+8 °C at full power).
-    "probe_905": ApplicatorModel(
-        name="probe_905",
-        kind=ApplicatorKind.PROBE,
-        serial_prefix="S905",
-        area_mm2=50,
-        channels=(ChannelSpec(905, 200_000, ChannelMode.PULSED, 100_000, 10_000),),
-        rise_c_per_w=40.0,
-        thermal_tau_s=90.0,
-        droop_per_c=0.005,
+    "probe_905": _probe(
+        "probe_905", "S905", ChannelSpec(905, 200_000, ChannelMode.PULSED, 100_000, 10_000)
     ),
 }
 

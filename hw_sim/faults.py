@@ -17,11 +17,12 @@ import asyncio
 import inspect
 import json
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pbmd.drivers.codec import Interlock
+from pbmd.drivers.codec import CodecError, Interlock, cobs_decode, cobs_encode
 
 from .physics import OVER_TEMPERATURE_C
 
@@ -36,12 +37,76 @@ MAX_CONTROL_LINE = 64 * 1024
 
 @dataclass
 class LinkFaults:
-    """Faults of the host link (applied where frames are sent)."""
+    """Faults of the host link (applied where frames are sent or received)."""
 
     telemetry_stall: bool = False
     corrupt_rate: float = 0.0
+    """Fraction of controller → host frames corrupted."""
+    corrupt_to_controller_rate: float = 0.0
+    """Fraction of host → controller frames corrupted (before the firmware sees them)."""
     reply_delay_ms: float = 0.0
     drop_replies: bool = False
+
+
+CORRUPT_DIRECTIONS = ("to_host", "to_controller", "both")
+
+
+def corrupt_frame(frame: bytes, rng: random.Random) -> bytes:
+    """One encoded frame (``COBS(body) 0x00``) with one body byte changed.
+
+    The change is made in the body and the body stuffed again, so the frame
+    stays well formed and fails only its CRC at the receiver (a CRC-16 sees
+    every single-byte error), which then drops it as ICD §2 says. A frame that
+    is not valid COBS is returned unchanged.
+    """
+    try:
+        body = bytearray(cobs_decode(frame[:-1] if frame.endswith(b"\x00") else frame))
+    except CodecError:
+        return frame
+    if not body:
+        return frame
+    i = rng.randrange(len(body))
+    body[i] ^= rng.randrange(1, 256)
+    return cobs_encode(bytes(body)) + b"\x00"
+
+
+class IncomingCorruption:
+    """Corrupts a fraction of the host's frames on their way into the simulator.
+
+    Bytes arrive in arbitrary chunks; while a rate is set, a chunk is cut at
+    frame delimiters and the partial frame at its end is held back until its
+    delimiter arrives, so each whole frame gets exactly one draw.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._partial = bytearray()
+        self.corrupted = 0
+
+    def reset(self) -> None:
+        """A new host: nothing of the previous one's partial frame carries over."""
+        self._partial.clear()
+
+    def apply(self, data: bytes, rate: float) -> bytes:
+        if rate <= 0 and not self._partial:
+            return data
+        buf = self._partial + data
+        end = buf.rfind(b"\x00") + 1
+        self._partial = buf[end:]
+        out = bytearray()
+        start = 0
+        while start < end:
+            stop = buf.index(b"\x00", start) + 1
+            frame = bytes(buf[start:stop])
+            if stop - start > 1 and rate > 0 and self._rng.random() < rate:
+                frame = corrupt_frame(frame, self._rng)
+                self.corrupted += 1
+            out += frame
+            start = stop
+        if rate <= 0:  # the rate went to 0 mid-frame: let the rest through as it is
+            out += self._partial
+            self._partial.clear()
+        return bytes(out)
 
 
 def _port(value: Any) -> int:
@@ -207,9 +272,17 @@ class FaultInjector:
         """Telemetry frames stop (replies and events still flow)."""
         self.link.telemetry_stall = _flag(on, "on")
 
-    def corrupt_frames(self, rate: float) -> None:
-        """A fraction 0..1 of outgoing frames get one byte flipped (the host drops them)."""
-        self.link.corrupt_rate = _number(rate, "rate", 0.0, 1.0)
+    def corrupt_frames(self, rate: float, direction: str = "to_host") -> None:
+        """A fraction 0..1 of frames get one body byte changed, so their CRC fails
+        and the receiver drops them (ICD §2): ``direction`` "to_host" (controller →
+        host, the default), "to_controller" (host → controller) or "both"."""
+        r = _number(rate, "rate", 0.0, 1.0)
+        if direction not in CORRUPT_DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(CORRUPT_DIRECTIONS)}")
+        if direction in ("to_host", "both"):
+            self.link.corrupt_rate = r
+        if direction in ("to_controller", "both"):
+            self.link.corrupt_to_controller_rate = r
 
     def reply_delay(self, ms: float) -> None:
         """Replies leave this many wall milliseconds late (events and telemetry do not)."""

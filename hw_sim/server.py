@@ -16,14 +16,14 @@ import os
 import random
 import termios
 import tty
-from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from pbmd.drivers import codec
+from pbmd.drivers.lifecycle import AsyncClosing
 
 from .config import SimConfig
 from .controller import Clock, Controller
-from .faults import ControlProtocol, FaultInjector
+from .faults import ControlProtocol, FaultInjector, IncomingCorruption, corrupt_frame
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class _PtyHost:
         os.close(self.fd)
 
 
-class Simulator:
+class Simulator(AsyncClosing):
     """A simulated PBM-Link controller (see docs/simulator.md).
 
     >>> async with Simulator(SimConfig(time_scale=60)) as sim:
@@ -264,6 +264,7 @@ class Simulator:
         self._tm_period = 0.0
         self._device_seq = 0
         self._fault_rng = random.Random(self.config.seed)
+        self._incoming = IncomingCorruption(self._fault_rng)
         self.connections = 0
         self.rx_bytes = 0
         self.tx_frames = 0
@@ -291,17 +292,9 @@ class Simulator:
         self._controller = Controller(self.config, Clock(self._loop, self.config.time_scale), self)
         self._controller.reschedule()
 
-    async def __aenter__(self) -> Simulator:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close every listener and connection and cancel every timer."""
@@ -366,6 +359,7 @@ class Simulator:
         old = self._link
         self._link = link
         self._fold_decoder()
+        self._incoming.reset()
         self.connections += 1
         log.info("host connected on %s", link.name)
         if old is not None and old is not link:
@@ -394,6 +388,7 @@ class Simulator:
         if link is not self._link or self._controller is None:
             return
         self.rx_bytes += len(data)
+        data = self._incoming.apply(data, self.faults.link.corrupt_to_controller_rate)
         try:
             frames = self._decoder.feed(data)
         except Exception:  # the decoder never raises; the simulator must not die if it does
@@ -466,7 +461,8 @@ class Simulator:
             return
         data = codec.encode_frame(msg, seq)
         if lf.corrupt_rate > 0 and self._fault_rng.random() < lf.corrupt_rate:
-            data = self._corrupt(data)
+            self.tx_corrupted += 1
+            data = corrupt_frame(data, self._fault_rng)
         if kind == "reply" and lf.reply_delay_ms > 0 and self._loop is not None:
             handle: asyncio.TimerHandle | None = None
 
@@ -487,15 +483,6 @@ class Simulator:
         else:
             self.tx_dropped["overflow"] += 1
 
-    def _corrupt(self, data: bytes) -> bytes:
-        """Replace one byte before the delimiter with a different non-zero byte."""
-        self.tx_corrupted += 1
-        out = bytearray(data)
-        i = self._fault_rng.randrange(len(out) - 1)
-        value = self._fault_rng.randrange(1, 255)  # COBS bytes are 1..255
-        out[i] = value + 1 if value >= out[i] else value
-        return bytes(out)
-
     # -- introspection ---------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -514,6 +501,7 @@ class Simulator:
             "rx_dropped_total": sum(dropped.values()),
             "tx_frames": self.tx_frames,
             "tx_corrupted": self.tx_corrupted,
+            "rx_corrupted": self._incoming.corrupted,
             "tx_dropped": dict(self.tx_dropped),
             "ptys": [
                 {"path": p.path, "host_open": p.host_open, "silenced": p.silenced}
@@ -522,6 +510,7 @@ class Simulator:
             "faults": {
                 "telemetry_stall": lf.telemetry_stall,
                 "corrupt_rate": lf.corrupt_rate,
+                "corrupt_to_controller_rate": lf.corrupt_to_controller_rate,
                 "reply_delay_ms": lf.reply_delay_ms,
                 "drop_replies": lf.drop_replies,
             },

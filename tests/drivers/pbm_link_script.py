@@ -17,6 +17,10 @@ from pbmd.drivers.transport import Link, LinkError
 WAIT_S = 2.0
 """Failure bound for every wait in these tests (never reached when they pass)."""
 
+STRICT_LINK = {"reply_attempts": 1, "consecutive_loss_limit": 1}
+"""Client options under which one missed reply is a link fault at once (no
+retry): for tests of what happens to a reply once its deadline has passed."""
+
 Responder = Callable[[codec.Frame], list[bytes]]
 
 

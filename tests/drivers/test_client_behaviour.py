@@ -9,7 +9,14 @@ import statistics
 from collections.abc import AsyncIterator
 
 import pytest
-from pbm_link_script import WAIT_S, ScriptedLink, frames_of, pong_responder, wait_until
+from pbm_link_script import (
+    STRICT_LINK,
+    WAIT_S,
+    ScriptedLink,
+    frames_of,
+    pong_responder,
+    wait_until,
+)
 
 from pbmd.drivers import codec
 from pbmd.drivers.client import (
@@ -109,7 +116,8 @@ async def test_default_deadline_is_the_icd_limit(link: ScriptedLink) -> None:
 
 
 async def test_deadline_is_configurable_per_client_and_per_request(link: ScriptedLink) -> None:
-    client = ControllerClient(link, reply_timeout_s=0.02)
+    # One send per request and the first miss a link fault, so each miss is one timeout.
+    client = ControllerClient(link, reply_timeout_s=0.02, **STRICT_LINK)
     try:
         with pytest.raises(ReplyTimeout) as caught:
             await client.ping()
@@ -146,7 +154,7 @@ async def test_seq_wraps_at_16_bits_and_skips_seqs_still_pending(link: ScriptedL
         await wrapped
 
         # Once the counter comes round again, 0xFFFF is still waiting: skip it.
-        client._next_seq = 0xFFFF  # stands for 65535 requests later
+        client._pending._next_seq = 0xFFFF  # stands for 65535 requests later
         third = asyncio.create_task(client.ping())
         await link.wait_writes(3)
         assert frames_of(link.writes[2])[0].seq == 0x0000
@@ -366,8 +374,10 @@ async def test_telemetry_subscription_drops_oldest_and_counts(
         ping = asyncio.create_task(client.ping())
         await link.wait_writes(1)
         (request,) = frames_of(link.writes[0])
-        link.feed(b"".join(telemetry(n) for n in range(1, 6)) + codec.encode_frame(
-            codec.Pong(1), request.seq))
+        link.feed(
+            b"".join(telemetry(n) for n in range(1, 6))
+            + codec.encode_frame(codec.Pong(1), request.seq)
+        )
         await ping
         assert len(sub) == 3
         got = [(await anext(sub)).device_time_us for _ in range(3)]
@@ -488,7 +498,7 @@ async def test_a_request_cancelled_in_the_write_queue_is_never_sent(
 
 
 async def test_write_gate_passes_on_a_grant_its_waiter_no_longer_wants() -> None:
-    from pbmd.drivers.client import _WriteGate
+    from pbmd.drivers.write_gate import WriteGate as _WriteGate
 
     gate = _WriteGate()
     await gate.acquire(urgent=False)

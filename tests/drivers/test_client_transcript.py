@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pbm_link_script import ScriptedLink, frames_of, wait_until
+from pbm_link_script import STRICT_LINK, ScriptedLink, frames_of, wait_until
 
 from pbmd.drivers import codec
 from pbmd.drivers.client import (
@@ -195,7 +195,7 @@ async def test_out_of_order_replies_in_one_chunk(link: ScriptedLink) -> None:
 
 
 async def test_late_reply_after_timeout_is_counted_and_ignored(link: ScriptedLink) -> None:
-    client = ControllerClient(link, first_seq=11, reply_timeout_s=0.02)
+    client = ControllerClient(link, first_seq=11, reply_timeout_s=0.02, **STRICT_LINK)
     timeouts: list[ReplyTimeout] = []
     client.add_reply_timeout_listener(timeouts.append)
     try:

@@ -53,8 +53,9 @@ class MiniController:
                 reply = codec.Ack()
             out += codec.encode_frame(reply, frame.seq)
             if frame.msg_type == codec.SetTelemetry.TYPE:
-                out += codec.encode_frame(codec.Telemetry(1, 0, 7, 0, (codec.PortSample(
-                    1, 0, 0, 0, 2400),)), 1)
+                out += codec.encode_frame(
+                    codec.Telemetry(1, 0, 7, 0, (codec.PortSample(1, 0, 0, 0, 2400),)), 1
+                )
         return bytes(out)
 
     def count(self, msg_type: int) -> int:

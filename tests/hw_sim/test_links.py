@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,80 @@ async def test_drop_link_silences_a_pty_host_until_it_reopens(lab: Lab) -> None:
     await wait_until(lambda: not sim.snapshot()["link"]["ptys"][0]["host_open"], "pty closed")
     again = lab.pty(path)
     assert isinstance(await again.request(codec.Hello()), codec.Info)
+
+
+CORRUPTION_FRAMES = 600
+"""Frames per direction in the corruption-rate tests: at a rate of 0.2 the
+count is 120 ± 10 (one standard deviation); the tests allow ± 40."""
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + BOUND_S
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {BOUND_S} s"
+        await asyncio.sleep(0.005)  # polling counters, not waiting for time to pass
+
+
+async def test_corruption_to_the_host_hits_the_requested_fraction_and_fails_the_crc(
+    lab: Lab,
+) -> None:
+    rig = await lab.rig(telemetry_hz=0, heartbeat=False)
+    host, sim = rig.host, rig.sim
+    sent_before = sim.snapshot()["link"]["tx_corrupted"]
+    crc_before = host.decoder.stats.dropped["crc"]
+    mark = host.mark()
+    sim.faults.corrupt_frames(0.2, "to_host")
+    seqs = [host.send(codec.Ping()) for _ in range(CORRUPTION_FRAMES)]
+
+    def arrived() -> int:
+        return len(host.received) - mark + host.decoder.stats.dropped["crc"] - crc_before
+
+    await _until(lambda: arrived() >= CORRUPTION_FRAMES, "replies or CRC drops")
+    corrupted = sim.snapshot()["link"]["tx_corrupted"] - sent_before
+    assert 80 <= corrupted <= 160, f"{corrupted} of {CORRUPTION_FRAMES} corrupted at rate 0.2"
+    # Every corrupted frame failed its CRC at the host and was dropped (ICD §2);
+    # nothing else was dropped, and every other PING was answered.
+    assert host.decoder.stats.dropped["crc"] - crc_before == corrupted
+    assert host.decoder.stats.dropped_total - crc_before == corrupted
+    assert sum(1 for seq in seqs if host.replies(seq)) == CORRUPTION_FRAMES - corrupted
+    assert sim.snapshot()["link"]["rx_corrupted"] == 0
+
+
+async def test_corruption_to_the_controller_hits_the_requested_fraction_and_fails_the_crc(
+    lab: Lab,
+) -> None:
+    rig = await lab.rig(telemetry_hz=0, heartbeat=False)
+    host, sim = rig.host, rig.sim
+    before = sim.snapshot()["link"]
+    sim.faults.corrupt_frames(0.2, "to_controller")
+    seqs = [host.send(codec.Ping()) for _ in range(CORRUPTION_FRAMES)]
+
+    def seen() -> int:
+        link = sim.snapshot()["link"]
+        return (link["rx_frames"] + link["rx_dropped_total"]) - (
+            before["rx_frames"] + before["rx_dropped_total"]
+        )
+
+    await _until(lambda: seen() >= CORRUPTION_FRAMES, "frames at the controller")
+    link = sim.snapshot()["link"]
+    corrupted = link["rx_corrupted"] - before["rx_corrupted"]
+    assert 80 <= corrupted <= 160, f"{corrupted} of {CORRUPTION_FRAMES} corrupted at rate 0.2"
+    assert link["rx_dropped"]["crc"] - before["rx_dropped"]["crc"] == corrupted
+    assert link["rx_dropped_total"] - before["rx_dropped_total"] == corrupted
+    answered = CORRUPTION_FRAMES - corrupted
+    await _until(lambda: sum(1 for s in seqs if host.replies(s)) >= answered, "PONGs")
+    assert sum(1 for s in seqs if host.replies(s)) == answered
+    assert link["tx_corrupted"] == before["tx_corrupted"]
+    assert link["faults"]["corrupt_to_controller_rate"] == 0.2
+
+
+async def test_corruption_both_ways_and_a_bad_direction(lab: Lab) -> None:
+    sim = await lab.sim()
+    sim.faults.corrupt_frames(0.01, "both")
+    faults = sim.snapshot()["link"]["faults"]
+    assert (faults["corrupt_rate"], faults["corrupt_to_controller_rate"]) == (0.01, 0.01)
+    with pytest.raises(ValueError, match="direction"):
+        sim.faults.corrupt_frames(0.1, "sideways")
+    sim.faults.clear()
+    faults = sim.snapshot()["link"]["faults"]
+    assert (faults["corrupt_rate"], faults["corrupt_to_controller_rate"]) == (0.0, 0.0)

@@ -69,6 +69,41 @@ def discovery_configs(
     if not ha.enabled:
         return {}
     node = "pbmd_" + re.sub(r"[^A-Za-z0-9_-]", "_", device_id)
+    device = {
+        "identifiers": [node],
+        "name": f"pbmd {device_id}",
+        "manufacturer": "pbmd",
+        "model": "Photobiomodulation system",
+        "sw_version": version,
+    }
+    out: dict[str, bytes] = {}
+    for s in _sensors(topics, controllers, ports):
+        config: dict[str, Any] = {
+            "name": s.name,
+            "unique_id": f"{node}_{s.key}",
+            "state_topic": s.topic,
+            "value_template": s.template,
+            "availability_topic": topics.status,
+            "payload_available": STATUS_ONLINE,
+            "payload_not_available": STATUS_OFFLINE,
+            "device": device,
+            "origin": {"name": "pbmd", "sw_version": version},
+        }
+        optional = {
+            "unit_of_measurement": s.unit,
+            "device_class": s.device_class,
+            "state_class": s.state_class,
+            "suggested_display_precision": s.precision,
+            "icon": s.icon,
+            "json_attributes_topic": s.attributes_topic,
+        }
+        config.update({k: v for k, v in optional.items() if v is not None})
+        out[f"{ha.discovery_prefix}/sensor/{node}/{s.key}/config"] = encode(config)
+    return out
+
+
+def _sensors(topics: Topics, controllers: Iterable[str], ports: Iterable[int]) -> list[_Sensor]:
+    """The session state, each controller's state, and four dose figures per port."""
     sensors: list[_Sensor] = [
         _Sensor(
             "session_state", "Session state", topics.session, "{{ value_json.state }}",
@@ -109,37 +144,4 @@ def discovery_configs(
                 "mdi:timer-sand",
             ),
         ]  # fmt: skip
-    device = {
-        "identifiers": [node],
-        "name": f"pbmd {device_id}",
-        "manufacturer": "pbmd",
-        "model": "Photobiomodulation system",
-        "sw_version": version,
-    }
-    out: dict[str, bytes] = {}
-    for s in sensors:
-        config: dict[str, Any] = {
-            "name": s.name,
-            "unique_id": f"{node}_{s.key}",
-            "state_topic": s.topic,
-            "value_template": s.template,
-            "availability_topic": topics.status,
-            "payload_available": STATUS_ONLINE,
-            "payload_not_available": STATUS_OFFLINE,
-            "device": device,
-            "origin": {"name": "pbmd", "sw_version": version},
-        }
-        optional = {
-            "unit_of_measurement": s.unit,
-            "device_class": s.device_class,
-            "state_class": s.state_class,
-            "suggested_display_precision": s.precision,
-            "icon": s.icon,
-            "json_attributes_topic": s.attributes_topic,
-        }
-        config.update({k: v for k, v in optional.items() if v is not None})
-        out[f"{ha.discovery_prefix}/sensor/{node}/{s.key}/config"] = encode(config)
-    return out
-
-
-# ----------------------------------------------------------------- connection
+    return sensors

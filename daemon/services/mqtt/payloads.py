@@ -88,9 +88,6 @@ def session_payload(st: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------- Home Assistant
-
-
 def event_payload(row: Mapping[str, Any]) -> dict[str, Any]:
     """One recorded event (``events``), from its outbox row."""
     return {

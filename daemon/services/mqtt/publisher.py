@@ -301,6 +301,8 @@ class MqttPublisher:
         self._dirty.add(topic)
         self._retained_ready.set()
 
+    # ----------------------------------------------------------------- Home Assistant
+
     def _discovery_configs(self) -> dict[str, bytes]:
         return discovery_configs(
             self.config.homeassistant,
@@ -310,6 +312,8 @@ class MqttPublisher:
             ports=list(self.engine.port_map),
             version=self._version,
         )
+
+    # ----------------------------------------------------------------- connection
 
     async def _run(self) -> None:
         attempt = 0

@@ -240,51 +240,36 @@ async def cmd_session_watch(args: argparse.Namespace, client: Client, out: Out) 
     return await follow(client, out, res["session_id"], res["status"], args.auto_confirm)
 
 
-def _one_call(
-    method: str,
-    params: Callable[[argparse.Namespace], dict[str, Any]],
-    text: Callable[[argparse.Namespace], str],
-) -> Command:
-    """A command that makes one call and, when it succeeds, says so in one line."""
+def _one_call(method: str, key: str, text: str) -> Command:
+    """A command that passes one argument in one call and, when it succeeds, prints
+    ``text`` formatted with the arguments (and ``{ports}``: "port N" or "all ports").
+    ``key`` names the argument; "port?" sends the port only when one was given."""
 
     async def run(args: argparse.Namespace, client: Client, out: Out) -> int:
-        res = await client.call(method, params(args))
-        out.result(res, lambda c: c.print(text(args)))
+        port = getattr(args, "port", None)
+        if key == "port?":
+            params: dict[str, Any] = {"port": port} if port is not None else {}
+        else:
+            params = {key: getattr(args, key)}
+        res = await client.call(method, params)
+        ports = f"port {port}" if port is not None else "all ports"
+        line = text.format(**vars(args), ports=ports)
+        out.result(res, lambda c: c.print(line))
         return EXIT_OK
 
     return run
 
 
-def _port_or_all(args: argparse.Namespace) -> dict[str, Any]:
-    return {"port": args.port} if args.port is not None else {}
-
-
-def _which_ports(args: argparse.Namespace) -> str:
-    return f"port {args.port}" if args.port is not None else "all ports"
-
-
-cmd_session_confirm = _one_call(
-    "session.confirm",
-    lambda args: {"port": args.port},
-    lambda args: f"port {args.port}: placement confirmed",
-)
+cmd_session_confirm = _one_call("session.confirm", "port", "port {port}: placement confirmed")
 cmd_session_pause = _one_call(
-    "session.pause",
-    _port_or_all,
-    lambda args: f"{_which_ports(args)}: paused; resume with `pbmctl session resume`",
+    "session.pause", "port?", "{ports}: paused; resume with `pbmctl session resume`"
 )
-cmd_session_resume = _one_call(
-    "session.resume", _port_or_all, lambda args: f"{_which_ports(args)}: resumed"
-)
+cmd_session_resume = _one_call("session.resume", "port?", "{ports}: resumed")
 cmd_clear_fault = _one_call(
-    "controller.clear_fault",
-    lambda args: {"controller": args.controller},
-    lambda args: f"controller {args.controller}: fault cleared",
+    "controller.clear_fault", "controller", "controller {controller}: fault cleared"
 )
 cmd_service_clear = _one_call(
-    "service.clear",
-    lambda args: {"note": args.note},
-    lambda args: "service latch cleared; sessions may start again",
+    "service.clear", "note", "service latch cleared; sessions may start again"
 )
 
 

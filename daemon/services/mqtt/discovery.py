@@ -21,22 +21,16 @@ class Topics:
     """The publisher's topics under its prefix."""
 
     prefix: str
+    status: str
+    state: str
+    session: str
+    events: str
 
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}/status"
-
-    @property
-    def state(self) -> str:
-        return f"{self.prefix}/state"
-
-    @property
-    def session(self) -> str:
-        return f"{self.prefix}/session"
-
-    @property
-    def events(self) -> str:
-        return f"{self.prefix}/events"
+    @classmethod
+    def under(cls, prefix: str) -> Topics:
+        return cls(
+            prefix, *(f"{prefix}/{name}" for name in ("status", "state", "session", "events"))
+        )
 
     def dose(self, port: int) -> str:
         return f"{self.prefix}/port/{port}/dose"

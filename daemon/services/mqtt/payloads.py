@@ -44,6 +44,9 @@ _DOSE_KEYS: tuple[str, ...] = (
     "target_kind", "target_energy_j", "target_fluence_j_cm2", "target_time_s", "elapsed_s",
     "remaining_s", "fraction", "temperature_c", "contact",
 )  # fmt: skip
+_EVENT_KEYS: tuple[str, ...] = (
+    "kind", "code", "severity", "message", "session_id", "port", "device_time_us", "data",
+)  # fmt: skip
 _SESSION_PORT_KEYS: tuple[str, ...] = (
     "port", "state", "wait_reason", "step", "steps", "site", "label", "wavelength_nm",
 )  # fmt: skip
@@ -94,12 +97,5 @@ def event_payload(row: Mapping[str, Any]) -> dict[str, Any]:
         "ts": row["utc"],
         "seq": int(row["outbox_seq"]),
         "id": str(row["id"]),
-        "kind": row["kind"],
-        "code": row["code"],
-        "severity": row["severity"],
-        "message": row["message"],
-        "session_id": row["session_id"],
-        "port": row["port"],
-        "device_time_us": row["device_time_us"],
-        "data": row["data"],
+        **{k: row[k] for k in _EVENT_KEYS},
     }

@@ -78,7 +78,7 @@ class MqttPublisher:
         self.device_id = config.resolved_device_id(device_id)
         self.topic_prefix = config.resolved_prefix(self.device_id)
         self.client_id = config.client_id or f"pbmd-{self.device_id}"
-        self.topics = Topics(self.topic_prefix)
+        self.topics = Topics.under(self.topic_prefix)
         self.status_topic = self.topics.status
         self.state_topic = self.topics.state
         self.session_topic = self.topics.session

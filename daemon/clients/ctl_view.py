@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 from rich import box
@@ -97,6 +97,14 @@ def ago(utc: Any) -> str:
 # --------------------------------------------------------------------------- status
 
 
+def _table(columns: Sequence[str], *, left: Container[str]) -> Table:
+    """A plain table: the columns named in ``left`` are aligned left, the others right."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
 def render_status(console: Console, st: Mapping[str, Any]) -> None:
     d = st["daemon"]
     console.print(
@@ -107,39 +115,54 @@ def render_status(console: Console, st: Mapping[str, Any]) -> None:
     for line in d.get("warnings", []):
         console.print(f"[bold yellow]⚠ {line}[/]", highlight=False)
     for c in st.get("controllers", []):
-        if not c.get("connected"):
-            console.print(
-                f"[bold red]controller {c['name']}: not connected[/] ({c.get('lost') or c['url']})",
-                highlight=False,
-            )
-            continue
-        il = c.get("interlocks") or {}
-        marks = " ".join(
-            f"{name} {'[green]✓[/]' if il.get(key) else '[red]✗[/]'}"
-            for key, name in (("key", "key"), ("remote", "remote"), ("estop_released", "e-stop"))
-        )
-        scale = c.get("time_scale") or 1.0
-        speed = f" · [yellow]simulated, device clock ×{scale:.0f}[/]" if c.get("simulated") else ""
-        fault = f" · [bold red]FAULT {c['fault']}[/]" if c.get("fault") else ""
+        _render_controller(console, c)
+    console.print(_port_table(st.get("ports", [])))
+    _render_health(console, st)
+    s = st.get("session")
+    if s is None:
+        console.print("session: none since pbmd started")
+    else:
+        style = STATE_STYLE.get(s["state"], "")
         console.print(
-            f"controller [bold]{c['name']}[/] {c.get('serial')} fw {c.get('firmware')} · "
-            f"{c.get('state')}{fault} · interlocks {marks}{speed}",
+            f"session {s['session_id']} · {s['protocol_id']} v{s['protocol_version']} · "
+            f"patient {s.get('patient_ref') or '(hidden)'} · [{style}]{s['state']}[/]"
+            + (f" · {s['cause_code']} {s['cause_message']}" if s.get("cause_code") else ""),
             highlight=False,
         )
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in (
-        "port",
-        "controller",
-        "applicator",
-        "λ nm",
-        "area cm²",
-        "emitting",
-        "mW",
-        "°C",
-        "contact",
-    ):
-        table.add_column(col, justify="left" if col in ("controller", "applicator") else "right")
-    for p in st.get("ports", []):
+    you = st.get("caller") or {}
+    if you:
+        roles = ", ".join(r for r in you.get("roles", []) if r != "reader") or "read-only"
+        console.print(f"you: {you.get('user')} ({roles})", style="dim", highlight=False)
+
+
+def _render_controller(console: Console, c: Mapping[str, Any]) -> None:
+    if not c.get("connected"):
+        console.print(
+            f"[bold red]controller {c['name']}: not connected[/] ({c.get('lost') or c['url']})",
+            highlight=False,
+        )
+        return
+    il = c.get("interlocks") or {}
+    marks = " ".join(
+        f"{name} {'[green]✓[/]' if il.get(key) else '[red]✗[/]'}"
+        for key, name in (("key", "key"), ("remote", "remote"), ("estop_released", "e-stop"))
+    )
+    scale = c.get("time_scale") or 1.0
+    speed = f" · [yellow]simulated, device clock ×{scale:.0f}[/]" if c.get("simulated") else ""
+    fault = f" · [bold red]FAULT {c['fault']}[/]" if c.get("fault") else ""
+    console.print(
+        f"controller [bold]{c['name']}[/] {c.get('serial')} fw {c.get('firmware')} · "
+        f"{c.get('state')}{fault} · interlocks {marks}{speed}",
+        highlight=False,
+    )
+
+
+def _port_table(ports: Sequence[Mapping[str, Any]]) -> Table:
+    table = _table(
+        ("port", "controller", "applicator", "λ nm", "area cm²", "emitting", "mW", "°C", "contact"),
+        left=("controller", "applicator"),
+    )
+    for p in ports:
         app = p.get("applicator")
         table.add_row(
             str(p["port"]),
@@ -152,7 +175,11 @@ def render_status(console: Console, st: Mapping[str, Any]) -> None:
             _num(p.get("temperature_c"), ".1f"),
             "yes" if p.get("contact") else "no",
         )
-    console.print(table)
+    return table
+
+
+def _render_health(console: Console, st: Mapping[str, Any]) -> None:
+    """Readiness, records, calibration and the service latch."""
     ready = st["ready"]
     if ready["ok"]:
         console.print("ready for a session: [bold green]yes[/]")
@@ -173,21 +200,6 @@ def render_status(console: Console, st: Mapping[str, Any]) -> None:
         console.print("calibration: no due date configured", highlight=False)
     if st.get("service_required"):
         console.print(f"[bold red]SERVICE REQUIRED: {st['service_required']}[/]", highlight=False)
-    s = st.get("session")
-    if s is None:
-        console.print("session: none since pbmd started")
-    else:
-        style = STATE_STYLE.get(s["state"], "")
-        console.print(
-            f"session {s['session_id']} · {s['protocol_id']} v{s['protocol_version']} · "
-            f"patient {s.get('patient_ref') or '(hidden)'} · [{style}]{s['state']}[/]"
-            + (f" · {s['cause_code']} {s['cause_message']}" if s.get("cause_code") else ""),
-            highlight=False,
-        )
-    you = st.get("caller") or {}
-    if you:
-        roles = ", ".join(r for r in you.get("roles", []) if r != "reader") or "read-only"
-        console.print(f"you: {you.get('user')} ({roles})", style="dim", highlight=False)
 
 
 # --------------------------------------------------------------------------- protocols
@@ -197,9 +209,10 @@ def render_protocol_list(console: Console, protocols: Sequence[Mapping[str, Any]
     if not protocols:
         console.print("no protocols installed; install one with `pbmctl protocol install FILE`")
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("id", "v", "title", "signed by", "installed"):
-        table.add_column(col, justify="right" if col == "v" else "left")
+    table = _table(
+        ("id", "v", "title", "signed by", "installed"),
+        left=("id", "title", "signed by", "installed"),
+    )
     for p in protocols:
         table.add_row(
             p["id"],
@@ -287,19 +300,11 @@ def render_records(console: Console, sessions: Sequence[Mapping[str, Any]]) -> N
     if not sessions:
         console.print("no sessions in the records")
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in (
-        "session",
-        "started (UTC)",
-        "protocol",
-        "patient",
-        "outcome",
-        "steps",
-        "prescribed J",
-        "delivered J",
-        "cause",
-    ):
-        table.add_column(col, justify="right" if col.endswith("J") or col == "steps" else "left")
+    table = _table(
+        ("session", "started (UTC)", "protocol", "patient", "outcome", "steps", "prescribed J",
+         "delivered J", "cause"),
+        left=("session", "started (UTC)", "protocol", "patient", "outcome", "cause"),
+    )  # fmt: skip
     for s in sessions:
         outcome = s.get("outcome") or s.get("state") or "?"
         table.add_row(
@@ -333,20 +338,11 @@ def render_record(console: Console, s: Mapping[str, Any]) -> None:
         ),
         highlight=False,
     )
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in (
-        "port",
-        "#",
-        "site",
-        "λ nm",
-        "prescribed J",
-        "host J",
-        "ctrl J",
-        "J/cm²",
-        "time s",
-        "outcome",
-    ):
-        table.add_column(col, justify="left" if col in ("site", "outcome") else "right")
+    table = _table(
+        ("port", "#", "site", "λ nm", "prescribed J", "host J", "ctrl J", "J/cm²", "time s",
+         "outcome"),
+        left=("site", "outcome"),
+    )  # fmt: skip
     for st in s.get("steps") or []:
         table.add_row(
             str(st["port"]),
@@ -463,50 +459,7 @@ class SessionView:
             )
         if s.get("cause_code"):
             parts.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
-        table = Table(
-            box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0), expand=False
-        )
-        for col, just, width in (
-            ("port", "right", 4),
-            ("step", "right", 4),
-            ("site", "left", 18),
-            ("λ nm", "right", 4),
-            ("state", "left", 10),
-            ("dose", "left", 14),
-            ("", "right", 4),
-            ("mW/cm²", "right", 6),
-            ("J/cm²", "right", 9),
-            ("left", "right", 7),
-            ("°C", "right", 4),
-        ):
-            table.add_column(col, justify=just, no_wrap=True, width=width)  # type: ignore[arg-type]
-        for p in s.get("ports") or []:
-            pstate = str(p.get("state"))
-            frac = float(p.get("fraction") or 0.0)
-            if pstate == "done":
-                frac = max(frac, 1.0) if p.get("step") is not None else frac
-            shown_state = pstate
-            if pstate in ("gated", "paused") and p.get("wait_reason"):
-                shown_state = _short_wait(str(p["wait_reason"]))
-            step_text = (
-                f"{int(p['step']) + 1}/{p.get('steps')}" if p.get("step") is not None else "—"
-            )
-            table.add_row(
-                str(p["port"]),
-                step_text,
-                _cell_site(p),
-                str(p.get("wavelength_nm") or "—"),
-                Text(shown_state, style=STATE_STYLE.get(pstate, "")),
-                ProgressBar(total=1.0, completed=min(frac, 1.0), width=14),
-                f"{min(frac, 1.0) * 100:3.0f}%",
-                _num(p.get("irradiance_mw_cm2"), ".1f"),
-                _num(p.get("fluence_j_cm2"), ".2f")
-                + "/"
-                + _num(p.get("target_fluence_j_cm2"), ".2f"),
-                mmss(p.get("remaining_s")) if pstate not in ("done", "skipped") else "—",
-                _num(p.get("temperature_c"), ".1f"),
-            )
-        parts.append(table)
+        parts.append(self._port_table())
         waits = placement_waits(s) if state not in FINAL_STATES else []
         for port, _step, site in waits:
             if self.auto_confirm:
@@ -529,6 +482,51 @@ class SessionView:
                 )
             )
         return Group(*parts)
+
+    def _port_table(self) -> Table:
+        table = Table(
+            box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0), expand=False
+        )
+        for col, just, width in (
+            ("port", "right", 4),
+            ("step", "right", 4),
+            ("site", "left", 18),
+            ("λ nm", "right", 4),
+            ("state", "left", 10),
+            ("dose", "left", 14),
+            ("", "right", 4),
+            ("mW/cm²", "right", 6),
+            ("J/cm²", "right", 9),
+            ("left", "right", 7),
+            ("°C", "right", 4),
+        ):
+            table.add_column(col, justify=just, no_wrap=True, width=width)  # type: ignore[arg-type]
+        for p in self.status.get("ports") or []:
+            table.add_row(*self._port_row(p))
+        return table
+
+    def _port_row(self, p: Mapping[str, Any]) -> tuple[RenderableType, ...]:
+        pstate = str(p.get("state"))
+        frac = float(p.get("fraction") or 0.0)
+        if pstate == "done":
+            frac = max(frac, 1.0) if p.get("step") is not None else frac
+        shown_state = pstate
+        if pstate in ("gated", "paused") and p.get("wait_reason"):
+            shown_state = _short_wait(str(p["wait_reason"]))
+        step_text = f"{int(p['step']) + 1}/{p.get('steps')}" if p.get("step") is not None else "—"
+        return (
+            str(p["port"]),
+            step_text,
+            _cell_site(p),
+            str(p.get("wavelength_nm") or "—"),
+            Text(shown_state, style=STATE_STYLE.get(pstate, "")),
+            ProgressBar(total=1.0, completed=min(frac, 1.0), width=14),
+            f"{min(frac, 1.0) * 100:3.0f}%",
+            _num(p.get("irradiance_mw_cm2"), ".1f"),
+            _num(p.get("fluence_j_cm2"), ".2f") + "/" + _num(p.get("target_fluence_j_cm2"), ".2f"),
+            mmss(p.get("remaining_s")) if pstate not in ("done", "skipped") else "—",
+            _num(p.get("temperature_c"), ".1f"),
+        )
 
     def render_final(self) -> RenderableType:
         s = self.status

@@ -110,6 +110,35 @@ async def run_demo(time_scale: float, keep: bool, console: Console) -> int:
         f"state directory {state} · daemon log {log_file}",
         highlight=False,
     )
+    daemon = await _start_daemon(console, time_scale, state, sock)
+    ready = asyncio.Event()
+    copier = asyncio.create_task(_copy_until_ready(daemon, log_file, ready))
+    code = 1
+    try:
+        await _wait_ready(daemon, ready)
+        if not ready.is_set():
+            raise DemoFailed(f"pbmd did not become ready:\n{_tail(log_file)}")
+        console.print(f"pbmd is ready (pid {daemon.pid})")
+        code = await _treat(console, env)
+    except DemoFailed as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        code = 1
+    finally:
+        code = await _stop(daemon, console, log_file, code)
+        with contextlib.suppress(asyncio.CancelledError):
+            await copier
+        if keep:
+            console.print(f"state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+    return code
+
+
+async def _start_daemon(
+    console: Console, time_scale: float, state: Path, sock: Path
+) -> asyncio.subprocess.Process:
+    """`pbmd run` on the embedded default, in its own session (Ctrl-C reaches pbmctl;
+    the daemon is stopped by _stop)."""
     cmd = [
         sys.executable,
         "-m",
@@ -125,64 +154,53 @@ async def run_demo(time_scale: float, keep: bool, console: Console) -> int:
         "json",
     ]
     console.print(f"\n[bold cyan]$ pbmd {shlex.join(cmd[3:])} &[/]", highlight=False)
-    daemon = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         *cmd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C reaches pbmctl; the daemon is stopped below
+        start_new_session=True,
     )
-    ready = asyncio.Event()
-    copier = asyncio.create_task(_copy_until_ready(daemon, log_file, ready))
-    code = 1
-    try:
-        waiter = asyncio.create_task(daemon.wait())
-        got_ready = asyncio.create_task(ready.wait())
-        await asyncio.wait(
-            {waiter, got_ready}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in (waiter, got_ready):
-            task.cancel()
-        await asyncio.gather(waiter, got_ready, return_exceptions=True)
-        if not ready.is_set():
-            raise DemoFailed(f"pbmd did not become ready:\n{_tail(log_file)}")
-        console.print(f"pbmd is ready (pid {daemon.pid})")
-        await _pbmctl(console, env, "status")
-        answers = [arg for name in SCREENING for arg in ("--contraindication", f"{name}=no")]
-        console.print(
-            "\n[bold yellow]The protocol gates every pad placement and every probe point on "
-            "the clinician's confirmation. In this demonstration pbmctl confirms them itself "
-            "(--auto-confirm) and says so.[/]"
-        )
-        started = await _pbmctl(
-            console,
-            env,
-            "session",
-            "start",
-            PROTOCOL,
-            "--patient",
-            PATIENT,
-            *answers,
-            "--auto-confirm",
-        )
-        listing = await _pbmctl_json(env, "records", "list", "--limit", "1")
-        sessions = listing.get("sessions") if isinstance(listing, dict) else None
-        if not sessions:
-            raise DemoFailed("no session was recorded")
-        session_id = str(sessions[0]["id"])
-        await _pbmctl(console, env, "report", session_id)
-        code = 0 if started == 0 else started
-    except DemoFailed as exc:
-        console.print(f"[bold red]demo failed:[/] {exc}")
-        code = 1
-    finally:
-        code = await _stop(daemon, console, log_file, code)
-        with contextlib.suppress(asyncio.CancelledError):
-            await copier
-        if keep:
-            console.print(f"state kept in {state}")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
-    return code
+
+
+async def _wait_ready(daemon: asyncio.subprocess.Process, ready: asyncio.Event) -> None:
+    """Until the daemon says it is ready, exits, or READY_TIMEOUT_S passes."""
+    waiter = asyncio.create_task(daemon.wait())
+    got_ready = asyncio.create_task(ready.wait())
+    await asyncio.wait(
+        {waiter, got_ready}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in (waiter, got_ready):
+        task.cancel()
+    await asyncio.gather(waiter, got_ready, return_exceptions=True)
+
+
+async def _treat(console: Console, env: dict[str, str]) -> int:
+    """What a clinic would run through pbmctl: status, the session live, its report."""
+    await _pbmctl(console, env, "status")
+    answers = [arg for name in SCREENING for arg in ("--contraindication", f"{name}=no")]
+    console.print(
+        "\n[bold yellow]The protocol gates every pad placement and every probe point on "
+        "the clinician's confirmation. In this demonstration pbmctl confirms them itself "
+        "(--auto-confirm) and says so.[/]"
+    )
+    started = await _pbmctl(
+        console,
+        env,
+        "session",
+        "start",
+        PROTOCOL,
+        "--patient",
+        PATIENT,
+        *answers,
+        "--auto-confirm",
+    )
+    listing = await _pbmctl_json(env, "records", "list", "--limit", "1")
+    sessions = listing.get("sessions") if isinstance(listing, dict) else None
+    if not sessions:
+        raise DemoFailed("no session was recorded")
+    session_id = str(sessions[0]["id"])
+    await _pbmctl(console, env, "report", session_id)
+    return 0 if started == 0 else started
 
 
 async def _stop(

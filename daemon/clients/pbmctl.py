@@ -240,38 +240,37 @@ async def cmd_session_watch(args: argparse.Namespace, client: Client, out: Out) 
     return await follow(client, out, res["session_id"], res["status"], args.auto_confirm)
 
 
-async def _simple(client: Client, out: Out, method: str, params: dict[str, Any], text: str) -> int:
-    res = await client.call(method, params)
-    out.result(res, lambda c: c.print(text))
-    return EXIT_OK
+def _one_call(method: str, key: str, text: str) -> Command:
+    """A command that passes one argument in one call and, when it succeeds, prints
+    ``text`` formatted with the arguments (and ``{ports}``: "port N" or "all ports").
+    ``key`` names the argument; "port?" sends the port only when one was given."""
+
+    async def run(args: argparse.Namespace, client: Client, out: Out) -> int:
+        port = getattr(args, "port", None)
+        if key == "port?":
+            params: dict[str, Any] = {"port": port} if port is not None else {}
+        else:
+            params = {key: getattr(args, key)}
+        res = await client.call(method, params)
+        ports = f"port {port}" if port is not None else "all ports"
+        line = text.format(**vars(args), ports=ports)
+        out.result(res, lambda c: c.print(line))
+        return EXIT_OK
+
+    return run
 
 
-async def cmd_session_confirm(args: argparse.Namespace, client: Client, out: Out) -> int:
-    return await _simple(
-        client,
-        out,
-        "session.confirm",
-        {"port": args.port},
-        f"port {args.port}: placement confirmed",
-    )
-
-
-async def cmd_session_pause(args: argparse.Namespace, client: Client, out: Out) -> int:
-    params = {"port": args.port} if args.port is not None else {}
-    which = f"port {args.port}" if args.port is not None else "all ports"
-    return await _simple(
-        client,
-        out,
-        "session.pause",
-        params,
-        f"{which}: paused; resume with `pbmctl session resume`",
-    )
-
-
-async def cmd_session_resume(args: argparse.Namespace, client: Client, out: Out) -> int:
-    params = {"port": args.port} if args.port is not None else {}
-    which = f"port {args.port}" if args.port is not None else "all ports"
-    return await _simple(client, out, "session.resume", params, f"{which}: resumed")
+cmd_session_confirm = _one_call("session.confirm", "port", "port {port}: placement confirmed")
+cmd_session_pause = _one_call(
+    "session.pause", "port?", "{ports}: paused; resume with `pbmctl session resume`"
+)
+cmd_session_resume = _one_call("session.resume", "port?", "{ports}: resumed")
+cmd_clear_fault = _one_call(
+    "controller.clear_fault", "controller", "controller {controller}: fault cleared"
+)
+cmd_service_clear = _one_call(
+    "service.clear", "note", "service latch cleared; sessions may start again"
+)
 
 
 async def cmd_session_abort(args: argparse.Namespace, client: Client, out: Out) -> int:
@@ -349,26 +348,6 @@ async def cmd_calibration_set(args: argparse.Namespace, client: Client, out: Out
     return EXIT_OK
 
 
-async def cmd_clear_fault(args: argparse.Namespace, client: Client, out: Out) -> int:
-    return await _simple(
-        client,
-        out,
-        "controller.clear_fault",
-        {"controller": args.controller},
-        f"controller {args.controller}: fault cleared",
-    )
-
-
-async def cmd_service_clear(args: argparse.Namespace, client: Client, out: Out) -> int:
-    return await _simple(
-        client,
-        out,
-        "service.clear",
-        {"note": args.note},
-        "service latch cleared; sessions may start again",
-    )
-
-
 # --------------------------------------------------------------------------- live view
 
 
@@ -385,89 +364,132 @@ async def follow(
             c.get("time_scale") or 1.0 for c in st.get("controllers", []) if c.get("simulated")
         ]
         sv.time_scale = max(scales) if scales else None
-    confirmed: set[tuple[int, int]] = set()
-    tasks: set[asyncio.Task[None]] = set()
-    live: Live | None = None
-    line_mode = not out.json and not out.console.is_terminal
+    final = await _Follow(client, out, sv, auto_confirm=auto_confirm).run(
+        session_id, status, interactive=interactive
+    )
+    if out.json:
+        out.line({"session_id": session_id, "state": final})
+    else:
+        out.console.print(sv.render_final())
+    return EXIT_OK if final == "completed" else EXIT_SESSION_FAILED
 
-    def say(text: str, style: str = "") -> None:
-        sv.note(text, style)
-        if out.json:
-            out.line({"pbmctl": text})
-        elif line_mode:
-            out.console.print(text, style=style)
 
-    async def send(method: str, params: dict[str, Any], done: str) -> None:
+class _Follow:
+    """One followed session: the view, the daemon's notifications, the operator's input
+    and the calls it sends (each in its own task, so the view never waits for a reply)."""
+
+    def __init__(
+        self, client: Client, out: Out, sv: view.SessionView, *, auto_confirm: bool
+    ) -> None:
+        self.client = client
+        self.out = out
+        self.sv = sv
+        self.auto_confirm = auto_confirm
+        self.confirmed: set[tuple[int, int]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.live: Live | None = None
+        self.line_mode = not out.json and not out.console.is_terminal
+
+    def say(self, text: str, style: str = "") -> None:
+        self.sv.note(text, style)
+        if self.out.json:
+            self.out.line({"pbmctl": text})
+        elif self.line_mode:
+            self.out.console.print(text, style=style)
+
+    def refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self.sv.render(), refresh=True)
+
+    async def send(self, method: str, params: dict[str, Any], done: str) -> None:
         try:
-            await client.call(method, params)
-            say(done)
+            await self.client.call(method, params)
+            self.say(done)
         except CtlError as exc:
-            say(f"{method} refused: {exc.message}", "bold red")
-        if live is not None:
-            live.update(sv.render(), refresh=True)
+            self.say(f"{method} refused: {exc.message}", "bold red")
+        self.refresh()
 
-    def spawn(method: str, params: dict[str, Any], done: str) -> None:
-        task = asyncio.create_task(send(method, params, done))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+    def spawn(self, method: str, params: dict[str, Any], done: str) -> None:
+        task = asyncio.create_task(self.send(method, params, done))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    def check_waits() -> None:
-        if not auto_confirm:
+    def check_waits(self) -> None:
+        if not self.auto_confirm:
             return
-        for port, step, site in view.placement_waits(sv.status):
-            if (port, step) in confirmed:
+        for port, step, site in view.placement_waits(self.sv.status):
+            if (port, step) in self.confirmed:
                 continue
-            confirmed.add((port, step))
-            spawn(
+            self.confirmed.add((port, step))
+            self.spawn(
                 "session.confirm",
                 {"port": port},
                 f"port {port}: placement at {site} confirmed automatically (--auto-confirm)",
             )
 
-    def on_key() -> None:
+    def on_key(self) -> None:
         text = sys.stdin.readline().strip().lower()
-        waits = view.placement_waits(sv.status)
+        waits = view.placement_waits(self.sv.status)
         if text == "":
             if waits:
                 port, _step, site = waits[0]
-                spawn(
+                self.spawn(
                     "session.confirm", {"port": port}, f"port {port}: placement at {site} confirmed"
                 )
         elif text.isdigit():
-            spawn("session.confirm", {"port": int(text)}, f"port {text}: placement confirmed")
+            self.spawn("session.confirm", {"port": int(text)}, f"port {text}: placement confirmed")
         elif text == "p":
-            spawn("session.pause", {}, "all ports paused")
+            self.spawn("session.pause", {}, "all ports paused")
         elif text == "r":
-            spawn("session.resume", {}, "all ports resumed")
+            self.spawn("session.resume", {}, "all ports resumed")
         elif text == "abort":
-            spawn("session.abort", {"reason": "aborted by operator at pbmctl"}, "session aborted")
+            self.spawn(
+                "session.abort", {"reason": "aborted by operator at pbmctl"}, "session aborted"
+            )
         else:
-            say(f"unknown input {text!r}", "yellow")
+            self.say(f"unknown input {text!r}", "yellow")
 
-    if auto_confirm:
-        say(
-            "--auto-confirm: pbmctl confirms every gated placement by itself, for this "
-            "demonstration only; in a clinic the clinician confirms each placement",
-            "bold yellow",
-        )
-    loop = asyncio.get_running_loop()
-    final = "unknown"
-    reading_keys = False
-    try:
-        if interactive:
-            loop.add_reader(sys.stdin.fileno(), on_key)
-            reading_keys = True
-        if not out.json and not line_mode:
-            live = Live(sv.render(), console=out.console, auto_refresh=False, transient=False)
-            live.start()
-        elif out.json:
-            out.line({"session_id": session_id, "status": status})
-        check_waits()
+    async def run(self, session_id: str, status: Mapping[str, Any], *, interactive: bool) -> str:
+        """Show the session until it ends; returns its final state."""
+        out = self.out
+        if self.auto_confirm:
+            self.say(
+                "--auto-confirm: pbmctl confirms every gated placement by itself, for this "
+                "demonstration only; in a clinic the clinician confirms each placement",
+                "bold yellow",
+            )
+        loop = asyncio.get_running_loop()
+        reading_keys = False
+        try:
+            if interactive:
+                loop.add_reader(sys.stdin.fileno(), self.on_key)
+                reading_keys = True
+            if not out.json and not self.line_mode:
+                self.live = Live(
+                    self.sv.render(), console=out.console, auto_refresh=False, transient=False
+                )
+                self.live.start()
+            elif out.json:
+                out.line({"session_id": session_id, "status": status})
+            self.check_waits()
+            return await self._until_ended()
+        finally:
+            if reading_keys:
+                loop.remove_reader(sys.stdin.fileno())
+            if self.live is not None:
+                self.live.update(self.sv.render(), refresh=True)
+                self.live.stop()
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _until_ended(self) -> str:
+        out, sv = self.out, self.sv
         while True:
-            msg = await client.notifications.get()
+            msg = await self.client.notifications.get()
             if msg is None:
                 raise DaemonUnreachable(
-                    f"{client.closed_reason}; the session goes on in pbmd (emission is "
+                    f"{self.client.closed_reason}; the session goes on in pbmd (emission is "
                     "governed there). Follow it again with `pbmctl session watch`"
                 )
             method = msg.get("method")
@@ -478,31 +500,15 @@ async def follow(
                 sv.status = params.get("status") or sv.status
             elif method == "session.event":
                 text = sv.add_event(params.get("event") or {})
-                if line_mode and text is not None:
+                if self.line_mode and text is not None:
                     out.console.print(text)
             elif method == "session.ended":
                 sv.status = params.get("status") or sv.status
-                final = str(params.get("state"))
-                break
+                return str(params.get("state"))
             elif method == "daemon.stopping":
-                say(f"pbmd: {params.get('message')}", "bold red")
-            check_waits()
-            if live is not None:
-                live.update(sv.render(), refresh=True)
-    finally:
-        if reading_keys:
-            loop.remove_reader(sys.stdin.fileno())
-        if live is not None:
-            live.update(sv.render(), refresh=True)
-            live.stop()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    if out.json:
-        out.line({"session_id": session_id, "state": final})
-    else:
-        out.console.print(sv.render_final())
-    return EXIT_OK if final == "completed" else EXIT_SESSION_FAILED
+                self.say(f"pbmd: {params.get('message')}", "bold red")
+            self.check_waits()
+            self.refresh()
 
 
 # --------------------------------------------------------------------------- parser
@@ -516,8 +522,6 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[A
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbmd.protocols import cli as protocol_cli
-
     parser = argparse.ArgumentParser(
         prog="pbmctl",
         description="pbmctl: control and inspect a pbmd photobiomodulation daemon",
@@ -539,30 +543,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=60.0, metavar="S", help="reply timeout (default 60 s)"
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output"
-    )
-    common.add_argument(
-        "--socket",
-        type=Path,
-        metavar="PATH",
-        default=argparse.SUPPRESS,
-        help="the daemon's control socket",
-    )
-
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = _Adder()
+    add(sub, "status", cmd_status, "daemon, controllers, ports, records, current session")
+    _add_protocol_commands(sub, add)
+    _add_session_commands(sub, add)
+    _add_records_commands(sub, add)
+    _add_upkeep_commands(sub, add)
+    return parser
 
-    def add(
-        subs: argparse._SubParsersAction[Any], name: str, fn: Command, text: str
+
+class _Adder:
+    """Adds a command to a group; every command takes --json and --socket after its name."""
+
+    def __init__(self) -> None:
+        self.common = argparse.ArgumentParser(add_help=False)
+        self.common.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output"
+        )
+        self.common.add_argument(
+            "--socket",
+            type=Path,
+            metavar="PATH",
+            default=argparse.SUPPRESS,
+            help="the daemon's control socket",
+        )
+
+    def __call__(
+        self, subs: argparse._SubParsersAction[Any], name: str, fn: Command, text: str
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = subs.add_parser(
-            name, help=text, description=text, parents=[common]
+            name, help=text, description=text, parents=[self.common]
         )
         p.set_defaults(run=fn)
         return p
 
-    add(sub, "status", cmd_status, "daemon, controllers, ports, records, current session")
+
+def _add_protocol_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:
+    from pbmd.protocols import cli as protocol_cli
 
     protocol_cli.register_pbmctl(sub)
     psub = _subparsers(sub.choices["protocol"])
@@ -584,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--signature", type=Path, metavar="SIG", help="default: FILE.minisig")
 
+
+def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:
     session = sub.add_parser("session", help="treatment sessions")
     ssub = session.add_subparsers(dest="session_command", required=True, metavar="COMMAND")
     p = add(ssub, "start", cmd_session_start, "start a protocol for a patient (clinician)")
@@ -614,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ssub, "abort", cmd_session_abort, "stop all emission, end the session (clinician)")
     p.add_argument("--reason", default="aborted by operator", metavar="TEXT")
 
+
+def _add_records_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:
     records = sub.add_parser("records", help="treatment records")
     rsub = records.add_subparsers(dest="records_command", required=True, metavar="COMMAND")
     p = add(rsub, "list", cmd_records_list, "sessions, newest first")
@@ -626,9 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="UTC")
     p.add_argument("--session", action="append", metavar="SESSION", help="only these (repeat)")
     p.add_argument("--output", "-o", type=Path, metavar="FILE")
-
     p = add(sub, "report", cmd_report, "a session's treatment report")
     p.add_argument("session", metavar="SESSION")
+
+
+def _add_upkeep_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:
+    """The technician's upkeep: the calibration date, controller faults, the service latch."""
 
     cal = sub.add_parser("calibration", help="the calibration due date")
     csub = cal.add_subparsers(dest="calibration_command", required=True, metavar="COMMAND")
@@ -650,7 +675,6 @@ def build_parser() -> argparse.ArgumentParser:
         "record the service done after a port stayed lit (technician)",
     )
     p.add_argument("--note", required=True, help="what was checked or repaired (recorded)")
-    return parser
 
 
 async def _run(args: argparse.Namespace, out: Out) -> int:

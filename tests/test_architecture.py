@@ -85,3 +85,22 @@ def test_checker_sees_forbidden_imports(tmp_path: Path) -> None:
         "core/bad.py:3 imports pbmd.daemon.services.records",
         "core/bad.py:4 imports pbmd.daemon.clients.pbmctl",
     ]
+
+
+def test_every_package_is_shipped() -> None:
+    """A sub-package missing from pyproject.toml would be missing from the wheel."""
+    import tomllib
+
+    root = DAEMON.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = set(config["packages"])
+    folders = {
+        f"pbmd.{name}": root / path
+        for name, path in ((k.removeprefix("pbmd."), v) for k, v in config["package-dir"].items())
+    }
+    found = {
+        ".".join((name, *init.parent.relative_to(folder).parts))
+        for name, folder in folders.items()
+        for init in folder.rglob("__init__.py")
+    }
+    assert found - shipped == set()

@@ -23,6 +23,7 @@ import structlog
 
 from pbmd.daemon.core.controllers import ControllerHandle
 from pbmd.drivers import codec
+from pbmd.drivers.client import NakReceived
 
 log = structlog.get_logger()
 
@@ -276,9 +277,7 @@ class IdleWatch:
                     dark = False
                 if dark is not False:
                     break
-            escalation.append(
-                {True: "dark", False: "still lit", None: "cannot read back"}[dark]
-            )
+            escalation.append({True: "dark", False: "still lit", None: "cannot read back"}[dark])
             found = IdleEmission(ctrl.name, ports, tuple(escalation), dark is False, found_s)
             if dark is False:
                 self.known_stuck(ctrl.name, ctrl.lit_ports(self.limits.dark_power_uw))
@@ -488,3 +487,16 @@ def stop_reason_cause(reason: int) -> TripCause:
         return mapping.get(codec.StopReason(reason), TripCause.UNEXPECTED_STOP)
     except ValueError:
         return TripCause.UNEXPECTED_STOP
+
+
+def nak_cause(exc: NakReceived, interlocks: int | None) -> TripCause:
+    """The trip cause behind a NAK to a request the session needed."""
+    code = exc.code
+    if code == codec.NakError.INTERLOCK_OPEN:
+        cause = interlock_cause(interlocks) if interlocks is not None else None
+        return cause or TripCause.REMOTE_INTERLOCK_OPEN
+    if code == codec.NakError.FAULT_LATCHED:
+        return TripCause.CONTROLLER_FAULT
+    if code == codec.NakError.NO_APPLICATOR:
+        return TripCause.APPLICATOR_REMOVED
+    return TripCause.UNEXPECTED_STOP

@@ -10,13 +10,14 @@ rules of :mod:`pbmd.daemon.core.rules`; anything wrong goes to the one latch.
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pbmd.daemon.core.controllers import PortTarget, port_lit
 from pbmd.daemon.core.dose import DoseIntegrator
+from pbmd.daemon.core.emission import Emission
+from pbmd.daemon.core.rules import SAMPLE_RULES, SampleView, backup_total_us, channels_disagree
 from pbmd.daemon.core.safety import TripCause, nak_cause, stop_reason_cause
 from pbmd.daemon.core.steps import (
     PortState,
@@ -39,105 +40,6 @@ SPIN_BEFORE_STOP_S = 0.002
 the last 2 ms before a stop are waited out by yielding, not by a timer."""
 
 
-class _Emission:
-    """State of one EMIT_START … STOPPED on one port."""
-
-    def __init__(
-        self,
-        number: int,
-        request: codec.EmitStart,
-        start_host_s: float,
-        start_device_us: float,
-        energy_before_uj: float,
-    ) -> None:
-        self.number = number
-        self.request = request
-        self.start_host_s = start_host_s
-        self.start_device_us = start_device_us
-        """Device time the emission began (estimated from the EMIT_START round trip)."""
-        self.energy_before_uj = energy_before_uj
-        self.samples = 0
-        self.deviation_since_us: int | None = None
-        self.stop_at_host_s: float | None = None
-        self.stop_kind = "dose reached"
-        self.stop_due = asyncio.Event()
-        self.ended_by_device: int | None = None  # stop reason when the controller ended it
-        self.ended = asyncio.Event()
-        self.stop_requested = False
-        self.seen_emitting = False
-        self.acked = False
-        self.tail_taken = False
-        """The first sample showing the port stopped (its mean holds the end of the
-        light) has been integrated; later samples belong to no emission."""
-        self.timer: asyncio.TimerHandle | None = None
-        self.last_progress_host_s = start_host_s
-        self._gc_held = False
-
-    def hold_gc(self) -> None:
-        """The stop is imminent: no cyclic-GC pause until it has been sent."""
-        if not self._gc_held:
-            self._gc_held = True
-            GC_HOLD.acquire()
-
-    def release_gc(self) -> None:
-        if self._gc_held:
-            self._gc_held = False
-            GC_HOLD.release()
-
-
-class _GcHold:
-    """Keeps Python's cyclic garbage collector from running while any stop is
-    imminent (counted over every port). A full collection can pause the event
-    loop for tens of milliseconds; landing on a stop, that is dose (at ×60
-    simulation, seconds of it). Held from the moment a stop is scheduled (at most
-    a few telemetry periods ahead) until its EMIT_STOP has been answered; the
-    collector then runs at its next allocation threshold as usual."""
-
-    def __init__(self) -> None:
-        self._holders = 0
-        self._reenable = False
-
-    def acquire(self) -> None:
-        if self._holders == 0:
-            self._reenable = gc.isenabled()
-            gc.disable()
-        self._holders += 1
-
-    def release(self) -> None:
-        self._holders = max(self._holders - 1, 0)
-        if self._holders == 0 and self._reenable:
-            self._reenable = False
-            gc.enable()
-
-
-GC_HOLD = _GcHold()
-
-
-class _GcQuiet:
-    """While a session runs, the cyclic collector looks only at what the session
-    allocates: everything older is collected once and frozen at its start (before
-    arming), and unfrozen at its end. A full collection over a large heap (a
-    long-running daemon, or a test process) would otherwise pause the event loop
-    for longer than the telemetry staleness limit."""
-
-    def __init__(self) -> None:
-        self._sessions = 0
-
-    def session_starting(self) -> None:
-        if self._sessions == 0:
-            gc.collect()
-            gc.freeze()
-        self._sessions += 1
-
-    def session_ended(self) -> None:
-        self._sessions = max(self._sessions - 1, 0)
-        if self._sessions == 0:
-            gc.unfreeze()
-
-
-GC_QUIET = _GcQuiet()
-
-
 class PortRunner:
     """Runs one logical port's steps in order."""
 
@@ -151,13 +53,14 @@ class PortRunner:
             StepProgress(s, DoseIntegrator(s.area_cm2)) for s in self.steps
         ]
         self.current: int | None = None
-        self._emission: _Emission | None = None
+        self._emission: Emission | None = None
         self._confirmed = asyncio.Event()
         self._reconfirm = False
         self._resume = asyncio.Event()
         self._pause_requested = False
         self._gate_changed = asyncio.Event()
         self._lit_idle_samples = 0
+        self._view = SampleView(session)
         self.wait_reason = ""
         self._remove_listener = target.controller.add_sample_listener(self._on_sample)
 
@@ -373,7 +276,7 @@ class PortRunner:
     def _remaining(self, prog: StepProgress) -> tuple[float, float]:
         """(energy still to deliver in µJ, backup timer left in device µs)."""
         order = prog.order
-        backup_left_us = self._backup_total_us(order) - prog.emitted_us
+        backup_left_us = backup_total_us(order, self.session.limits) - prog.emitted_us
         if order.target_kind is TargetKind.TIME:
             left_us = max(order.target_time_s * 1e6 - prog.emitted_us, 0.0)
             remaining_uj = order.power_uw * left_us / 1e6
@@ -381,48 +284,80 @@ class PortRunner:
             remaining_uj = max(order.target_energy_uj - prog.integrator.energy_uj, 0.0)
         return remaining_uj, backup_left_us
 
-    def _backup_total_us(self, order: StepOrder) -> float:
-        """The host backup timer: the step's max time, else planned time + 20 %."""
-        if order.backup_time_s is not None:
-            return order.backup_time_s * 1e6
-        return order.planned_time_s * 1e6 * (1 + self.session.limits.backup_timer_fraction)
-
     async def _emit_once(self, prog: StepProgress) -> str:
+        """One EMIT_START … STOPPED of a step: "done", or why it stopped early
+        ("paused", "contact", "footswitch"); Stopped when the session is ending."""
+        self.session.check_before_emission(prog.order)
+        request = self._request(prog)
+        if request is None:
+            return "done"
+        em = await self._start(prog, request)
+        if em is None:
+            return "contact"
+        host_cause, stopped = await self._run_until_stopped(em, prog)
+        # Read back: samples after STOPPED must show the port dark (the first may
+        # still carry the end of the light); they also complete the host's integral.
+        dark = await self._read_back_dark(em)
+        if dark is None:
+            self.session.trip(TripCause.TELEMETRY_STALE, "no telemetry after EMIT_STOP", self.port)
+            raise Stopped()
+        if not dark:
+            self.session.trip(TripCause.STUCK_EMISSION, "port still lit after EMIT_STOP", self.port)
+            raise Stopped()
+        self._drop_emission()
+        self._account(em, prog, stopped, host_cause)
+        if self.session.supervisor.tripped is not None:
+            raise Stopped()
+        if em.ended_by_device is not None and em.ended_by_device not in _OPERATOR_REASONS:
+            self._trip_device_stop(em.ended_by_device)
+            raise Stopped()
+        if host_cause == "dose reached":
+            return "done"
+        return self._stopped_early(em, prog, host_cause)
+
+    def _request(self, prog: StepProgress) -> codec.EmitStart | None:
+        """The EMIT_START for what is left of the step (None: nothing is), with the
+        controller's backstops: the plan's energy-budget margin over the remaining
+        dose, and the plan's max duration less what was emitted."""
         order = prog.order
-        session = self.session
-        integ = prog.integrator
-        session.check_before_emission(order)
         # Remaining dose and what is left of the backup timer (it keeps its
         # reading across pauses: the controller's durations of this step so far).
         remaining_uj, backup_left_us = self._remaining(prog)
         if remaining_uj <= 0:
-            return "done"
+            return None
         if backup_left_us <= 0:
-            session.trip(
+            self.session.trip(
                 TripCause.BACKUP_CHANNEL_STOP,
                 f"backup timer used up with {remaining_uj / 1e6:.3f} J still to deliver",
                 self.port,
             )
             raise Stopped()
-        budget_uj = remaining_uj + order.target_energy_uj * session.limits.energy_budget_fraction
-        # The controller's own timer: the plan's max duration less what was emitted.
+        budget_uj = remaining_uj + (order.energy_budget_uj - order.target_energy_uj)
         max_duration_ms = min(order.max_duration_ms - prog.emitted_us / 1000, backup_left_us / 1000)
-        request = codec.EmitStart(
+        pulsed = order.mode == codec.EmitMode.PULSED
+        return codec.EmitStart(
             port=self.target.device_port,
             wavelength_nm=order.wavelength_nm,
             mode=int(order.mode),
             power_uw=order.power_uw,
-            pulse_hz=order.pulse_hz if order.mode == codec.EmitMode.PULSED else 0,
-            duty_permille=order.duty_permille if order.mode == codec.EmitMode.PULSED else 1000,
+            pulse_hz=order.pulse_hz if pulsed else 0,
+            duty_permille=order.duty_permille if pulsed else 1000,
             energy_budget_uj=max(int(budget_uj), 1),
             max_duration_ms=max(int(max_duration_ms), 1),
         )
+
+    async def _start(self, prog: StepProgress, request: codec.EmitStart) -> Emission | None:
+        """Send EMIT_START; the running emission, or None when skin contact went
+        between the gate and the request (back to the gate)."""
+        order = prog.order
+        session = self.session
         ctrl = self.target.controller
+        integ = prog.integrator
         prog.emissions += 1
         clock = ctrl.clock
         sent_s = time.monotonic()
         start_guess_us = clock.device_time_now_us(sent_s)
-        em = _Emission(prog.emissions, request, sent_s, start_guess_us, integ.energy_uj)
+        em = Emission(prog.emissions, request, sent_s, start_guess_us, integ.energy_uj)
         self._emission = em
         prog.running_us = 0.0
         if ctrl.telemetry is not None:
@@ -433,10 +368,9 @@ class PortRunner:
         except NakReceived as exc:
             self._drop_emission()
             if exc.code == codec.NakError.NO_SKIN_CONTACT:
-                # Contact went between the gate and the request: back to the gate.
                 prog.emissions -= 1
                 self.contact_lost()
-                return "contact"
+                return None
             session.trip(nak_cause(exc, ctrl.interlocks), f"EMIT_START refused: {exc}", self.port)
             raise Stopped() from exc
         acked_s = time.monotonic()
@@ -463,29 +397,37 @@ class PortRunner:
         )
         # A stop due within the first samples (a short step or the remainder of a
         # paused one) is scheduled now, at the setpoint; samples refine it.
+        self._plan_stop(em, prog, em.start_device_us, float(order.power_uw), acked_s)
+        return em
+
+    async def _run_until_stopped(
+        self, em: Emission, prog: StepProgress
+    ) -> tuple[str, codec.Stopped]:
+        """Until the stop is due, then EMIT_STOP: why the host stopped, and STOPPED."""
         try:
-            self._plan_stop(em, prog, em.start_device_us, float(order.power_uw), acked_s)
             try:
                 host_cause = await self._until_stop(em, prog)
             finally:
                 if em.timer is not None:
                     em.timer.cancel()
             em.stop_requested = True
-            stopped = await session.command(ctrl.client.emit_stop(self.target.device_port))
+            stopped = await self.session.command(
+                self.target.controller.client.emit_stop(self.target.device_port)
+            )
         finally:
             em.release_gc()
         if em.ended_by_device is None and stopped.stop_reason != codec.StopReason.HOST_STOP:
             em.ended_by_device = stopped.stop_reason
-        # Read back: samples after STOPPED must show the port dark (the first may
-        # still carry the end of the light); they also complete the host's integral.
-        dark = await self._read_back_dark(em)
-        if dark is None:
-            session.trip(TripCause.TELEMETRY_STALE, "no telemetry after EMIT_STOP", self.port)
-            raise Stopped()
-        if not dark:
-            session.trip(TripCause.STUCK_EMISSION, "port still lit after EMIT_STOP", self.port)
-            raise Stopped()
-        self._drop_emission()
+        return host_cause, stopped
+
+    def _account(
+        self, em: Emission, prog: StepProgress, stopped: codec.Stopped, host_cause: str
+    ) -> None:
+        """A finished emission: both channels' figures, the record, the end-of-emission
+        agreement of the channels, the event."""
+        order = prog.order
+        session = self.session
+        ctrl = self.target.controller
         prog.running_us = 0.0
         prog.controller_energy_uj += stopped.delivered_uj
         prog.emitted_us += stopped.duration_ms * 1000
@@ -494,11 +436,17 @@ class PortRunner:
             over_uj = prog.controller_energy_uj - order.target_energy_uj
             if order.power_uw > 0 and ctrl.clock.ratio > 0:
                 ctrl.learn_stop_lateness(over_uj / order.power_uw / ctrl.clock.ratio)
-        emission_host_uj = integ.energy_uj - em.energy_before_uj
+        emission_host_uj = prog.integrator.energy_uj - em.energy_before_uj
         session.recorder.emission_ended(
             session, order, em.number, emission_host_uj, stopped, host_cause
         )
-        self._check_channels(emission_host_uj, stopped.delivered_uj, final=True)
+        disagree = channels_disagree(emission_host_uj, stopped.delivered_uj, session.limits)
+        if disagree is not None:
+            session.trip(
+                TripCause.DOSE_CHANNELS_DISAGREE,
+                f"{disagree} at the end of the emission",
+                self.port,
+            )
         session.emit(
             "emission_ended",
             host_cause,
@@ -512,19 +460,11 @@ class PortRunner:
                 "stop_reason": codec.describe(codec.StopReason, stopped.stop_reason),
             },
         )
-        if session.supervisor.tripped is not None:
-            raise Stopped()
-        if em.ended_by_device is not None and em.ended_by_device not in _OPERATOR_REASONS:
-            cause = stop_reason_cause(em.ended_by_device)
-            session.trip(
-                cause,
-                "controller ended the emission: "
-                + codec.describe(codec.StopReason, em.ended_by_device),
-                self.port,
-            )
-            raise Stopped()
-        if host_cause == "dose reached":
-            return "done"
+
+    def _stopped_early(self, em: Emission, prog: StepProgress, host_cause: str) -> str:
+        """Paused, skin contact lost or footswitch released: the port waits."""
+        order = prog.order
+        session = self.session
         if em.ended_by_device == codec.StopReason.CONTACT_LOST:
             prog.stop_causes.append("skin contact lost")
             self.contact_lost()
@@ -534,7 +474,7 @@ class PortRunner:
                 "skin contact lost; confirm the placement again",
                 self.port,
                 order.index,
-                {"energy_j": integ.energy_j},
+                {"energy_j": prog.integrator.energy_j},
             )
             return "contact"
         if host_cause == "footswitch released":
@@ -548,11 +488,19 @@ class PortRunner:
             "paused; delivered dose kept",
             self.port,
             order.index,
-            {"energy_j": integ.energy_j},
+            {"energy_j": prog.integrator.energy_j},
         )
         return "paused"
 
-    async def _read_back_dark(self, em: _Emission) -> bool | None:
+    def _trip_device_stop(self, reason: int) -> None:
+        """The controller ended the emission itself for a reason no operator gave."""
+        self.session.trip(
+            stop_reason_cause(reason),
+            "controller ended the emission: " + codec.describe(codec.StopReason, reason),
+            self.port,
+        )
+
+    async def _read_back_dark(self, em: Emission) -> bool | None:
         """After STOPPED: True once a sample shows the port dark, False if it stays lit
         for the read-back time, None if no sample arrives at all."""
         ctrl = self.target.controller
@@ -576,7 +524,7 @@ class PortRunner:
                 return True
         return (not lit) if seen else None
 
-    async def _until_stop(self, em: _Emission, prog: StepProgress) -> str:
+    async def _until_stop(self, em: Emission, prog: StepProgress) -> str:
         """Wait until the stop is due (dose, pause, footswitch) or the device ended it."""
         while True:
             stop_due = asyncio.ensure_future(em.stop_due.wait())
@@ -656,64 +604,24 @@ class PortRunner:
         em.samples += 1
         if session.supervisor.tripped is not None or em.stop_requested:
             return
-        # Ceilings: measured power, irradiance, fluence per site and wavelength.
-        power = sample.measured_power_uw
-        if order.channel_max_power_uw and power > order.channel_max_power_uw * 1.05:
-            session.trip(
-                TripCause.POWER_CEILING,
-                f"{power / 1000:.1f} mW measured, "
-                f"applicator maximum {order.channel_max_power_uw / 1000:.1f} mW",
-                self.port,
-            )
-            return
-        irradiance = integ.irradiance_mw_cm2(power)
-        if em.samples >= 2 and irradiance > order.irradiance_ceiling_mw_cm2:
-            session.trip(
-                TripCause.IRRADIANCE_CEILING,
-                f"{irradiance:.1f} mW/cm² measured, "
-                f"ceiling {order.irradiance_ceiling_mw_cm2:.1f} mW/cm²",
-                self.port,
-            )
-            return
+        # The safety rules of a running emission (ceilings, deviation, channel
+        # agreement, backup timer): the first one broken trips.
+        view = self._view
+        view.order = order
+        view.prog = prog
+        view.integ = integ
+        view.em = em
+        view.power_uw = sample.measured_power_uw
+        view.delivered_uj = sample.delivered_uj
+        view.device_time_us = t.device_time_us
         site_fluence = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
-        tolerance = 1 + session.limits.fluence_ceiling_tolerance_fraction
-        if site_fluence > order.fluence_ceiling_j_cm2 * tolerance:
-            session.trip(
-                TripCause.FLUENCE_CEILING,
-                f"{site_fluence:.2f} J/cm² at {order.site} "
-                f"{order.wavelength_nm} nm, ceiling {order.fluence_ceiling_j_cm2} J/cm²",
-                self.port,
-            )
-            return
-        # Measured vs setpoint, after the first full interval (the rise is ~1 ms).
-        if em.samples >= 2 and order.power_uw > 0:
-            deviation = abs(power - order.power_uw) / order.power_uw
-            if deviation > session.limits.power_deviation_fraction:
-                if em.deviation_since_us is None:
-                    em.deviation_since_us = integ_prev(t, session.telemetry_period_us())
-                if t.device_time_us - em.deviation_since_us >= (
-                    session.limits.power_deviation_grace_us
-                ):
-                    session.trip(
-                        TripCause.POWER_DEVIATION,
-                        f"{power / 1000:.1f} mW measured, setpoint {order.power_uw / 1000:.1f} mW",
-                        self.port,
-                    )
-                    return
-            else:
-                em.deviation_since_us = None
-        # The two dose channels of the running emission must agree.
-        self._check_channels(integ.energy_uj - em.energy_before_uj, sample.delivered_uj)
-        if session.supervisor.tripped is not None:
-            return
-        # Host backup timer.
-        if prog.emitting_us > self._backup_total_us(order):
-            session.trip(
-                TripCause.BACKUP_CHANNEL_STOP,
-                "host backup timer expired before the prescribed dose was measured",
-                self.port,
-            )
-            return
+        view.site_fluence_j_cm2 = site_fluence
+        limits = session.limits
+        for rule in SAMPLE_RULES:
+            detail = rule.check(view, limits)
+            if detail is not None:
+                session.trip(rule.cause, detail, self.port)
+                return
         if host_s - em.last_progress_host_s >= session.progress_interval_s:
             em.last_progress_host_s = host_s
             session.recorder.emission_progress(
@@ -748,7 +656,7 @@ class PortRunner:
 
     def _plan_stop(
         self,
-        em: _Emission,
+        em: Emission,
         prog: StepProgress,
         base_device_us: float,
         rate_uw: float,
@@ -810,19 +718,6 @@ class PortRunner:
         else:
             em.timer = loop.call_at(wake, em.stop_due.set)
 
-    def _check_channels(self, host_uj: float, controller_uj: int, final: bool = False) -> None:
-        limits = self.session.limits
-        allowed = max(
-            limits.dose_disagreement_fraction * controller_uj, limits.dose_disagreement_floor_uj
-        )
-        if abs(host_uj - controller_uj) > allowed:
-            self.session.trip(
-                TripCause.DOSE_CHANNELS_DISAGREE,
-                f"host {host_uj / 1e6:.3f} J vs controller {controller_uj / 1e6:.3f} J"
-                + (" at the end of the emission" if final else ""),
-                self.port,
-            )
-
     def on_emission_ended(self, reason: int) -> None:
         """EMISSION_ENDED for this port (from the event listener)."""
         em = self._emission
@@ -835,16 +730,7 @@ class PortRunner:
         if reason not in _OPERATOR_REASONS:
             # A backstop (energy budget, max duration) or the firmware ended it: trip
             # now, not after this port's read-back.
-            self.session.trip(
-                stop_reason_cause(reason),
-                "controller ended the emission: " + codec.describe(codec.StopReason, reason),
-                self.port,
-            )
+            self._trip_device_stop(reason)
 
 
 _OPERATOR_REASONS = {codec.StopReason.HOST_STOP, codec.StopReason.CONTACT_LOST}
-
-
-def integ_prev(t: codec.Telemetry, period_us: float) -> int:
-    """Start of the interval a sample covers (its device time minus one period)."""
-    return int(t.device_time_us - period_us)

@@ -26,15 +26,28 @@ from typing import Any, TypeVar
 import structlog
 
 from pbmd.daemon.core.controllers import PortMap
-from pbmd.daemon.core.runner import GC_QUIET, PortRunner
+from pbmd.daemon.core.emission import GC_QUIET
+from pbmd.daemon.core.rules import (
+    CONTROLLER_RULES,
+    EVENT_RULES,
+    TELEMETRY_STALE,
+    ControllerView,
+    EventView,
+    TelemetryAge,
+    first_broken,
+)
+from pbmd.daemon.core.runner import PortRunner
 from pbmd.daemon.core.safety import (
+    READ_BACK_ONLY,
     EndCause,
     SafetyLimits,
     Supervisor,
     Trip,
     TripCause,
-    interlock_cause,
+    all_off_everywhere,
     nak_cause,
+    service_reason,
+    switch_off,
 )
 from pbmd.daemon.core.steps import (
     PortState,
@@ -141,6 +154,7 @@ class Session:
         self._stale_task: asyncio.Task[None] | None = None
         self._closing = False
         self._gc_quiet = False
+        self._controller_view = ControllerView()
         # The latch stops the work at once (synchronously, with the inhibit), so
         # no runner step follows a trip; the supervisor's ALL_OFF is already due.
         supervisor.add_latch_hook(self._on_latch)
@@ -259,13 +273,8 @@ class Session:
         self.cause_message = reason
         for ctrl in self.port_map.controllers():
             ctrl.client.inhibit_emission(f"{cause.code} {reason}")
-        results = await asyncio.gather(
-            *(c.all_off() for c in self.port_map.controllers()), return_exceptions=True
-        )
         failed = [
-            f"{c.name}: {r!r}"
-            for c, r in zip(self.port_map.controllers(), results, strict=True)
-            if isinstance(r, BaseException)
+            f"{c.name}: {r!r}" for c, r in await all_off_everywhere(self.port_map.controllers())
         ]
         kind = "abort" if cause is EndCause.OPERATOR_ABORT else "interrupt"
         self.emit(kind, reason, data={"code": cause.code, "all_off_failed": failed})
@@ -480,7 +489,8 @@ class Session:
 
     async def _watch_staleness(self) -> None:
         """Telemetry older than N sample periods is a link fault (ICD §6)."""
-        limit_s = self.limits.stale_telemetry_periods * self.telemetry_period_s
+        period_s = self.telemetry_period_s
+        limit_s = self.limits.stale_telemetry_periods * period_s
         # Counted from when watching began at the earliest: a pause before it (the
         # session's start-up collection) is not the controller's silence.
         began = time.monotonic()
@@ -488,11 +498,9 @@ class Session:
             now = time.monotonic()
             oldest = min(max(c.telemetry_host_s or now, began) for c in self.port_map.controllers())
             age = now - oldest
-            if age > limit_s:
-                self.trip(
-                    TripCause.TELEMETRY_STALE,
-                    f"last telemetry {age * 1000:.0f} ms ago (limit {limit_s * 1000:.0f} ms)",
-                )
+            detail = TELEMETRY_STALE.check(TelemetryAge(age, period_s), self.limits)
+            if detail is not None:
+                self.trip(TELEMETRY_STALE.cause, detail)
                 return
             await asyncio.sleep(max(limit_s - age, 0.001) + 0.001)
 
@@ -514,23 +522,13 @@ class Session:
         if self.state.final or self.state is SessionState.IDLE or self._closing:
             # Closing out disarms: the samples after it are expected to say so.
             return
-        if t.state == codec.ControllerState.FAULT or t.fault_code:
-            self.trip(
-                TripCause.CONTROLLER_FAULT,
-                f"{name}: fault {codec.describe(codec.FaultCode, t.fault_code)}",
-            )
-            return
-        cause = interlock_cause(t.interlocks)
-        if cause is not None:
-            self.trip(cause, f"{name}: interlock bits {t.interlocks:04b}")
-            return
-        if self.state is SessionState.RUNNING and t.state != codec.ControllerState.ARMED_READY:
-            # Disarmed under a running session (nobody here asked for it).
-            self.trip(
-                TripCause.UNEXPECTED_STOP,
-                f"{name}: controller left the armed state "
-                f"({codec.describe(codec.ControllerState, t.state)})",
-            )
+        view = self._controller_view
+        view.t = t
+        view.running = self.state is SessionState.RUNNING
+        broken = first_broken(CONTROLLER_RULES, view, self.limits)
+        if broken is not None:
+            rule, detail = broken
+            self.trip(rule.cause, f"{name}: {detail}")
 
     def _runners_on(self, controller: str, device_port: int) -> list[PortRunner]:
         return [
@@ -546,37 +544,22 @@ class Session:
             "value": ev.value,
             "device_time_us": ev.device_time_us,
         }
+        on_port = self._runners_on(controller, ev.port)
+        view = EventView(ev, bool(on_port) and not self.state.final)
+        broken = first_broken(EVENT_RULES, view, self.limits)
+        if broken is not None:
+            rule, detail = broken
+            self.trip(
+                rule.cause, f"{controller}: {detail}", on_port[0].port if rule.at_port else None
+            )
         if ev.code == codec.EventCode.EMISSION_ENDED:
-            for runner in self._runners_on(controller, ev.port):
+            for runner in on_port:
                 runner.on_emission_ended(ev.value)
-        elif ev.code == codec.EventCode.FAULT:
-            self.trip(
-                TripCause.CONTROLLER_FAULT,
-                f"{controller}: {codec.describe(codec.FaultCode, ev.value)}"
-                + (f" on port {ev.port}" if ev.port else ""),
-            )
-        elif ev.code == codec.EventCode.WATCHDOG_EXPIRED:
-            self.trip(
-                TripCause.CONTROLLER_FAULT,
-                f"{controller}: watchdog expired after {ev.value} ms of silence",
-            )
         elif ev.code == codec.EventCode.INTERLOCK_CHANGED:
-            cause = interlock_cause(ev.value)
-            if cause is not None:
-                self.trip(cause, f"{controller}: interlock bits {ev.value:04b}")
             for runner in self.runners.values():
                 runner.interlocks_changed()
-        elif ev.code == codec.EventCode.APPLICATOR_CHANGED:
-            runners = self._runners_on(controller, ev.port)
-            if runners and not self.state.final:
-                self.trip(
-                    TripCause.APPLICATOR_REMOVED,
-                    f"{controller} port {ev.port}: applicator "
-                    + ("removed" if ev.value == 0 else f"changed to kind {ev.value}"),
-                    runners[0].port,
-                )
         elif ev.code == codec.EventCode.CONTACT_CHANGED:
-            for runner in self._runners_on(controller, ev.port):
+            for runner in on_port:
                 if ev.value == 0:
                     runner.contact_lost()
                 runner.gate_inputs_changed()
@@ -639,20 +622,23 @@ class Session:
                 prog.running_us = 0.0
             runner._drop_emission()
 
-    async def _finish(self) -> None:
-        self._closing = True
-        if self._stale_task is not None:
-            self._stale_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stale_task
+    async def _final_state(self) -> SessionState:
+        """How the session ends: an abort's ALL_OFF read back (light that stays is a
+        fault), a trip's handling waited for, and the cause set."""
         if self.supervisor.tripped is None and self.aborting:
             # An abort's ALL_OFF is read back like a trip's; light that stays is a fault.
             for ctrl in self.port_map.controllers():
-                dark = await ctrl.wait_dark(self.readback_timeout_s, self.limits.dark_power_uw)
-                if dark is False:
+                attempts = await switch_off(
+                    ctrl,
+                    READ_BACK_ONLY,
+                    timeout_s=self.readback_timeout_s,
+                    dark_power_uw=self.limits.dark_power_uw,
+                    first_sent=True,
+                )
+                if attempts[-1].dark is False:
                     self.trip(
                         TripCause.STUCK_EMISSION,
-                        f"{ctrl.name}: ports {sorted(ctrl.lit_ports())} still lit after ALL_OFF",
+                        f"{ctrl.name}: ports {list(attempts[-1].lit)} still lit after ALL_OFF",
                     )
         if (
             self.supervisor.tripped is None
@@ -668,12 +654,11 @@ class Session:
                 await asyncio.wait_for(self.supervisor.wait_done(), 5.0)
             self.cause_code = trip.cause.code
             self.cause_message = trip.describe()
-            if self.supervisor.service_required and trip.cause is not TripCause.STUCK_EMISSION:
+            if self.supervisor.service_required:
                 # Whatever tripped first, a port that stayed lit through ALL_OFF and
                 # DISARM is what the clinician must act on now.
-                stuck = TripCause.STUCK_EMISSION
-                self.cause_code = stuck.code
-                self.cause_message = f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
+                self.cause_code = TripCause.STUCK_EMISSION.code
+                self.cause_message = service_reason(trip)
             final = SessionState.FAULTED
         elif self.aborting:
             final = (
@@ -683,6 +668,15 @@ class Session:
             )
         else:
             final = SessionState.COMPLETED
+        return final
+
+    async def _finish(self) -> None:
+        self._closing = True
+        if self._stale_task is not None:
+            self._stale_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stale_task
+        final = await self._final_state()
         # Nothing may start on these controllers until a person starts a session.
         for ctrl in self.port_map.controllers():
             ctrl.client.inhibit_emission(f"session {self.id[:8]} {final.value}")

@@ -463,19 +463,11 @@ class PortRunner:
 
     def _stopped_early(self, em: Emission, prog: StepProgress, host_cause: str) -> str:
         """Paused, skin contact lost or footswitch released: the port waits."""
-        order = prog.order
-        session = self.session
         if em.ended_by_device == codec.StopReason.CONTACT_LOST:
             prog.stop_causes.append("skin contact lost")
             self.contact_lost()
             self.state = PortState.GATED
-            session.emit(
-                "port_paused",
-                "skin contact lost; confirm the placement again",
-                self.port,
-                order.index,
-                {"energy_j": prog.integrator.energy_j},
-            )
+            self._paused(prog, "skin contact lost; confirm the placement again")
             return "contact"
         if host_cause == "footswitch released":
             prog.stop_causes.append(host_cause)
@@ -483,14 +475,17 @@ class PortRunner:
             return "footswitch"
         prog.stop_causes.append("paused by operator")
         self.state = PortState.PAUSED
-        session.emit(
+        self._paused(prog, "paused; delivered dose kept")
+        return "paused"
+
+    def _paused(self, prog: StepProgress, message: str) -> None:
+        self.session.emit(
             "port_paused",
-            "paused; delivered dose kept",
+            message,
             self.port,
-            order.index,
+            prog.order.index,
             {"energy_j": prog.integrator.energy_j},
         )
-        return "paused"
 
     def _trip_device_stop(self, reason: int) -> None:
         """The controller ended the emission itself for a reason no operator gave."""

@@ -1,12 +1,21 @@
-"""Safety supervision: the one registry of trip causes, the limits, and the latch.
+"""Safety supervision: the registry of trip causes, the latch, and switching off.
 
 Everything that can end a treatment abnormally is named here, once, with a
-distinct code and a sentence a clinician can act on. The :class:`Supervisor`
-holds the single latched :meth:`Supervisor.trip`: the first cause wins, ALL_OFF
-goes to every controller before anything else happens, emission is read back
-from telemetry and escalated if a port keeps emitting, and only then are the
-session, the record and the listeners told. Nothing here waits on MQTT, disk
-or a client: records and notifications are handed off after emission is off.
+distinct code and a sentence a clinician can act on (and the mappings from
+interlock bits, controller stop reasons and NAKs to those causes). The
+:class:`Supervisor` holds the single latched :meth:`Supervisor.trip`: the first
+cause wins, ALL_OFF goes to every controller before anything else happens,
+emission is read back from telemetry and escalated if a port keeps emitting,
+and only then are the session, the record and the listeners told. Nothing here
+waits on MQTT, disk or a client: records and notifications are handed off after
+emission is off.
+
+Also here: :func:`switch_off`, the one switch-off-and-read-back routine (the
+supervisor, the idle watch, an abort and a shutdown all use it);
+:class:`ServiceLatch`, the one service-required latch; and
+:class:`SafetyLimits`, whose figures come from the limits registry
+(pbmd.protocols.limits). The rules that decide when to trip are data in
+:mod:`pbmd.daemon.core.rules`.
 """
 
 from __future__ import annotations

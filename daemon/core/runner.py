@@ -61,6 +61,7 @@ class PortRunner:
         self._gate_changed = asyncio.Event()
         self._lit_idle_samples = 0
         self._view = SampleView(session)
+        self._view_em: Emission | None = None
         self.wait_reason = ""
         self._remove_listener = target.controller.add_sample_listener(self._on_sample)
 
@@ -602,10 +603,12 @@ class PortRunner:
         # The safety rules of a running emission (ceilings, deviation, channel
         # agreement, backup timer): the first one broken trips.
         view = self._view
-        view.order = order
-        view.prog = prog
-        view.integ = integ
-        view.em = em
+        if self._view_em is not em:  # a new emission: its step once, not every sample
+            self._view_em = em
+            view.order = order
+            view.prog = prog
+            view.integ = integ
+            view.em = em
         view.power_uw = sample.measured_power_uw
         view.delivered_uj = sample.delivered_uj
         view.device_time_us = t.device_time_us

@@ -1,59 +1,155 @@
-"""Ceilings that every protocol and every plan is checked against.
+"""Every limit and margin pbmd checks against, in one registry.
 
-Two layers: hard ceilings, constants in this file that no configuration can
-raise, and :class:`Limits`, the site's configured values (the daemon's
-configuration supplies them), which may only be equal or stricter. Where a
-figure comes from is said next to it (shared DOSIMETRY.md, DESIGN.md).
+Each :class:`Quantity` has a name, a unit, a default, the hard bounds no
+configuration may leave, and where the figure comes from (shared
+DOSIMETRY.md, DESIGN.md, the ICD, or "assumed" where pbmd chose it). Protocol
+validation, planning, the safety rules and the messages a clinician reads all
+take their figures from :data:`LIMITS`; nothing else writes them down.
+
+Two layers on top: :class:`Limits`, the site's configured protocol ceilings
+(the daemon's configuration supplies them), which may only be equal or
+stricter than the hard bounds here; and the safety core's ``SafetyLimits``
+(pbmd.daemon.core.safety), whose defaults and bounds are these.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
-# Skin maximum permissible exposure, ICNIRP / IEC 60825-1 as tabled in
-# Directive 2006/25/EC, 400–1400 nm, exposures of 10 s to 30 000 s:
-# E = 0.2 · C_A W/cm² = 200 · C_A mW/cm² (average power for pulsed sources).
-MPE_WAVELENGTH_MIN_NM = 400
-MPE_WAVELENGTH_MAX_NM = 1400
 
-# The therapeutic window a protocol may use (red to near infrared).
-WAVELENGTH_MIN_NM = 600
-WAVELENGTH_MAX_NM = 1100
+@dataclass(frozen=True)
+class Quantity:
+    """One limit or margin: what it is, in what unit, and why this figure."""
 
-# Superpulsed GaAs diodes (around 905 nm) only emit short pulses.
-PULSED_ONLY_MIN_NM = 890
-PULSED_ONLY_MAX_NM = 915
+    name: str
+    unit: str
+    default: float
+    minimum: float
+    maximum: float
+    source: str
+    meaning: str
 
-# Red light below this wavelength, pulsed at or below EPILEPSY_MAX_PULSE_HZ,
-# carries the epilepsy caution (pulsed red light at 5–10 Hz can trigger
-# seizures; ~30 Hz is the conservative upper bound pbmd uses).
-RED_MAX_NM = 700
-EPILEPSY_MAX_PULSE_HZ = 30.0
+    def check(self, value: float) -> float:
+        """`value` if within the hard bounds; ValueError saying which bound otherwise."""
+        if not self.minimum <= value <= self.maximum:
+            raise ValueError(
+                f"{self.name} = {value:g} {self.unit} is outside its hard bounds "
+                f"{self.minimum:g}–{self.maximum:g} {self.unit} ({self.source})"
+            )
+        return value
 
-# Hard ceilings (design assumptions, DESIGN.md "Limits"): configuration may
-# only lower them.
-HARD_FLUENCE_CEILING_J_CM2 = 20.0  # twice the default; the response is biphasic
-HARD_STEP_TIME_MIN_S = 1.0
-HARD_STEP_TIME_MAX_S = 1800.0
-HARD_SESSION_TIME_MAX_S = 90 * 60.0
+    @property
+    def percent(self) -> str:
+        """A fraction's default as people write it (0.2 → "20"), for messages."""
+        return f"{self.default * 100:g}"
 
-DEFAULT_FLUENCE_CEILING_J_CM2 = 10.0
-DEFAULT_IRRADIANCE_WARNING_MW_CM2 = 100.0
 
-# Margins of the controller's independent channels over the plan (ICD §6:
-# "a little above the prescription / the planned time").
-ENERGY_BUDGET_MARGIN = 0.05
-MAX_DURATION_MARGIN = 0.20
+_QUANTITIES = (
+    # ---------------------------------------------------------- the spectrum
+    Quantity("mpe_wavelength_min_nm", "nm", 400, 400, 400, "ICNIRP / IEC 60825-1 "
+             "(Directive 2006/25/EC)", "Shortest wavelength the skin MPE is tabled for."),
+    Quantity("mpe_wavelength_max_nm", "nm", 1400, 1400, 1400, "ICNIRP / IEC 60825-1 "
+             "(Directive 2006/25/EC)", "Longest wavelength the skin MPE is tabled for."),
+    Quantity("wavelength_min_nm", "nm", 600, 600, 600, "DOSIMETRY.md",
+             "Shortest wavelength a protocol may use (the therapeutic window, red)."),
+    Quantity("wavelength_max_nm", "nm", 1100, 1100, 1100, "DOSIMETRY.md",
+             "Longest wavelength a protocol may use (the therapeutic window, near infrared)."),
+    Quantity("pulsed_only_min_nm", "nm", 890, 890, 890, "DOSIMETRY.md",
+             "Superpulsed GaAs diodes (around 905 nm) only emit short pulses: from here…"),
+    Quantity("pulsed_only_max_nm", "nm", 915, 915, 915, "DOSIMETRY.md", "…to here."),
+    Quantity("red_max_nm", "nm", 700, 700, 700, "DOSIMETRY.md",
+             "Red light below this, pulsed slowly, carries the epilepsy caution."),
+    Quantity("epilepsy_max_pulse_hz", "Hz", 30.0, 30.0, 30.0, "assumed",
+             "Pulsed red light at 5–10 Hz can trigger seizures; ~30 Hz is the "
+             "conservative upper bound of the caution."),
+    # -------------------------------------------- protocol and site ceilings
+    Quantity("fluence_ceiling_j_cm2", "J/cm²", 10.0, 0.0, 20.0, "DESIGN.md \"Limits\"",
+             "Fluence per site per wavelength per session; the hard bound is twice the "
+             "default (the dose–response is biphasic)."),
+    Quantity("irradiance_warning_mw_cm2", "mW/cm²", 100.0, 0.0, math.inf,
+             "DESIGN.md \"Limits\"", "Irradiance above this is accepted with a warning."),
+    Quantity("step_time_s", "s", 1800.0, 1.0, 1800.0, "DESIGN.md \"Limits\"",
+             "Time of one step."),
+    Quantity("session_time_max_s", "s", 90 * 60.0, 0.0, 90 * 60.0, "assumed",
+             "Time of one session."),
+    Quantity("consistency_tolerance", "fraction", 0.01, 0.0, 0.01, "assumed",
+             "Values a protocol states more than once must agree this closely."),
+    Quantity("area_tolerance", "fraction", 0.05, 0.0, 0.05, "assumed",
+             "A reported emitting area may differ this much from the protocol's before the "
+             "plan refuses the applicator as a different one."),
+    # ---------------------------------- the controller's independent channels
+    Quantity("energy_budget_margin", "fraction", 0.05, 0.0, 0.10, "ICD §6 (\"a little "
+             "above the prescription\"); DESIGN.md (\"a few % above\")",
+             "Controller energy budget: prescription + this."),
+    Quantity("max_duration_margin", "fraction", 0.20, 0.0, 0.50, "ICD §6 (\"a little "
+             "above the planned time\")",
+             "Controller max duration and the host's backup timer: planned time + this."),
+    # ------------------------------------------------- the supervisor's rules
+    Quantity("power_deviation_fraction", "fraction", 0.20, 0.0, 0.20,
+             "DESIGN.md (±20 %); 21 CFR 1040.11(a): exposure accurate to ±20 %",
+             "Measured power may differ from the setpoint by this."),
+    Quantity("power_deviation_grace_us", "µs (device)", 100_000, 0, 500_000, "assumed",
+             "A deviation must last this long after the rise to trip."),
+    Quantity("power_ceiling_tolerance", "fraction", 0.05, 0.0, 0.05, "assumed",
+             "Measured power may exceed the applicator's maximum by this (photodiode "
+             "accuracy) before it trips."),
+    Quantity("dose_disagreement_fraction", "fraction", 0.02, 0.0, 0.05, "assumed",
+             "Host vs controller delivered energy."),
+    Quantity("dose_disagreement_floor_uj", "µJ", 50_000, 0, 200_000, "assumed",
+             "Absolute floor of the disagreement, so that tiny early energies do not trip "
+             "on rounding."),
+    Quantity("fluence_ceiling_tolerance_fraction", "fraction", 0.01, 0.0, 0.05, "assumed",
+             "A sample showing the site's fluence ceiling passed by more than this trips "
+             "(the host's stop at the ceiling did not land)."),
+    Quantity("stale_telemetry_periods", "sample periods", 5.0, 1.0, 5.0, "ICD §6",
+             "Telemetry older than this is a link fault."),
+    Quantity("stop_readback_timeout_s", "s", 0.25, 0.0, 1.0, "assumed",
+             "After EMIT_STOP or ALL_OFF, telemetry must show the port dark within this."),
+    Quantity("dark_power_uw", "µW", 500, 0, 5_000, "assumed",
+             "Measured power above this on a port that should be dark is light that should "
+             "not be there: far above photodiode offset, far below any dose."),
+    Quantity("idle_lit_samples", "samples", 3, 1, 10, "assumed",
+             "Between sessions, this many samples in a row showing a port lit switch the "
+             "controller off (one sample could be the tail of the last stop)."),
+    Quantity("clock_rate_tolerance", "fraction", 0.02, 0.0, 0.05, "assumed",
+             "The device clock's rate counts as measured once the mapping's rate agrees "
+             "with telemetry's this closely."),
+)  # fmt: skip
 
-# Values a protocol states more than once must agree this closely.
-CONSISTENCY_TOLERANCE = 0.01
+LIMITS: Mapping[str, Quantity] = MappingProxyType({q.name: q for q in _QUANTITIES})
+"""Every limit and margin by name."""
 
-# A reported emitting area may differ this much from the one a protocol was
-# written for before the plan refuses the applicator as a different one.
-AREA_TOLERANCE = 0.05
+
+def limit(name: str) -> float:
+    """The default of a registered quantity."""
+    return LIMITS[name].default
+
+
+# Names the protocol checks and the plan have always used, from the registry.
+MPE_WAVELENGTH_MIN_NM = int(limit("mpe_wavelength_min_nm"))
+MPE_WAVELENGTH_MAX_NM = int(limit("mpe_wavelength_max_nm"))
+WAVELENGTH_MIN_NM = int(limit("wavelength_min_nm"))
+WAVELENGTH_MAX_NM = int(limit("wavelength_max_nm"))
+PULSED_ONLY_MIN_NM = int(limit("pulsed_only_min_nm"))
+PULSED_ONLY_MAX_NM = int(limit("pulsed_only_max_nm"))
+RED_MAX_NM = int(limit("red_max_nm"))
+EPILEPSY_MAX_PULSE_HZ = limit("epilepsy_max_pulse_hz")
+HARD_FLUENCE_CEILING_J_CM2 = LIMITS["fluence_ceiling_j_cm2"].maximum
+HARD_STEP_TIME_MIN_S = LIMITS["step_time_s"].minimum
+HARD_STEP_TIME_MAX_S = LIMITS["step_time_s"].maximum
+HARD_SESSION_TIME_MAX_S = LIMITS["session_time_max_s"].maximum
+DEFAULT_FLUENCE_CEILING_J_CM2 = limit("fluence_ceiling_j_cm2")
+DEFAULT_IRRADIANCE_WARNING_MW_CM2 = limit("irradiance_warning_mw_cm2")
+ENERGY_BUDGET_MARGIN = limit("energy_budget_margin")
+MAX_DURATION_MARGIN = limit("max_duration_margin")
+CONSISTENCY_TOLERANCE = limit("consistency_tolerance")
+AREA_TOLERANCE = limit("area_tolerance")
 
 
 def correction_factor_ca(wavelength_nm: float) -> float:

@@ -20,6 +20,7 @@ import structlog
 from pbmd.daemon.core.dose import DeviceClock
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError, ControllerClient
+from pbmd.protocols.limits import limit
 
 log = structlog.get_logger()
 
@@ -27,10 +28,13 @@ CLOCK_SETTLE_S = 0.6
 """Telemetry and PONGs over this long give the device clock's rate (a simulator's
 time scale) to well under 1 %; stops are not timed from a guessed rate."""
 
-DARK_POWER_UW = 500
+DARK_POWER_UW = int(limit("dark_power_uw"))
 """Measured power above this on a port the controller reports idle is light that
-should not be there (a stuck emitter). Far above photodiode offset, far below
-any therapeutic setpoint."""
+should not be there (a stuck emitter); from the limits registry."""
+
+CLOCK_RATE_TOLERANCE = limit("clock_rate_tolerance")
+"""The device clock's rate counts as measured once the mapping's rate agrees with
+the one telemetry shows this closely (limits registry)."""
 
 SampleListener = Callable[[codec.Telemetry, float], None]
 """Called with each TELEMETRY and the host monotonic time it arrived."""
@@ -118,7 +122,8 @@ class ControllerHandle:
     @property
     def clock_settled(self) -> bool:
         """The device clock's rate has been measured (not assumed): the mapping's
-        rate agrees within 2 % with the one telemetry shows over CLOCK_SETTLE_S."""
+        rate agrees within CLOCK_RATE_TOLERANCE with the one telemetry shows over
+        CLOCK_SETTLE_S."""
         first = self._first_telemetry
         last = self.telemetry
         if first is None or last is None or self.telemetry_host_s is None:
@@ -127,7 +132,7 @@ class ControllerHandle:
         if span_s < CLOCK_SETTLE_S:
             return False
         rate = (last.device_time_us - first[1]) / 1e6 / span_s
-        return rate > 0 and abs(self.clock.ratio / rate - 1.0) < 0.02
+        return rate > 0 and abs(self.clock.ratio / rate - 1.0) < CLOCK_RATE_TOLERANCE
 
     async def wait_clock_settled(self, timeout_s: float) -> None:
         """Return once `clock_settled`; TimeoutError if telemetry does not come."""

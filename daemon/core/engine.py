@@ -33,10 +33,12 @@ from pbmd.daemon.core.safety import (
     IdleEmission,
     IdleWatch,
     SafetyLimits,
+    ServiceLatch,
     Supervisor,
     Trip,
     TripCause,
     interlock_cause,
+    service_reason,
 )
 from pbmd.daemon.core.session import (
     Session,
@@ -224,9 +226,7 @@ class Engine:
         self.calibration_due = calibration_due
         self._today = today
         self.session: Session | None = None
-        self.service_required: str | None = None
-        self.on_service_required: Callable[[str], None] | None = None
-        """Told once the latch is set, after emission is off (the service persists it)."""
+        self.service_latch = ServiceLatch()
         self.unreconciled: dict[str, str] = {}
         """Sessions a crash left open that could not be reconciled yet, with why."""
         self._listeners: list[SessionListener] = []
@@ -259,20 +259,30 @@ class Engine:
     def _idle(self) -> bool:
         return self.session is None or self.session.closed
 
-    def _latch_service(self, cause: str) -> None:
-        """No session starts until a technician clears this (the service persists it)."""
-        self.service_required = cause
-        if self.on_service_required is not None:
-            try:
-                self.on_service_required(cause)
-            except Exception:
-                log.exception("engine.service_required_listener_failed")
+    @property
+    def service_required(self) -> str | None:
+        """Why the system needs service (no session starts), or None."""
+        return self.service_latch.reason
+
+    @service_required.setter
+    def service_required(self, reason: str | None) -> None:
+        """Restored from, or cleared by, the service (a technician's action)."""
+        self.service_latch.reason = reason
+
+    @property
+    def on_service_required(self) -> Callable[[str], None] | None:
+        """Told once the latch is set, after emission is off (the service persists it)."""
+        return self.service_latch.on_set
+
+    @on_service_required.setter
+    def on_service_required(self, listener: Callable[[str], None] | None) -> None:
+        self.service_latch.on_set = listener
 
     def _idle_emission(self, found: IdleEmission) -> None:
         """Emission is off (or could not be): record it; light that stayed latches service."""
         cause = TripCause.STUCK_EMISSION if found.stuck else TripCause.IDLE_EMISSION
         if found.stuck and not self.service_required:
-            self._latch_service(found.describe())
+            self.service_latch.set(found.describe())
         try:
             self.store.event(
                 "idle_emission",
@@ -622,12 +632,7 @@ class Engine:
                 dark_uw = self.limits.dark_power_uw
                 for ctrl in sub_map.controllers():
                     self.idle_watch.known_stuck(ctrl.name, ctrl.lit_ports(dark_uw))
-                stuck = TripCause.STUCK_EMISSION
-                self._latch_service(
-                    trip.describe()
-                    if trip.cause is stuck
-                    else f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
-                )
+                self.service_latch.set(service_reason(trip))
                 session.emit(
                     "service_required",
                     "a port kept emitting after ALL_OFF and DISARM; no session can start "

@@ -1,12 +1,21 @@
-"""Safety supervision: the one registry of trip causes, the limits, and the latch.
+"""Safety supervision: the registry of trip causes, the latch, and switching off.
 
 Everything that can end a treatment abnormally is named here, once, with a
-distinct code and a sentence a clinician can act on. The :class:`Supervisor`
-holds the single latched :meth:`Supervisor.trip`: the first cause wins, ALL_OFF
-goes to every controller before anything else happens, emission is read back
-from telemetry and escalated if a port keeps emitting, and only then are the
-session, the record and the listeners told. Nothing here waits on MQTT, disk
-or a client: records and notifications are handed off after emission is off.
+distinct code and a sentence a clinician can act on (and the mappings from
+interlock bits, controller stop reasons and NAKs to those causes). The
+:class:`Supervisor` holds the single latched :meth:`Supervisor.trip`: the first
+cause wins, ALL_OFF goes to every controller before anything else happens,
+emission is read back from telemetry and escalated if a port keeps emitting,
+and only then are the session, the record and the listeners told. Nothing here
+waits on MQTT, disk or a client: records and notifications are handed off after
+emission is off.
+
+Also here: :func:`switch_off`, the one switch-off-and-read-back routine (the
+supervisor, the idle watch, an abort and a shutdown all use it);
+:class:`ServiceLatch`, the one service-required latch; and
+:class:`SafetyLimits`, whose figures come from the limits registry
+(pbmd.protocols.limits). The rules that decide when to trip are data in
+:mod:`pbmd.daemon.core.rules`.
 """
 
 from __future__ import annotations
@@ -16,13 +25,15 @@ import contextlib
 import enum
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import structlog
 
 from pbmd.daemon.core.controllers import ControllerHandle
 from pbmd.drivers import codec
+from pbmd.drivers.client import NakReceived
+from pbmd.protocols.limits import LIMITS, limit
 
 log = structlog.get_logger()
 
@@ -58,7 +69,8 @@ class TripCause(_Cause):
     POWER_CEILING = CauseInfo("E103", "Measured optical power exceeded the applicator's maximum.")
     POWER_DEVIATION = CauseInfo(
         "E104",
-        "Measured power differed from the setpoint by more than 20 %. "
+        f"Measured power differed from the setpoint by more than "
+        f"{LIMITS['power_deviation_fraction'].percent} %. "
         "Check the applicator and its calibration.",
     )
     DOSE_CHANNELS_DISAGREE = CauseInfo(
@@ -136,36 +148,41 @@ class Trip:
         return f"{self.cause.code} {self.cause.message}{where} {self.detail}".strip()
 
 
+def _count(name: str) -> int:
+    """A whole-number default from the limits registry (µs, µW, µJ, samples)."""
+    return int(limit(name))
+
+
 @dataclass(frozen=True)
 class SafetyLimits:
-    """The supervisor's thresholds: one place, with units, each with its reason."""
+    """The supervisor's thresholds as this engine runs them. Each field is a quantity
+    of the limits registry (pbmd.protocols.limits: unit, hard bounds, source);
+    :data:`REGISTRY_NAMES` says which, and a value outside its bounds is refused."""
 
-    power_deviation_fraction: float = 0.20
-    """Measured vs setpoint (21 CFR 1040.11(a): exposure accurate to ±20 %)."""
-    power_deviation_grace_us: int = 100_000
-    """A deviation must last this long (device time) after the rise to trip."""
-    dose_disagreement_fraction: float = 0.02
-    """Host vs controller delivered energy."""
-    dose_disagreement_floor_uj: int = 50_000
-    """Absolute floor so that tiny early energies do not trip on rounding."""
-    stale_telemetry_periods: float = 5.0
-    """Telemetry older than this many sample periods is a link fault (ICD §6)."""
-    stop_readback_timeout_s: float = 0.25
-    """After EMIT_STOP or ALL_OFF, telemetry must show the port dark within this."""
-    backup_timer_fraction: float = 0.20
-    """Host backup timer and controller max duration: planned time + 20 %."""
-    energy_budget_fraction: float = 0.05
-    """Controller energy budget: prescription + 5 %."""
-    dark_power_uw: int = 500
-    """Measured power above this on a port that should be dark is light that should
-    not be there (a stuck emitter): far above photodiode offset, far below any dose."""
-    idle_lit_samples: int = 3
-    """Between sessions, this many samples in a row showing a port lit or emitting
-    switch the controller off (one sample could be the tail of the last stop)."""
-    fluence_ceiling_tolerance_fraction: float = 0.01
-    """The host stops a step where the site's fluence would reach its ceiling and trips
-    there; a sample that shows the ceiling passed by more than this also trips (the
-    stop did not land)."""
+    power_deviation_fraction: float = limit("power_deviation_fraction")
+    power_deviation_grace_us: int = _count("power_deviation_grace_us")
+    power_ceiling_tolerance: float = limit("power_ceiling_tolerance")
+    dose_disagreement_fraction: float = limit("dose_disagreement_fraction")
+    dose_disagreement_floor_uj: int = _count("dose_disagreement_floor_uj")
+    stale_telemetry_periods: float = limit("stale_telemetry_periods")
+    stop_readback_timeout_s: float = limit("stop_readback_timeout_s")
+    backup_timer_fraction: float = limit("max_duration_margin")
+    """Host backup timer (as the controller's max duration): planned time + this."""
+    energy_budget_fraction: float = limit("energy_budget_margin")
+    dark_power_uw: int = _count("dark_power_uw")
+    idle_lit_samples: int = _count("idle_lit_samples")
+    fluence_ceiling_tolerance_fraction: float = limit("fluence_ceiling_tolerance_fraction")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            LIMITS[REGISTRY_NAMES.get(f.name, f.name)].check(getattr(self, f.name))
+
+
+REGISTRY_NAMES = {
+    "backup_timer_fraction": "max_duration_margin",
+    "energy_budget_fraction": "energy_budget_margin",
+}
+"""SafetyLimits fields named differently from their registry quantity."""
 
 
 class ControllerPort(Protocol):
@@ -182,6 +199,106 @@ class ControllerPort(Protocol):
 
 
 TripListener = Callable[[Trip], None]
+
+ALL_OFF = "ALL_OFF"
+DISARM = "DISARM"
+
+TRIP_ESCALATION = (ALL_OFF, ALL_OFF, DISARM)
+"""After a trip: the first ALL_OFF (sent to every controller at once), ALL_OFF
+again, then DISARM, each read back before the next."""
+IDLE_ESCALATION = (ALL_OFF, DISARM)
+"""Light with no session running: ALL_OFF, then DISARM, each read back."""
+READ_BACK_ONLY = (ALL_OFF,)
+"""An abort's ALL_OFF (already sent): read back only; light that stays trips E501."""
+
+
+@dataclass(frozen=True)
+class OffAttempt:
+    """One step of a switch-off and what the read-back after it showed."""
+
+    step: str
+    error: Exception | None
+    """The request failed (sent, but not acknowledged); None when it went through
+    or when it was sent before the routine began."""
+    dark: bool | None
+    """True: every port dark; False: still lit (or the read-back failed); None:
+    cannot be read back (no link: the controller's watchdog stops emission)."""
+    lit: tuple[int, ...]
+    """The ports lit at the read-back (empty unless ``dark`` is False)."""
+
+
+async def switch_off(
+    ctrl: ControllerPort,
+    steps: Sequence[str],
+    *,
+    timeout_s: float,
+    dark_power_uw: int,
+    first_sent: bool = False,
+) -> list[OffAttempt]:
+    """The one switch-off-and-read-back routine: each step (ALL_OFF or DISARM) then a
+    read-back, escalating to the next step only while the read-back shows light.
+
+    Used by the supervisor after a trip, by the idle watch, and by an abort or a
+    shutdown. `first_sent`: the first step was already sent (to every controller
+    at once, for latency) and is only read back here. A read-back that fails is
+    taken as lit, never as dark."""
+    attempts: list[OffAttempt] = []
+    for i, step in enumerate(steps):
+        error: Exception | None = None
+        if not (first_sent and i == 0):
+            try:
+                await (ctrl.all_off() if step == ALL_OFF else ctrl.disarm())
+            except Exception as exc:
+                error = exc
+        dark: bool | None
+        try:
+            dark = await ctrl.wait_dark(timeout_s, dark_power_uw)
+        except Exception:
+            log.exception("switch_off.readback_failed", controller=ctrl.name)
+            dark = False
+        lit = tuple(sorted(ctrl.lit_ports(dark_power_uw))) if dark is False else ()
+        attempts.append(OffAttempt(step, error, dark, lit))
+        if dark is not False:
+            break
+    return attempts
+
+
+async def all_off_everywhere(
+    controllers: Sequence[ControllerPort],
+) -> list[tuple[ControllerPort, BaseException]]:
+    """ALL_OFF to every controller at once; the ones whose ALL_OFF failed, with why."""
+    results = await asyncio.gather(*(c.all_off() for c in controllers), return_exceptions=True)
+    return [
+        (c, r) for c, r in zip(controllers, results, strict=True) if isinstance(r, BaseException)
+    ]
+
+
+def service_reason(trip: Trip) -> str:
+    """What the service-required latch and the session say when a port stayed lit
+    through ALL_OFF and DISARM: E501, whatever tripped first (the clinician must act
+    on the light now)."""
+    stuck = TripCause.STUCK_EMISSION
+    if trip.cause is stuck:
+        return trip.describe()
+    return f"{stuck.code} {stuck.message} (tripped by {trip.describe()})"
+
+
+class ServiceLatch:
+    """The one service-required latch: set when a port stayed lit through ALL_OFF and
+    DISARM, in a session or between sessions. No session starts until a technician
+    clears it; ``on_set`` is told (the service persists it)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.on_set: Callable[[str], None] | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+        if self.on_set is not None:
+            try:
+                self.on_set(reason)
+            except Exception:
+                log.exception("service_latch.listener_failed")
 
 
 @dataclass(frozen=True)
@@ -202,6 +319,9 @@ class IdleEmission:
             f"{cause.code} {cause.message} ({self.controller} port(s) {ports} lit with no "
             f"session running; {' → '.join(self.escalation)})"
         )
+
+
+_READ_BACK_WORDS = {True: "dark", False: "still lit", None: "cannot read back"}
 
 
 class IdleWatch:
@@ -258,30 +378,21 @@ class IdleWatch:
     async def _switch_off(
         self, ctrl: ControllerHandle, ports: tuple[int, ...], found_s: float
     ) -> None:
-        escalation: list[str] = []
-        timeout_s = self.limits.stop_readback_timeout_s
-        dark: bool | None = None
         try:
-            for step, action in (("ALL_OFF", ctrl.all_off), ("DISARM", ctrl.disarm)):
-                try:
-                    await action()
-                    escalation.append(step)
-                except Exception as exc:
-                    escalation.append(f"{step} failed ({exc})")
-                try:
-                    dark = await ctrl.wait_dark(timeout_s, self.limits.dark_power_uw)
-                except Exception:
-                    # As the supervisor does: a read-back that fails is not dark.
-                    log.exception("idle.readback_failed", controller=ctrl.name)
-                    dark = False
-                if dark is not False:
-                    break
-            escalation.append(
-                {True: "dark", False: "still lit", None: "cannot read back"}[dark]
+            attempts = await switch_off(
+                ctrl,
+                IDLE_ESCALATION,
+                timeout_s=self.limits.stop_readback_timeout_s,
+                dark_power_uw=self.limits.dark_power_uw,
             )
-            found = IdleEmission(ctrl.name, ports, tuple(escalation), dark is False, found_s)
-            if dark is False:
-                self.known_stuck(ctrl.name, ctrl.lit_ports(self.limits.dark_power_uw))
+            escalation = [
+                a.step if a.error is None else f"{a.step} failed ({a.error})" for a in attempts
+            ]
+            last = attempts[-1]
+            escalation.append(_READ_BACK_WORDS[last.dark])
+            found = IdleEmission(ctrl.name, ports, tuple(escalation), last.dark is False, found_s)
+            if last.dark is False:
+                self.known_stuck(ctrl.name, set(last.lit))
             log.critical("idle.emission", description=found.describe())
             try:
                 self._report(found)
@@ -394,14 +505,11 @@ class Supervisor:
             self._done.set()
 
     async def _all_off_everywhere(self) -> None:
-        results = await asyncio.gather(
-            *(c.all_off() for c in self._controllers), return_exceptions=True
-        )
+        failed = await all_off_everywhere(self._controllers)
         self.all_off_sent_monotonic_s = time.monotonic()
-        for ctrl, res in zip(self._controllers, results, strict=True):
-            if isinstance(res, BaseException):
-                self.escalation.append(f"ALL_OFF to {ctrl.name} failed: {res!r}")
-                log.error("trip.all_off_failed", controller=ctrl.name, error=repr(res))
+        for ctrl, exc in failed:
+            self.escalation.append(f"ALL_OFF to {ctrl.name} failed: {exc!r}")
+            log.error("trip.all_off_failed", controller=ctrl.name, error=repr(exc))
 
     async def _verify_dark(self) -> None:
         """Read back that every port stopped; escalate ALL_OFF → DISARM → service.
@@ -410,50 +518,38 @@ class Supervisor:
         emitter: its own watchdog stops emission within watchdog_ms of the
         last frame (ICD §5), which is noted, not escalated to service.
         """
-        timeout = self.limits.stop_readback_timeout_s
         for ctrl in self._controllers:
-            dark = await self._dark(ctrl, timeout)
-            if dark is None:
-                self.escalation.append(
-                    f"{ctrl.name}: cannot read back (link down); the controller's watchdog "
-                    "stops emission"
-                )
-                continue
-            if dark:
-                continue
-            self.escalation.append(
-                f"{ctrl.name}: ports {self._lit(ctrl)} still lit after ALL_OFF; ALL_OFF again"
+            attempts = await switch_off(
+                ctrl,
+                TRIP_ESCALATION,
+                timeout_s=self.limits.stop_readback_timeout_s,
+                dark_power_uw=self.limits.dark_power_uw,
+                first_sent=True,
             )
-            try:
-                await ctrl.all_off()
-            except Exception as exc:
-                self.escalation.append(f"{ctrl.name}: second ALL_OFF failed: {exc!r}")
-            if await self._dark(ctrl, timeout) is not False:
-                continue
-            self.escalation.append(f"{ctrl.name}: ports {self._lit(ctrl)} still lit; DISARM")
-            try:
-                await ctrl.disarm()
-            except Exception as exc:
-                self.escalation.append(f"{ctrl.name}: DISARM failed: {exc!r}")
-            if await self._dark(ctrl, timeout) is not False:
-                continue
-            self.escalation.append(
-                f"{ctrl.name}: ports {self._lit(ctrl)} still lit after ALL_OFF and DISARM: "
-                "hardware fault, service required"
-            )
-            self.service_required = True
+            self._note_escalation(ctrl.name, attempts)
         for line in self.escalation:
             log.critical("trip.escalation", step=line)
 
-    def _lit(self, ctrl: ControllerPort) -> list[int]:
-        return sorted(ctrl.lit_ports(self.limits.dark_power_uw))
+    _FAILED = ("ALL_OFF", "second ALL_OFF", "DISARM")
+    _STILL_LIT = (
+        "still lit after ALL_OFF; ALL_OFF again",
+        "still lit; DISARM",
+        "still lit after ALL_OFF and DISARM: hardware fault, service required",
+    )
 
-    async def _dark(self, ctrl: ControllerPort, timeout_s: float) -> bool | None:
-        try:
-            return await ctrl.wait_dark(timeout_s, self.limits.dark_power_uw)
-        except Exception:
-            log.exception("trip.readback_failed", controller=ctrl.name)
-            return False
+    def _note_escalation(self, name: str, attempts: Sequence[OffAttempt]) -> None:
+        if attempts[0].dark is None:
+            self.escalation.append(
+                f"{name}: cannot read back (link down); the controller's watchdog stops emission"
+            )
+            return
+        for i, attempt in enumerate(attempts):
+            if attempt.error is not None:
+                self.escalation.append(f"{name}: {self._FAILED[i]} failed: {attempt.error!r}")
+            if attempt.dark is False:
+                self.escalation.append(f"{name}: ports {list(attempt.lit)} {self._STILL_LIT[i]}")
+        if attempts[-1].dark is False and len(attempts) == len(TRIP_ESCALATION):
+            self.service_required = True
 
 
 _KEY = int(codec.Interlock.KEY)
@@ -488,3 +584,16 @@ def stop_reason_cause(reason: int) -> TripCause:
         return mapping.get(codec.StopReason(reason), TripCause.UNEXPECTED_STOP)
     except ValueError:
         return TripCause.UNEXPECTED_STOP
+
+
+def nak_cause(exc: NakReceived, interlocks: int | None) -> TripCause:
+    """The trip cause behind a NAK to a request the session needed."""
+    code = exc.code
+    if code == codec.NakError.INTERLOCK_OPEN:
+        cause = interlock_cause(interlocks) if interlocks is not None else None
+        return cause or TripCause.REMOTE_INTERLOCK_OPEN
+    if code == codec.NakError.FAULT_LATCHED:
+        return TripCause.CONTROLLER_FAULT
+    if code == codec.NakError.NO_APPLICATOR:
+        return TripCause.APPLICATOR_REMOVED
+    return TripCause.UNEXPECTED_STOP

@@ -1,0 +1,182 @@
+"""What a session runs and reports: its states, its step orders, live progress,
+events and the recorder it writes to. Shared by the session and its port runners."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pbmd.daemon.core.dose import DoseIntegrator
+from pbmd.drivers import codec
+
+if TYPE_CHECKING:
+    from pbmd.daemon.core.session import Session
+
+
+class SessionState(enum.StrEnum):
+    IDLE = "idle"
+    READY = "ready"
+    ARMED = "armed"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    FAULTED = "faulted"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = {SessionState.COMPLETED, SessionState.ABORTED, SessionState.FAULTED,
+          SessionState.INTERRUPTED}  # fmt: skip
+
+
+class PortState(enum.StrEnum):
+    WAITING = "waiting"  # before its first step, or between steps
+    GATED = "gated"  # waiting for confirmation, contact or footswitch
+    EMITTING = "emitting"
+    PAUSED = "paused"
+    DONE = "done"
+    SKIPPED = "skipped"
+    STOPPED = "stopped"  # ended by abort or trip
+
+
+class TargetKind(enum.StrEnum):
+    ENERGY = "energy"
+    TIME = "time"
+
+
+@dataclass(frozen=True)
+class StepOrder:
+    """One step of one port, as the engine executes it (from the frozen plan)."""
+
+    port: int
+    index: int
+    site: str
+    wavelength_nm: int
+    mode: codec.EmitMode
+    power_uw: int
+    pulse_hz: int
+    duty_permille: int
+    area_cm2: float
+    target_kind: TargetKind
+    target_energy_uj: float
+    target_time_s: float
+    planned_time_s: float
+    energy_budget_uj: int
+    max_duration_ms: int
+    confirm_placement: bool = False
+    skin_contact: bool = False
+    footswitch: bool = False
+    blocked_by: frozenset[str] = frozenset()
+    irradiance_ceiling_mw_cm2: float = float("inf")
+    fluence_ceiling_j_cm2: float = float("inf")
+    channel_max_power_uw: int = 0
+    label: str = ""
+    backup_time_s: float | None = None
+    """Host backup timer (the step's max_time_s); None: planned time + 20 %."""
+
+    @property
+    def gated(self) -> bool:
+        return self.confirm_placement or self.skin_contact or self.footswitch
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """Something that happened, for watchers, records and dashboards."""
+
+    kind: str
+    session_id: str
+    message: str
+    port: int | None = None
+    step: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    utc: float = field(default_factory=time.time)
+
+
+SessionListener = Callable[[SessionEvent], None]
+
+
+class Recorder(Protocol):
+    """What a session writes as it happens (implemented over the records store)."""
+
+    def session_started(self, session: Session) -> None: ...
+    def step_started(self, session: Session, step: StepOrder) -> None: ...
+    def emission_started(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        request: codec.EmitStart,
+        device_time_us: int | None,
+    ) -> None: ...
+    def emission_progress(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        controller_energy_uj: int,
+        device_time_us: int,
+    ) -> None: ...
+    def emission_ended(
+        self,
+        session: Session,
+        step: StepOrder,
+        emission_no: int,
+        host_energy_uj: float,
+        stopped: codec.Stopped | None,
+        host_stop_cause: str,
+    ) -> None: ...
+    def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None: ...
+    def event(self, event: SessionEvent) -> None: ...
+    def session_ended(self, session: Session) -> None: ...
+    async def sync(self) -> None: ...
+
+
+class SessionError(Exception):
+    """An operator request that cannot be done now, with what to do instead."""
+
+
+class RecordingFailed(Exception):
+    """The recorder could not make a record durable (raised by Recorder.sync)."""
+
+
+@dataclass
+class StepProgress:
+    """Live and final figures of one step (host and controller channels)."""
+
+    order: StepOrder
+    integrator: DoseIntegrator
+    controller_energy_uj: int = 0
+    emissions: int = 0
+    outcome: str = "pending"
+    stop_causes: list[str] = field(default_factory=list)
+    emitted_us: int = 0
+    """Device time the finished emissions of this step lasted (the controller's
+    STOPPED durations): the backup timer's reading, kept across pauses."""
+    running_us: float = 0.0
+    """Device time the running emission has lasted so far (0 when none runs)."""
+
+    @property
+    def host_energy_uj(self) -> float:
+        return self.integrator.energy_uj
+
+    @property
+    def emitting_us(self) -> float:
+        return self.emitted_us + self.running_us
+
+    @property
+    def fraction(self) -> float:
+        o = self.order
+        if o.target_kind is TargetKind.TIME:
+            return min(self.emitting_us / 1e6 / o.target_time_s, 1.0)
+        return min(self.integrator.energy_uj / o.target_energy_uj, 1.0)
+
+
+class Stopped(Exception):
+    """A port runner or the session's work ends because the session was tripped or aborted."""

@@ -5,6 +5,7 @@ with no dose lost from the record and none emitted twice."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -28,7 +29,13 @@ async def test_engine_killed_mid_emission_is_reconciled(tmp_path: Path) -> None:
     db = tmp_path / "records.sqlite3"
     async with SimProcess(time_scale=60.0) as sim:
         child = await asyncio.create_subprocess_exec(
-            sys.executable, str(CHILD), sim.url, str(db), stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            str(CHILD),
+            sim.url,
+            str(db),
+            stdout=asyncio.subprocess.PIPE,
+            # the child imports the shared fixtures (tests/fixtures), as pytest does
+            env={**os.environ, "PYTHONPATH": str(CHILD.parent.parent)},
         )
         try:
             assert child.stdout is not None

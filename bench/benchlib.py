@@ -269,8 +269,9 @@ class CpuLoad:
     `stress-ng --cpu N` when installed (Debian package stress-ng), else N Python
     busy-loop processes of the bench's own (`label` says which ran)."""
 
-    def __init__(self, workers: int, kind: str = "auto") -> None:
+    def __init__(self, workers: int, kind: str = "auto", timeout_s: float = 3600.0) -> None:
         self.workers = workers
+        self.timeout_s = timeout_s  # a bound should the bench itself be killed
         if kind == "auto":
             kind = "stress-ng" if shutil.which("stress-ng") else "python"
         self.kind = kind
@@ -280,17 +281,23 @@ class CpuLoad:
             "python": f"{workers} Python busy-loop processes (fallback, stress-ng not used)",
         }[kind]
         self._procs: list[asyncio.subprocess.Process] = []
+        self.ended_early = False
+        """The load had ended before it was stopped (the run was not all under load)."""
 
     async def __aenter__(self) -> CpuLoad:
         if self.kind == "stress-ng":
-            argv = ["stress-ng", "--cpu", str(self.workers), "--quiet"]
+            timeout = f"{int(self.timeout_s) + 1}s"
+            argv = ["stress-ng", "--cpu", str(self.workers), "--timeout", timeout, "--quiet"]
             self._procs = [await _spawn(argv)]
         elif self.kind == "python":
-            argv = [sys.executable, "-c", "while True: pass"]
+            # Each burns until stopped, or until the bench is gone (its parent changes).
+            burn = "import os\nwhile os.getppid() == {}:\n    for _ in range(100_000): pass"
+            argv = [sys.executable, "-c", burn.format(os.getpid())]
             self._procs = [await _spawn(argv) for _ in range(self.workers)]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.ended_early = any(p.returncode is not None for p in self._procs)
         for p in self._procs:
             # Each child leads its own process group: stress-ng's workers go with it.
             with contextlib.suppress(ProcessLookupError):
@@ -307,7 +314,10 @@ class CpuLoad:
 
 async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, start_new_session=True
+        *argv,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 

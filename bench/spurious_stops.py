@@ -62,7 +62,8 @@ class ScaleResult:
     scale: float
     sessions: int = 0
     completed: int = 0
-    stops: list[str] = field(default_factory=list)
+    stops: list[tuple[str, str]] = field(default_factory=list)
+    """(cause code, message) of each session that did not complete."""
     steps_planned: int = 0
     steps_completed: int = 0
     bad_steps: list[str] = field(default_factory=list)
@@ -141,7 +142,7 @@ async def one_session(bench: Bench, result: ScaleResult, text: str, timeout_s: f
     try:
         session = await bench.start(the_plan, contraindicated)
     except Exception as exc:  # a refusal is a stop too: nothing was wrong
-        result.stops.append(f"refused: {exc}")
+        result.stops.append(("refused", f"refused: {exc}"))
         await recover(bench)
         return f"refused: {exc}"
     try:
@@ -157,7 +158,7 @@ async def one_session(bench: Bench, result: ScaleResult, text: str, timeout_s: f
         code = session.cause_code or state.value
         message = session.cause_message or ""
         cause = message if message.startswith(code) else f"{code}: {message}"
-        result.stops.append(cause)
+        result.stops.append((code, cause))
         line = f"{state.value} after {wall:.1f} s, {cause}"
         await recover(bench)
     await bench.store.sync()
@@ -168,7 +169,8 @@ async def one_session(bench: Bench, result: ScaleResult, text: str, timeout_s: f
             continue
         result.steps_completed += 1
         kind = "pad" if s["port"] != 4 else "probe"
-        for channel, key in (("host", "delivered_host_j"), ("controller", "delivered_controller_j")):
+        for channel in ("host", "controller"):
+            key = f"delivered_{channel}_j"
             if s[key] is None:
                 result.bad_steps.append(f"port {s['port']} step {s['step_index']}: no {channel}")
                 continue
@@ -187,7 +189,8 @@ async def run_scale(args: argparse.Namespace, scale: float, rng: random.Random) 
     async with TapSim(scale, args.seed) as sim, Bench(sim.url) as bench:
         sim.inject("corrupt_frames", rate=args.corrupt, direction="both")
         before = await sim.link_counters()
-        load = CpuLoad(args.cpu_workers, args.load)
+        bound_s = args.sessions * (25.0 / scale * 2 + 40.0) + 60.0
+        load = CpuLoad(args.cpu_workers, args.load, timeout_s=bound_s)
         result.loadavg = (os.getloadavg()[0], 0.0)
         async with load:
             await asyncio.sleep(1.0)  # the load gets going before the first session
@@ -198,6 +201,9 @@ async def run_scale(args: argparse.Namespace, scale: float, rng: random.Random) 
                     line = await one_session(bench, result, text, timeout_s)
                 print(f"x{scale:g} session {i + 1}/{args.sessions}: {line}", flush=True)
             result.loadavg = (result.loadavg[0], os.getloadavg()[0])
+        if load.ended_early:
+            print(f"WARNING: the load ({load.label}) ended before the last session did")
+            result.stops.append(("load", "the CPU load ended early: run again"))
         after = await sim.link_counters()
     result.corrupted = (
         after["tx_corrupted"] - before["tx_corrupted"],
@@ -222,15 +228,15 @@ def report(args: argparse.Namespace, load_label: str, results: list[ScaleResult]
             f"frames corrupted: {r.corrupted[0]} to the host (of {r.frames[0]} sent), "
             f"{r.corrupted[1]} to the controller"
         )
-        for stop in r.stops:
+        for _, stop in r.stops:
             print(f"  stop: {stop}")
         for bad in r.bad_steps + r.outliers:
             print(f"  step: {bad}")
         for (kind, channel), values in sorted(r.errors.items()):
-            mags = [abs(v) for v in values]
+            mean = sum(values) / len(values)
             print(
-                f"  {kind:5} {channel:10} n={len(values):3d} mean={sum(values) / len(values):+.4f} % "
-                f"max|err|={max(mags):.4f} %"
+                f"  {kind:5} {channel:10} n={len(values):3d} mean={mean:+.4f} % "
+                f"max|err|={max(abs(v) for v in values):.4f} %"
             )
         print(
             f"  within ±{TOLERANCE_PCT} %: {'yes' if r.within else 'NO'}; "
@@ -254,7 +260,7 @@ def report(args: argparse.Namespace, load_label: str, results: list[ScaleResult]
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        causes = ", ".join(s.split(":", 1)[0] for s in r.stops) or "–"
+        causes = ", ".join(code for code, _ in r.stops) or "–"
         print(
             f"| ×{r.scale:g} | {r.sessions} | {r.completed} | {len(r.stops)} ({causes}) "
             f"| {r.steps_completed}/{r.steps_planned} | {r.corrupted[0]} / {r.corrupted[1]} "

@@ -78,9 +78,12 @@ def summary(values: Sequence[float], unit: str = "", scale: float = 1.0, fmt: st
 class TapSim:
     """bench/sim_tap.py in a child process: PBM-Link over TCP, faults over stdin."""
 
-    def __init__(self, time_scale: float, seed: int = 1) -> None:
+    def __init__(self, time_scale: float, seed: int = 1, rt_priority: int = 0) -> None:
         self.time_scale = time_scale
         self.seed = seed
+        self.rt_priority = rt_priority
+        """If > 0, the child runs SCHED_FIFO at this priority, as a controller's own MCU
+        would not wait for the host's CPU (needs CAP_SYS_NICE)."""
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.lines: list[tuple[str, float, str]] = []
@@ -97,6 +100,9 @@ class TapSim:
             stdout=asyncio.subprocess.PIPE,
         )
         assert self.proc.stdout is not None
+        if self.rt_priority > 0:
+            param = os.sched_param(self.rt_priority)
+            os.sched_setscheduler(self.proc.pid, os.SCHED_FIFO, param)
         while True:
             line = (await self.proc.stdout.readline()).decode().split()
             if not line:

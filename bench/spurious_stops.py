@@ -73,6 +73,7 @@ class ScaleResult:
     corrupted: tuple[int, int] = (0, 0)
     frames: tuple[int, int] = (0, 0)
     loadavg: tuple[float, float] = (0.0, 0.0)
+    wall_s: float = 0.0
 
     def max_err(self, kind: str, channel: str) -> float:
         values = self.errors.get((kind, channel), [])
@@ -186,7 +187,8 @@ async def one_session(bench: Bench, result: ScaleResult, text: str, timeout_s: f
 
 async def run_scale(args: argparse.Namespace, scale: float, rng: random.Random) -> ScaleResult:
     result = ScaleResult(scale)
-    async with TapSim(scale, args.seed) as sim, Bench(sim.url) as bench:
+    t0 = time.monotonic()
+    async with TapSim(scale, args.seed, args.sim_rt) as sim, Bench(sim.url) as bench:
         sim.inject("corrupt_frames", rate=args.corrupt, direction="both")
         before = await sim.link_counters()
         bound_s = args.sessions * (25.0 / scale * 2 + 40.0) + 60.0
@@ -210,6 +212,7 @@ async def run_scale(args: argparse.Namespace, scale: float, rng: random.Random) 
         after["rx_corrupted"] - before["rx_corrupted"],
     )
     result.frames = (after["tx_frames"] - before["tx_frames"], 0)
+    result.wall_s = time.monotonic() - t0
     return result
 
 
@@ -226,7 +229,7 @@ def report(args: argparse.Namespace, load_label: str, results: list[ScaleResult]
             f"x{r.scale:g}: {r.sessions} sessions run, {r.completed} completed, "
             f"{len(r.stops)} stopped; {r.steps_completed}/{r.steps_planned} steps completed; "
             f"frames corrupted: {r.corrupted[0]} to the host (of {r.frames[0]} sent), "
-            f"{r.corrupted[1]} to the controller"
+            f"{r.corrupted[1]} to the controller; {r.wall_s:.0f} s wall"
         )
         for _, stop in r.stops:
             print(f"  stop: {stop}")
@@ -249,7 +252,9 @@ def report(args: argparse.Namespace, load_label: str, results: list[ScaleResult]
         f"Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; load: {load_label}; "
         f"{args.corrupt * 100:g} % of frames corrupted each way; telemetry 50 Hz; "
-        f"bench process nice {os.nice(0)}, {policy}; seed {args.seed}."
+        f"bench process nice {os.nice(0)}, {policy}; simulator "
+        f"{f'SCHED_FIFO {args.sim_rt}' if args.sim_rt else 'at the same priority'}; "
+        f"seed {args.seed}."
     )
     print()
     print(
@@ -305,6 +310,14 @@ def main() -> None:
     parser.add_argument("--cpu-workers", type=int, default=4, help="CPU-burning workers")
     parser.add_argument(
         "--corrupt", type=float, default=0.01, help="fraction of frames corrupted each way"
+    )
+    parser.add_argument(
+        "--sim-rt",
+        type=int,
+        default=0,
+        metavar="PRIO",
+        help="run the simulator SCHED_FIFO at this priority, as a controller's own "
+        "hardware that the host's load does not slow (default 0: not)",
     )
     args = parser.parse_args()
     args.scales = [float(s) for s in args.scales.split(",")]

@@ -23,8 +23,8 @@ all are within ±0.5 %, and the loop lag p50/p99/max; then a Markdown table for
 docs/performance.md. Exit status 1 if any session did not complete or any step is
 outside ±0.5 %, so it serves as an acceptance check.
 
-The defaults are short (3 sessions at ×10, about half a minute) so that `make bench`
-stays quick. The acceptance configuration (about 15 minutes, most of it at ×1):
+The defaults are short (3 sessions at ×10, about 10–15 s) so that `make bench`
+stays quick. The acceptance configuration (about 10–12 minutes, most of it at ×1):
 
     python bench/spurious_stops.py --sessions 30 --scales 1,10
 

@@ -72,7 +72,7 @@ class ScaleResult:
     errors: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     lags: list[float] = field(default_factory=list)
     corrupted: tuple[int, int] = (0, 0)
-    frames: tuple[int, int] = (0, 0)
+    frames_to_host: int = 0
     loadavg: tuple[float, float] = (0.0, 0.0)
     wall_s: float = 0.0
 
@@ -214,7 +214,7 @@ async def run_scale(args: argparse.Namespace, scale: float, rng: random.Random) 
         after["tx_corrupted"] - before["tx_corrupted"],
         after["rx_corrupted"] - before["rx_corrupted"],
     )
-    result.frames = (after["tx_frames"] - before["tx_frames"], 0)
+    result.frames_to_host = after["tx_frames"] - before["tx_frames"]
     result.wall_s = time.monotonic() - t0
     return result
 
@@ -231,7 +231,7 @@ def report(args: argparse.Namespace, load_label: str, results: list[ScaleResult]
         print(
             f"x{r.scale:g}: {r.sessions} sessions run, {r.completed} completed, "
             f"{len(r.stops)} stopped; {r.steps_completed}/{r.steps_planned} steps completed; "
-            f"frames corrupted: {r.corrupted[0]} to the host (of {r.frames[0]} sent), "
+            f"frames corrupted: {r.corrupted[0]} to the host (of {r.frames_to_host} sent), "
             f"{r.corrupted[1]} to the controller; {r.wall_s:.0f} s wall"
         )
         for _, stop in r.stops:
@@ -269,9 +269,9 @@ def report(args: argparse.Namespace, load_label: str, results: list[ScaleResult]
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        causes = ", ".join(code for code, _ in r.stops) or "–"
+        stopped = f"{len(r.stops)} ({', '.join(code for code, _ in r.stops)})" if r.stops else "0"
         print(
-            f"| ×{r.scale:g} | {r.sessions} | {r.completed} | {len(r.stops)} ({causes}) "
+            f"| ×{r.scale:g} | {r.sessions} | {r.completed} | {stopped} "
             f"| {r.steps_completed}/{r.steps_planned} | {r.corrupted[0]} / {r.corrupted[1]} "
             f"| {r.max_err('pad', 'host'):.3f} / {r.max_err('pad', 'controller'):.3f} "
             f"| {r.max_err('probe', 'host'):.3f} / {r.max_err('probe', 'controller'):.3f} "

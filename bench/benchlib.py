@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -75,9 +78,12 @@ def summary(values: Sequence[float], unit: str = "", scale: float = 1.0, fmt: st
 class TapSim:
     """bench/sim_tap.py in a child process: PBM-Link over TCP, faults over stdin."""
 
-    def __init__(self, time_scale: float, seed: int = 1) -> None:
+    def __init__(self, time_scale: float, seed: int = 1, rt_priority: int = 0) -> None:
         self.time_scale = time_scale
         self.seed = seed
+        self.rt_priority = rt_priority
+        """If > 0, the child runs SCHED_FIFO at this priority, as a controller's own MCU
+        would not wait for the host's CPU (needs CAP_SYS_NICE)."""
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.lines: list[tuple[str, float, str]] = []
@@ -94,6 +100,9 @@ class TapSim:
             stdout=asyncio.subprocess.PIPE,
         )
         assert self.proc.stdout is not None
+        if self.rt_priority > 0:
+            param = os.sched_param(self.rt_priority)
+            os.sched_setscheduler(self.proc.pid, os.SCHED_FIFO, param)
         while True:
             line = (await self.proc.stdout.readline()).decode().split()
             if not line:
@@ -151,6 +160,15 @@ class TapSim:
         self._waiters.append((check, fut))
         t = await asyncio.wait_for(fut, timeout_s)
         return t
+
+    async def link_counters(self) -> dict[str, Any]:
+        """The simulator's link counters (frames sent, corrupted each way, dropped)."""
+        after = time.monotonic()
+        self.inject("link_counters")
+        t = await self.wait(lambda k, w: k == "counters", 5.0, after)
+        what = next(w for k, stamp, w in self.lines if k == "counters" and stamp == t)
+        counters: dict[str, Any] = json.loads(what)
+        return counters
 
 
 @dataclass
@@ -224,6 +242,89 @@ class Bench:
             if time.monotonic() > deadline:
                 raise TimeoutError("event did not come")
             await self.handle.next_sample(1.0)
+
+
+class LagSampler:
+    """How late the running event loop wakes from a short sleep: a task that sleeps
+    `period_s` and appends its lateness (s) to `lags`, from entry to exit."""
+
+    def __init__(self, lags: list[float], period_s: float = 0.005) -> None:
+        self.lags = lags
+        self.period_s = period_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LagSampler:
+        self._task = asyncio.create_task(self._run(), name="lag-sampler")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            due = time.monotonic() + self.period_s
+            await asyncio.sleep(self.period_s)
+            self.lags.append(max(0.0, time.monotonic() - due))
+
+
+class CpuLoad:
+    """Another process saturating the CPUs, started on entry and stopped on exit:
+    `stress-ng --cpu N` when installed (Debian package stress-ng), else N Python
+    busy-loop processes of the bench's own (`label` says which ran)."""
+
+    def __init__(self, workers: int, kind: str = "auto", timeout_s: float = 3600.0) -> None:
+        self.workers = workers
+        self.timeout_s = timeout_s  # a bound should the bench itself be killed
+        if kind == "auto":
+            kind = "stress-ng" if shutil.which("stress-ng") else "python"
+        self.kind = kind
+        self.label = {
+            "none": "none",
+            "stress-ng": f"stress-ng --cpu {workers}",
+            "python": f"{workers} Python busy-loop processes (fallback, stress-ng not used)",
+        }[kind]
+        self._procs: list[asyncio.subprocess.Process] = []
+        self.ended_early = False
+        """The load had ended before it was stopped (the run was not all under load)."""
+
+    async def __aenter__(self) -> CpuLoad:
+        if self.kind == "stress-ng":
+            timeout = f"{int(self.timeout_s) + 1}s"
+            argv = ["stress-ng", "--cpu", str(self.workers), "--timeout", timeout, "--quiet"]
+            self._procs = [await _spawn(argv)]
+        elif self.kind == "python":
+            # Each burns until stopped, or until the bench is gone (its parent changes).
+            burn = "import os\nwhile os.getppid() == {}:\n    for _ in range(100_000): pass"
+            argv = [sys.executable, "-c", burn.format(os.getpid())]
+            self._procs = [await _spawn(argv) for _ in range(self.workers)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.ended_early = any(p.returncode is not None for p in self._procs)
+        for p in self._procs:
+            # Each child leads its own process group: stress-ng's workers go with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self._procs:
+            try:
+                await asyncio.wait_for(p.wait(), 5.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                await p.wait()
+        self._procs = []
+
+
+async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _confirm(s: Session, port: int) -> None:

@@ -8,7 +8,9 @@ Usage: sim_tap.py TIME_SCALE SEED. Prints ``link <url>``, then one line per even
   (``rx <t> AllOff``: ALL_OFF on the wire);
 - ``tx <t> Event<code>``: an EVENT frame the controller sent;
 - ``inject <t> <op>``: a fault injected (read as JSON lines on stdin,
-  ``{"op": ..., "args": {...}}``, the simulator's fault API).
+  ``{"op": ..., "args": {...}}``, the simulator's fault API);
+- ``counters <t> <json>``: the link's counters (frames sent, corrupted each way,
+  dropped), in answer to the line ``{"op": "link_counters"}`` on stdin.
 
 time.monotonic is CLOCK_MONOTONIC: the parent's stamps are on the same clock.
 """
@@ -63,6 +65,11 @@ async def main(time_scale: float, seed: int) -> None:
                 return
             request = json.loads(line)
             t = time.monotonic()
+            if request["op"] == "link_counters":
+                counters = json.dumps(sim.snapshot()["link"], separators=(",", ":"))
+                out.write(f"counters {t:.6f} {counters}\n")
+                out.flush()
+                continue
             getattr(sim.faults, request["op"])(**request.get("args", {}))
             out.write(f"inject {t:.6f} {request['op']}\n")
             out.flush()

@@ -47,6 +47,7 @@ from pbmd.daemon.core.session import (
     StepOrder,
     TargetKind,
 )
+from pbmd.daemon.core.status import stale_reason, staleness_limit_s
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
 from pbmd.protocols.errors import Issue, PlanError
@@ -359,6 +360,9 @@ class Engine:
                 raise StartRefused(
                     f"no telemetry from controller {ctrl.name} yet", TripCause.TELEMETRY_STALE
                 )
+            stale = stale_reason(ctrl, staleness_limit_s(self.limits, self.telemetry_hz))
+            if stale is not None:
+                raise StartRefused(stale, TripCause.TELEMETRY_STALE)
             if t.state == codec.ControllerState.FAULT:
                 raise StartRefused(
                     f"controller {ctrl.name} has a latched fault "

@@ -34,6 +34,7 @@ import structlog
 from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
 from pbmd.daemon.core.session import SessionEvent
+from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
 from pbmd.daemon.services import state_dir
@@ -44,13 +45,13 @@ from pbmd.daemon.services.api import (
     build_registry,
     redact_session,
 )
+from pbmd.daemon.services.api.status import port_json
 from pbmd.daemon.services.controller_link import ControllerLink
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
 from pbmd.daemon.services.records import RecordsError, RecordStore
 from pbmd.daemon.services.state_dir import Calibration, write_json_atomic
 from pbmd.daemon.services.systemd import Notifier
-from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
 from pbmd.protocols.store import LibraryError, LibraryFault, ProtocolLibrary
 
@@ -459,29 +460,7 @@ class Service:
         session_status = session.status() if session is not None else None
         store = self.store
         stats = store.stats
-        ports = []
-        for logical, target in engine.port_map.items():
-            info = target.applicator
-            sample = target.controller.sample(target.device_port)
-            ports.append(
-                {
-                    "port": logical,
-                    "controller": target.controller.name,
-                    "device_port": target.device_port,
-                    "applicator": None
-                    if info.applicator_kind == codec.ApplicatorKind.NONE
-                    else {
-                        "kind": codec.describe(codec.ApplicatorKind, info.applicator_kind).lower(),
-                        "serial": info.applicator_serial,
-                        "area_cm2": info.area_mm2 / 100.0,
-                        "channels_nm": [c.wavelength_nm for c in info.channels],
-                    },
-                    "emitting": bool(sample.emitting) if sample is not None else None,
-                    "power_mw": sample.measured_power_uw / 1000.0 if sample is not None else None,
-                    "temperature_c": sample.temp_centi_c / 100.0 if sample is not None else None,
-                    "contact": bool(sample.contact) if sample is not None else None,
-                }
-            )
+        hw = snapshot(engine)
         api = self.api
         return {
             "daemon": {
@@ -509,8 +488,8 @@ class Service:
                 "held": stats.held,
                 "written": stats.written,
             },
-            "controllers": [link.status() for link in self.links],
-            "ports": ports,
+            "controllers": [link.status(hw.controller(link.name)) for link in self.links],
+            "ports": [port_json(p) for p in hw.ports],
             "api": {
                 "clients": len(api.connections) if api is not None else 0,
                 "watchers": self.watch_hub.count,

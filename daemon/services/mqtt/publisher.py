@@ -19,6 +19,7 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 
+from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services.mqtt.buffers import LiveBuffer, MqttStats
 from pbmd.daemon.services.mqtt.config import MqttConfig
 from pbmd.daemon.services.mqtt.discovery import Topics, discovery_configs
@@ -273,7 +274,8 @@ class MqttPublisher:
         """Queue ``state`` and ``session`` when they changed. The raw telemetry is
         compared first: the payload is only built when something moved."""
         now_s = asyncio.get_running_loop().time()
-        key, temperatures = state_key(self.engine, self.store)
+        hw = snapshot(self.engine)
+        key, temperatures = state_key(hw, self.engine, self.store)
         if (
             force
             or key != self._state_key
@@ -284,7 +286,7 @@ class MqttPublisher:
         ):
             self._state_key, self._state_temperatures, self._state_at = key, temperatures, now_s
             topic = self.state_topic
-            state = state_payload(self.engine, self.store)
+            state = state_payload(hw, self.engine, self.store)
             self._set_retained(topic, {"ts": utc_text(), "seq": self._next_seq(topic), **state})
         session = session_payload(status)
         if force or session != self._session_value:

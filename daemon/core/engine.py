@@ -41,6 +41,7 @@ from pbmd.daemon.core.safety import (
     service_reason,
 )
 from pbmd.daemon.core.session import (
+    EventKind,
     Session,
     SessionError,
     SessionListener,
@@ -638,7 +639,7 @@ class Engine:
                     self.idle_watch.known_stuck(ctrl.name, ctrl.lit_ports(dark_uw))
                 self.service_latch.set(service_reason(trip))
                 session.emit(
-                    "service_required",
+                    EventKind.SERVICE_REQUIRED,
                     "a port kept emitting after ALL_OFF and DISARM; no session can start "
                     "until the system has been serviced",
                     trip.port,
@@ -773,7 +774,7 @@ def _load(library: ProtocolLibrary, protocol_id: str) -> tuple[LoadedProtocol, I
 def _emit_trip(session: Session, supervisor: Supervisor, trip: Trip) -> None:
     """The session's record of a trip: what tripped, the escalation, how fast all went off."""
     session.emit(
-        "trip",
+        EventKind.TRIP,
         trip.describe(),
         trip.port,
         data={

@@ -20,6 +20,7 @@ from pbmd.daemon.core.emission import Emission
 from pbmd.daemon.core.rules import SAMPLE_RULES, SampleView, backup_total_us, channels_disagree
 from pbmd.daemon.core.safety import TripCause, nak_cause, stop_reason_cause
 from pbmd.daemon.core.steps import (
+    EventKind,
     PortState,
     SessionError,
     StepOrder,
@@ -169,7 +170,7 @@ class PortRunner:
                 prog.stop_causes.append(f"blocked by contraindication: {reason}")
                 self.session.recorder.step_started(self.session, order)
                 self.session.emit(
-                    "step_skipped",
+                    EventKind.STEP_SKIPPED,
                     f"step blocked by {reason}",
                     self.port,
                     order.index,
@@ -188,7 +189,7 @@ class PortRunner:
         session = self.session
         session.recorder.step_started(session, order)
         session.emit(
-            "step_started",
+            EventKind.STEP_STARTED,
             f"{order.label or order.site}: {order.wavelength_nm} nm",
             self.port,
             order.index,
@@ -207,7 +208,7 @@ class PortRunner:
         session.recorder.step_ended(session, order, prog)
         await session.sync_records()
         session.emit(
-            "step_completed",
+            EventKind.STEP_COMPLETED,
             f"delivered {prog.host_energy_uj / 1e6:.3f} J "
             f"(controller {prog.controller_energy_uj / 1e6:.3f} J)",
             self.port,
@@ -246,7 +247,7 @@ class PortRunner:
             if reason != self.wait_reason:
                 self.wait_reason = reason
                 self.session.emit(
-                    "port_waiting", reason, self.port, order.index, {"reasons": reasons}
+                    EventKind.PORT_WAITING, reason, self.port, order.index, {"reasons": reasons}
                 )
             self._gate_changed.clear()
             await self._gate_changed.wait()
@@ -385,7 +386,7 @@ class PortRunner:
             session, order, em.number, request, int(em.start_device_us)
         )
         session.emit(
-            "emission_started",
+            EventKind.EMISSION_STARTED,
             f"{order.wavelength_nm} nm at {order.power_uw / 1000:.1f} mW",
             self.port,
             order.index,
@@ -449,7 +450,7 @@ class PortRunner:
                 self.port,
             )
         session.emit(
-            "emission_ended",
+            EventKind.EMISSION_ENDED,
             host_cause,
             self.port,
             order.index,
@@ -481,7 +482,7 @@ class PortRunner:
 
     def _paused(self, prog: StepProgress, message: str) -> None:
         self.session.emit(
-            "port_paused",
+            EventKind.PORT_PAUSED,
             message,
             self.port,
             prog.order.index,

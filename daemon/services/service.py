@@ -33,7 +33,7 @@ import structlog
 
 from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
-from pbmd.daemon.core.session import SessionEvent
+from pbmd.daemon.core.session import EventKind, SessionEvent
 from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
@@ -322,11 +322,15 @@ class Service:
         # the task that reports it; the tasks it starts inherit the binding.
         task = asyncio.current_task()
         name = task.get_name() if task is not None else ""
-        if ev.kind == "state" and ev.data.get("to") == "ready" and name.startswith("session-"):
+        if (
+            ev.kind is EventKind.STATE
+            and ev.data.get("to") == "ready"
+            and name.startswith("session-")
+        ):
             daemon_log.bind(session_id=ev.session_id)
-        elif ev.kind == "step_started" and name.startswith("port-"):
+        elif ev.kind is EventKind.STEP_STARTED and name.startswith("port-"):
             daemon_log.bind(session_id=ev.session_id, port=ev.port, step=ev.step)
-        elif ev.kind == "step_completed":
+        elif ev.kind is EventKind.STEP_COMPLETED:
             # session_id, port and step come from the context bound above.
             log.info(
                 "step.completed",

@@ -135,7 +135,7 @@ class WatchHub:
 
 def event_dict(ev: SessionEvent) -> dict[str, Any]:
     return {
-        "kind": ev.kind,
+        "kind": ev.kind.value,
         "message": ev.message,
         "port": ev.port,
         "step": ev.step,

@@ -44,6 +44,7 @@ from pbmd.daemon.core.session import (
     EventKind,
     Session,
     SessionError,
+    SessionEvent,
     SessionListener,
     StepOrder,
     TargetKind,
@@ -51,6 +52,7 @@ from pbmd.daemon.core.session import (
 from pbmd.daemon.core.status import stale_reason, staleness_limit_s
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
+from pbmd.drivers.listeners import Listeners
 from pbmd.protocols.errors import Issue, PlanError
 from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, Limits, skin_mpe_mw_cm2
 from pbmd.protocols.loader import LoadedProtocol
@@ -231,14 +233,14 @@ class Engine:
         self.service_latch = ServiceLatch()
         self.unreconciled: dict[str, str] = {}
         """Sessions a crash left open that could not be reconciled yet, with why."""
-        self._listeners: list[SessionListener] = []
+        self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
         if store.on_failure is None:
             # A treatment that cannot be recorded stops, whoever opened the store.
             store.on_failure = self.on_records_failure
 
-    def add_listener(self, listener: SessionListener) -> None:
-        """Session events of every session this engine runs."""
-        self._listeners.append(listener)
+    def add_listener(self, listener: SessionListener) -> Callable[[], None]:
+        """Session events of every session this engine runs; returns a remover."""
+        return self._listeners.add(listener)
 
     @property
     def port_map(self) -> PortMap:
@@ -628,8 +630,7 @@ class Engine:
             protocol_version=plan.protocol_version,
             calibration_overdue=self.calibration_overdue,
         )
-        for listener in self._listeners:
-            session.add_listener(listener)
+        session.add_listener(self._listeners)
         supervisor.add_listener(functools.partial(_emit_trip, session, supervisor))
 
         def on_trip(trip: Trip) -> None:

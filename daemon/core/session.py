@@ -71,6 +71,7 @@ from pbmd.drivers.client import (
     NakReceived,
     ReplyTimeout,
 )
+from pbmd.drivers.listeners import Listeners
 
 __all__ = [
     "EventKind",
@@ -145,7 +146,7 @@ class Session:
             port: PortRunner(self, port_map[port], list(port_steps))
             for port, port_steps in sorted(steps.items())
         }
-        self._listeners: list[SessionListener] = []
+        self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
         self._done = asyncio.Event()
         self.aborting = False
         self.end_cause: EndCause | None = None
@@ -200,8 +201,7 @@ class Session:
         }
 
     def add_listener(self, listener: SessionListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+        return self._listeners.add(listener)
 
     def emit(
         self,
@@ -224,11 +224,7 @@ class Session:
             self.recorder.event(event)
         except Exception:
             log.exception("session.record_event_failed")
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("session.listener_failed")
+        self._listeners(event)
 
     def _set_state(self, state: SessionState, cause: str) -> None:
         previous = self.state

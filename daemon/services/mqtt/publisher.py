@@ -40,6 +40,7 @@ from pbmd.daemon.services.mqtt.payloads import (
 )
 from pbmd.daemon.services.mqtt.state import state_key, state_payload
 from pbmd.daemon.services.records import RecordsError, utc_text
+from pbmd.drivers.listeners import Listeners
 
 if TYPE_CHECKING:
     from pbmd.daemon.core.engine import Engine
@@ -117,7 +118,7 @@ class MqttPublisher:
         self._sampler_task: asyncio.Task[None] | None = None
         self._sample_failures = 0
         self._failures_in_row = 0
-        self._connection_listeners: list[Callable[[MqttStats], None]] = []
+        self._connection_listeners: Listeners[MqttStats] = Listeners("mqtt connection", log=log)
         self._version = "unknown"
 
     # ----------------------------------------------------------------- public
@@ -133,21 +134,10 @@ class MqttPublisher:
     def add_connection_listener(self, listener: Callable[[MqttStats], None]) -> Callable[[], None]:
         """Call ``listener(stats)`` after every connect, disconnect and failed attempt
         (for status displays and tests); returns a function that removes it."""
-        self._connection_listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._connection_listeners:
-                self._connection_listeners.remove(listener)
-
-        return remove
+        return self._connection_listeners.add(listener)
 
     def _notify_connection(self) -> None:
-        stats = self.stats
-        for listener in list(self._connection_listeners):
-            try:
-                listener(stats)
-            except Exception:
-                log.exception("mqtt.connection_listener_failed")
+        self._connection_listeners(self.stats)
 
     def status(self) -> dict[str, Any]:
         """JSON-able view for the daemon's status command."""

@@ -49,6 +49,7 @@ from pbmd.daemon.core.safety import (
     service_reason,
     switch_off,
 )
+from pbmd.daemon.core.status import SessionStatus
 from pbmd.daemon.core.steps import (
     EventKind,
     PortState,
@@ -182,23 +183,23 @@ class Session:
                     total += prog.integrator.fluence_j_cm2
         return total
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SessionStatus:
         trip = self.supervisor.tripped
-        return {
-            "session_id": self.id,
-            "state": self.state.value,
-            "protocol_id": self.protocol_id,
-            "protocol_version": self.protocol_version,
-            "plan_hash": self.plan_hash,
-            "patient_ref": self.patient_ref,
-            "started_utc": self.started_utc,
-            "ended_utc": self.ended_utc,
-            "cause_code": self.cause_code,
-            "cause_message": self.cause_message,
-            "trip": trip.describe() if trip is not None else None,
-            "service_required": self.supervisor.service_required,
-            "ports": [r.status() for r in self.runners.values()],
-        }
+        return SessionStatus(
+            session_id=self.id,
+            state=self.state,
+            protocol_id=self.protocol_id,
+            protocol_version=self.protocol_version,
+            plan_hash=self.plan_hash,
+            patient_ref=self.patient_ref,
+            started_utc=self.started_utc,
+            ended_utc=self.ended_utc,
+            cause_code=self.cause_code,
+            cause_message=self.cause_message,
+            trip=trip.describe() if trip is not None else None,
+            service_required=self.supervisor.service_required,
+            ports=tuple(r.status() for r in self.runners.values()),
+        )
 
     def add_listener(self, listener: SessionListener) -> Callable[[], None]:
         return self._listeners.add(listener)

@@ -6,6 +6,9 @@ own way, so none of them reaches into the drivers, and an interlock has one
 set of names everywhere (``key``, ``remote``, ``estop_released``,
 ``footswitch``).
 
+A session's status (``SessionStatus``, one ``RunnerStatus`` per port with the
+current step's ``StepStatus``) is built by ``Session.status()`` the same way.
+
 Telemetry older than its staleness limit (ICD §6: N sample periods) is never
 shown as the present: a stale controller's state reads ``unknown (stale N s)``
 and a stale port's reading is absent, with the age said beside it.
@@ -17,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from pbmd.daemon.core.steps import PortState, SessionState
 from pbmd.drivers import codec
 
 if TYPE_CHECKING:
@@ -190,6 +194,69 @@ class Hardware:
 
     def controller(self, name: str) -> ControllerStatus | None:
         return next((c for c in self.controllers if c.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class StepStatus:
+    """The current step at one port: what it delivers and how far it got.
+
+    ``power_mw`` is the measured power while the port emits (0 otherwise);
+    ``power_mw``, ``temperature_c`` and ``contact`` are None while the port's
+    telemetry is missing or stale."""
+
+    step: int
+    steps: int
+    site: str
+    label: str
+    wavelength_nm: int
+    mode: str
+    """``continuous`` or ``pulsed``."""
+    pulse_hz: float
+    setpoint_mw: float
+    power_mw: float | None
+    irradiance_mw_cm2: float | None
+    energy_j: float
+    controller_energy_j: float
+    fluence_j_cm2: float
+    target_kind: str
+    target_energy_j: float
+    target_fluence_j_cm2: float
+    target_time_s: float
+    elapsed_s: float
+    remaining_s: float
+    fraction: float
+    temperature_c: float | None
+    contact: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStatus:
+    """One port of a session: its state and, once it began, its current step."""
+
+    port: int
+    state: PortState
+    wait_reason: str | None
+    step: StepStatus | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    """A session at one instant, for every transport."""
+
+    session_id: str
+    state: SessionState
+    protocol_id: str
+    protocol_version: int
+    plan_hash: str
+    patient_ref: str
+    started_utc: float | None
+    ended_utc: float | None
+    cause_code: str | None
+    cause_message: str | None
+    trip: str | None
+    """The trip's description, None unless the supervisor tripped."""
+    service_required: bool
+    ports: tuple[RunnerStatus, ...]
 
 
 def controller_status(

@@ -43,7 +43,7 @@ from pbmd.daemon.services.api import (
     RoleResolver,
     WatchHub,
     build_registry,
-    redact_session,
+    session_json,
 )
 from pbmd.daemon.services.api.status import port_json
 from pbmd.daemon.services.controller_link import ControllerLink
@@ -461,7 +461,7 @@ class Service:
         except StartRefused as exc:
             ready = {"ok": False, "reason": str(exc), "code": exc.cause.code if exc.cause else None}
         session = engine.session
-        session_status = session.status() if session is not None else None
+        session_status = session_json(session.status() if session is not None else None, full=full)
         store = self.store
         stats = store.stats
         hw = snapshot(engine)
@@ -500,7 +500,7 @@ class Service:
                 **(api.stats.as_dict() if api is not None else {}),
             },
             "mqtt": None if self.mqtt is None else {"enabled": True},
-            "session": session_status if full else redact_session(session_status),
+            "session": session_status,
         }
 
     # -- calibration

@@ -19,7 +19,8 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 
-from pbmd.daemon.core.status import snapshot
+from pbmd.daemon.core.status import SessionStatus, snapshot
+from pbmd.daemon.core.steps import PortState
 from pbmd.daemon.services.mqtt.buffers import LiveBuffer, MqttStats
 from pbmd.daemon.services.mqtt.config import MqttConfig
 from pbmd.daemon.services.mqtt.discovery import Topics, discovery_configs
@@ -233,24 +234,25 @@ class MqttPublisher:
             if next_s < now_s:  # the loop was stalled: skip ticks, never burst
                 next_s = now_s + period_s
 
-    def _session_status(self) -> dict[str, Any] | None:
+    def _session_status(self) -> SessionStatus | None:
         session = self.engine.session
         return None if session is None else session.status()
 
-    def _sample_dose(self, status: Mapping[str, Any] | None) -> None:
+    def _sample_dose(self, status: SessionStatus | None) -> None:
         if status is None:
             self._was_emitting.clear()
             return
-        session_id = str(status["session_id"])
+        session_id = status.session_id
         emitting_now: dict[int, tuple[str, Any]] = {}
-        for ps in status["ports"]:
-            port = int(ps["port"])
-            emitting = ps.get("state") == "emitting"
+        for ps in status.ports:
+            port = ps.port
+            emitting = ps.state is PortState.EMITTING
+            step = None if ps.step is None else ps.step.step
             # One closing sample when the step that was emitting is seen dark; a port
             # that already moved on to its next step has its figures in step_completed.
-            final = not emitting and self._was_emitting.get(port) == (session_id, ps.get("step"))
+            final = not emitting and self._was_emitting.get(port) == (session_id, step)
             if emitting:
-                emitting_now[port] = (session_id, ps.get("step"))
+                emitting_now[port] = (session_id, step)
             if (emitting or final) and self._connected:
                 topic = self.dose_topic(port)
                 payload = dose_payload(
@@ -260,7 +262,7 @@ class MqttPublisher:
                 self._live.put(topic, encode(payload))
         self._was_emitting = emitting_now
 
-    def _snapshot(self, status: Mapping[str, Any] | None, *, force: bool) -> None:
+    def _snapshot(self, status: SessionStatus | None, *, force: bool) -> None:
         """Queue ``state`` and ``session`` when they changed. The raw telemetry is
         compared first: the payload is only built when something moved."""
         now_s = asyncio.get_running_loop().time()

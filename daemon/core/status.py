@@ -68,15 +68,19 @@ class Interlocks:
 
 @dataclass(frozen=True, slots=True)
 class Freshness:
-    """How old a controller's latest telemetry is, against its staleness limit."""
+    """How old a controller's latest telemetry is, against its staleness limit.
+
+    Over a lost link the last sample is stale whatever its age: nothing newer
+    can come."""
 
     age_s: float | None
     """None before the first sample."""
     limit_s: float
+    link_open: bool = True
 
     @property
     def stale(self) -> bool:
-        return self.age_s is not None and self.age_s > self.limit_s
+        return self.age_s is not None and (not self.link_open or self.age_s > self.limit_s)
 
     @property
     def rounded_age_s(self) -> float | None:
@@ -107,7 +111,8 @@ class ControllerStatus:
         """The state to show: the reported one, or ``unknown (stale N s)``."""
         age = self.freshness.age_s
         if age is not None and self.freshness.stale:
-            return f"unknown (stale {age:.1f} s)"
+            lost = "" if self.connected else "link lost, "
+            return f"unknown ({lost}stale {age:.1f} s)"
         return self.reported_state
 
 
@@ -265,7 +270,8 @@ def controller_status(
     """``ctrl`` as its latest telemetry shows it, judged against ``limit_s``."""
     now = time.monotonic() if now is None else now
     seen = ctrl.telemetry_host_s
-    fresh = Freshness(None if seen is None else now - seen, limit_s)
+    connected = ctrl.client.is_open
+    fresh = Freshness(None if seen is None else now - seen, limit_s, connected)
     serial = firmware = None
     try:
         info = ctrl.info
@@ -275,7 +281,7 @@ def controller_status(
     t = ctrl.telemetry
     return ControllerStatus(
         name=ctrl.name,
-        connected=ctrl.client.is_open,
+        connected=connected,
         serial=serial,
         firmware=firmware,
         freshness=fresh,
@@ -323,8 +329,9 @@ def stale_reason(ctrl: ControllerHandle, limit_s: float) -> str | None:
 
     Readiness says this rather than what the stale sample showed (ports
     emitting, a state long left)."""
-    age = controller_status(ctrl, limit_s).freshness.age_s
-    if age is None or age <= limit_s:
+    fresh = controller_status(ctrl, limit_s).freshness
+    age = fresh.age_s
+    if age is None or not fresh.stale:
         return None
     return (
         f"controller {ctrl.name}: link lost/stale, last telemetry {age:.1f} s ago "

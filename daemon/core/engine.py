@@ -40,16 +40,9 @@ from pbmd.daemon.core.safety import (
     interlock_cause,
     service_reason,
 )
-from pbmd.daemon.core.session import (
-    EventKind,
-    Session,
-    SessionError,
-    SessionEvent,
-    SessionListener,
-    StepOrder,
-    TargetKind,
-)
+from pbmd.daemon.core.session import Session, SessionError, SessionListener, StepOrder
 from pbmd.daemon.core.status import stale_reason, staleness_limit_s
+from pbmd.daemon.core.steps import EventKind, SessionEvent, TargetKind
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
 from pbmd.drivers.listeners import Listeners
@@ -358,14 +351,11 @@ class Engine:
         for ctrl in self.controllers:
             if not ctrl.client.is_open:
                 raise StartRefused(f"controller {ctrl.name} is not connected", TripCause.LINK_LOST)
-            t = ctrl.telemetry
-            if t is None:
-                raise StartRefused(
-                    f"no telemetry from controller {ctrl.name} yet", TripCause.TELEMETRY_STALE
-                )
             stale = stale_reason(ctrl, staleness_limit_s(self.limits, self.telemetry_hz))
-            if stale is not None:
+            if stale is not None:  # no telemetry yet, or too old to judge the controller by
                 raise StartRefused(stale, TripCause.TELEMETRY_STALE)
+            t = ctrl.telemetry
+            assert t is not None
             if t.state == codec.ControllerState.FAULT:
                 raise StartRefused(
                     f"controller {ctrl.name} has a latched fault "

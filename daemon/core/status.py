@@ -331,7 +331,9 @@ def stale_reason(ctrl: ControllerHandle, limit_s: float) -> str | None:
     emitting, a state long left)."""
     fresh = controller_status(ctrl, limit_s).freshness
     age = fresh.age_s
-    if age is None or not fresh.stale:
+    if age is None:
+        return f"no telemetry from controller {ctrl.name} yet"
+    if not fresh.stale:
         return None
     return (
         f"controller {ctrl.name}: link lost/stale, last telemetry {age:.1f} s ago "

@@ -170,12 +170,22 @@ def _port_table(ports: Sequence[Mapping[str, Any]]) -> Table:
             f"{app['kind']} {app['serial']}" if app else "[dim]none[/]",
             "/".join(str(w) for w in app["channels_nm"]) if app else "",
             _num(app["area_cm2"], "g") if app else "",
-            "[bold green]yes[/]" if p.get("emitting") else "no",
+            _emitting(p),
             _num(p.get("power_mw"), ".0f"),
             _num(p.get("temperature_c"), ".1f"),
-            "yes" if p.get("contact") else "no",
+            "yes" if p.get("contact") else "no" if p.get("contact") is not None else "?",
         )
     return table
+
+
+def _emitting(p: Mapping[str, Any]) -> str:
+    """Whether a port emits; a stale reading says so (and how old it is) instead."""
+    if p.get("telemetry_stale"):
+        age = p.get("telemetry_age_s")
+        return f"[yellow]stale {age:.1f} s[/]" if age is not None else "[yellow]stale[/]"
+    if p.get("emitting") is None:
+        return "?"
+    return "[bold green]yes[/]" if p["emitting"] else "no"
 
 
 def _render_health(console: Console, st: Mapping[str, Any]) -> None:

@@ -53,6 +53,8 @@ class ControllerHandle:
         self._first_telemetry: tuple[float, int] | None = None
         self.interlocks: int | None = None
         """Latest interlock bits, from telemetry or an INTERLOCK_CHANGED event."""
+        # Not a Listeners[T]: a sample listener takes two arguments (the sample and
+        # the host time it arrived, stamped once for all of them), on the hot path.
         self._sample_listeners: list[SampleListener] = []
         self._next_sample: asyncio.Future[codec.Telemetry] | None = None
         self._unsubscribe = [

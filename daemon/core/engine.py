@@ -40,15 +40,12 @@ from pbmd.daemon.core.safety import (
     interlock_cause,
     service_reason,
 )
-from pbmd.daemon.core.session import (
-    Session,
-    SessionError,
-    SessionListener,
-    StepOrder,
-    TargetKind,
-)
+from pbmd.daemon.core.session import Session, SessionError, SessionListener, StepOrder
+from pbmd.daemon.core.status import stale_reason, staleness_limit_s
+from pbmd.daemon.core.steps import EventKind, SessionEvent, TargetKind
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
+from pbmd.drivers.listeners import Listeners
 from pbmd.protocols.errors import Issue, PlanError
 from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, Limits, skin_mpe_mw_cm2
 from pbmd.protocols.loader import LoadedProtocol
@@ -229,14 +226,14 @@ class Engine:
         self.service_latch = ServiceLatch()
         self.unreconciled: dict[str, str] = {}
         """Sessions a crash left open that could not be reconciled yet, with why."""
-        self._listeners: list[SessionListener] = []
+        self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
         if store.on_failure is None:
             # A treatment that cannot be recorded stops, whoever opened the store.
             store.on_failure = self.on_records_failure
 
-    def add_listener(self, listener: SessionListener) -> None:
-        """Session events of every session this engine runs."""
-        self._listeners.append(listener)
+    def add_listener(self, listener: SessionListener) -> Callable[[], None]:
+        """Session events of every session this engine runs; returns a remover."""
+        return self._listeners.add(listener)
 
     @property
     def port_map(self) -> PortMap:
@@ -354,11 +351,11 @@ class Engine:
         for ctrl in self.controllers:
             if not ctrl.client.is_open:
                 raise StartRefused(f"controller {ctrl.name} is not connected", TripCause.LINK_LOST)
+            stale = stale_reason(ctrl, staleness_limit_s(self.limits, self.telemetry_hz))
+            if stale is not None:  # no telemetry yet, or too old to judge the controller by
+                raise StartRefused(stale, TripCause.TELEMETRY_STALE)
             t = ctrl.telemetry
-            if t is None:
-                raise StartRefused(
-                    f"no telemetry from controller {ctrl.name} yet", TripCause.TELEMETRY_STALE
-                )
+            assert t is not None
             if t.state == codec.ControllerState.FAULT:
                 raise StartRefused(
                     f"controller {ctrl.name} has a latched fault "
@@ -623,8 +620,7 @@ class Engine:
             protocol_version=plan.protocol_version,
             calibration_overdue=self.calibration_overdue,
         )
-        for listener in self._listeners:
-            session.add_listener(listener)
+        session.add_listener(self._listeners)
         supervisor.add_listener(functools.partial(_emit_trip, session, supervisor))
 
         def on_trip(trip: Trip) -> None:
@@ -634,7 +630,7 @@ class Engine:
                     self.idle_watch.known_stuck(ctrl.name, ctrl.lit_ports(dark_uw))
                 self.service_latch.set(service_reason(trip))
                 session.emit(
-                    "service_required",
+                    EventKind.SERVICE_REQUIRED,
                     "a port kept emitting after ALL_OFF and DISARM; no session can start "
                     "until the system has been serviced",
                     trip.port,
@@ -769,7 +765,7 @@ def _load(library: ProtocolLibrary, protocol_id: str) -> tuple[LoadedProtocol, I
 def _emit_trip(session: Session, supervisor: Supervisor, trip: Trip) -> None:
     """The session's record of a trip: what tripped, the escalation, how fast all went off."""
     session.emit(
-        "trip",
+        EventKind.TRIP,
         trip.describe(),
         trip.port,
         data={

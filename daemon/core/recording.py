@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar,
 from pbmd.daemon.core.controllers import ControllerHandle
 from pbmd.daemon.core.safety import EndCause
 from pbmd.daemon.core.session import (
+    EventKind,
     RecordingFailed,
     Session,
     SessionEvent,
@@ -562,7 +563,7 @@ class StoreRecorder:
         code = event.data.get("code") if event.kind in _SEVERITY else None
         self.store.write(
             Event(
-                event.kind,
+                event.kind.value,
                 event.message,
                 code=str(code) if code is not None else None,
                 session_id=event.session_id,
@@ -590,10 +591,10 @@ class StoreRecorder:
 
 
 _SEVERITY = {
-    "trip": "error",
-    "abort": "warning",
-    "interrupt": "warning",
-    "service_required": "critical",
+    EventKind.TRIP: "error",
+    EventKind.ABORT: "warning",
+    EventKind.INTERRUPT: "warning",
+    EventKind.SERVICE_REQUIRED: "critical",
 }
 """Event kinds that carry a cause code, and how severe they are."""
 

@@ -12,14 +12,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pbmd.daemon.core.controllers import PortTarget, port_lit
 from pbmd.daemon.core.dose import DoseIntegrator
 from pbmd.daemon.core.emission import Emission
 from pbmd.daemon.core.rules import SAMPLE_RULES, SampleView, backup_total_us, channels_disagree
 from pbmd.daemon.core.safety import TripCause, nak_cause, stop_reason_cause
+from pbmd.daemon.core.status import (
+    RunnerStatus,
+    StepStatus,
+    controller_status,
+    staleness_limit_s,
+)
 from pbmd.daemon.core.steps import (
+    EventKind,
     PortState,
     SessionError,
     StepOrder,
@@ -103,19 +110,15 @@ class PortRunner:
 
     # ------------------------------------------------------------- status
 
-    def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "port": self.port,
-            "state": self.state.value,
-            "wait_reason": self.wait_reason or None,
-        }
-        if self.current is None:
-            return out
-        prog = self.progress[self.current]
+    def status(self) -> RunnerStatus:
+        step = None if self.current is None else self._step_status(self.progress[self.current])
+        return RunnerStatus(self.port, self.state, self.wait_reason or None, step)
+
+    def _step_status(self, prog: StepProgress) -> StepStatus:
         o = prog.order
         integ = prog.integrator
-        sample = self.target.controller.sample(self.target.device_port)
-        power_uw = sample.measured_power_uw if sample is not None and sample.emitting else 0
+        sample = self._fresh_sample()
+        power_uw = None if sample is None else sample.measured_power_uw if sample.emitting else 0
         rate = integ.last_power_uw or o.power_uw
         if prog.outcome != "pending":
             remaining_s = 0.0  # a step that ended has nothing left, whatever its last reading
@@ -123,7 +126,7 @@ class PortRunner:
             remaining_s = max(o.target_time_s - prog.emitting_us / 1e6, 0.0)
         else:
             remaining_s = max(o.target_energy_uj - integ.energy_uj, 0.0) / max(rate, 1.0)
-        out.update(
+        return StepStatus(
             step=o.index,
             steps=len(self.steps),
             site=o.site,
@@ -132,8 +135,8 @@ class PortRunner:
             mode="pulsed" if o.mode == codec.EmitMode.PULSED else "continuous",
             pulse_hz=o.pulse_hz,
             setpoint_mw=o.power_uw / 1000,
-            power_mw=power_uw / 1000,
-            irradiance_mw_cm2=integ.irradiance_mw_cm2(power_uw),
+            power_mw=None if power_uw is None else power_uw / 1000,
+            irradiance_mw_cm2=None if power_uw is None else integ.irradiance_mw_cm2(power_uw),
             energy_j=integ.energy_j,
             controller_energy_j=prog.controller_energy_uj / 1e6 + self._running_ctrl_j(),
             fluence_j_cm2=integ.fluence_j_cm2,
@@ -147,7 +150,15 @@ class PortRunner:
             temperature_c=sample.temp_centi_c / 100 if sample is not None else None,
             contact=sample.contact if sample is not None else None,
         )
-        return out
+
+    def _fresh_sample(self) -> codec.PortSample | None:
+        """The port's latest sample, None when there is none or it is stale (the
+        status never shows stale telemetry as the present)."""
+        ctrl = self.target.controller
+        limit_s = staleness_limit_s(self.session.limits, self.session.telemetry_hz)
+        if controller_status(ctrl, limit_s).stale:
+            return None
+        return ctrl.sample(self.target.device_port)
 
     def _running_ctrl_j(self) -> float:
         em = self._emission
@@ -169,7 +180,7 @@ class PortRunner:
                 prog.stop_causes.append(f"blocked by contraindication: {reason}")
                 self.session.recorder.step_started(self.session, order)
                 self.session.emit(
-                    "step_skipped",
+                    EventKind.STEP_SKIPPED,
                     f"step blocked by {reason}",
                     self.port,
                     order.index,
@@ -188,7 +199,7 @@ class PortRunner:
         session = self.session
         session.recorder.step_started(session, order)
         session.emit(
-            "step_started",
+            EventKind.STEP_STARTED,
             f"{order.label or order.site}: {order.wavelength_nm} nm",
             self.port,
             order.index,
@@ -207,7 +218,7 @@ class PortRunner:
         session.recorder.step_ended(session, order, prog)
         await session.sync_records()
         session.emit(
-            "step_completed",
+            EventKind.STEP_COMPLETED,
             f"delivered {prog.host_energy_uj / 1e6:.3f} J "
             f"(controller {prog.controller_energy_uj / 1e6:.3f} J)",
             self.port,
@@ -246,7 +257,7 @@ class PortRunner:
             if reason != self.wait_reason:
                 self.wait_reason = reason
                 self.session.emit(
-                    "port_waiting", reason, self.port, order.index, {"reasons": reasons}
+                    EventKind.PORT_WAITING, reason, self.port, order.index, {"reasons": reasons}
                 )
             self._gate_changed.clear()
             await self._gate_changed.wait()
@@ -385,7 +396,7 @@ class PortRunner:
             session, order, em.number, request, int(em.start_device_us)
         )
         session.emit(
-            "emission_started",
+            EventKind.EMISSION_STARTED,
             f"{order.wavelength_nm} nm at {order.power_uw / 1000:.1f} mW",
             self.port,
             order.index,
@@ -449,7 +460,7 @@ class PortRunner:
                 self.port,
             )
         session.emit(
-            "emission_ended",
+            EventKind.EMISSION_ENDED,
             host_cause,
             self.port,
             order.index,
@@ -481,7 +492,7 @@ class PortRunner:
 
     def _paused(self, prog: StepProgress, message: str) -> None:
         self.session.emit(
-            "port_paused",
+            EventKind.PORT_PAUSED,
             message,
             self.port,
             prog.order.index,

@@ -33,6 +33,7 @@ import structlog
 from pbmd.daemon.core.controllers import ControllerHandle
 from pbmd.drivers import codec
 from pbmd.drivers.client import NakReceived
+from pbmd.drivers.listeners import Listeners
 from pbmd.protocols.limits import LIMITS, limit
 
 log = structlog.get_logger()
@@ -422,8 +423,8 @@ class Supervisor:
         self._trip: Trip | None = None
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
-        self._listeners: list[TripListener] = []
-        self._latch_hooks: list[TripListener] = []
+        self._listeners: Listeners[Trip] = Listeners("trip", log=log)
+        self._latch_hooks: Listeners[Trip] = Listeners("trip latch hook", log=log)
         self._task: asyncio.Task[None] | None = None
         self.escalation: list[str] = []
         self.service_required = False
@@ -435,17 +436,11 @@ class Supervisor:
 
     def add_listener(self, listener: TripListener) -> Callable[[], None]:
         """Called once emission is off and read back; returns a remover."""
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return remove
+        return self._listeners.add(listener)
 
     def add_latch_hook(self, hook: TripListener) -> None:
         """Called synchronously inside trip(), before anything awaits (inhibits)."""
-        self._latch_hooks.append(hook)
+        self._latch_hooks.add(hook)
 
     def start(self) -> None:
         if self._task is None:
@@ -472,11 +467,7 @@ class Supervisor:
         # thing the loop runs after this callback; the hooks (inhibit EMIT_START,
         # cancel the session's work) are synchronous and queue behind it.
         self._wake.set()
-        for hook in list(self._latch_hooks):
-            try:
-                hook(self._trip)
-            except Exception:
-                log.exception("trip.latch_hook_failed")
+        self._latch_hooks(self._trip)
         log.error("trip", code=cause.code, cause=cause.name, detail=detail, port=port)
         return True
 
@@ -497,11 +488,7 @@ class Supervisor:
             log.exception("trip.handling_failed")
             self.escalation.append(f"trip handling failed: {exc!r}")
         finally:
-            for listener in list(self._listeners):
-                try:
-                    listener(trip)
-                except Exception:
-                    log.exception("trip.listener_failed")
+            self._listeners(trip)
             self._done.set()
 
     async def _all_off_everywhere(self) -> None:

@@ -49,7 +49,9 @@ from pbmd.daemon.core.safety import (
     service_reason,
     switch_off,
 )
+from pbmd.daemon.core.status import SessionStatus
 from pbmd.daemon.core.steps import (
+    EventKind,
     PortState,
     Recorder,
     RecordingFailed,
@@ -70,8 +72,10 @@ from pbmd.drivers.client import (
     NakReceived,
     ReplyTimeout,
 )
+from pbmd.drivers.listeners import Listeners
 
 __all__ = [
+    "EventKind",
     "PortRunner",
     "PortState",
     "Recorder",
@@ -143,7 +147,7 @@ class Session:
             port: PortRunner(self, port_map[port], list(port_steps))
             for port, port_steps in sorted(steps.items())
         }
-        self._listeners: list[SessionListener] = []
+        self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
         self._done = asyncio.Event()
         self.aborting = False
         self.end_cause: EndCause | None = None
@@ -179,31 +183,30 @@ class Session:
                     total += prog.integrator.fluence_j_cm2
         return total
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SessionStatus:
         trip = self.supervisor.tripped
-        return {
-            "session_id": self.id,
-            "state": self.state.value,
-            "protocol_id": self.protocol_id,
-            "protocol_version": self.protocol_version,
-            "plan_hash": self.plan_hash,
-            "patient_ref": self.patient_ref,
-            "started_utc": self.started_utc,
-            "ended_utc": self.ended_utc,
-            "cause_code": self.cause_code,
-            "cause_message": self.cause_message,
-            "trip": trip.describe() if trip is not None else None,
-            "service_required": self.supervisor.service_required,
-            "ports": [r.status() for r in self.runners.values()],
-        }
+        return SessionStatus(
+            session_id=self.id,
+            state=self.state,
+            protocol_id=self.protocol_id,
+            protocol_version=self.protocol_version,
+            plan_hash=self.plan_hash,
+            patient_ref=self.patient_ref,
+            started_utc=self.started_utc,
+            ended_utc=self.ended_utc,
+            cause_code=self.cause_code,
+            cause_message=self.cause_message,
+            trip=trip.describe() if trip is not None else None,
+            service_required=self.supervisor.service_required,
+            ports=tuple(r.status() for r in self.runners.values()),
+        )
 
     def add_listener(self, listener: SessionListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+        return self._listeners.add(listener)
 
     def emit(
         self,
-        kind: str,
+        kind: EventKind,
         message: str,
         port: int | None = None,
         step: int | None = None,
@@ -211,23 +214,24 @@ class Session:
     ) -> None:
         event = SessionEvent(kind, self.id, message, port, step, dict(data or {}))
         log.info(
-            "session.event", kind=kind, session_id=self.id, port=port, step=step, message=message
+            "session.event",
+            kind=kind.value,
+            session_id=self.id,
+            port=port,
+            step=step,
+            message=message,
         )
         try:
             self.recorder.event(event)
         except Exception:
             log.exception("session.record_event_failed")
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("session.listener_failed")
+        self._listeners(event)
 
     def _set_state(self, state: SessionState, cause: str) -> None:
         previous = self.state
         self.state = state
         self.emit(
-            "state",
+            EventKind.STATE,
             f"{previous.value} → {state.value}: {cause}",
             data={"from": previous.value, "to": state.value, "cause": cause},
         )
@@ -236,19 +240,19 @@ class Session:
 
     def confirm(self, port: int) -> None:
         self._runner(port).confirm()
-        self.emit("confirmed", "placement confirmed by operator", port)
+        self.emit(EventKind.CONFIRMED, "placement confirmed by operator", port)
 
     def pause(self, port: int | None = None) -> None:
         self._require_running("pause")
         for runner in self._runners(port):
             runner.request_pause()
-        self.emit("pause_requested", "pause requested by operator", port)
+        self.emit(EventKind.PAUSE_REQUESTED, "pause requested by operator", port)
 
     def resume(self, port: int | None = None) -> None:
         self._require_running("resume")
         for runner in self._runners(port):
             runner.request_resume()
-        self.emit("resumed", "resumed by operator", port)
+        self.emit(EventKind.RESUMED, "resumed by operator", port)
 
     async def abort(self, reason: str = "aborted by operator") -> None:
         """Operator abort: ALL_OFF at once, then the session ends as aborted."""
@@ -276,7 +280,7 @@ class Session:
         failed = [
             f"{c.name}: {r!r}" for c, r in await all_off_everywhere(self.port_map.controllers())
         ]
-        kind = "abort" if cause is EndCause.OPERATOR_ABORT else "interrupt"
+        kind = EventKind.ABORT if cause is EndCause.OPERATOR_ABORT else EventKind.INTERRUPT
         self.emit(kind, reason, data={"code": cause.code, "all_off_failed": failed})
         self._stop_work()
         await self.wait()
@@ -507,14 +511,14 @@ class Session:
     def _on_link_lost(self, name: str, exc: BaseException) -> None:
         if self._closing:
             # Emission already ended and was read back; closing out only notes it.
-            self.emit("link_lost", f"{name}: {exc}")
+            self.emit(EventKind.LINK_LOST, f"{name}: {exc}")
             return
         self.trip(TripCause.LINK_LOST, f"{name}: {exc}")
 
     def _on_reply_timeout(self, name: str, exc: BaseException) -> None:
         """A missed reply deadline is a link fault (ICD §6), heartbeats included."""
         if self._closing:
-            self.emit("reply_timeout", f"{name}: {exc}")
+            self.emit(EventKind.REPLY_TIMEOUT, f"{name}: {exc}")
             return
         self.trip(TripCause.REPLY_TIMEOUT, f"{name}: {exc}")
 
@@ -563,7 +567,7 @@ class Session:
                 if ev.value == 0:
                     runner.contact_lost()
                 runner.gate_inputs_changed()
-        self.emit("controller_event", f"{data['code']} value {ev.value}", data=data)
+        self.emit(EventKind.CONTROLLER_EVENT, f"{data['code']} value {ev.value}", data=data)
 
     def _on_trip(self, trip: Trip) -> None:
         """Emission is already off and read back (the supervisor sent ALL_OFF first)."""
@@ -699,7 +703,7 @@ class Session:
             try:
                 await ctrl.client.disarm()
             except (ClientError, OSError) as exc:
-                self.emit("disarm_failed", f"{ctrl.name}: {exc}")
+                self.emit(EventKind.DISARM_FAILED, f"{ctrl.name}: {exc}")
         self.ended_utc = time.time()
         self._set_state(final, self.cause_message or final.value)
         try:

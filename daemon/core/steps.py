@@ -85,11 +85,37 @@ class StepOrder:
         return self.confirm_placement or self.skin_contact or self.footswitch
 
 
+class EventKind(enum.StrEnum):
+    """What a session event says happened. The value is the kind's name on the
+    wire (API watch, MQTT ``events``) and in the records."""
+
+    STATE = "state"
+    """The session changed state (data: from, to, cause)."""
+    CONFIRMED = "confirmed"
+    PAUSE_REQUESTED = "pause_requested"
+    RESUMED = "resumed"
+    ABORT = "abort"
+    INTERRUPT = "interrupt"
+    TRIP = "trip"
+    SERVICE_REQUIRED = "service_required"
+    LINK_LOST = "link_lost"
+    REPLY_TIMEOUT = "reply_timeout"
+    CONTROLLER_EVENT = "controller_event"
+    DISARM_FAILED = "disarm_failed"
+    STEP_SKIPPED = "step_skipped"
+    STEP_STARTED = "step_started"
+    STEP_COMPLETED = "step_completed"
+    PORT_WAITING = "port_waiting"
+    PORT_PAUSED = "port_paused"
+    EMISSION_STARTED = "emission_started"
+    EMISSION_ENDED = "emission_ended"
+
+
 @dataclass(frozen=True)
 class SessionEvent:
     """Something that happened, for watchers, records and dashboards."""
 
-    kind: str
+    kind: EventKind
     session_id: str
     message: str
     port: int | None = None

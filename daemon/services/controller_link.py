@@ -16,9 +16,10 @@ from typing import Any
 import structlog
 
 from pbmd.daemon.core.controllers import ControllerHandle
+from pbmd.daemon.core.status import ControllerStatus
 from pbmd.daemon.services import config as cfg
+from pbmd.daemon.services.api.status import controller_json
 from pbmd.daemon.services.errors import StartupError
-from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError, ControllerClient, open_controller
 from pbmd.drivers.transport import LinkURLError
 from pbmd.hw_sim import SimConfig, Simulator
@@ -132,7 +133,8 @@ class ControllerLink:
             await self.sim.close()
             self.sim = None
 
-    def status(self) -> dict[str, Any]:
+    def status(self, seen: ControllerStatus | None) -> dict[str, Any]:
+        """The link as the API shows it; ``seen`` is the core's view of its controller."""
         out: dict[str, Any] = {
             "name": self.name,
             "link": self.config.link,
@@ -147,10 +149,6 @@ class ControllerLink:
         if client is None or handle is None:
             return out
         info = client.info
-        t = handle.telemetry
-        age = (
-            None if handle.telemetry_host_s is None else time.monotonic() - handle.telemetry_host_s
-        )
         stats = client.stats
         out.update(
             serial=info.serial,
@@ -162,21 +160,10 @@ class ControllerLink:
             if self.config.link == "sim"
             else round(handle.clock.ratio, 3),
             clock_ratio=round(handle.clock.ratio, 3),
-            telemetry_age_s=None if age is None else round(age, 3),
             rtt_ms_p99=stats.rtt_ms.p99_ms,
             frames_dropped=stats.dropped_total,
             emission_inhibited=client.emission_inhibited,
         )
-        if t is not None:
-            out.update(
-                state=codec.describe(codec.ControllerState, t.state).lower(),
-                fault=None if not t.fault_code else codec.describe(codec.FaultCode, t.fault_code),
-                interlocks={
-                    "key": bool(t.interlocks & codec.Interlock.KEY),
-                    "remote": bool(t.interlocks & codec.Interlock.REMOTE),
-                    "estop_released": bool(t.interlocks & codec.Interlock.ESTOP_RELEASED),
-                    "footswitch": bool(t.interlocks & codec.Interlock.FOOTSWITCH),
-                },
-                device_time_s=t.device_time_us / 1e6,
-            )
+        if seen is not None:
+            out.update(controller_json(seen))
         return out

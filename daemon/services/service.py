@@ -33,7 +33,8 @@ import structlog
 
 from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
-from pbmd.daemon.core.session import SessionEvent
+from pbmd.daemon.core.session import EventKind, SessionEvent
+from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
 from pbmd.daemon.services import state_dir
@@ -42,15 +43,15 @@ from pbmd.daemon.services.api import (
     RoleResolver,
     WatchHub,
     build_registry,
-    redact_session,
+    session_json,
 )
+from pbmd.daemon.services.api.status import port_json
 from pbmd.daemon.services.controller_link import ControllerLink
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
 from pbmd.daemon.services.records import RecordsError, RecordStore
 from pbmd.daemon.services.state_dir import Calibration, write_json_atomic
 from pbmd.daemon.services.systemd import Notifier
-from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
 from pbmd.protocols.store import LibraryError, LibraryFault, ProtocolLibrary
 
@@ -321,11 +322,15 @@ class Service:
         # the task that reports it; the tasks it starts inherit the binding.
         task = asyncio.current_task()
         name = task.get_name() if task is not None else ""
-        if ev.kind == "state" and ev.data.get("to") == "ready" and name.startswith("session-"):
+        if (
+            ev.kind is EventKind.STATE
+            and ev.data.get("to") == "ready"
+            and name.startswith("session-")
+        ):
             daemon_log.bind(session_id=ev.session_id)
-        elif ev.kind == "step_started" and name.startswith("port-"):
+        elif ev.kind is EventKind.STEP_STARTED and name.startswith("port-"):
             daemon_log.bind(session_id=ev.session_id, port=ev.port, step=ev.step)
-        elif ev.kind == "step_completed":
+        elif ev.kind is EventKind.STEP_COMPLETED:
             # session_id, port and step come from the context bound above.
             log.info(
                 "step.completed",
@@ -456,32 +461,10 @@ class Service:
         except StartRefused as exc:
             ready = {"ok": False, "reason": str(exc), "code": exc.cause.code if exc.cause else None}
         session = engine.session
-        session_status = session.status() if session is not None else None
+        session_status = session_json(session.status() if session is not None else None, full=full)
         store = self.store
         stats = store.stats
-        ports = []
-        for logical, target in engine.port_map.items():
-            info = target.applicator
-            sample = target.controller.sample(target.device_port)
-            ports.append(
-                {
-                    "port": logical,
-                    "controller": target.controller.name,
-                    "device_port": target.device_port,
-                    "applicator": None
-                    if info.applicator_kind == codec.ApplicatorKind.NONE
-                    else {
-                        "kind": codec.describe(codec.ApplicatorKind, info.applicator_kind).lower(),
-                        "serial": info.applicator_serial,
-                        "area_cm2": info.area_mm2 / 100.0,
-                        "channels_nm": [c.wavelength_nm for c in info.channels],
-                    },
-                    "emitting": bool(sample.emitting) if sample is not None else None,
-                    "power_mw": sample.measured_power_uw / 1000.0 if sample is not None else None,
-                    "temperature_c": sample.temp_centi_c / 100.0 if sample is not None else None,
-                    "contact": bool(sample.contact) if sample is not None else None,
-                }
-            )
+        hw = snapshot(engine)
         api = self.api
         return {
             "daemon": {
@@ -509,15 +492,15 @@ class Service:
                 "held": stats.held,
                 "written": stats.written,
             },
-            "controllers": [link.status() for link in self.links],
-            "ports": ports,
+            "controllers": [link.status(hw.controller(link.name)) for link in self.links],
+            "ports": [port_json(p) for p in hw.ports],
             "api": {
                 "clients": len(api.connections) if api is not None else 0,
                 "watchers": self.watch_hub.count,
                 **(api.stats.as_dict() if api is not None else {}),
             },
             "mqtt": None if self.mqtt is None else {"enabled": True},
-            "session": session_status if full else redact_session(session_status),
+            "session": session_status,
         }
 
     # -- calibration

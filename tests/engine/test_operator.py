@@ -49,10 +49,11 @@ async def test_pause_resume_delivers_only_the_rest(tmp_path: Path) -> None:
         before_j = ended.data["controller_energy_j"]
         first_ms = ended.data["duration_ms"]
         assert 0 < before_j < 54.0 * 0.9
-        status = session.status()["ports"][0]
-        assert status["state"] == PortState.PAUSED
-        assert status["wait_reason"] == "paused by operator"
-        assert status["elapsed_s"] == pytest.approx(first_ms / 1000)
+        status = session.status().ports[0]
+        assert status.state == PortState.PAUSED
+        assert status.wait_reason == "paused by operator"
+        assert status.step is not None
+        assert status.step.elapsed_s == pytest.approx(first_ms / 1000)
         # Paused means paused: no emission until a person resumes.
         t = await rig.next_samples(10)
         assert not t.ports[0].emitting
@@ -109,7 +110,7 @@ async def test_probe_contact_loss_waits_for_reconfirmation(tmp_path: Path) -> No
         )
         await rig.next_samples(10)
         assert starts(rig, t_lost) == []  # contact alone does not resume
-        assert session.status()["ports"][0]["state"] == PortState.GATED
+        assert session.status().ports[0].state == PortState.GATED
         session.confirm(4)
         _, done = await rig.wait_event(lambda e: e.kind == "step_completed", 10.0)
         assert await asyncio.wait_for(session.wait(), 30.0) is SessionState.COMPLETED
@@ -192,8 +193,10 @@ async def test_epilepsy_answered_no_delivers_everything(tmp_path: Path) -> None:
         assert session.supervisor.tripped is None  # not even while closing out
         assert [s.wavelength_nm for s in starts(rig)] == [660, 830]
         # Done ports show nothing left, whatever the last reading fell short by.
-        ports = session.status()["ports"]
-        assert ports and all(p["state"] == "done" and p["remaining_s"] == 0.0 for p in ports)
+        ports = session.status().ports
+        assert ports and all(
+            p.state == "done" and p.step is not None and p.step.remaining_s == 0.0 for p in ports
+        )
 
 
 async def test_pregnancy_blocks_lumbar_steps(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from trip_checks import (
 from pbmd.daemon.core.engine import StartRefused
 from pbmd.daemon.core.recording import Record, StepEnded
 from pbmd.daemon.core.session import SessionState
+from pbmd.daemon.core.status import snapshot
 from pbmd.drivers import codec
 from pbmd.protocols.limits import Limits
 
@@ -557,3 +558,35 @@ async def test_stuck_light_with_no_session_latches_service(tmp_path: Path) -> No
         assert events[0]["data"]["escalation"] == ["ALL_OFF", "DISARM", "still lit"]
         with pytest.raises(StartRefused, match="service"):
             rig.engine.check_ready()
+
+
+async def test_stale_telemetry_is_not_shown_as_present(tmp_path: Path) -> None:
+    """After a telemetry stall trip the status shows the ports stale (not the last
+    sample's emitting 721 mW) and a start is refused with the link's cause, not
+    E501; once fresh telemetry arrives, status is present again."""
+    async with Rig(tmp_path) as rig:
+        await _running(rig)
+        session = rig.session
+        assert session is not None
+        rig.sim.faults.telemetry_stall(True)
+        assert await asyncio.wait_for(session.wait(), 10.0) is SessionState.FAULTED
+        assert session.cause_code == "E201"
+        hw = snapshot(rig.engine)
+        (ctrl,) = hw.controllers
+        assert ctrl.stale and ctrl.state is not None and ctrl.state.startswith("unknown (stale ")
+        for port in hw.ports:
+            assert port.telemetry_stale and port.reading is None
+            assert port.freshness.age_s is not None and port.freshness.age_s > 0.1
+        p, loaded = rig.plan(LONG)
+        with pytest.raises(StartRefused, match="link lost/stale") as refused:
+            await rig.start(p, loaded)
+        assert refused.value.cause is not None and refused.value.cause.code == "E201"
+        assert "emit while no session runs" not in str(refused.value)
+
+        rig.sim.faults.telemetry_stall(False)
+        await rig.next_samples(3)
+        hw = snapshot(rig.engine)
+        assert not hw.controllers[0].stale and hw.controllers[0].state == "standby"
+        for port in hw.ports:
+            assert not port.telemetry_stale and port.reading is not None
+            assert not port.reading.emitting

@@ -55,8 +55,8 @@ async def test_whole_session_topics_and_payloads(
     assert ctrl["name"] == "main" and ctrl["connected"] is True
     assert ctrl["state"] == "standby" and ctrl["fault"] == "none"
     assert ctrl["interlocks"] == {
-        "key_on": True, "remote_closed": True, "estop_released": True,
-        "footswitch_pressed": ctrl["interlocks"]["footswitch_pressed"],
+        "key": True, "remote": True, "estop_released": True,
+        "footswitch": ctrl["interlocks"]["footswitch"],
     }  # fmt: skip
     assert ctrl["run_permitted"] is True
     ports = {p["port"]: p for p in state["ports"]}

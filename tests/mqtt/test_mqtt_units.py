@@ -11,7 +11,16 @@ from typing import Any
 import pydantic
 import pytest
 
+from pbmd.daemon.core.status import (
+    ControllerStatus,
+    Freshness,
+    Hardware,
+    Interlocks,
+    PortReading,
+    PortStatus,
+)
 from pbmd.daemon.services.mqtt import LiveBuffer, MqttConfig, MqttPublisher, encode
+from pbmd.daemon.services.mqtt.state import state_key, state_payload
 
 
 def _publisher(**fields: Any) -> MqttPublisher:
@@ -127,3 +136,47 @@ def test_no_discovery_when_home_assistant_is_off() -> None:
     pub = _publisher(homeassistant={"enabled": False})
     assert pub.ha_status_topic is None
     assert pub._discovery_configs() == {}
+
+
+def test_state_payload_shows_stale_telemetry_as_unknown() -> None:
+    """``state`` carries the control API's interlock names; a controller whose last
+    sample is older than the staleness limit reads ``unknown`` and its ports' readings
+    null, and the change of freshness alone republishes ``state``."""
+    engine: Any = SimpleNamespace(service_required=None)
+    store: Any = SimpleNamespace(healthy=True)
+
+    def hardware(age_s: float) -> Hardware:
+        fresh = Freshness(age_s, 0.1)
+        ctrl = ControllerStatus(
+            name="main", connected=True, serial="PBM-1", firmware="1.0", freshness=fresh,
+            reported_state="armed_ready", fault_code=0,
+            interlocks=Interlocks(key=True, remote=True, estop_released=True, footswitch=True),
+            device_time_s=1.0,
+        )  # fmt: skip
+        reading = PortReading(
+            applicator_present=True, emitting=True, power_mw=721.0, contact=False,
+            fault=False, temperature_c=25.04, flags=0x03,
+        )  # fmt: skip
+        port = PortStatus(
+            port=1, controller="main", device_port=1, applicator_known=True, applicator=None,
+            reading=None if fresh.stale else reading, freshness=fresh,
+        )  # fmt: skip
+        return Hardware((ctrl,), (port,))
+
+    fresh, stale = hardware(0.02), hardware(2.5)
+    state = state_payload(fresh, engine, store)
+    (ctrl,) = state["controllers"]
+    assert ctrl["state"] == "armed_ready" and ctrl["run_permitted"] is True
+    assert ctrl["interlocks"] == {
+        "key": True, "remote": True, "estop_released": True, "footswitch": True,
+    }  # fmt: skip
+    assert state["ports"][0]["emitting"] is True and state["ports"][0]["temperature_c"] == 25.0
+    state = state_payload(stale, engine, store)
+    (ctrl,) = state["controllers"]
+    assert ctrl["state"] == "unknown" and ctrl["telemetry_stale"] is True
+    assert ctrl["telemetry_age_s"] == 2.5
+    assert ctrl["interlocks"] is None and ctrl["run_permitted"] is None and ctrl["fault"] is None
+    (port,) = state["ports"]
+    assert port["telemetry_stale"] is True
+    assert port["emitting"] is None and port["temperature_c"] is None
+    assert state_key(fresh, engine, store)[0] != state_key(stale, engine, store)[0]

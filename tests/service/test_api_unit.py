@@ -11,8 +11,16 @@ from typing import Any
 import pytest
 from pydantic import Field
 
+from pbmd.daemon.core.status import (
+    ControllerStatus,
+    Freshness,
+    Interlocks,
+    PortReading,
+    PortStatus,
+)
 from pbmd.daemon.services import api
 from pbmd.daemon.services import log as daemon_log
+from pbmd.daemon.services.api.status import controller_json, port_json
 
 
 class Count(api.Params):
@@ -199,3 +207,45 @@ def test_every_method_is_documented() -> None:
     text = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
     missing = [ep.name for ep in reg if f"`{ep.name}`" not in text]
     assert not missing, f"docs/api.md does not describe {missing}"
+
+
+def _typed_status(age_s: float, *, link_open: bool = True) -> tuple[Any, Any]:
+    """A controller and a port that emitted 721 mW in their last sample, `age_s` ago."""
+    fresh = Freshness(age_s, 0.1, link_open)
+    ctrl = ControllerStatus(
+        name="main", connected=link_open, serial="PBM-1", firmware="1.0", freshness=fresh,
+        reported_state="armed_ready", fault_code=0,
+        interlocks=Interlocks(key=True, remote=True, estop_released=True, footswitch=False),
+        device_time_s=12.0,
+    )  # fmt: skip
+    reading = PortReading(
+        applicator_present=True, emitting=True, power_mw=721.0, contact=True, fault=False,
+        temperature_c=25.0, flags=0x07,
+    )  # fmt: skip
+    port = PortStatus(
+        port=1, controller="main", device_port=1, applicator_known=True, applicator=None,
+        reading=None if fresh.stale else reading, freshness=fresh,
+    )  # fmt: skip
+    return ctrl, port
+
+
+def test_status_never_shows_stale_telemetry_as_present() -> None:
+    """A fresh sample is shown as it is; one older than the staleness limit (or over a
+    lost link) reads unknown, with its age, in one interlock vocabulary."""
+    ctrl, port = _typed_status(0.02)
+    c = controller_json(ctrl)
+    assert c["state"] == "armed_ready" and c["telemetry_stale"] is False
+    assert c["interlocks"] == {
+        "key": True, "remote": True, "estop_released": True, "footswitch": False,
+    }  # fmt: skip
+    p = port_json(port)
+    assert p["emitting"] is True and p["power_mw"] == 721.0 and p["telemetry_stale"] is False
+    for ctrl, port, state in (
+        (*_typed_status(3.21), "unknown (stale 3.2 s)"),
+        (*_typed_status(0.02, link_open=False), "unknown (link lost, stale 0.0 s)"),
+    ):
+        c = controller_json(ctrl)
+        assert c["state"] == state and c["telemetry_stale"] is True
+        p = port_json(port)
+        assert p["telemetry_stale"] is True and p["telemetry_age_s"] == port.freshness.age_s
+        assert p["emitting"] is None and p["power_mw"] is None and p["contact"] is None

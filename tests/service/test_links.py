@@ -88,6 +88,13 @@ def test_socket_link_lost_mid_session_then_reconnected(
         d.wait_log(lambda r: r.event == "controller.link_lost")
         st = c.call("status")
         assert st["ready"]["ok"] is False
+        # The last sample is not the present: over a lost link every reading is unknown.
+        ctrl = st["controllers"][0]
+        assert ctrl["connected"] is False and ctrl["telemetry_stale"] is True
+        assert ctrl["state"].startswith("unknown (link lost, stale ")
+        for port in st["ports"]:
+            assert port["telemetry_stale"] is True and port["telemetry_age_s"] > 0
+            assert port["emitting"] is None and port["power_mw"] is None
         # The controller comes back on the same address: pbmd reconnects by itself.
         sims.append(Sim(port=sim.port))
         d.wait_log(lambda r: r.event == "controller.reconnected", timeout_s=60)

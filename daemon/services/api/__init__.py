@@ -71,7 +71,7 @@ from pbmd.daemon.services.api.roles import (
     peer_credentials,
 )
 from pbmd.daemon.services.api.server import Budget, Connection, JsonRpcServer, ServerStats
-from pbmd.daemon.services.api.watch import WatchHub, event_dict, redact_session
+from pbmd.daemon.services.api.watch import WatchHub, event_dict, redact_session, session_json
 
 if TYPE_CHECKING:
     from pbmd.daemon.services.service import Service
@@ -118,6 +118,7 @@ __all__ = [
     "notification",
     "peer_credentials",
     "redact_session",
+    "session_json",
 ]
 
 

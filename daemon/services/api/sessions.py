@@ -26,7 +26,7 @@ from pbmd.daemon.services.api.registry import (
     RpcError,
 )
 from pbmd.daemon.services.api.roles import ANYONE, CLINICIAN
-from pbmd.daemon.services.api.watch import redact_session
+from pbmd.daemon.services.api.watch import session_json
 from pbmd.protocols.model import Contraindication
 from pbmd.protocols.store import LibraryError
 
@@ -130,14 +130,18 @@ def register(reg: Registry, service: Service) -> None:
             raise library_error(exc) from None
         if p.watch:
             hub.subscribe(caller, session)
-        return {"session_id": session.id, "status": session.status(), "watching": p.watch}
+        return {
+            "session_id": session.id,
+            "status": session_json(session.status()),
+            "watching": p.watch,
+        }
 
     @reg.add("session.watch", NoParams, ANYONE, "Stream the running session until it ends.")
     async def session_watch(caller: Caller, p: NoParams) -> Any:
         s = service.engine.session
         if s is None:
             return {"session_id": None, "status": None, "watching": False}
-        shown = s.status() if caller.peer.sees_patients else redact_session(s.status())
+        shown = session_json(s.status(), full=caller.peer.sees_patients)
         if s.state.final:
             return {"session_id": s.id, "status": shown, "watching": False}
         hub.subscribe(caller, s)

@@ -1,12 +1,18 @@
-"""Endpoints that describe the daemon: its methods and its status."""
+"""Endpoints that describe the daemon: its methods and its status.
+
+Also the API's spelling of the core's typed status values (``port_json``,
+``controller_json``): stale telemetry reads as absent, with its age beside it.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
+from pbmd.daemon.core.status import ControllerStatus, PortStatus
 from pbmd.daemon.services.api.registry import Caller, NoParams, RawJson, Registry, encode_value
 from pbmd.daemon.services.api.roles import ANYONE
+from pbmd.drivers import codec
 
 if TYPE_CHECKING:
     from pbmd.daemon.services.service import Service
@@ -36,3 +42,37 @@ def register(reg: Registry, service: Service) -> None:
             cache[full] = hit
         body = hit[1]
         return RawJson(b'{"caller": ' + encode_value(caller.peer.as_dict()) + b", " + body[1:])
+
+
+def port_json(p: PortStatus) -> dict[str, Any]:
+    """A port in ``status``: its readings null while they are not known to be current."""
+    r = p.reading
+    return {
+        "port": p.port,
+        "controller": p.controller,
+        "device_port": p.device_port,
+        "applicator": None if p.applicator is None else p.applicator.as_dict(),
+        "emitting": None if r is None else r.emitting,
+        "power_mw": None if r is None else r.power_mw,
+        "temperature_c": None if r is None else r.temperature_c,
+        "contact": None if r is None else r.contact,
+        "telemetry_stale": p.telemetry_stale,
+        "telemetry_age_s": p.freshness.rounded_age_s,
+    }
+
+
+def controller_json(c: ControllerStatus) -> dict[str, Any]:
+    """A controller's telemetry fields in ``status`` (the link's own are added by it)."""
+    out: dict[str, Any] = {
+        "telemetry_age_s": c.freshness.rounded_age_s,
+        "telemetry_stale": c.stale,
+    }
+    if c.reported_state is not None:
+        code = c.fault_code
+        out.update(
+            state=c.state,
+            fault=None if not code else codec.describe(codec.FaultCode, code),
+            interlocks=None if c.interlocks is None else c.interlocks.as_dict(),
+            device_time_s=c.device_time_s,
+        )
+    return out

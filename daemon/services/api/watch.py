@@ -6,10 +6,11 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pbmd.daemon.core.session import Session, SessionEvent
+from pbmd.daemon.core.status import RunnerStatus, SessionStatus
 from pbmd.daemon.services.api.registry import Caller, encode, notification
 
 # --------------------------------------------------------------------------- watching
@@ -93,7 +94,7 @@ class WatchHub:
         encoded: dict[bool, bytes] = {}
         for w in targets:
             if w.full not in encoded:
-                shown = status if w.full else redact_session(status)
+                shown = session_json(status, full=w.full)
                 encoded[w.full] = encode(
                     notification(method, {"session_id": session.id, **extra, "status": shown})
                 )
@@ -135,7 +136,7 @@ class WatchHub:
 
 def event_dict(ev: SessionEvent) -> dict[str, Any]:
     return {
-        "kind": ev.kind,
+        "kind": ev.kind.value,
         "message": ev.message,
         "port": ev.port,
         "step": ev.step,
@@ -152,4 +153,35 @@ def redact_session(status: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if out.get("patient_ref") is not None:
         out["patient_ref"] = None
         out["patient_ref_redacted"] = True
+    return out
+
+
+def session_json(status: SessionStatus | None, *, full: bool = True) -> dict[str, Any] | None:
+    """A session's status as the API shows it (``status``, ``session.*``); without
+    the patient reference unless ``full``."""
+    if status is None:
+        return None
+    out = {
+        "session_id": status.session_id,
+        "state": status.state.value,
+        "protocol_id": status.protocol_id,
+        "protocol_version": status.protocol_version,
+        "plan_hash": status.plan_hash,
+        "patient_ref": status.patient_ref,
+        "started_utc": status.started_utc,
+        "ended_utc": status.ended_utc,
+        "cause_code": status.cause_code,
+        "cause_message": status.cause_message,
+        "trip": status.trip,
+        "service_required": status.service_required,
+        "ports": [runner_json(r) for r in status.ports],
+    }
+    return out if full else redact_session(out)
+
+
+def runner_json(r: RunnerStatus) -> dict[str, Any]:
+    """One port of a session: its state and, once it began, its current step's fields."""
+    out: dict[str, Any] = {"port": r.port, "state": r.state.value, "wait_reason": r.wait_reason}
+    if r.step is not None:
+        out.update(asdict(r.step))
     return out

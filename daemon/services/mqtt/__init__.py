@@ -1,8 +1,9 @@
 """MQTT telemetry for dashboards (Grafana, Node-RED, Home Assistant, a fleet view).
 
 MQTT is never on the safety path. The engine's session listener only sets a
-flag; one sampler task reads ``engine.session.status()`` and the controllers'
-latest telemetry at the live rate and hands the results to the publishing
+flag; one sampler task reads the core's typed status (``Session.status()`` and
+``daemon.core.status.snapshot``, never the drivers) at the live rate and hands
+the results to the publishing
 tasks through bounded buffers. A slow or absent broker therefore cannot delay
 a trip, a step or a record:
 

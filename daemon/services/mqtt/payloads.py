@@ -1,7 +1,7 @@
 """The JSON payloads of the session, dose and event topics, and how they are encoded.
 
-A payload is built from what the engine's session reports (``Session.status()``)
-or from a records outbox row; the shapes are documented in docs/mqtt.md.
+A payload is built from the core's typed session status (``Session.status()``,
+a ``SessionStatus``) or from a records outbox row; the shapes are documented in docs/mqtt.md.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pbmd.daemon.core.status import RunnerStatus, SessionStatus
 from pbmd.daemon.services.records import utc_text
 
 
@@ -47,13 +48,11 @@ _DOSE_KEYS: tuple[str, ...] = (
 _EVENT_KEYS: tuple[str, ...] = (
     "kind", "code", "severity", "message", "session_id", "port", "device_time_us", "data",
 )  # fmt: skip
-_SESSION_PORT_KEYS: tuple[str, ...] = (
-    "port", "state", "wait_reason", "step", "steps", "site", "label", "wavelength_nm",
-)  # fmt: skip
+_SESSION_STEP_KEYS: tuple[str, ...] = ("step", "steps", "site", "label", "wavelength_nm")
 
 
 def dose_payload(
-    status_port: Mapping[str, Any], *, session_id: str, port: int, emitting: bool, seq: int
+    status_port: RunnerStatus, *, session_id: str, port: int, emitting: bool, seq: int
 ) -> dict[str, Any]:
     """One live sample of a port's dose (``port/<n>/dose``)."""
     payload: dict[str, Any] = {
@@ -63,11 +62,12 @@ def dose_payload(
         "port": port,
         "emitting": emitting,
     }
-    payload.update({k: status_port.get(k) for k in _DOSE_KEYS})
+    step = status_port.step
+    payload.update({k: None if step is None else getattr(step, k) for k in _DOSE_KEYS})
     return payload
 
 
-def session_payload(st: Mapping[str, Any] | None) -> dict[str, Any]:
+def session_payload(st: SessionStatus | None) -> dict[str, Any]:
     if st is None:
         return {
             "session_id": None, "state": "idle", "protocol_id": None,
@@ -77,17 +77,27 @@ def session_payload(st: Mapping[str, Any] | None) -> dict[str, Any]:
         }  # fmt: skip
     # Never the patient reference: dashboards are not the clinical record.
     return {
-        "session_id": st["session_id"],
-        "state": st["state"],
-        "protocol_id": st["protocol_id"],
-        "protocol_version": st["protocol_version"],
-        "plan_hash": st["plan_hash"],
-        "started_utc": _utc(st["started_utc"]),
-        "ended_utc": _utc(st["ended_utc"]),
-        "cause_code": st["cause_code"],
-        "cause_message": st["cause_message"],
-        "trip": st["trip"],
-        "ports": [{k: p.get(k) for k in _SESSION_PORT_KEYS} for p in st["ports"]],
+        "session_id": st.session_id,
+        "state": st.state.value,
+        "protocol_id": st.protocol_id,
+        "protocol_version": st.protocol_version,
+        "plan_hash": st.plan_hash,
+        "started_utc": _utc(st.started_utc),
+        "ended_utc": _utc(st.ended_utc),
+        "cause_code": st.cause_code,
+        "cause_message": st.cause_message,
+        "trip": st.trip,
+        "ports": [_session_port(p) for p in st.ports],
+    }
+
+
+def _session_port(p: RunnerStatus) -> dict[str, Any]:
+    step = p.step
+    return {
+        "port": p.port,
+        "state": p.state.value,
+        "wait_reason": p.wait_reason,
+        **{k: None if step is None else getattr(step, k) for k in _SESSION_STEP_KEYS},
     }
 
 

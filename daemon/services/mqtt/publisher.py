@@ -19,6 +19,8 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 
+from pbmd.daemon.core.status import SessionStatus, snapshot
+from pbmd.daemon.core.steps import PortState
 from pbmd.daemon.services.mqtt.buffers import LiveBuffer, MqttStats
 from pbmd.daemon.services.mqtt.config import MqttConfig
 from pbmd.daemon.services.mqtt.discovery import Topics, discovery_configs
@@ -39,6 +41,7 @@ from pbmd.daemon.services.mqtt.payloads import (
 )
 from pbmd.daemon.services.mqtt.state import state_key, state_payload
 from pbmd.daemon.services.records import RecordsError, utc_text
+from pbmd.drivers.listeners import Listeners
 
 if TYPE_CHECKING:
     from pbmd.daemon.core.engine import Engine
@@ -116,7 +119,7 @@ class MqttPublisher:
         self._sampler_task: asyncio.Task[None] | None = None
         self._sample_failures = 0
         self._failures_in_row = 0
-        self._connection_listeners: list[Callable[[MqttStats], None]] = []
+        self._connection_listeners: Listeners[MqttStats] = Listeners("mqtt connection", log=log)
         self._version = "unknown"
 
     # ----------------------------------------------------------------- public
@@ -132,21 +135,10 @@ class MqttPublisher:
     def add_connection_listener(self, listener: Callable[[MqttStats], None]) -> Callable[[], None]:
         """Call ``listener(stats)`` after every connect, disconnect and failed attempt
         (for status displays and tests); returns a function that removes it."""
-        self._connection_listeners.append(listener)
-
-        def remove() -> None:
-            if listener in self._connection_listeners:
-                self._connection_listeners.remove(listener)
-
-        return remove
+        return self._connection_listeners.add(listener)
 
     def _notify_connection(self) -> None:
-        stats = self.stats
-        for listener in list(self._connection_listeners):
-            try:
-                listener(stats)
-            except Exception:
-                log.exception("mqtt.connection_listener_failed")
+        self._connection_listeners(self.stats)
 
     def status(self) -> dict[str, Any]:
         """JSON-able view for the daemon's status command."""
@@ -242,24 +234,25 @@ class MqttPublisher:
             if next_s < now_s:  # the loop was stalled: skip ticks, never burst
                 next_s = now_s + period_s
 
-    def _session_status(self) -> dict[str, Any] | None:
+    def _session_status(self) -> SessionStatus | None:
         session = self.engine.session
         return None if session is None else session.status()
 
-    def _sample_dose(self, status: Mapping[str, Any] | None) -> None:
+    def _sample_dose(self, status: SessionStatus | None) -> None:
         if status is None:
             self._was_emitting.clear()
             return
-        session_id = str(status["session_id"])
+        session_id = status.session_id
         emitting_now: dict[int, tuple[str, Any]] = {}
-        for ps in status["ports"]:
-            port = int(ps["port"])
-            emitting = ps.get("state") == "emitting"
+        for ps in status.ports:
+            port = ps.port
+            emitting = ps.state is PortState.EMITTING
+            step = None if ps.step is None else ps.step.step
             # One closing sample when the step that was emitting is seen dark; a port
             # that already moved on to its next step has its figures in step_completed.
-            final = not emitting and self._was_emitting.get(port) == (session_id, ps.get("step"))
+            final = not emitting and self._was_emitting.get(port) == (session_id, step)
             if emitting:
-                emitting_now[port] = (session_id, ps.get("step"))
+                emitting_now[port] = (session_id, step)
             if (emitting or final) and self._connected:
                 topic = self.dose_topic(port)
                 payload = dose_payload(
@@ -269,11 +262,12 @@ class MqttPublisher:
                 self._live.put(topic, encode(payload))
         self._was_emitting = emitting_now
 
-    def _snapshot(self, status: Mapping[str, Any] | None, *, force: bool) -> None:
+    def _snapshot(self, status: SessionStatus | None, *, force: bool) -> None:
         """Queue ``state`` and ``session`` when they changed. The raw telemetry is
         compared first: the payload is only built when something moved."""
         now_s = asyncio.get_running_loop().time()
-        key, temperatures = state_key(self.engine, self.store)
+        hw = snapshot(self.engine)
+        key, temperatures = state_key(hw, self.engine, self.store)
         if (
             force
             or key != self._state_key
@@ -284,7 +278,7 @@ class MqttPublisher:
         ):
             self._state_key, self._state_temperatures, self._state_at = key, temperatures, now_s
             topic = self.state_topic
-            state = state_payload(self.engine, self.store)
+            state = state_payload(hw, self.engine, self.store)
             self._set_retained(topic, {"ts": utc_text(), "seq": self._next_seq(topic), **state})
         session = session_payload(status)
         if force or session != self._session_value:

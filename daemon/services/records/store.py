@@ -44,6 +44,7 @@ from pbmd.daemon.services.records.writer import (
     StoreStats,
     Writer,
 )
+from pbmd.drivers.listeners import Listeners
 
 log = structlog.get_logger()
 
@@ -101,7 +102,7 @@ class RecordStore(RecordReads, RecordSink):
         self._closed = False
         self._close_future: asyncio.Future[None] | None = None
         self._emission_seq_iter: Iterator[int] = itertools.count(1)
-        self._commit_listeners: list[Callable[[int], None]] = []
+        self._commit_listeners: Listeners[int] = Listeners("records commit", log=log)
 
     # ----------------------------------------------------------------- life cycle
 
@@ -332,17 +333,14 @@ class RecordStore(RecordReads, RecordSink):
         else:
             future.set_result(result)
 
-    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+    def add_commit_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
         """Call ``listener(records_written)`` on the event loop after every commit
-        (status displays, metrics, tests that wait for the periodic commit)."""
-        self._commit_listeners.append(listener)
+        (status displays, metrics, tests that wait for the periodic commit);
+        returns a remover."""
+        return self._commit_listeners.add(listener)
 
     def _notify_commit(self, written: int) -> None:
-        for listener in list(self._commit_listeners):
-            try:
-                listener(written)
-            except Exception:
-                log.exception("records.commit_listener_failed")
+        self._commit_listeners(written)
 
     def _notify_failure(self, error: BaseException) -> None:
         callback = self.on_failure

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
-from pbmd.daemon.core.plan_steps import REGIONS_BLOCKED, steps_from_plan
+from pbmd.daemon.core.plan_steps import REGIONS_BLOCKED, applicator_mismatch, steps_from_plan
 from pbmd.daemon.core.recording import RecordSink, RecordsUnavailable, StoreRecorder
 from pbmd.daemon.core.safety import (
     Acknowledged,
@@ -284,6 +284,10 @@ class Engine:
             raise StartRefused(
                 f"{TripCause.CALIBRATION_OVERDUE.code} {overdue}", TripCause.CALIBRATION_OVERDUE
             )
+        for port, target in self.port_map.items():
+            problem = target.controller.applicator_problem(target.device_port)
+            if problem is not None and (ports is None or port in ports):
+                raise StartRefused(f"port {port}: {problem}", TripCause.APPLICATOR_REMOVED)
         for ctrl in self.controllers:
             if not ctrl.client.is_open:
                 raise StartRefused(f"controller {ctrl.name} is not connected", TripCause.LINK_LOST)
@@ -514,16 +518,12 @@ class Engine:
                 f"patient: {', '.join(refusing)}"
             )
         for port in ports:
-            pp = plan.port(port)
-            info = self.port_map[port].applicator
-            if (
-                info.applicator_kind != pp.applicator_kind
-                or info.applicator_serial != pp.applicator_serial
-                or info.area_mm2 != pp.area_mm2
-            ):
+            wrong = applicator_mismatch(plan.port(port), self.port_map[port].applicator)
+            if wrong is not None:
                 raise StartRefused(
-                    f"port {port}: the applicator now reported ({info.applicator_serial}) is "
-                    f"not the one the plan was made for ({pp.applicator_serial}); plan again"
+                    f"port {port}: {wrong}; plug in the applicator the plan was made for, "
+                    "or plan again for the one plugged in",
+                    TripCause.APPLICATOR_REMOVED,
                 )
         return ports, present
 

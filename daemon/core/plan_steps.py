@@ -14,7 +14,7 @@ from pbmd.daemon.core.steps import StepOrder, TargetKind
 from pbmd.drivers import codec
 from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, skin_mpe_mw_cm2
 from pbmd.protocols.model import Contraindication, Region, Target
-from pbmd.protocols.plan import Plan, PlannedEmission
+from pbmd.protocols.plan import Plan, PlannedEmission, PortPlan
 
 # Contraindications that block only the steps they concern; every other one
 # answered "yes" refuses a protocol that lists it.
@@ -90,3 +90,29 @@ def _irradiance_ceiling(limits: Any, wavelength_nm: int) -> float:
 
 def _fluence_ceiling(limits: Any) -> float:
     return float(getattr(limits, "fluence_ceiling_j_cm2", 10.0))
+
+
+def applicator_mismatch(planned: PortPlan, info: codec.PortInfo) -> str | None:
+    """How the applicator plugged in now differs from the one a port's plan was made
+    for (kind, serial where the plan names one, area, the channels it uses), or None."""
+    kind = codec.describe(codec.ApplicatorKind, info.applicator_kind).lower()
+    wanted = codec.describe(codec.ApplicatorKind, planned.applicator_kind).lower()
+    plugged = f"{kind} {info.applicator_serial}".strip()
+    made_for = f"{wanted} {planned.applicator_serial}".strip()
+    if info.applicator_kind == codec.ApplicatorKind.NONE:
+        return f"no applicator is plugged in (the plan is for the {made_for})"
+    if info.applicator_kind != planned.applicator_kind or (
+        planned.applicator_serial and info.applicator_serial != planned.applicator_serial
+    ):
+        return f"the {plugged} is plugged in, not the {made_for} the plan was made for"
+    if info.area_mm2 != planned.area_mm2:
+        return (
+            f"the {plugged} reports {info.area_mm2 / 100:g} cm², the plan was made for "
+            f"{planned.area_mm2 / 100:g} cm²"
+        )
+    missing = sorted(
+        {e.wavelength_nm for e in planned.emissions} - {c.wavelength_nm for c in info.channels}
+    )
+    if missing:
+        return f"the {plugged} has no channel at {', '.join(f'{nm} nm' for nm in missing)}"
+    return None

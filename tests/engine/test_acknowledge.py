@@ -91,3 +91,15 @@ async def test_an_operator_abort_needs_no_acknowledgement(tmp_path: Path) -> Non
         await session.abort("test")
         assert rig.engine.acknowledgements.awaiting is None
         rig.engine.check_ready()
+
+
+def test_the_document_says_which_causes_need_acknowledgement() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "stop-causes.md"
+    marked = {
+        cells[0]
+        for line in doc.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| E") and line.count("|") == 6
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+        if cells[3] == "yes"
+    }
+    assert marked == {c.code for c in ACKNOWLEDGE_BEFORE_RESTART}

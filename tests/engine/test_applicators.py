@@ -73,8 +73,10 @@ async def test_swap_905_probe_for_830(tmp_path: Path) -> None:
         rig.sim.faults.plug(4, "probe_830")
         await _until(
             rig,
-            lambda: 4 not in rig.handle.unplugged
-            and [c.wavelength_nm for c in rig.port_map[4].applicator.channels] == [830],
+            lambda: (
+                4 not in rig.handle.unplugged
+                and [c.wavelength_nm for c in rig.port_map[4].applicator.channels] == [830]
+            ),
         )
         info = rig.port_map[4].applicator
         assert info.applicator_kind == codec.ApplicatorKind.PROBE

@@ -12,14 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, Strict, StringConstraints
 
-from pbmd.daemon.core.engine import (
-    CommandRefused,
-    NoSession,
-    NotRunnable,
-    StartCommand,
-    StartRefused,
-    Unanswered,
-)
+from pbmd.daemon.core.engine import NoSession, NotRunnable, StartCommand, StartRefused, Unanswered
 from pbmd.daemon.core.session import SessionError
 from pbmd.daemon.services.api.protocols import ProtocolId, library_error
 from pbmd.daemon.services.api.registry import (
@@ -185,10 +178,8 @@ def register(reg: Registry, service: Service) -> None:
         "Acknowledge the cause of the last trip (found and corrected); sessions may start again.",
     )
     async def session_acknowledge(caller: Caller, p: AcknowledgeParams) -> Any:
-        try:
+        with _session_errors():  # CommandRefused is a SessionError: REFUSED, with why
             done = service.engine.acknowledge(p.code, caller.peer.user, p.note)
-        except CommandRefused as exc:
-            raise RpcError(REFUSED, str(exc)) from None
         await service.store.sync()
         return {
             "acknowledged": done.trip.cause.code,

@@ -89,3 +89,15 @@ async def test_emit_start_request_lost_once(tmp_path: Path) -> None:
         await _completed(rig)
         assert len(lost) == 1
         assert len(starts(rig)) == 1  # the second one, the only one the controller saw
+
+
+async def test_arm_reply_lost_once(tmp_path: Path) -> None:
+    """ARM's ACK lost (the ARM took effect): the counters carry the session's token,
+    so the host carries on without arming again."""
+    async with Rig(tmp_path, time_scale=ACCURACY_TIME_SCALE) as rig:
+        p, loaded = rig.plan(PAD)
+        rig.sim.faults.drop_next_replies(1, "Ack")  # the next ACK answers the ARM
+        await rig.start(p, loaded)
+        await _completed(rig)
+        assert rig.sim.tx_dropped["drop_replies"] == 1
+        assert len([m for _, m in rig.rx.items if isinstance(m, codec.Arm)]) == 1

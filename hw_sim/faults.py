@@ -19,7 +19,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pbmd.drivers.codec import CodecError, Interlock, cobs_decode, cobs_encode
@@ -46,6 +46,19 @@ class LinkFaults:
     """Fraction of host → controller frames corrupted (before the firmware sees them)."""
     reply_delay_ms: float = 0.0
     drop_replies: bool = False
+    drop_next: dict[str, int] = field(default_factory=dict)
+    """Reply type name (e.g. "Ack") → how many of the next such replies are lost."""
+
+    def drops_reply(self, reply: object) -> bool:
+        """This reply is lost on the way (its request was executed all the same)."""
+        if self.drop_replies:
+            return True
+        name = type(reply).__name__
+        left = self.drop_next.get(name, 0)
+        if left <= 0:
+            return False
+        self.drop_next[name] = left - 1
+        return True
 
 
 CORRUPT_DIRECTIONS = ("to_host", "to_controller", "both")
@@ -139,6 +152,7 @@ class FaultInjector:
         "corrupt_frames",
         "reply_delay",
         "drop_replies",
+        "drop_next_replies",
         "interlocks",
         "key",
         "remote",
@@ -291,6 +305,15 @@ class FaultInjector:
     def drop_replies(self, on: bool = True) -> None:
         """Requests are still executed but never answered."""
         self.link.drop_replies = _flag(on, "on")
+
+    def drop_next_replies(self, count: int = 1, reply: str = "Ack") -> None:
+        """The next ``count`` replies of one type (a codec name: "Ack" answers ARM and
+        EMIT_START, "Pong", "Counters", ...) are lost; their requests are executed."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a whole number, got {count!r}")
+        if not isinstance(reply, str):
+            raise ValueError(f"reply must be a message name, got {reply!r}")
+        self.link.drop_next[reply] = count
 
     def drop_link(self) -> None:
         """Cut the current host connection (TCP: closed; pty: silent until reopened)."""

@@ -456,7 +456,7 @@ class Simulator(AsyncClosing):
         if kind == "telemetry" and lf.telemetry_stall:
             self.tx_dropped["telemetry_stall"] += 1
             return
-        if kind == "reply" and lf.drop_replies:
+        if kind == "reply" and lf.drops_reply(msg):
             self.tx_dropped["drop_replies"] += 1
             return
         data = codec.encode_frame(msg, seq)

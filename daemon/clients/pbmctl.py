@@ -273,6 +273,17 @@ cmd_service_clear = _one_call(
 )
 
 
+async def cmd_session_acknowledge(args: argparse.Namespace, client: Client, out: Out) -> int:
+    res = await client.call("session.acknowledge", {"code": args.code, "note": args.note})
+    out.result(
+        res,
+        lambda c: c.print(
+            f"{res['acknowledged']} acknowledged by {res['user']}; sessions may start again"
+        ),
+    )
+    return EXIT_OK
+
+
 async def cmd_session_abort(args: argparse.Namespace, client: Client, out: Out) -> int:
     res = await client.call("session.abort", {"reason": args.reason})
     out.result(res, lambda c: c.print(f"session {res['session_id']}: {res['state']}; emission off"))
@@ -633,6 +644,14 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
     p.add_argument("port", type=int, nargs="?", metavar="PORT")
     p = add(ssub, "abort", cmd_session_abort, "stop all emission, end the session (clinician)")
     p.add_argument("--reason", default="aborted by operator", metavar="TEXT")
+    p = add(
+        ssub,
+        "acknowledge",
+        cmd_session_acknowledge,
+        "acknowledge the cause of the last trip once it is found (clinician, technician)",
+    )
+    p.add_argument("code", metavar="CODE", help="the trip's code, e.g. E104")
+    p.add_argument("--note", default="", metavar="TEXT", help="what was found (recorded)")
 
 
 def _add_records_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:

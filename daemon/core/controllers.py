@@ -67,11 +67,19 @@ class ControllerHandle:
         self.stop_lead_s = 0.0
         """Learned lateness of host stops (wall s), subtracted from the next stop time."""
         self._lateness_s: deque[float] = deque(maxlen=9)
+        self._port_reads: dict[int, asyncio.Task[None]] = {}
+        self._unreadable: dict[int, str] = {}
+        self.unplugged: set[int] = set()
+        """Device ports whose applicator was removed while connected (APPLICATOR_CHANGED 0)
+        and not plugged in again."""
 
     def detach(self) -> None:
         for undo in self._unsubscribe:
             undo()
         self._unsubscribe.clear()
+        for task in self._port_reads.values():
+            task.cancel()
+        self._port_reads.clear()
 
     @property
     def info(self) -> codec.Info:
@@ -148,6 +156,67 @@ class ControllerHandle:
         # `interlocks` while handling the same event sees the new bits.
         if ev.code == codec.EventCode.INTERLOCK_CHANGED:
             self.interlocks = ev.value
+        elif ev.code == codec.EventCode.APPLICATOR_CHANGED:
+            self._reread_port(ev.port, removed=ev.value == 0)
+
+    # -- applicators (ICD §6: GET_PORT again after every APPLICATOR_CHANGED)
+
+    def _reread_port(self, port: int, *, removed: bool) -> None:
+        """The applicator on `port` changed: read its PORT_INFO again (the client keeps
+        it in ``client.ports``, which status, readiness, plans and records read)."""
+        if removed:
+            self.unplugged.add(port)
+        else:
+            self.unplugged.discard(port)
+        old = self._port_reads.pop(port, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.get_running_loop().create_task(
+            self._read_port(port), name=f"port-info-{self.name}-{port}"
+        )
+        self._port_reads[port] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._port_reads.get(port) is t:
+                del self._port_reads[port]
+
+        task.add_done_callback(done)
+
+    async def _read_port(self, port: int) -> None:
+        try:
+            info = await self.client.get_port(port)
+        except ClientError as exc:
+            self._unreadable[port] = str(exc)
+            log.error(
+                "applicator.port_info_failed", controller=self.name, port=port, error=str(exc)
+            )
+            return
+        self._unreadable.pop(port, None)
+        log.info(
+            "applicator.changed",
+            controller=self.name,
+            port=port,
+            kind=codec.describe(codec.ApplicatorKind, info.applicator_kind),
+            serial=info.applicator_serial,
+        )
+
+    def applicator_problem(self, port: int) -> str | None:
+        """Why what is known of `port`'s applicator cannot be trusted now, or None."""
+        if port in self._port_reads:
+            return "its applicator changed and its PORT_INFO is being read again"
+        if port in self._unreadable:
+            return (
+                f"its applicator changed and its PORT_INFO could not be read "
+                f"({self._unreadable[port]})"
+            )
+        if port in self.unplugged:
+            return "its applicator was unplugged; plug it in again"
+        return None
+
+    async def applicators_read(self) -> None:
+        """Wait until every PORT_INFO asked for after an APPLICATOR_CHANGED has come."""
+        while self._port_reads:
+            await asyncio.gather(*self._port_reads.values(), return_exceptions=True)
 
     async def next_sample(self, timeout_s: float) -> codec.Telemetry:
         """The next TELEMETRY to arrive; TimeoutError if none within `timeout_s`.

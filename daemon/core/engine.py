@@ -27,11 +27,15 @@ from typing import Any
 import structlog
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
+from pbmd.daemon.core.plan_steps import REGIONS_BLOCKED, applicator_mismatch, steps_from_plan
 from pbmd.daemon.core.recording import RecordSink, RecordsUnavailable, StoreRecorder
 from pbmd.daemon.core.safety import (
+    Acknowledged,
+    AcknowledgementGate,
     EndCause,
     IdleEmission,
     IdleWatch,
+    NotAwaited,
     SafetyLimits,
     ServiceLatch,
     Supervisor,
@@ -42,15 +46,15 @@ from pbmd.daemon.core.safety import (
 )
 from pbmd.daemon.core.session import Session, SessionError, SessionListener, StepOrder
 from pbmd.daemon.core.status import stale_reason, staleness_limit_s
-from pbmd.daemon.core.steps import EventKind, SessionEvent, TargetKind
+from pbmd.daemon.core.steps import EventKind, SessionEvent
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
 from pbmd.drivers.listeners import Listeners
 from pbmd.protocols.errors import Issue, PlanError
-from pbmd.protocols.limits import EPILEPSY_MAX_PULSE_HZ, RED_MAX_NM, Limits, skin_mpe_mw_cm2
+from pbmd.protocols.limits import Limits
 from pbmd.protocols.loader import LoadedProtocol
-from pbmd.protocols.model import Contraindication, Protocol, Region, Target
-from pbmd.protocols.plan import Plan, PlannedEmission, content_hash
+from pbmd.protocols.model import Contraindication, Protocol
+from pbmd.protocols.plan import Plan, content_hash
 from pbmd.protocols.plan import plan as make_plan
 from pbmd.protocols.store import InstalledProtocol, ProtocolLibrary
 
@@ -93,82 +97,6 @@ class NoSession(SessionError):
 
 class CommandRefused(SessionError):
     """A technician's command the engine will not carry out now; the message says why."""
-
-
-# Contraindications that block only the steps they concern; every other one
-# answered "yes" refuses a protocol that lists it.
-_REGIONS_BLOCKED: dict[Contraindication, frozenset[Region]] = {
-    Contraindication.PREGNANCY: frozenset(
-        {Region.LUMBAR, Region.SACRAL, Region.PELVIS, Region.ABDOMEN}
-    ),
-    Contraindication.HYPERTHYROIDISM: frozenset({Region.NECK, Region.CERVICAL}),
-}
-
-
-def blocked_by(e: PlannedEmission) -> frozenset[str]:
-    """The contraindications that block this emission by themselves."""
-    out = {c.value for c, regions in _REGIONS_BLOCKED.items() if e.region in regions}
-    if (
-        e.mode == codec.EmitMode.PULSED
-        and e.wavelength_nm < RED_MAX_NM
-        and 0 < e.pulse_hz <= EPILEPSY_MAX_PULSE_HZ
-    ):
-        out.add(Contraindication.EPILEPSY.value)
-    return frozenset(out)
-
-
-def steps_from_plan(plan: Plan, port_map: PortMap) -> dict[int, list[StepOrder]]:
-    """The engine's view of each planned emission, with ceilings and backstops."""
-    limits = plan.limits
-    out: dict[int, list[StepOrder]] = {}
-    for port_plan in plan.ports:
-        target = port_map[port_plan.port]
-        for e in port_plan.emissions:
-            channel = target.applicator.channel(e.wavelength_nm)
-            ceiling = _irradiance_ceiling(limits, e.wavelength_nm)
-            out.setdefault(port_plan.port, []).append(
-                StepOrder(
-                    port=port_plan.port,
-                    index=e.step_index,
-                    site=e.site_id,
-                    label=e.site_label,
-                    wavelength_nm=e.wavelength_nm,
-                    mode=e.mode,
-                    power_uw=e.power_uw,
-                    pulse_hz=e.pulse_hz,
-                    duty_permille=e.duty_permille,
-                    area_cm2=e.area_mm2 / 100.0,
-                    target_kind=TargetKind.TIME if e.target == Target.TIME else TargetKind.ENERGY,
-                    target_energy_uj=float(e.target_energy_uj),
-                    target_time_s=e.expected_duration_ms / 1000.0,
-                    planned_time_s=e.expected_duration_ms / 1000.0,
-                    energy_budget_uj=e.energy_budget_uj,
-                    max_duration_ms=e.max_duration_ms,
-                    confirm_placement=e.gating.confirm_placement,
-                    skin_contact=e.gating.skin_contact,
-                    footswitch=e.gating.footswitch,
-                    blocked_by=blocked_by(e),
-                    # Measured irradiance may exceed the setpoint's by the deviation
-                    # band before that check trips; the ceiling is the hard limit.
-                    irradiance_ceiling_mw_cm2=ceiling,
-                    fluence_ceiling_j_cm2=_fluence_ceiling(limits),
-                    channel_max_power_uw=channel.max_power_uw if channel else 0,
-                    backup_time_s=e.backup_time_s,
-                )
-            )
-    return out
-
-
-def _irradiance_ceiling(limits: Any, wavelength_nm: int) -> float:
-    """The lowest ceiling at a wavelength: skin MPE, site, site per wavelength."""
-    at = getattr(limits, "irradiance_ceiling_at", None)
-    if at is not None:
-        return float(at(wavelength_nm)[0])
-    return skin_mpe_mw_cm2(wavelength_nm)
-
-
-def _fluence_ceiling(limits: Any) -> float:
-    return float(getattr(limits, "fluence_ceiling_j_cm2", 10.0))
 
 
 @dataclass(frozen=True)
@@ -224,6 +152,8 @@ class Engine:
         self._today = today
         self.session: Session | None = None
         self.service_latch = ServiceLatch()
+        self.acknowledgements = AcknowledgementGate()
+        """Holds the next start after a trip whose cause may still be present."""
         self.unreconciled: dict[str, str] = {}
         """Sessions a crash left open that could not be reconciled yet, with why."""
         self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
@@ -329,6 +259,10 @@ class Engine:
             raise StartRefused(
                 f"the system needs service: {self.service_required}", TripCause.STUCK_EMISSION
             )
+        awaiting = self.acknowledgements.awaiting
+        refusal = self.acknowledgements.refusal()
+        if awaiting is not None and refusal is not None:
+            raise StartRefused(refusal, awaiting.cause)
         try:
             self.store.check_ready()
         except RecordsUnavailable as exc:
@@ -348,6 +282,10 @@ class Engine:
             raise StartRefused(
                 f"{TripCause.CALIBRATION_OVERDUE.code} {overdue}", TripCause.CALIBRATION_OVERDUE
             )
+        for port, target in self.port_map.items():
+            problem = target.controller.applicator_problem(target.device_port)
+            if problem is not None and (ports is None or port in ports):
+                raise StartRefused(f"port {port}: {problem}", TripCause.APPLICATOR_REMOVED)
         for ctrl in self.controllers:
             if not ctrl.client.is_open:
                 raise StartRefused(f"controller {ctrl.name} is not connected", TripCause.LINK_LOST)
@@ -487,6 +425,28 @@ class Engine:
         log.warning("service.cleared", user=user, note=note, cause=cause)
         return cause
 
+    def acknowledge(self, cause_code: str, user: str, note: str) -> Acknowledged:
+        """An operator acknowledges the cause of the last trip (found and corrected, or
+        judged gone): recorded with who and when, then sessions may start again."""
+        self._refuse_mid_session("acknowledging a trip")
+
+        def record(done: Acknowledged) -> None:
+            self.store.event(
+                "trip_acknowledged",
+                f"{done.trip.cause.code} acknowledged by {user}: {note}",
+                code=done.trip.cause.code,
+                session_id=done.session_id,
+                severity="warning",
+                data={"user": user, "note": note, "trip": done.trip.describe()},
+            )
+
+        try:
+            done = self.acknowledgements.acknowledge(cause_code, user, note, record)
+        except NotAwaited as exc:
+            raise CommandRefused(str(exc)) from None
+        log.warning("trip.acknowledged", code=done.trip.cause.code, user=user, note=note)
+        return done
+
     # ----------------------------------------------------------------- sessions
 
     async def start_session(self, request: SessionRequest) -> Session:
@@ -547,7 +507,7 @@ class Engine:
         refusing = sorted(
             present
             & set(request.contraindicated_by_protocol)
-            - {c.value for c in _REGIONS_BLOCKED}
+            - {c.value for c in REGIONS_BLOCKED}
             - {Contraindication.EPILEPSY.value}
         )
         if refusing:
@@ -556,16 +516,12 @@ class Engine:
                 f"patient: {', '.join(refusing)}"
             )
         for port in ports:
-            pp = plan.port(port)
-            info = self.port_map[port].applicator
-            if (
-                info.applicator_kind != pp.applicator_kind
-                or info.applicator_serial != pp.applicator_serial
-                or info.area_mm2 != pp.area_mm2
-            ):
+            wrong = applicator_mismatch(plan.port(port), self.port_map[port].applicator)
+            if wrong is not None:
                 raise StartRefused(
-                    f"port {port}: the applicator now reported ({info.applicator_serial}) is "
-                    f"not the one the plan was made for ({pp.applicator_serial}); plan again"
+                    f"port {port}: {wrong}; plug in the applicator the plan was made for, "
+                    "or plan again for the one plugged in",
+                    TripCause.APPLICATOR_REMOVED,
                 )
         return ports, present
 
@@ -624,6 +580,7 @@ class Engine:
         supervisor.add_listener(functools.partial(_emit_trip, session, supervisor))
 
         def on_trip(trip: Trip) -> None:
+            self.acknowledgements.tripped(trip, session.id)
             if supervisor.service_required:
                 dark_uw = self.limits.dark_power_uw
                 for ctrl in sub_map.controllers():

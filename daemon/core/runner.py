@@ -14,9 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import structlog
+
 from pbmd.daemon.core.controllers import PortTarget, port_lit
 from pbmd.daemon.core.dose import DoseIntegrator
 from pbmd.daemon.core.emission import Emission
+from pbmd.daemon.core.link_health import learn_emit_start
 from pbmd.daemon.core.rules import SAMPLE_RULES, SampleView, backup_total_us, channels_disagree
 from pbmd.daemon.core.safety import TripCause, nak_cause, stop_reason_cause
 from pbmd.daemon.core.status import (
@@ -35,10 +38,12 @@ from pbmd.daemon.core.steps import (
     TargetKind,
 )
 from pbmd.drivers import codec
-from pbmd.drivers.client import NakReceived
+from pbmd.drivers.client import NakReceived, OutcomeUnknown
 
 if TYPE_CHECKING:
     from pbmd.daemon.core.session import Session
+
+log = structlog.get_logger()
 
 _EMITTING = int(codec.PortFlag.EMITTING)
 
@@ -376,7 +381,7 @@ class PortRunner:
             # The next sample's mean covers the interval since the last one.
             integ.rebase(ctrl.telemetry.device_time_us)
         try:
-            await session.command(ctrl.client.emit_start(request))
+            running_ms = await self._send_start(request)
         except NakReceived as exc:
             self._drop_emission()
             if exc.code == codec.NakError.NO_SKIN_CONTACT:
@@ -387,9 +392,13 @@ class PortRunner:
             raise Stopped() from exc
         acked_s = time.monotonic()
         em.acked = True
-        # The ACK is sent when emission has begun: the start lies about half-way
-        # through the round trip (as a PONG's device time does).
-        em.start_device_us = clock.device_time_now_us((sent_s + acked_s) / 2)
+        if running_ms is None:
+            # The ACK is sent when emission has begun: the start lies about half-way
+            # through the round trip (as a PONG's device time does).
+            em.start_device_us = clock.device_time_now_us((sent_s + acked_s) / 2)
+        else:
+            # Learned from the counters: the port has emitted for running_ms.
+            em.start_device_us = clock.device_time_now_us(acked_s) - running_ms * 1000
         self.state = PortState.EMITTING
         self.wait_reason = ""
         session.recorder.emission_started(
@@ -411,6 +420,34 @@ class PortRunner:
         # paused one) is scheduled now, at the setpoint; samples refine it.
         self._plan_stop(em, prog, em.start_device_us, float(order.power_uw), acked_s)
         return em
+
+    async def _send_start(self, request: codec.EmitStart) -> int | None:
+        """EMIT_START, acknowledged: None. Unanswered (OutcomeUnknown), it is never
+        sent again blindly (ICD §6): the counters say whether the port emits; if it
+        does, the emission runs (how long it has run, ms, is returned); if it does
+        not, a fresh EMIT_START is sent once more; a second loss, or a state that
+        cannot be learned, trips the session."""
+        session = self.session
+        ctrl = self.target.controller
+        for attempt in (1, 2):
+            try:
+                await session.command(ctrl.client.emit_start(request))
+                return None
+            except OutcomeUnknown as exc:
+                learned = await session.learn(
+                    learn_emit_start(ctrl, self.target.device_port), str(exc), self.port
+                )
+                em = self._emission
+                started = learned.executed or (em is not None and em.ended.is_set())
+                log.warning(
+                    "emit_start.outcome_learned", port=self.port, emitting=started, attempt=attempt
+                )
+                if started:
+                    return learned.duration_ms
+                if attempt == 2:
+                    session.trip(TripCause.REPLY_TIMEOUT, "EMIT_START unanswered twice", self.port)
+                    raise Stopped() from exc
+        raise AssertionError("unreachable")
 
     async def _run_until_stopped(
         self, em: Emission, prog: StepProgress

@@ -120,6 +120,26 @@ class TripCause(_Cause):
     )
 
 
+ACKNOWLEDGE_BEFORE_RESTART: frozenset[TripCause] = frozenset(
+    {
+        TripCause.IRRADIANCE_CEILING,
+        TripCause.POWER_CEILING,
+        TripCause.POWER_DEVIATION,
+        TripCause.DOSE_CHANNELS_DISAGREE,
+        TripCause.TELEMETRY_STALE,
+        TripCause.REPLY_TIMEOUT,
+        TripCause.LINK_LOST,
+        TripCause.BACKUP_CHANNEL_STOP,
+    }
+)
+"""Trips whose cause may still be present while the controller latches nothing (a
+weak or miscalibrated emitter, a failing link): the next session would emit into
+the same fault. No session starts after one until an operator has acknowledged
+that cause by its code (:class:`AcknowledgementGate`). Causes the controller
+latches (E401), the interlocks and applicators (read at every start) and the
+service latch (E501) have their own gates."""
+
+
 class EndCause(_Cause):
     """Why a treatment ended early without a fault: a person or the service chose it."""
 
@@ -300,6 +320,68 @@ class ServiceLatch:
                 self.on_set(reason)
             except Exception:
                 log.exception("service_latch.listener_failed")
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """An operator's acknowledgement of a trip: who, when, and what they found."""
+
+    trip: Trip
+    session_id: str | None
+    user: str
+    note: str
+    utc: float
+
+
+class NotAwaited(ValueError):
+    """Nothing (or another cause) awaits acknowledgement; the message says which."""
+
+
+class AcknowledgementGate:
+    """After a trip in :data:`ACKNOWLEDGE_BEFORE_RESTART`, no session starts until an
+    operator acknowledges that cause by its code (pbmctl session acknowledge CODE)."""
+
+    def __init__(self) -> None:
+        self.awaiting: Trip | None = None
+        self.session_id: str | None = None
+
+    def tripped(self, trip: Trip, session_id: str | None) -> None:
+        """A session tripped: hold the gate when the cause may still be present."""
+        if trip.cause in ACKNOWLEDGE_BEFORE_RESTART:
+            self.awaiting = trip
+            self.session_id = session_id
+
+    def refusal(self) -> str | None:
+        """Why no session may start yet, with the command that allows it; or None."""
+        trip = self.awaiting
+        if trip is None:
+            return None
+        code = trip.cause.code
+        where = f" (session {self.session_id})" if self.session_id else ""
+        return (
+            f"{code} ended the last session{where}: {trip.describe()} The cause may still "
+            f"be present. Find and correct it, then acknowledge it: pbmctl session "
+            f'acknowledge {code} --note "what was found"'
+        )
+
+    def acknowledge(
+        self, code: str, user: str, note: str, record: Callable[[Acknowledged], None]
+    ) -> Acknowledged:
+        """Open the gate for `code` (the cause awaiting acknowledgement), or NotAwaited.
+        `record` is called first; if it raises, the gate stays closed."""
+        trip = self.awaiting
+        if trip is None:
+            raise NotAwaited("no trip awaits acknowledgement; nothing to acknowledge")
+        if code.strip().upper() != trip.cause.code:
+            raise NotAwaited(
+                f"the trip awaiting acknowledgement is {trip.cause.code} "
+                f"({trip.cause.message}), not {code}"
+            )
+        done = Acknowledged(trip, self.session_id, user, note, time.time())
+        record(done)
+        self.awaiting = None
+        self.session_id = None
+        return done
 
 
 @dataclass(frozen=True)

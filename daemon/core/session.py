@@ -25,15 +25,20 @@ from typing import Any, TypeVar
 
 import structlog
 
-from pbmd.daemon.core.controllers import PortMap
+from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.emission import GC_QUIET
+from pbmd.daemon.core.link_health import (
+    Learned,
+    OutcomeNotLearned,
+    StalenessWatch,
+    learn_arm,
+)
 from pbmd.daemon.core.rules import (
     CONTROLLER_RULES,
     EVENT_RULES,
     TELEMETRY_STALE,
     ControllerView,
     EventView,
-    TelemetryAge,
     first_broken,
 )
 from pbmd.daemon.core.runner import PortRunner
@@ -70,6 +75,7 @@ from pbmd.drivers.client import (
     EmissionInhibited,
     LinkClosed,
     NakReceived,
+    OutcomeUnknown,
     ReplyTimeout,
 )
 from pbmd.drivers.listeners import Listeners
@@ -319,9 +325,14 @@ class Session:
             raise Stopped()
 
     async def command(self, aw: Awaitable[T]) -> T:
-        """Await a controller request; a late reply or lost link trips the session."""
+        """Await a controller request; a late reply or lost link trips the session.
+
+        OutcomeUnknown (EMIT_START or ARM unanswered on a healthy link) goes to
+        the caller, which learns the outcome before anything else (ICD §6)."""
         try:
             return await aw
+        except OutcomeUnknown:
+            raise
         except ReplyTimeout as exc:
             self.trip(TripCause.REPLY_TIMEOUT, str(exc))
             raise Stopped() from exc
@@ -463,17 +474,42 @@ class Session:
         self._set_state(SessionState.READY, "plan verified, controller ready")
         # ARMED: emission indicator on, emission delay.
         for ctrl in self.port_map.controllers():
-            try:
-                await self.command(ctrl.client.arm(self.token))
-            except NakReceived as exc:
-                self.trip(nak_cause(exc, ctrl.interlocks), f"{ctrl.name}: ARM refused: {exc}")
-                raise Stopped() from exc
+            await self._arm(ctrl)
         self._set_state(SessionState.ARMED, "armed; emission delay running")
         await self._wait_armed_ready()
         self._set_state(SessionState.RUNNING, "emission delay elapsed")
         async with asyncio.TaskGroup() as group:
             for runner in self.runners.values():
                 group.create_task(runner.run(), name=f"port-{runner.port}")
+
+    async def _arm(self, ctrl: ControllerHandle) -> None:
+        """ARM one controller. An ARM left unanswered is never sent again blindly:
+        the counters say whether it took effect; if not, it is asked once more."""
+        for attempt in (1, 2):
+            try:
+                await self.command(ctrl.client.arm(self.token))
+                return
+            except NakReceived as exc:
+                self.trip(nak_cause(exc, ctrl.interlocks), f"{ctrl.name}: ARM refused: {exc}")
+                raise Stopped() from exc
+            except OutcomeUnknown as exc:
+                learned = await self.learn(learn_arm(ctrl, self.token), f"{ctrl.name}: {exc}")
+                log.warning("arm.outcome_learned", controller=ctrl.name, armed=learned.executed)
+                if learned.executed:
+                    return
+                if attempt == 2:
+                    self.trip(TripCause.REPLY_TIMEOUT, f"{ctrl.name}: ARM unanswered twice")
+                    raise Stopped() from exc
+
+    async def learn(self, aw: Awaitable[Learned], what: str, port: int | None = None) -> Learned:
+        """The outcome of an unanswered EMIT_START or ARM (`what`), or a trip saying
+        that it could not be learned (the state of the controller is unknown)."""
+        try:
+            return await self.command(aw)
+        except OutcomeNotLearned as exc:
+            cause = TripCause.LINK_LOST if exc.link_lost else TripCause.REPLY_TIMEOUT
+            self.trip(cause, f"{what}; the controller's state could not be learned: {exc}", port)
+            raise Stopped() from exc
 
     async def _wait_armed_ready(self) -> None:
         """Until every controller reports the emission delay over. Only samples that
@@ -492,21 +528,15 @@ class Session:
                     break
 
     async def _watch_staleness(self) -> None:
-        """Telemetry older than N sample periods is a link fault (ICD §6)."""
-        period_s = self.telemetry_period_s
-        limit_s = self.limits.stale_telemetry_periods * period_s
-        # Counted from when watching began at the earliest: a pause before it (the
-        # session's start-up collection) is not the controller's silence.
-        began = time.monotonic()
-        while True:
-            now = time.monotonic()
-            oldest = min(max(c.telemetry_host_s or now, began) for c in self.port_map.controllers())
-            age = now - oldest
-            detail = TELEMETRY_STALE.check(TelemetryAge(age, period_s), self.limits)
-            if detail is not None:
-                self.trip(TELEMETRY_STALE.cause, detail)
-                return
-            await asyncio.sleep(max(limit_s - age, 0.001) + 0.001)
+        """Telemetry older than N sample periods is a link fault (ICD §6), judged on
+        the link, not on the host's own lateness (:class:`StalenessWatch`)."""
+        watch = StalenessWatch(
+            self.port_map.controllers(),
+            self.limits,
+            self.telemetry_period_s,
+            functools.partial(self.trip, TELEMETRY_STALE.cause),
+        )
+        await watch.run()
 
     def _on_link_lost(self, name: str, exc: BaseException) -> None:
         if self._closing:

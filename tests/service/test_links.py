@@ -98,6 +98,9 @@ def test_socket_link_lost_mid_session_then_reconnected(
         # The controller comes back on the same address: pbmd reconnects by itself.
         sims.append(Sim(port=sim.port))
         d.wait_log(lambda r: r.event == "controller.reconnected", timeout_s=60)
+        # A link fault may still be present: the operator acknowledges it first.
+        code = ended["params"]["status"]["cause_code"]
+        c.call("session.acknowledge", {"code": code, "note": "controller back on the line"})
         session_id, state = run_session_confirming(c, "service-short", "LINK-2", SHORT_SCREENING)
         assert state == "completed"
         record = c.call("records.show", {"session_id": session_id})["session"]

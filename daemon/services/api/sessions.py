@@ -25,7 +25,7 @@ from pbmd.daemon.services.api.registry import (
     Registry,
     RpcError,
 )
-from pbmd.daemon.services.api.roles import ANYONE, CLINICIAN
+from pbmd.daemon.services.api.roles import ANYONE, CLINICIAN, STAFF
 from pbmd.daemon.services.api.watch import session_json
 from pbmd.protocols.model import Contraindication
 from pbmd.protocols.store import LibraryError
@@ -63,6 +63,15 @@ class OptionalPortParams(Params):
 
 class AbortParams(Params):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "aborted by operator"
+
+
+class AcknowledgeParams(Params):
+    code: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]\d{3}$")] = Field(
+        description="The code of the trip being acknowledged, e.g. E104."
+    )
+    note: Annotated[str, StringConstraints(min_length=0, max_length=500, strip_whitespace=True)] = (
+        Field(default="", description="What was found and done about the cause.")
+    )
 
 
 def refused(exc: StartRefused) -> RpcError:
@@ -165,3 +174,22 @@ def register(reg: Registry, service: Service) -> None:
         with _session_errors():
             s = await service.engine.abort(p.reason, caller.peer.user)
         return {"session_id": s.id, "state": s.state.value}
+
+    @reg.add(
+        "session.acknowledge",
+        AcknowledgeParams,
+        STAFF,
+        "Acknowledge the cause of the last trip (found and corrected); sessions may start again.",
+    )
+    async def session_acknowledge(caller: Caller, p: AcknowledgeParams) -> Any:
+        with _session_errors():  # CommandRefused is a SessionError: REFUSED, with why
+            done = service.engine.acknowledge(p.code, caller.peer.user, p.note)
+        await service.store.sync()
+        return {
+            "acknowledged": done.trip.cause.code,
+            "cause": done.trip.cause.name,
+            "session_id": done.session_id,
+            "user": done.user,
+            "note": done.note,
+            "utc": done.utc,
+        }

@@ -40,6 +40,11 @@ SCREENING = (
     "photosensitivity",
     "reduced-sensation",
 )
+DEFAULT_TIME_SCALE = 30.0
+"""×30, not faster: every millisecond the host is late is that many ms of device time.
+At ×60 a stop 5 ms late on a busy machine overran a probe point's energy budget
+(E404); at ×30 the 50-minute protocol still takes under two minutes, and three runs
+beside `stress-ng --cpu 2` completed (docs/performance.md)."""
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -236,7 +241,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "automatically, print the treatment report, stop the daemon.",
     )
     p.add_argument(
-        "--time-scale", type=float, default=60.0, help="device clock speed-up, 1..120 (60)"
+        "--time-scale",
+        type=float,
+        default=DEFAULT_TIME_SCALE,
+        help=f"device clock speed-up, 1..120 ({DEFAULT_TIME_SCALE:g})",
     )
     p.add_argument("--keep", action="store_true", help="keep the state directory")
     p.set_defaults(func=_main)

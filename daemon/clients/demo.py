@@ -43,8 +43,8 @@ SCREENING = (
 DEFAULT_TIME_SCALE = 30.0
 """×30, not faster: every millisecond the host is late is that many ms of device time.
 At ×60 a stop 5 ms late on a busy machine overran a probe point's energy budget
-(E404); at ×30 the 50-minute protocol still takes under two minutes, and three runs
-beside `stress-ng --cpu 2` completed (docs/performance.md)."""
+(E404); at ×30 the 50-minute protocol still takes under two minutes
+(docs/performance.md, "Isolation of the safety core")."""
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -143,7 +143,9 @@ async def _start_daemon(
     console: Console, time_scale: float, state: Path, sock: Path
 ) -> asyncio.subprocess.Process:
     """`pbmd run` on the embedded default, in its own session (Ctrl-C reaches pbmctl;
-    the daemon is stopped by _stop)."""
+    the daemon is stopped by _stop); under SCHED_FIFO where allowed, as pbmd.service
+    runs it: at nice 0 a saturated machine starved it (and its simulator) past the
+    telemetry staleness limit (E201)."""
     cmd = [
         sys.executable,
         "-m",
@@ -157,6 +159,7 @@ async def _start_daemon(
         str(sock),
         "--log-format",
         "json",
+        "--realtime",
     ]
     console.print(f"\n[bold cyan]$ pbmd {shlex.join(cmd[3:])} &[/]", highlight=False)
     return await asyncio.create_subprocess_exec(

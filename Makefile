@@ -10,8 +10,9 @@ PACKAGES := pbmd.daemon pbmd.drivers pbmd.protocols pbmd.hw_sim
 
 .PHONY: run test setup system-deps lint typecheck pytest bench clean
 
+# The demo's device clock runs ×30 (its default; why: DEFAULT_TIME_SCALE in daemon/clients/demo.py).
 run: setup
-	$(BIN)/pbmd demo --time-scale 60
+	$(BIN)/pbmd demo
 
 test: setup lint typecheck pytest
 

@@ -1,15 +1,19 @@
 """`pbmd sim`: run a simulated controller in the foreground.
 
 Prints, one line each and flushed, ``link <url or pty path>``, ``control
-<host:port>`` and ``ready``, then serves until SIGINT or SIGTERM (exit 0).
-Scripts and test harnesses parse these lines to find the endpoints.
+<host:port>`` (not with ``--no-control``) and ``ready``, then serves until SIGINT
+or SIGTERM (exit 0). Scripts, test harnesses and the daemon's embedded simulator
+(daemon/services/sim_process.py) parse these lines to find the endpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -77,7 +81,25 @@ def register(subparsers: Any) -> None:
         metavar="HOST:PORT",
         help="JSON-lines control channel (default 127.0.0.1:0, any free port)",
     )
+    p.add_argument(
+        "--no-control", action="store_true", help="open no control channel (no fault injection)"
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument(
+        "--emission-delay-ms",
+        type=int,
+        default=SimConfig.emission_delay_ms,
+        metavar="MS",
+        help=f"delay between EMIT_START and light (default {SimConfig.emission_delay_ms})",
+    )
+    p.add_argument(
+        "--serial", default=SimConfig.serial, help=f"serial number (default {SimConfig.serial})"
+    )
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when the process that started it dies (Linux; the daemon's own simulator)",
+    )
     p.add_argument(
         "--port",
         type=_port_spec,
@@ -101,12 +123,20 @@ def run(args: argparse.Namespace) -> int:
     ports = default_ports()
     for number, name in args.port:
         ports[number] = name
-    config = SimConfig(time_scale=args.time_scale, ports=ports, seed=args.seed)
+    config = SimConfig(
+        time_scale=args.time_scale,
+        ports=ports,
+        seed=args.seed,
+        emission_delay_ms=args.emission_delay_ms,
+        serial=args.serial,
+    )
     try:
         config.validate()
     except ValueError as exc:
         print(f"pbmd sim: {exc}", file=sys.stderr)
         return 2
+    if args.exit_with_parent:
+        _exit_with_parent()
     try:
         asyncio.run(_serve(config, args))
     except OSError as exc:
@@ -125,8 +155,19 @@ async def _serve(config: SimConfig, args: argparse.Namespace) -> None:
             link = await sim.listen_pty()
         else:
             link = await sim.listen_tcp(*args.tcp)
-        control = await sim.listen_control(*args.control)
         print(f"link {link}", flush=True)
-        print(f"control {control}", flush=True)
+        if not args.no_control:
+            control = await sim.listen_control(*args.control)
+            print(f"control {control}", flush=True)
         print("ready", flush=True)
         await stop.wait()
+
+
+def _exit_with_parent() -> None:
+    """SIGTERM when the parent dies (PR_SET_PDEATHSIG), as a controller loses its host:
+    a killed daemon leaves no simulator behind."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -40,6 +40,11 @@ SCREENING = (
     "photosensitivity",
     "reduced-sensation",
 )
+DEFAULT_TIME_SCALE = 30.0
+"""×30, not faster: every millisecond the host is late is that many ms of device time.
+At ×60 a stop 5 ms late on a busy machine overran a probe point's energy budget
+(E404); at ×30 the 50-minute protocol still takes under two minutes
+(docs/performance.md, "Isolation of the safety core")."""
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -138,7 +143,9 @@ async def _start_daemon(
     console: Console, time_scale: float, state: Path, sock: Path
 ) -> asyncio.subprocess.Process:
     """`pbmd run` on the embedded default, in its own session (Ctrl-C reaches pbmctl;
-    the daemon is stopped by _stop)."""
+    the daemon is stopped by _stop); under SCHED_FIFO where allowed, as pbmd.service
+    runs it: at nice 0 a saturated machine starved it (and its simulator) past the
+    telemetry staleness limit (E201)."""
     cmd = [
         sys.executable,
         "-m",
@@ -152,6 +159,7 @@ async def _start_daemon(
         str(sock),
         "--log-format",
         "json",
+        "--realtime",
     ]
     console.print(f"\n[bold cyan]$ pbmd {shlex.join(cmd[3:])} &[/]", highlight=False)
     return await asyncio.create_subprocess_exec(
@@ -236,7 +244,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "automatically, print the treatment report, stop the daemon.",
     )
     p.add_argument(
-        "--time-scale", type=float, default=60.0, help="device clock speed-up, 1..120 (60)"
+        "--time-scale",
+        type=float,
+        default=DEFAULT_TIME_SCALE,
+        help=f"device clock speed-up, 1..120 ({DEFAULT_TIME_SCALE:g})",
     )
     p.add_argument("--keep", action="store_true", help="keep the state directory")
     p.set_defaults(func=_main)

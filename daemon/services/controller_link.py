@@ -1,5 +1,7 @@
 """One configured controller as the process holds it: (embedded) simulator, client, handle.
 
+The embedded simulator (link = "sim") runs in a child process (sim_process.py).
+
 Opening a link means the handshake and a first telemetry sample; a link that
 cannot open raises StartupError saying what to check. The service reopens a
 lost link once no session runs.
@@ -20,9 +22,9 @@ from pbmd.daemon.core.status import ControllerStatus
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services.api.status import controller_json
 from pbmd.daemon.services.errors import StartupError
+from pbmd.daemon.services.sim_process import SimProcess, SimStartError
 from pbmd.drivers.client import ClientError, ControllerClient, open_controller
 from pbmd.drivers.transport import LinkURLError
-from pbmd.hw_sim import SimConfig, Simulator
 
 log = structlog.get_logger()
 
@@ -33,7 +35,7 @@ class ControllerLink:
     def __init__(self, config: cfg.ControllerConfig) -> None:
         self.config = config
         self.name = config.name
-        self.sim: Simulator | None = None
+        self.sim: SimProcess | None = None
         self.url: str | None = None
         self.control_address: str | None = None
         self.client: ControllerClient | None = None
@@ -43,40 +45,8 @@ class ControllerLink:
 
     async def open(self, telemetry_hz: int, on_lost: Callable[[ControllerLink, str], None]) -> None:
         c = self.config
-        if c.link == "sim" and self.sim is None:
-            opts = c.sim_options
-            sim = Simulator(
-                SimConfig(
-                    time_scale=opts.time_scale,
-                    ports=opts.port_map(),
-                    seed=opts.seed,
-                    emission_delay_ms=opts.emission_delay_ms,
-                    serial=opts.serial,
-                )
-            )
-            await sim.start()
-            self.sim = sim
-            try:
-                if opts.transport == "pty":
-                    self.url = await sim.listen_pty()
-                else:
-                    self.url = await sim.listen_tcp("127.0.0.1", 0)
-                if opts.control is not None:
-                    host, _, port = opts.control.rpartition(":")
-                    self.control_address = await sim.listen_control(host.strip("[]"), int(port))
-            except OSError as exc:
-                raise StartupError(
-                    f"controller {c.name}: the embedded simulator cannot open its "
-                    f'{opts.transport} link ({exc}); try transport = "tcp" in '
-                    "[controllers.sim]"
-                ) from exc
-            log.info(
-                "controller.simulated",
-                controller=c.name,
-                link=self.url,
-                time_scale=opts.time_scale,
-                control=self.control_address,
-            )
+        if c.link == "sim" and (self.sim is None or not self.sim.alive):
+            await self._start_sim()
         elif c.link != "sim":
             self.url = c.link
         assert self.url is not None
@@ -118,6 +88,33 @@ class ControllerLink:
             serial=info.serial,
             firmware=info.firmware,
             ports=info.port_count,
+        )
+
+    async def _start_sim(self) -> None:
+        """The embedded simulator in a process of its own; a dead one is started again
+        (a power-cycled controller) when the link is reopened."""
+        c = self.config
+        opts = c.sim_options
+        if self.sim is not None:
+            await self.sim.close()
+            self.sim = None
+        try:
+            sim = await SimProcess.start(opts)
+        except (OSError, SimStartError) as exc:
+            raise StartupError(
+                f"controller {c.name}: the embedded simulator did not start ({exc}); try "
+                'transport = "tcp" in [controllers.sim], or run `pbmd sim` to see why'
+            ) from exc
+        self.sim = sim
+        self.url = sim.url
+        self.control_address = sim.control_address
+        log.info(
+            "controller.simulated",
+            controller=c.name,
+            link=self.url,
+            time_scale=opts.time_scale,
+            control=self.control_address,
+            pid=sim.pid,
         )
 
     async def close_client(self) -> None:

@@ -37,7 +37,7 @@ from pbmd.daemon.core.session import EventKind, SessionEvent
 from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
-from pbmd.daemon.services import state_dir
+from pbmd.daemon.services import scheduling, state_dir
 from pbmd.daemon.services.api import (
     JsonRpcServer,
     RoleResolver,
@@ -603,6 +603,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     daemon_log.configure(
         args.log_level or config.logging.level, args.log_format or config.logging.format
     )
+    scheduling.apply(args.realtime)
     try:
         return asyncio.run(run_service(config, source))
     finally:
@@ -633,7 +634,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "run",
         help="run the daemon in the foreground (systemd runs this)",
         description="Run pbmd in the foreground until SIGTERM or SIGINT. Without --config it "
-        "runs the embedded development default: a simulated controller in-process, state "
+        "runs the embedded development default: a simulated controller (a child process), state "
         "under the user's state directory. Exit status: 0 stopped cleanly, 1 could not start, "
         "78 configuration error.",
     )
@@ -645,6 +646,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=float,
         metavar="X",
         help="override the device clock speed-up of simulated controllers (1..120)",
+    )
+    run.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run under SCHED_FIFO (priority 10) when allowed (root or CAP_SYS_NICE); "
+        "otherwise at the nice value it was started with. systemd/pbmd.service sets it itself",
     )
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run.add_argument("--log-format", choices=("auto", "json", "console"))

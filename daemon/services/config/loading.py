@@ -29,7 +29,7 @@ DEFAULT_SOURCE = "<embedded default>"
 
 DEFAULT_TOML = """\
 # pbmd embedded default configuration (development).
-# A simulated four-port controller runs inside the daemon (ports 1-3 DUO pads,
+# A simulated four-port controller runs as the daemon's child (ports 1-3 DUO pads,
 # port 4 the 905 nm probe). State goes under the user's state directory and
 # the control socket under the runtime directory (see docs/configuration.md).
 # The shipped protocols are signed with the pbmd TEST key: NOT FOR CLINICAL USE.

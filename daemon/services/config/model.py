@@ -39,7 +39,7 @@ class _Section(BaseModel):
 
 
 _LINK_HELP = (
-    'link = "sim" (simulator inside pbmd), "socket://HOST:PORT" (e.g. `pbmd sim`), '
+    'link = "sim" (a simulator run by pbmd), "socket://HOST:PORT" (e.g. `pbmd sim`), '
     'or a serial device such as "/dev/serial/by-id/usb-…" or "serial:///dev/ttyACM0"'
 )
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -72,7 +72,7 @@ def check_link(link: str) -> str:
 
 
 class SimOptions(_Section):
-    """The simulated controller run inside the daemon (link = "sim")."""
+    """The simulated controller the daemon runs as a child process (link = "sim")."""
 
     time_scale: float = Field(
         default=1.0,

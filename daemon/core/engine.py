@@ -259,10 +259,6 @@ class Engine:
             raise StartRefused(
                 f"the system needs service: {self.service_required}", TripCause.STUCK_EMISSION
             )
-        awaiting = self.acknowledgements.awaiting
-        refusal = self.acknowledgements.refusal()
-        if awaiting is not None and refusal is not None:
-            raise StartRefused(refusal, awaiting.cause)
         try:
             self.store.check_ready()
         except RecordsUnavailable as exc:
@@ -313,6 +309,12 @@ class Engine:
                     "disconnect the applicators and have the system checked",
                     TripCause.STUCK_EMISSION,
                 )
+        # Last: a condition present now is what the operator must see first; once
+        # nothing is wrong that pbmd can see, the last trip still needs a person.
+        awaiting = self.acknowledgements.awaiting
+        refusal = self.acknowledgements.refusal()
+        if awaiting is not None and refusal is not None:
+            raise StartRefused(refusal, awaiting.cause)
 
     # ---------------------------------------------------------------- use cases
 

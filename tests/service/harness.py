@@ -143,8 +143,9 @@ class Daemon:
         argv = list(
             self.argv or [*PBMD, "run", "--config", str(self.config_path), *self.extra_args]
         )
-        if self.nice is not None:
-            argv = ["nice", "-n", str(self.nice), *argv]
+        if self.nice is not None and self.nice != os.nice(0):
+            # `nice -n` adds to the caller's own value: ask for the difference.
+            argv = ["nice", "-n", str(self.nice - os.nice(0)), *argv]
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import re
 import threading
@@ -185,9 +186,7 @@ def find_devices(target: UsbTarget, backend: Any) -> list[Any]:
 
     try:
         return list(
-            usb.core.find(
-                find_all=True, idVendor=target.vid, idProduct=target.pid, backend=backend
-            )
+            usb.core.find(find_all=True, idVendor=target.vid, idProduct=target.pid, backend=backend)
         )
     except usb.core.USBError as exc:
         raise LinkError(explain(exc, f"usb {target.ids}: cannot list USB devices")) from exc
@@ -197,29 +196,44 @@ def where(dev: Any) -> str:
     return f"bus {dev.bus} address {dev.address}"
 
 
+def read_strings(dev: Any) -> tuple[str | None, str | None]:
+    """The device's serial and product strings.
+
+    libusb reads string descriptors through an opened device, so this is where a
+    device the user may not open says so; the language IDs are read first and
+    directly, because pyusb's ``langids`` property hides that error.
+    """
+    import usb.util
+
+    usb.util.get_langids(dev)
+    return dev.serial_number, dev.product
+
+
 def select_device(target: UsbTarget, devices: list[Any]) -> Any:
     """The first device, or the one whose serial is the target's; LinkError with the fix."""
     import usb.core
+    import usb.util
 
     if target.serial is None and devices:
         return devices[0]
     seen: list[str] = []
     for dev in devices:
         try:
-            serial = dev.serial_number
+            serial, _product = read_strings(dev)
         except (usb.core.USBError, ValueError) as exc:
-            # libusb reads string descriptors through an opened device
+            usb.util.dispose_resources(dev)
             raise LinkError(
                 explain(exc, f"usb {target.ids} at {where(dev)}: cannot read its serial")
             ) from exc
         if serial == target.serial:
             return dev
+        usb.util.dispose_resources(dev)  # opened to read its serial; not ours
         seen.append(str(serial))
     others = f" (attached with those IDs: {', '.join(seen)})" if seen else ""
     raise LinkError(
         f"no USB device {target} is attached{others}; check that the controller is powered "
         "and its cable plugged in, and the VID:PID and serial in the link URL "
-        "(pbmctl controllers scan lists what is attached)"
+        "(pbmctl controller scan lists what is attached)"
     )
 
 
@@ -337,10 +351,8 @@ class UsbLink(Link):
 
         self._reader.join()
         self._writer.shutdown(wait=True)
-        try:
+        with contextlib.suppress(usb.core.USBError):  # a device that is gone has nothing left
             usb.util.release_interface(self._dev, INTERFACE)
-        except usb.core.USBError:
-            pass  # a device that is gone has nothing left to release
         usb.util.dispose_resources(self._dev)
 
 
@@ -356,3 +368,51 @@ async def open_usb(url: str) -> UsbLink:
     dev, max_packet = await asyncio.to_thread(locate)
     log.debug("link open", url=url, transport="usb", bus=dev.bus, address=dev.address)
     return UsbLink(url, dev, max_packet)
+
+
+@dataclass(frozen=True)
+class UsbCandidate:
+    """An attached device with a PBM-Link VID:PID, as ``pbmctl controller scan`` shows it."""
+
+    ids: str
+    bus: int
+    address: int
+    serial: str | None
+    product: str | None
+    problem: str | None
+    """Why this user cannot open it (with the fix), or None if it can."""
+
+    @property
+    def url(self) -> str:
+        return f"usb://{self.ids}" + (f"/{self.serial}" if self.serial else "")
+
+
+def scan_usb(targets: list[UsbTarget]) -> list[UsbCandidate]:
+    """Every attached device with one of the targets' VID:PID; opens each only to read strings.
+
+    Reading the serial needs an opened device, so a device this user may not
+    open is listed with the permission problem and its fix instead. Nothing is
+    claimed: a controller a running pbmd holds is not disturbed.
+    """
+    import usb.core
+    import usb.util
+
+    found: list[UsbCandidate] = []
+    seen: set[tuple[int, int, str | None]] = set()
+    for target in targets:
+        key = (target.vid, target.pid, target.backend)
+        if key in seen:
+            continue
+        seen.add(key)
+        for dev in find_devices(target, backend_for(target)):
+            serial = product = problem = None
+            try:
+                serial, product = read_strings(dev)
+            except (usb.core.USBError, ValueError) as exc:
+                problem = explain(exc, f"usb {target.ids} at {where(dev)}")
+            finally:
+                usb.util.dispose_resources(dev)
+            found.append(
+                UsbCandidate(target.ids, int(dev.bus), int(dev.address), serial, product, problem)
+            )
+    return found

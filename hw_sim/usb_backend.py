@@ -20,6 +20,7 @@ no permission or a busy device can be tested.
 from __future__ import annotations
 
 import array
+import contextlib
 import itertools
 import select
 import socket
@@ -145,10 +146,8 @@ class _Handle:
         with self.lock:
             sock, self.sock = self.sock, None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
 
@@ -279,10 +278,10 @@ class SimulatedUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
     def ctrl_transfer(
         self,
         handle: _Handle,
-        bmRequestType: int,  # noqa: N803 - pyusb's parameter names
-        bRequest: int,  # noqa: N803
-        wValue: int,  # noqa: N803
-        wIndex: int,  # noqa: N803
+        bmRequestType: int,  # pyusb's parameter names
+        bRequest: int,
+        wValue: int,
+        wIndex: int,
         data: array.array[int],
         timeout: int,
     ) -> int:

@@ -1,6 +1,7 @@
 """The client against the simulated controller over the real byte protocol,
-on TCP, on a pty and over USB (the simulated pyusb backend): handshake, arming, emission, counters, telemetry, the
-watchdog, and the faults a link can have."""
+on TCP, on a pty and over USB (the simulated pyusb backend): handshake,
+arming, emission, counters, telemetry, the watchdog, and the faults a link
+can have."""
 
 from __future__ import annotations
 
@@ -192,8 +193,9 @@ async def test_closing_stops_the_heartbeat_and_the_watchdog_acts(sim: Simulator,
 
 
 async def test_dropped_link_is_reported(sim: Simulator, url: str) -> None:
-    """TCP and USB: the connection closes (the device is gone), a link loss. A serial line cannot close: it
-    goes silent, and what the host sees is heartbeat replies missing."""
+    """TCP and USB: the connection closes (the device is gone), a link loss.
+    A serial line cannot close: it goes silent, and what the host sees is
+    heartbeat replies missing."""
     client = await open_controller(url, telemetry_hz=50)
     lost: list[LinkClosed] = []
     timeouts: list[ReplyTimeout] = []

@@ -59,6 +59,8 @@ class ControllerLink:
             try:
                 if opts.transport == "pty":
                     self.url = await sim.listen_pty()
+                elif opts.transport == "usb":  # the simulated USB bus (hw_sim/usb_backend.py)
+                    self.url = await sim.listen_usb()
                 else:
                     self.url = await sim.listen_tcp("127.0.0.1", 0)
                 if opts.control is not None:

@@ -228,3 +228,17 @@ async def test_unplug_is_a_lost_link_and_replug_a_new_one(bus: Bus) -> None:
 async def test_unknown_backend_is_explained() -> None:
     with pytest.raises(LinkError, match="no USB backend 'nope'"):
         await open_link("usb://1209:0001?backend=nope")
+
+
+async def test_scan_command_shows_links_and_permission_fixes(
+    bus: Bus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pbmd.daemon.clients import pbmctl
+
+    await bus.plug("PBM-0001")
+    denied = await bus.plug("PBM-0002")
+    denied.inject("open", usb_link.LIBUSB_ERROR_ACCESS)
+    assert pbmctl.main(["controller", "scan", "--id", f"1209:0001?backend={bus.name}"]) == 0
+    text = capsys.readouterr().out
+    assert 'link = "usb://1209:0001/PBM-0001"' in text and "ok: pbmd can open it" in text
+    assert "permission denied" in text and "60-pbm-controller.rules" in text

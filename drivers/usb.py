@@ -66,8 +66,8 @@ LIBUSB_ERROR_PIPE: Final = -9
 UDEV_FIX: Final = (
     "install the udev rule (sudo install -m 644 systemd/60-pbm-controller.rules "
     "/etc/udev/rules.d/ && sudo udevadm control --reload && sudo udevadm trigger), with "
-    "the controller's VID:PID in it, and run pbmd as a member of group pbm (or as the pbmd "
-    "service user); see docs/usb.md"
+    "the controller's VID:PID in it, and run pbmd as the pbmd service user (or a member of group "
+    "pbmd); see docs/usb.md"
 )
 
 _URL_RE = re.compile(r"^([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$")

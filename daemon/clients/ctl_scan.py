@@ -23,7 +23,7 @@ from pbmd.drivers import usb as usb_link
 from pbmd.drivers.transport import LinkError, LinkURLError
 
 SERIAL_FIX = (
-    "add the user to the device's group (ls -l shows it; usually dialout, or pbm with "
+    "add the user to the device's group (ls -l shows it; usually dialout, or pbmd with "
     "systemd/60-pbm-controller.rules installed) and log in again"
 )
 

@@ -242,3 +242,23 @@ async def test_scan_command_shows_links_and_permission_fixes(
     text = capsys.readouterr().out
     assert 'link = "usb://1209:0001/PBM-0001"' in text and "ok: pbmd can open it" in text
     assert "permission denied" in text and "60-pbm-controller.rules" in text
+
+
+def test_udev_rule_gives_group_mode_systemd_tag_and_stable_names() -> None:
+    from pathlib import Path
+
+    rules = Path(__file__).resolve().parents[2] / "systemd" / "60-pbm-controller.rules"
+    lines = [line for line in rules.read_text().splitlines() if line and not line[0] == "#"]
+    usb_rule = next(line for line in lines if 'SUBSYSTEM=="usb"' in line)
+    for part in (
+        'ENV{DEVTYPE}=="usb_device"',
+        'ATTR{idVendor}=="1209"',
+        'ATTR{idProduct}=="0001"',
+        'MODE="0660"',
+        'GROUP="pbmd"',
+        'TAG+="systemd"',
+        'SYMLINK+="pbm/controller"',
+        'SYMLINK+="pbm/usb-$attr{serial}"',
+    ):
+        assert part in usb_rule, part
+    assert "TEST-ONLY" in rules.read_text()

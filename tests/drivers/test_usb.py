@@ -248,7 +248,7 @@ def test_udev_rule_gives_group_mode_systemd_tag_and_stable_names() -> None:
     from pathlib import Path
 
     rules = Path(__file__).resolve().parents[2] / "systemd" / "60-pbm-controller.rules"
-    lines = [line for line in rules.read_text().splitlines() if line and not line[0] == "#"]
+    lines = [line for line in rules.read_text().splitlines() if line and line[0] != "#"]
     usb_rule = next(line for line in lines if 'SUBSYSTEM=="usb"' in line)
     for part in (
         'ENV{DEVTYPE}=="usb_device"',

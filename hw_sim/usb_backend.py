@@ -132,6 +132,13 @@ class _Handle:
         if code is not None:
             raise usb_error(code)
 
+    def pipe(self, stage: str, ep: int, expected: int) -> socket.socket:
+        """The connection behind a bulk transfer on ``ep``; a pipe error on a wrong endpoint."""
+        self.check(stage)
+        if ep != expected or self.sock is None:
+            raise usb_error(usb_link.LIBUSB_ERROR_PIPE)
+        return self.sock
+
     def connect(self) -> None:
         parsed = urllib.parse.urlsplit(self.device.link_url)
         try:
@@ -305,10 +312,7 @@ class SimulatedUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
     def bulk_write(
         self, handle: _Handle, ep: int, intf: int, data: array.array[int], timeout: int
     ) -> int:
-        handle.check("write")
-        sock = handle.sock
-        if ep != usb_link.ENDPOINT_OUT or sock is None:
-            raise usb_error(usb_link.LIBUSB_ERROR_PIPE)
+        sock = handle.pipe("write", ep, usb_link.ENDPOINT_OUT)
         try:
             sock.sendall(data.tobytes())
         except OSError:
@@ -319,10 +323,7 @@ class SimulatedUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
         self, handle: _Handle, ep: int, intf: int, buff: array.array[int], timeout: int
     ) -> int:
         """One IN transfer: what the simulator has sent, up to the buffer (a short packet)."""
-        handle.check("read")
-        sock = handle.sock
-        if ep != usb_link.ENDPOINT_IN or sock is None:
-            raise usb_error(usb_link.LIBUSB_ERROR_PIPE)
+        sock = handle.pipe("read", ep, usb_link.ENDPOINT_IN)
         try:
             ready, _, _ = select.select([sock], [], [], timeout / 1000.0 if timeout else None)
             data = sock.recv(len(buff)) if ready else None

@@ -4,22 +4,11 @@ a USB controller that is not plugged in."""
 
 from __future__ import annotations
 
-import json
-import socket
 from pathlib import Path
-from typing import Any
 
 from .conftest import DaemonFactory
 from .harness import SHORT_SCREENING, SHORT_STEPS, RawClient, run_session_confirming, write_protocol
-
-
-def sim_op(address: tuple[str, int], op: str, **args: Any) -> Any:
-    """One request on the simulator's fault-injection channel (JSON lines)."""
-    with socket.create_connection(address, timeout=10) as s:
-        s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-        reply = json.loads(s.makefile("rb").readline())
-    assert reply["ok"], reply
-    return reply["result"]
+from .test_service_latch import sim_op
 
 
 def test_simulator_over_usb_runs_a_session_and_reconnects(

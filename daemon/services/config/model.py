@@ -64,7 +64,7 @@ def check_link(link: str) -> str:
         if target is None or target.backend is not None:
             raise _fail(
                 "not a USB URL",
-                'write usb://VID:PID or usb://VID:PID/SERIAL with the controller\'s IDs in '
+                "write usb://VID:PID or usb://VID:PID/SERIAL with the controller's IDs in "
                 'hexadecimal (as lsusb prints them), e.g. "usb://1209:0001/PBM-0042"; for the '
                 'simulator over USB use link = "sim" with transport = "usb" in [controllers.sim]',
             )

@@ -252,8 +252,9 @@ def prepare(dev: Any, target: UsbTarget) -> int:
             configured = 0
         if configured != CONFIGURATION:
             dev.set_configuration(CONFIGURATION)
-        if dev.is_kernel_driver_active(INTERFACE):
-            dev.detach_kernel_driver(INTERFACE)
+        with contextlib.suppress(NotImplementedError):  # a platform that cannot tell
+            if dev.is_kernel_driver_active(INTERFACE):
+                dev.detach_kernel_driver(INTERFACE)
         usb.util.claim_interface(dev, INTERFACE)
         intf = dev.get_active_configuration()[(INTERFACE, 0)]
         ep_in = usb.util.find_descriptor(intf, bEndpointAddress=ENDPOINT_IN)
@@ -269,7 +270,7 @@ def prepare(dev: Any, target: UsbTarget) -> int:
     except usb.core.USBError as exc:
         usb.util.dispose_resources(dev)
         raise LinkError(explain(exc, f"{what}: cannot open")) from exc
-    except NotImplementedError:  # a platform without kernel-driver detach
+    except LinkError:
         usb.util.dispose_resources(dev)
         raise
 

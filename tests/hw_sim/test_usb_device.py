@@ -54,6 +54,32 @@ async def test_listen_usb_puts_the_simulator_on_the_bus(lab: Lab) -> None:
     assert device not in shared_backend().devices and not device.plugged
 
 
+def read_telemetry(dev: usb.core.Device) -> tuple[codec.Frame, int]:
+    """Telemetry on, then one-packet IN transfers until a whole telemetry frame is in."""
+    dev.write(0x01, codec.encode_frame(codec.SetTelemetry(100), 8), 1000)
+    decoder = codec.StreamDecoder()
+    while True:
+        chunk = bytes(dev.read(0x81, 64, 1000))
+        assert 0 < len(chunk) <= 64
+        for frame in decoder.feed(chunk):
+            if frame.msg_type == codec.Telemetry.TYPE:
+                return frame, len(codec.encode_frame(frame.message(), frame.seq))
+
+
+async def test_frames_longer_than_a_packet_span_transfers(lab: Lab) -> None:
+    sim = await lab.sim(serial="PBM-HWSIM-2")
+    await sim.listen_usb()
+    dev = usb.core.find(
+        backend=shared_backend(), custom_match=lambda d: d.serial_number == "PBM-HWSIM-2"
+    )
+    try:
+        await asyncio.to_thread(exchange_hello, dev)
+        frame, wire_len = await asyncio.to_thread(read_telemetry, dev)
+    finally:
+        usb.util.dispose_resources(dev)
+    assert len(frame.message().ports) == 4 and wire_len > 64  # reassembled from 2+ packets
+
+
 async def test_two_simulators_are_two_devices() -> None:
     sims = [Simulator(SimConfig(time_scale=60.0, serial=f"PBM-TWO-{i}")) for i in (1, 2)]
     try:

@@ -1,4 +1,4 @@
-"""Byte links to a PBM-Link controller (ICD §2): serial, TCP, and later USB.
+"""Byte links to a PBM-Link controller (ICD §2): serial, TCP and USB.
 
 A :class:`Link` moves raw bytes and nothing else: framing, CRC and replies are
 the client's business (``pbmd.drivers.client``) so that every transport
@@ -9,7 +9,8 @@ from a URL:
   ``serial:///dev/...``: a serial port at 921600 8N1, no flow control;
 - ``socket://host:port``: TCP (the simulator), with Nagle off so a
   40-byte request is not held back waiting for more;
-- ``usb://``: reserved for the vendor-class USB transport, not built yet.
+- ``usb://VID:PID`` or ``usb://VID:PID/SERIAL``: the vendor-class USB
+  interface (ICD §2a), in ``pbmd.drivers.usb``.
 """
 
 from __future__ import annotations
@@ -33,15 +34,11 @@ SERIAL_BAUDRATE: Final = 921600
 READ_CHUNK_BYTES: Final = 4096
 """Largest read handed to the client; any size works, the decoder reassembles."""
 
-USB_VENDOR_ID: Final = 0x1209
-USB_PRODUCT_ID: Final = 0x0001
-USB_ENDPOINT_OUT: Final = 0x01
-USB_ENDPOINT_IN: Final = 0x81
-
 ACCEPTED_FORMS: Final = (
     "socket://HOST:PORT",
     "/dev/<serial device> (e.g. /dev/ttyACM0, /dev/serial/by-id/...)",
     "serial:///dev/<serial device>",
+    "usb://VID:PID or usb://VID:PID/SERIAL (IDs in hexadecimal, e.g. usb://1209:0001/PBM-0042)",
 )
 
 
@@ -51,10 +48,6 @@ class LinkError(OSError):
 
 class LinkURLError(ValueError):
     """The URL names no transport that :func:`open_link` can open."""
-
-
-class LinkUnavailableError(LinkURLError):
-    """The URL names a transport that this build does not provide yet."""
 
 
 class Link(AsyncClosing):
@@ -74,9 +67,10 @@ class Link(AsyncClosing):
     - ``close()`` releases the device; it is idempotent, and a ``read()`` after
       it returns ``b""``.
 
-    The USB transport maps onto this directly: ``read()`` is one bulk-IN
-    transfer on endpoint 0x81 and ``write()`` bulk-OUT transfers on 0x01 (both
-    in an executor, with pyusb's own timeouts), so the client is unchanged.
+    The USB transport maps onto this directly: ``read()`` returns what one
+    bulk-IN transfer on endpoint 0x81 brought (done by a reader thread) and
+    ``write()`` is one bulk-OUT transfer on 0x01 (in a writer thread), so the
+    client is unchanged.
     """
 
     @property
@@ -155,9 +149,8 @@ class SerialLink(StreamLink):
 async def open_link(url: str) -> Link:
     """Open the transport that ``url`` names.
 
-    Raises :class:`LinkURLError` for a URL of no accepted form,
-    :class:`LinkUnavailableError` for ``usb://``, and :class:`LinkError`
-    if the device or host cannot be opened.
+    Raises :class:`LinkURLError` for a URL of no accepted form, and
+    :class:`LinkError` if the device or host cannot be opened.
     """
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()
@@ -173,11 +166,9 @@ async def open_link(url: str) -> Link:
     if scheme == "" and url.startswith("/dev/") and len(url) > len("/dev/"):
         return await _open_serial(url, url)
     if scheme == "usb":
-        raise LinkUnavailableError(
-            f"{url!r}: the USB vendor-class transport (VID 0x{USB_VENDOR_ID:04X}, "
-            f"PID 0x{USB_PRODUCT_ID:04X}) is not available yet; use the controller's serial "
-            "port (/dev/serial/by-id/...) or socket://HOST:PORT for the simulator"
-        )
+        from pbmd.drivers.usb import open_usb  # pyusb is loaded only for USB links
+
+        return await open_usb(url)
     raise LinkURLError(
         f"{url!r} is not a controller link; accepted forms: {', '.join(ACCEPTED_FORMS)}"
     )

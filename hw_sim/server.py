@@ -16,7 +16,7 @@ import os
 import random
 import termios
 import tty
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from pbmd.drivers import codec
 from pbmd.drivers.lifecycle import AsyncClosing
@@ -24,6 +24,9 @@ from pbmd.drivers.lifecycle import AsyncClosing
 from .config import SimConfig
 from .controller import Clock, Controller
 from .faults import ControlProtocol, FaultInjector, IncomingCorruption, corrupt_frame
+
+if TYPE_CHECKING:
+    from .usb_backend import SimulatedUsbDevice
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +260,7 @@ class Simulator(AsyncClosing):
         self._rx_totals = codec.DecoderStats()
         self._servers: list[asyncio.Server] = []
         self._ptys: list[_PtyHost] = []
+        self._usb: list[SimulatedUsbDevice] = []
         self._control_clients: set[asyncio.Transport] = set()
         self._delayed: set[asyncio.TimerHandle] = set()
         self._telemetry: asyncio.TimerHandle | None = None
@@ -316,6 +320,7 @@ class Simulator(AsyncClosing):
         for pty in self._ptys:
             pty.close()
         self._ptys.clear()
+        self._unplug_usb()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -343,6 +348,32 @@ class Simulator(AsyncClosing):
         pty = _PtyHost(self, asyncio.get_running_loop())
         self._ptys.append(pty)
         return pty.path
+
+    async def listen_usb(self, max_packet: int = 64) -> str:
+        """Appear on the process's simulated USB bus; returns ``usb://1209:0001/SERIAL?backend=sim``.
+
+        The device carries the bytes over a loopback TCP listener of this simulator
+        (see :mod:`pbmd.hw_sim.usb_backend`); closing the simulator unplugs it.
+        """
+        from .usb_backend import SimulatedUsbDevice, device_url, shared_backend
+
+        link_url = await self.listen_tcp("127.0.0.1", 0)
+        device = SimulatedUsbDevice(link_url, self.config.serial, max_packet=max_packet)
+        self._usb.append(shared_backend().attach(device))
+        return device_url(device)
+
+    @property
+    def usb_devices(self) -> list[SimulatedUsbDevice]:
+        """This simulator's devices on the simulated USB bus (to unplug and replug them)."""
+        return list(self._usb)
+
+    def _unplug_usb(self) -> None:
+        if self._usb:
+            from .usb_backend import shared_backend
+
+            for device in self._usb:
+                shared_backend().remove(device)
+            self._usb.clear()
 
     async def listen_control(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve the JSON-lines control channel; returns ``host:port``."""

@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from pbmd.daemon.clients import ctl_scan
 from pbmd.daemon.clients import ctl_view as view
 from pbmd.daemon.clients.ctl_client import (
     EXIT_CODES,
@@ -684,6 +685,7 @@ def _add_upkeep_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> N
     ksub = ctl.add_subparsers(dest="controller_command", required=True, metavar="COMMAND")
     p = add(ksub, "clear-fault", cmd_clear_fault, "clear a latched fault (technician)")
     p.add_argument("controller", metavar="NAME")
+    ctl_scan.register(ksub)  # local: runs without the daemon
 
     svc = sub.add_parser("service", help="the service-required latch")
     vsub = svc.add_subparsers(dest="service_command", required=True, metavar="COMMAND")

@@ -28,6 +28,11 @@ from pbmd.drivers.transport import LinkURLError
 
 log = structlog.get_logger()
 
+DEVICE_POLL_S = 2.0
+"""How often a USB or serial controller that is not there yet is looked for at start-up."""
+DEVICE_WAIT_EXTEND_S = 30.0
+"""Each look extends systemd's start timeout by this much: waiting is not a hung start."""
+
 
 class ControllerLink:
     """One configured controller: its (embedded) simulator, client and handle."""
@@ -116,6 +121,42 @@ class ControllerLink:
             control=self.control_address,
             pid=sim.pid,
         )
+
+    # -- waiting for a controller at start-up (USB and serial links) -------------------
+
+    @property
+    def device_link(self) -> bool:
+        """USB or serial: a controller that udev adds when it is plugged in, worth waiting for."""
+        return self.config.link.lower().startswith(("usb://", "/dev/", "serial://"))
+
+    async def open_when_present(
+        self,
+        telemetry_hz: int,
+        on_lost: Callable[[ControllerLink, str], None],
+        *,
+        waiting: Callable[[str, bool], None],
+        stop: asyncio.Event,
+    ) -> bool:
+        """Open; a USB or serial controller that cannot be opened yet is waited for.
+
+        ``waiting(reason, changed)`` is called on every failed attempt (to say so in
+        the service's status); returns False if ``stop`` is set meanwhile. Other links
+        (the simulator, socket://) fail at once, as before.
+        """
+        while True:
+            try:
+                await self.open(telemetry_hz, on_lost)
+                return True
+            except StartupError as exc:
+                if not self.device_link:
+                    raise
+                reason = f"waiting for the controller: {exc}"
+                changed, self.lost = reason != self.lost, reason
+                waiting(str(exc), changed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), DEVICE_POLL_S)
+            if stop.is_set():
+                return False
 
     async def close_client(self) -> None:
         if self.handle is not None:

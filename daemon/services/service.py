@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import gc
 import importlib
 import importlib.util
@@ -46,7 +47,7 @@ from pbmd.daemon.services.api import (
     session_json,
 )
 from pbmd.daemon.services.api.status import port_json
-from pbmd.daemon.services.controller_link import ControllerLink
+from pbmd.daemon.services.controller_link import DEVICE_WAIT_EXTEND_S, ControllerLink
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
 from pbmd.daemon.services.records import RecordsError, RecordStore
@@ -135,7 +136,12 @@ class Service:
         log.info("records.opened", path=str(cfg_.records_path))
         await asyncio.to_thread(self._open_library)
         for link in self.links:
-            await link.open(cfg_.engine.telemetry_hz, self._link_lost)
+            # USB and serial controllers not there yet are waited for (controller_link.py)
+            waiting = functools.partial(self._waiting_for_controller, link)
+            if not await link.open_when_present(
+                cfg_.engine.telemetry_hz, self._link_lost, waiting=waiting, stop=self._stop
+            ):
+                raise StartupError(f"stopped while waiting for controller {link.name}")
         port_map = self._port_map()
         self._engine = Engine(
             port_map,
@@ -339,6 +345,17 @@ class Service:
                 prescribed_energy_j=ev.data.get("prescribed_energy_j"),
             )
         self.watch_hub.on_event(ev)
+
+    def _waiting_for_controller(self, link: ControllerLink, reason: str, changed: bool) -> None:
+        """Start-up waits for a USB or serial controller: say so (log, systemd status)."""
+        if changed:
+            log.warning(
+                "controller.waiting", controller=link.name, link=link.config.link, reason=reason
+            )
+        self.notifier.send(
+            f"STATUS=waiting for controller {link.name}: {reason}",
+            f"EXTEND_TIMEOUT_USEC={int(DEVICE_WAIT_EXTEND_S * 1_000_000)}",
+        )
 
     def _link_lost(self, link: ControllerLink, reason: str) -> None:
         if self._stopping:

@@ -18,6 +18,7 @@ import sys
 import structlog
 
 from pbmd.daemon.services import config as cfg
+from pbmd.hw_sim.usb_backend import SimulatedUsbDevice, device_url, shared_backend
 
 log = structlog.get_logger()
 
@@ -36,6 +37,17 @@ class SimProcess:
         self.proc = proc
         self.url = url
         self.control_address = control
+        self.usb_device: SimulatedUsbDevice | None = None
+        """With transport = "usb": the device on this process's simulated USB bus."""
+
+    def plug_usb(self) -> None:
+        """Appear on the daemon's simulated USB bus (hw_sim/usb_backend.py), carrying the
+        bytes to the child over its TCP link; the link URL becomes the usb:// one."""
+        device = SimulatedUsbDevice(self.url, self.serial)
+        self.usb_device = shared_backend().attach(device)
+        self.url = device_url(device)
+
+    serial: str = ""
 
     @property
     def pid(self) -> int:
@@ -71,12 +83,18 @@ class SimProcess:
             said = err.decode(errors="replace").strip() or "nothing"
             raise SimStartError(f"{exc or 'no ready line in time'}; it said: {said}") from None
         sim = cls(proc, url, control)
+        sim.serial = opts.serial
+        if opts.transport == "usb":
+            sim.plug_usb()
         # Drain its output from now on: a full pipe would stall the simulator.
         sim._drain = asyncio.create_task(_drain(proc), name=f"sim-{proc.pid}-output")
         return sim
 
     async def close(self) -> None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; reaped either way."""
+        if self.usb_device is not None:
+            shared_backend().remove(self.usb_device)
+            self.usb_device = None
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)

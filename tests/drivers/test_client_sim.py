@@ -1,6 +1,7 @@
 """The client against the simulated controller over the real byte protocol,
-on TCP and on a pty: handshake, arming, emission, counters, telemetry, the
-watchdog, and the faults a link can have."""
+on TCP, on a pty and over USB (the simulated pyusb backend): handshake,
+arming, emission, counters, telemetry, the watchdog, and the faults a link
+can have."""
 
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ async def sim() -> AsyncIterator[Simulator]:
         await simulator.close()
 
 
-@pytest.fixture(params=["tcp", "pty"])
+@pytest.fixture(params=["tcp", "pty", "usb"])
 async def url(sim: Simulator, request: pytest.FixtureRequest) -> str:
     if request.param == "tcp":
         return await sim.listen_tcp("127.0.0.1", 0)
+    if request.param == "usb":
+        return await sim.listen_usb()
     return await sim.listen_pty()
 
 
@@ -190,8 +193,9 @@ async def test_closing_stops_the_heartbeat_and_the_watchdog_acts(sim: Simulator,
 
 
 async def test_dropped_link_is_reported(sim: Simulator, url: str) -> None:
-    """TCP: the connection closes, a link loss. A serial line cannot close: it
-    goes silent, and what the host sees is heartbeat replies missing."""
+    """TCP and USB: the connection closes (the device is gone), a link loss.
+    A serial line cannot close: it goes silent, and what the host sees is
+    heartbeat replies missing."""
     client = await open_controller(url, telemetry_hz=50)
     lost: list[LinkClosed] = []
     timeouts: list[ReplyTimeout] = []
@@ -199,7 +203,7 @@ async def test_dropped_link_is_reported(sim: Simulator, url: str) -> None:
     client.add_reply_timeout_listener(timeouts.append)
     try:
         sim.faults.drop_link()
-        if url.startswith("socket://"):
+        if not url.startswith("/dev/"):
             await wait_until(lambda: bool(lost))
             assert not client.heartbeat_running
             with pytest.raises(LinkClosed):

@@ -17,7 +17,6 @@ from pbmd.drivers.client import ControllerClient, LinkClosed, UnexpectedReply, o
 from pbmd.drivers.transport import (
     Link,
     LinkError,
-    LinkUnavailableError,
     LinkURLError,
     SerialLink,
     TcpLink,
@@ -262,12 +261,19 @@ async def test_connection_refused_is_a_link_error() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["usb://", "usb://1209:0001", "USB://controller"],
+    [
+        "usb://",
+        "USB://controller",
+        "usb://1209",
+        "usb://1209:01",
+        "usb://1209:0001/a/b",
+        "usb://1209:0001/SERIAL-LONGER-THAN-16",
+        "usb://1209:0001?baud=9600",
+    ],
 )
-async def test_usb_is_not_available_yet(url: str) -> None:
-    with pytest.raises(LinkUnavailableError, match="not available yet") as caught:
+async def test_malformed_usb_urls_name_the_usb_form(url: str) -> None:
+    with pytest.raises(LinkURLError, match="usb://VID:PID/SERIAL"):
         await open_link(url)
-    assert "0x1209" in str(caught.value) and "socket://" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 from fixtures.protocols import pad_step as pad_step
 from fixtures.protocols import probe_step as probe_step
 from fixtures.protocols import protocol as protocol
-from fixtures.simulator import connect, start_simulator
+from fixtures.simulator import DEFAULT_LINK, connect, start_simulator
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest
@@ -109,8 +109,9 @@ class Rig:
     today: Callable[[], Any] | None = None
     sync_interval_s: float = 1.0
     auto_confirm: bool = True
-    link: str = "tcp"
-    """"tcp" (socket://) or "pty" (the simulator's pseudo-terminal, opened like a serial port)."""
+    link: str = DEFAULT_LINK
+    """"tcp" (socket://), "pty" (the simulator's pseudo-terminal, opened like a serial port)
+    or "usb" (the simulated USB bus); default "tcp", or $PBMD_TEST_LINK."""
     sim: Simulator = field(init=False)
     client: ControllerClient = field(init=False)
     handle: ControllerHandle = field(init=False)

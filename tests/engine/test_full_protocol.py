@@ -4,10 +4,12 @@ subprocess: 50 minutes of device time at ×60, every step within ±0.5 %."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
 import pytest
+from fixtures.simulator import usb_device
 from sim_process import SimProcess
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
@@ -24,12 +26,15 @@ TOLERANCE = 0.005
 
 
 @pytest.mark.slow
-async def test_chronic_lumbar_protocol_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("link", ["tcp", "usb"])
+async def test_chronic_lumbar_protocol_end_to_end(tmp_path: Path, link: str) -> None:
+    """Over TCP, and over USB: usb://1209:0001/PBM-SIM-0001 on the simulated bus."""
     loaded = load_protocol(LIBRARY / "lumbar-chronic-nonspecific.toml")
     device_s = loaded.session_time_s
     assert 45 * 60 <= device_s <= 60 * 60
-    async with SimProcess(time_scale=TIME_SCALE) as sim:
-        client = await open_controller(sim.url, telemetry_hz=50)
+    async with SimProcess(time_scale=TIME_SCALE) as sim, contextlib.AsyncExitStack() as stack:
+        url = sim.url if link == "tcp" else stack.enter_context(usb_device(sim.url))
+        client = await open_controller(url, telemetry_hz=50)
         handle = ControllerHandle("main", client)
         store = await RecordStore.open(tmp_path / "records.sqlite3", min_free_bytes=0)
         try:

@@ -98,7 +98,8 @@ def test_each_error_names_key_value_problem_and_fix(
 
 CONTROLLER_CASES = [
     ('name = "Main Ctl"\nlink = "sim"\n', "controllers[1].name", "not a controller name"),
-    ('name = "m"\nlink = "usb://1209:0001"\n', "controllers[1].link", "USB"),
+    ('name = "m"\nlink = "usb://1209:1"\n', "controllers[1].link", "not a USB URL"),
+    ('name = "m"\nlink = "usb://1209:0001?backend=sim"\n', "controllers[1].link", "not a USB URL"),
     ('name = "m"\nlink = "socket://host"\n', "controllers[1].link", "not a socket URL"),
     ('name = "m"\nlink = "socket://h:99999"\n', "controllers[1].link", "not a socket URL"),
     ('name = "m"\nlink = "ttyUSB0"\n', "controllers[1].link", "not a controller link"),
@@ -123,7 +124,7 @@ CONTROLLER_CASES = [
         "not a simulated applicator",
     ),
     (
-        'name = "m"\nlink = "sim"\n[controllers.sim]\ntransport = "usb"\n',
+        'name = "m"\nlink = "sim"\n[controllers.sim]\ntransport = "usb2"\n',
         "controllers[1].sim.transport",
         "not an accepted value",
     ),
@@ -143,10 +144,23 @@ def test_controller_errors(body: str, key: str, problem: str) -> None:
     assert issue.fix
 
 
-def test_usb_is_refused_with_the_alternatives() -> None:
-    issue = one('[[controllers]]\nname = "m"\nlink = "usb://1209:0001"\n', "controllers[1].link")
-    assert "/dev/serial/by-id/" in issue.fix and "socket://" in issue.fix
-    assert issue.value == "usb://1209:0001"
+def test_malformed_usb_link_shows_the_usb_forms() -> None:
+    issue = one('[[controllers]]\nname = "m"\nlink = "usb://controller"\n', "controllers[1].link")
+    assert "usb://VID:PID/SERIAL" in issue.fix and 'transport = "usb"' in issue.fix
+    assert issue.value == "usb://controller"
+
+
+@pytest.mark.parametrize("link", ["usb://1209:0001", "usb://cafe:BEEF/PBM-0042"])
+def test_usb_links_are_accepted(link: str) -> None:
+    config = cfg.parse(f'[[controllers]]\nname = "m"\nlink = "{link}"\n')
+    assert config.controllers[0].link == link
+    test_id = [line for line in config.development if "1209:0001" in line]
+    assert bool(test_id) == link.startswith("usb://1209:0001")
+
+
+def test_simulator_over_usb_is_an_option() -> None:
+    config = cfg.parse(MINIMAL + '[controllers.sim]\ntransport = "usb"\n')
+    assert config.controllers[0].sim_options.transport == "usb"
 
 
 def test_controllers_required_and_map_needed_for_two() -> None:

@@ -23,6 +23,8 @@ from pydantic import (
 
 from pbmd.daemon.services.config.issues import _fail
 from pbmd.daemon.services.config.paths import default_socket_path, default_state_dir
+from pbmd.drivers.transport import LinkURLError
+from pbmd.drivers.usb import parse_usb_url
 from pbmd.hw_sim.applicators import APPLICATORS, default_ports
 from pbmd.hw_sim.config import MAX_PORTS, MAX_TIME_SCALE
 from pbmd.protocols.limits import Limits
@@ -40,8 +42,11 @@ class _Section(BaseModel):
 
 _LINK_HELP = (
     'link = "sim" (a simulator run by pbmd), "socket://HOST:PORT" (e.g. `pbmd sim`), '
-    'or a serial device such as "/dev/serial/by-id/usb-…" or "serial:///dev/ttyACM0"'
+    'a serial device such as "/dev/serial/by-id/usb-…" or "serial:///dev/ttyACM0", '
+    'or the USB interface "usb://VID:PID" or "usb://VID:PID/SERIAL"'
 )
+TEST_USB_LINK = "usb://1209:0001"
+"""The pid.codes test ID (ICD §2a): simulators and development units only."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _SOCKET_RE = re.compile(r"^socket://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})/?$")
 _HOSTPORT_RE = re.compile(r"^([A-Za-z0-9.-]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})$")
@@ -51,12 +56,19 @@ def check_link(link: str) -> str:
     """Accept the link URL forms the daemon can open; raise with the fix otherwise."""
     if link == "sim":
         return link
-    if link.startswith("usb://"):
-        raise _fail(
-            "the USB vendor-class transport is not available yet",
-            "use the controller's serial device instead (link = "
-            '"/dev/serial/by-id/usb-…"), or "socket://HOST:PORT" for a simulator',
-        )
+    if link.lower().startswith("usb://"):
+        try:
+            target = parse_usb_url(link)
+        except LinkURLError:
+            target = None
+        if target is None or target.backend is not None:
+            raise _fail(
+                "not a USB URL",
+                "write usb://VID:PID or usb://VID:PID/SERIAL with the controller's IDs in "
+                'hexadecimal (as lsusb prints them), e.g. "usb://1209:0001/PBM-0042"; for the '
+                'simulator over USB use link = "sim" with transport = "usb" in [controllers.sim]',
+            )
+        return link
     if link.startswith("socket://"):
         m = _SOCKET_RE.match(link)
         if m is None or not 1 <= int(m.group(2)) <= 65535:
@@ -86,12 +98,14 @@ class SimOptions(_Section):
         description='Applicator per port, e.g. { 1 = "duo_pad", 4 = "probe_905" }; '
         '"none" for an empty port. Default: ports 1-3 duo_pad, port 4 probe_905.',
     )
-    transport: Literal["tcp", "pty"] = Field(
+    transport: Literal["tcp", "pty", "usb"] = Field(
         default="tcp",
         description="How pbmd talks to its simulator: a loopback TCP port (default; another "
-        "local process connecting to it would take the link over) or a pseudo-terminal "
+        "local process connecting to it would take the link over), a pseudo-terminal "
         "(private, like a serial line, but its bytes pass through the kernel's tty "
-        "workqueue, which a busy machine can delay past the telemetry staleness limit).",
+        "workqueue, which a busy machine can delay past the telemetry staleness limit), or "
+        'USB: the simulator as a vendor-class device (VID:PID 1209:0001, serial = "serial") '
+        "on a simulated bus, opened through pyusb like a real controller.",
     )
     control: str | None = Field(
         default=None,
@@ -358,6 +372,12 @@ class Config(_Section):
             scale = max(c.sim_options.time_scale for c in self.controllers if c.link == "sim")
             speed = f", device clock ×{scale:g}" if scale != 1 else ""
             out.append(f"simulated controller ({', '.join(sims)}{speed}): no light is emitted")
+        test_ids = [c.name for c in self.controllers if c.link.lower().startswith(TEST_USB_LINK)]
+        if test_ids:
+            out.append(
+                f"USB test ID 1209:0001 ({', '.join(test_ids)}): a development unit, not a "
+                "production controller"
+            )
         return out
 
     def port_targets(self) -> dict[int, tuple[str, int]] | None:

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from pbmd.daemon.core.controllers import PortMap
-from pbmd.daemon.core.recording import RecordSink
+from pbmd.daemon.core.recording import RecordSink, StoreRecorder
 from pbmd.daemon.core.safety import EndCause
 from pbmd.drivers import codec
 from pbmd.drivers.client import ClientError
+
+if TYPE_CHECKING:
+    from pbmd.daemon.core.session import Session
 
 log = structlog.get_logger()
 
@@ -39,6 +42,15 @@ PROVISIONAL_WAITING = (
 GAVE_UP = "reconcile_impossible"
 """The event of a session whose counters were reset before they could be read: its
 provisional energy stays a lower bound, and it is not asked for again."""
+
+
+def hold_for_counters(session: Session, unreconciled: dict[str, str]) -> None:
+    """A session a link loss ended with provisional energy waits for its controller's
+    counters: listed in ``unreconciled`` (no new session's ARM resets them) until
+    `reconcile_sessions` reads them on reconnection."""
+    recorder = session.recorder
+    if isinstance(recorder, StoreRecorder) and recorder.provisional:
+        unreconciled[session.id] = PROVISIONAL_WAITING
 
 
 async def reconcile_sessions(

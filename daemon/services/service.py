@@ -33,6 +33,7 @@ import structlog
 
 from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
+from pbmd.daemon.core.reconciliation import hold_for_counters
 from pbmd.daemon.core.session import SessionEvent
 from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services import log as daemon_log
@@ -349,6 +350,8 @@ class Service:
             s = self._engine.session if self._engine is not None else None
             if s is not None and not s.state.final:
                 await s.wait()
+                if self._engine is not None:  # provisional energy waits for the counters
+                    hold_for_counters(s, self._engine.unreconciled)
             await link.close_client()
             try:
                 await link.open(self.config.engine.telemetry_hz, self._link_lost)
@@ -370,7 +373,8 @@ class Service:
             return
 
     async def _reconcile_after_reconnect(self) -> None:
-        """Sessions a restart left open wait for their controller's counters; read them now."""
+        """Sessions a restart left open, or a link loss left provisional, wait for their
+        controller's counters; read them now."""
         try:
             closed = await self.engine.reconcile()
         except (ClientError, RecordsError) as exc:

@@ -365,11 +365,12 @@ class Service:
                 await asyncio.sleep(delay_s)  # retry back-off
                 delay_s = min(delay_s * 2, 30.0)
                 continue
-            log.warning("controller.reconnected", controller=link.name)
             if self._engine is not None:
                 self._engine.port_map = self._port_map()
                 if self._engine.unreconciled:
+                    # Before anything else may start: a new session's ARM resets the counters.
                     await self._reconcile_after_reconnect()
+            log.warning("controller.reconnected", controller=link.name)
             return
 
     async def _reconcile_after_reconnect(self) -> None:

@@ -206,9 +206,7 @@ def test_link_cut_mid_emission_provisional_then_the_controllers_counters(
         delivered = snap[2]["delivered_uj"]
         session_total = snap[2]["counters"]["session_delivered_uj"]
         assert delivered >= lower_bound
-        print(
-            f"\nprovisional {lower_bound / 1e6:.3f} J, the controller delivered {delivered / 1e6:.3f} J"
-        )
+        print(f"\nprovisional {lower_bound / 1e6:.3f} J, delivered {delivered / 1e6:.3f} J")
 
         # The cable is back: pbmd reconnects, reads GET_COUNTERS, the figure is final.
         link.restore()

@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 
 from .conftest import DaemonFactory
-from .harness import PBMD, SHORT_SCREENING, RawClient, pbmctl, pbmctl_json, write_protocol
+from .harness import (
+    PBMD,
+    SHORT_SCREENING,
+    Daemon,
+    RawClient,
+    pbmctl,
+    pbmctl_json,
+    write_protocol,
+)
 from .test_links import config_for
 from .test_service_latch import sim_op
 
@@ -146,87 +154,75 @@ def port_rows(c: RawClient, session_id: str, port: int) -> tuple[dict[str, Any],
     return record, [e for e in record["emissions"] if e["port"] == port]
 
 
-def test_link_cut_mid_emission_provisional_then_the_controllers_counters(
-    make_daemon: DaemonFactory, sim: SimProcess, link: CuttableLink, workdir: Path
-) -> None:
-    d = make_daemon(
-        controllers_toml=config_for(f"socket://127.0.0.1:{link.port}"),
-        protocols="allow_unsigned = true\n",
-    ).start()
-    path = write_protocol(workdir)
-    with RawClient(d.socket_path) as c:
-        c.call("protocol.install", {"content": path.read_text()})
-        started = c.call(
-            "session.start",
-            {
-                "protocol": "service-short",
-                "patient_ref": "CUT-1",
-                "contraindications": SHORT_SCREENING,
-                "watch": True,
-            },
-        )
-        session_id = str(started["session_id"])
-        # Port 2's pad step needs no placement prompt: cut once it has delivered energy.
-        while True:
-            msg = c.next_notification()
-            if msg["method"] != "session.status":
-                continue
-            ports = {p["port"]: p for p in msg["params"]["status"].get("ports") or []}
-            if (ports.get(2) or {}).get("controller_energy_j", 0) > 1.0:
-                break
-        link.cut()
-        ended = c.next_notification("session.ended")
-        assert ended["params"]["state"] == "faulted"
-        d.wait_log(lambda r: r.event == "controller.link_lost")
+def cut_mid_emission(
+    d: Daemon, c: RawClient, sim: SimProcess, link: CuttableLink, workdir: Path
+) -> tuple[str, int]:
+    """Start a session, cut the link while port 2 emits; check the record is provisional
+    right after the trip, and the report says so. The session id and the figure."""
+    c.call("protocol.install", {"content": write_protocol(workdir).read_text()})
+    started = c.call(
+        "session.start",
+        {
+            "protocol": "service-short",
+            "patient_ref": "CUT-1",
+            "contraindications": SHORT_SCREENING,
+            "watch": True,
+        },
+    )
+    session_id = str(started["session_id"])
+    # Port 2's pad step needs no placement prompt: cut once it has delivered energy.
+    while True:
+        msg = c.next_notification()
+        if msg["method"] != "session.status":
+            continue
+        ports = {p["port"]: p for p in msg["params"]["status"].get("ports") or []}
+        if (ports.get(2) or {}).get("controller_energy_j", 0) > 1.0:
+            break
+    link.cut()
+    ended = c.next_notification("session.ended")
+    assert ended["params"]["state"] == "faulted"
+    d.wait_log(lambda r: r.event == "controller.link_lost")
 
-        # Right after the trip: provisional, a lower bound, and the session waits.
-        def provisional() -> Any:
-            record, rows = port_rows(c, session_id, 2)
-            if record["ended_utc"] is None:
-                return None
-            return record, rows
-
-        record, rows = wait_for(provisional, "closed record")
-        assert [e["controller_energy_source"] for e in rows] == ["provisional"]
-        lower_bound = rows[0]["controller_energy_uj"]
-        assert lower_bound is not None and lower_bound > 1_000_000
-        assert "provisional" in c.call("status")["unreconciled"][session_id]
-        report = c.call("report.get", {"session_id": session_id, "format": "both"})
-        assert report["report"]["controller_channel_final"] is False
-        step = next(s for s in report["report"]["steps"] if s["port"] == 2)
-        assert step["controller_channel_final"] is False
-        assert step["emissions"][0]["controller_energy_final"] is False
-        assert "provisional (lower bound)" in report["text"] and "PROVISIONAL" in report["text"]
-        text = pbmctl(d.socket_path, "report", session_id).stdout
-        assert "Controller dose   PROVISIONAL: a lower bound" in text
-
-        # What the controller itself delivered (it stopped the port: watchdog).
-        snap = {p["port"]: p for p in sim_op(sim.control, "snapshot")["ports"]}
-        assert not snap[2]["emitting"]
-        delivered = snap[2]["delivered_uj"]
-        session_total = snap[2]["counters"]["session_delivered_uj"]
-        assert delivered >= lower_bound
-        print(f"\nprovisional {lower_bound / 1e6:.3f} J, delivered {delivered / 1e6:.3f} J")
-
-        # The cable is back: pbmd reconnects, reads GET_COUNTERS, the figure is final.
-        link.restore()
-        d.wait_log(lambda r: r.event == "controller.reconnected", timeout_s=60)
-        d.wait_log(lambda r: r.event == "sessions.reconciled", timeout_s=30)
+    def closed() -> Any:
         record, rows = port_rows(c, session_id, 2)
-        assert [e["controller_energy_source"] for e in rows] == ["counters"]
-        assert rows[0]["controller_energy_uj"] == delivered
-        assert sum(e["controller_energy_uj"] for e in rows) == session_total
-        for e in record["emissions"]:  # every port: the controller's own figures, final
-            assert e["controller_energy_source"] in ("stopped", "counters"), e
-        for port in {e["port"] for e in record["emissions"]}:
-            total = sim_op(sim.control, "snapshot")["ports"][port - 1]["counters"]
-            counted = sum(
-                e["controller_energy_uj"] or 0 for e in record["emissions"] if e["port"] == port
-            )
-            assert counted == total["session_delivered_uj"], port
-        step_row = next(s for s in record["steps"] if s["port"] == 2)
-        assert abs(step_row["delivered_controller_j"] - delivered / 1e6) < 1e-6
-        assert session_id not in c.call("status")["unreconciled"]
+        return None if record["ended_utc"] is None else rows
+
+    rows = wait_for(closed, "closed record")
+    assert [e["controller_energy_source"] for e in rows] == ["provisional"]
+    lower_bound = int(rows[0]["controller_energy_uj"])
+    assert lower_bound > 1_000_000
+    assert "provisional" in c.call("status")["unreconciled"][session_id]
+    report = c.call("report.get", {"session_id": session_id, "format": "both"})
+    assert report["report"]["controller_channel_final"] is False
+    step = next(s for s in report["report"]["steps"] if s["port"] == 2)
+    assert step["controller_channel_final"] is False
+    assert step["emissions"][0]["controller_energy_final"] is False
+    assert "provisional (lower bound)" in report["text"] and "PROVISIONAL" in report["text"]
+    text = pbmctl(d.socket_path, "report", session_id).stdout
+    assert "Controller dose   PROVISIONAL: a lower bound" in text
+    # What the controller itself delivered: it stopped the port (watchdog).
+    snap = sim_op(sim.control, "snapshot")["ports"][1]
+    assert snap["port"] == 2 and not snap["emitting"]
+    assert snap["delivered_uj"] >= lower_bound
+    print(f"\nprovisional {lower_bound / 1e6:.3f} J, delivered {snap['delivered_uj'] / 1e6:.3f} J")
+    return session_id, lower_bound
+
+
+def check_final(d: Daemon, c: RawClient, sim: SimProcess, session_id: str) -> None:
+    """The record holds the controller's own figures, final; each port's emissions add
+    up to its session total (nothing lost, nothing twice); the report says final."""
+    record, rows = port_rows(c, session_id, 2)
+    ports = {p["port"]: p for p in sim_op(sim.control, "snapshot")["ports"]}
+    assert [e["controller_energy_source"] for e in rows] == ["counters"]
+    assert rows[0]["controller_energy_uj"] == ports[2]["delivered_uj"]
+    for e in record["emissions"]:
+        assert e["controller_energy_source"] in ("stopped", "counters"), e
+    for port in {e["port"] for e in record["emissions"]}:
+        counted = sum(e["controller_energy_uj"] for e in record["emissions"] if e["port"] == port)
+        assert counted == ports[port]["counters"]["session_delivered_uj"], port
+    step_row = next(s for s in record["steps"] if s["port"] == 2)
+    assert abs(step_row["delivered_controller_j"] - ports[2]["delivered_uj"] / 1e6) < 1e-6
+    assert session_id not in c.call("status")["unreconciled"]
 
     report = pbmctl_json(d.socket_path, "report", session_id)
     doc = report.get("report", report)
@@ -238,4 +234,40 @@ def test_link_cut_mid_emission_provisional_then_the_controllers_counters(
     text = pbmctl(d.socket_path, "report", session_id).stdout
     assert "Controller dose   final (the controller's STOPPED and COUNTERS figures)" in text
     assert "lower bound" not in text
+
+
+def daemon_on(make_daemon: DaemonFactory, link: CuttableLink) -> Daemon:
+    return make_daemon(
+        controllers_toml=config_for(f"socket://127.0.0.1:{link.port}"),
+        protocols="allow_unsigned = true\n",
+    )
+
+
+def test_link_cut_mid_emission_provisional_then_the_controllers_counters(
+    make_daemon: DaemonFactory, sim: SimProcess, link: CuttableLink, workdir: Path
+) -> None:
+    d = daemon_on(make_daemon, link).start()
+    with RawClient(d.socket_path) as c:
+        session_id, _ = cut_mid_emission(d, c, sim, link, workdir)
+        # The cable is back: pbmd reconnects, reads GET_COUNTERS, the figure is final.
+        link.restore()
+        d.wait_log(lambda r: r.event == "controller.reconnected", timeout_s=60)
+        assert session_id in d.wait_log(lambda r: r.event == "sessions.reconciled").data["sessions"]
+        check_final(d, c, sim, session_id)
     assert d.stop() == 0
+
+
+def test_provisional_energy_settled_by_the_next_daemon_start(
+    make_daemon: DaemonFactory, sim: SimProcess, link: CuttableLink, workdir: Path
+) -> None:
+    """pbmd stopped while the link was still cut: the next start reads the counters."""
+    d = daemon_on(make_daemon, link).start()
+    with RawClient(d.socket_path) as c:
+        session_id, _ = cut_mid_emission(d, c, sim, link, workdir)
+    d.stop()
+    link.restore()
+    d2 = daemon_on(make_daemon, link).start()
+    assert session_id in d2.wait_log(lambda r: r.event == "sessions.reconciled").data["sessions"]
+    with RawClient(d2.socket_path) as c:
+        check_final(d2, c, sim, session_id)
+    assert d2.stop() == 0

@@ -660,11 +660,8 @@ class Engine:
         """Settle sessions whose dose waits for the controllers' counters: left open by
         a restart, or closed with a provisional emission after a link loss (see
         `reconciliation`). One that cannot be read yet stays in ``unreconciled``."""
-        s = self.session
-        running = s.id if s is not None and not s.state.final else None
-        return await reconcile_sessions(
-            self.store, self.port_map, self.unreconciled, running=running
-        )
+        own = self.session.id if self.session is not None else None
+        return await reconcile_sessions(self.store, self.port_map, self.unreconciled, own=own)
 
 
 def _load(library: ProtocolLibrary, protocol_id: str) -> tuple[LoadedProtocol, InstalledProtocol]:

@@ -58,18 +58,19 @@ async def reconcile_sessions(
     port_map: PortMap,
     unreconciled: dict[str, str],
     *,
-    running: str | None = None,
+    own: str | None = None,
 ) -> list[str]:
     """Settle every session whose dose waits for the counters; the ids settled.
 
     Nothing is emitted: a port found emitting for a session nobody runs is
-    switched off. ``running`` is the session this daemon runs now (never touched).
+    switched off. ``own`` is the engine's current session: the session closes its
+    own record, so only its provisional figures are settled here, once it has.
     """
     settled: list[str] = []
     for row in await store.sessions_to_reconcile():
         session_id = str(row["id"])
-        if session_id == running:
-            continue
+        if session_id == own and row.get("ended_utc") is None:
+            continue  # still running, or its end not on disk yet
         readings = await _read_counters(port_map, unreconciled, session_id, row)
         if readings is None:
             continue

@@ -348,8 +348,8 @@ class Service:
         delay_s = 1.0
         while not self._stopping:
             s = self._engine.session if self._engine is not None else None
-            if s is not None and not s.state.final:
-                await s.wait()
+            if s is not None and not s.closed:
+                await s.wait()  # closed: its record written
                 if self._engine is not None:  # provisional energy waits for the counters
                     hold_for_counters(s, self._engine.unreconciled)
             await link.close_client()

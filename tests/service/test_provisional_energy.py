@@ -67,6 +67,9 @@ class CuttableLink:
         self.up = True
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
+        """The connections relayed now (both ends of each)."""
+        self._opened: list[socket.socket] = []
+        """Every socket opened, closed only at the end."""
         self._threads: list[threading.Thread] = []
         self._start(self._accept)
 
@@ -82,15 +85,17 @@ class CuttableLink:
             except OSError:
                 return  # closed
             with self._lock:
+                self._opened.append(conn)
                 if not self.up:
-                    conn.close()
+                    conn.shutdown(socket.SHUT_RDWR)
                     continue
                 try:
                     upstream = socket.create_connection(self.target, timeout=5)
                 except OSError:
-                    conn.close()
+                    conn.shutdown(socket.SHUT_RDWR)
                     continue
                 upstream.settimeout(None)
+                self._opened.append(upstream)
                 self._sockets += [conn, upstream]
             self._start(self._pump, conn, upstream)
             self._start(self._pump, upstream, conn)
@@ -110,10 +115,9 @@ class CuttableLink:
         with self._lock:
             self.up = False
             sockets, self._sockets = self._sockets, []
-        for s in sockets:
+        for s in sockets:  # shut down, not closed: no descriptor is reused under a pump
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            s.close()
 
     def restore(self) -> None:
         with self._lock:
@@ -121,9 +125,16 @@ class CuttableLink:
 
     def close(self) -> None:
         self.cut()
-        self.listener.close()
+        # Wake the accept thread (a close would not, and its descriptor could then be
+        # reused by another test's socket while it still accepts on it); close after.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(10)
+            assert not t.is_alive(), t
+        self.listener.close()
+        for s in self._opened:
+            s.close()
 
 
 @pytest.fixture

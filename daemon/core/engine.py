@@ -660,7 +660,12 @@ class Engine:
         """Settle sessions whose dose waits for the controllers' counters: left open by
         a restart, or closed with a provisional emission after a link loss (see
         `reconciliation`). One that cannot be read yet stays in ``unreconciled``."""
-        own = self.session.id if self.session is not None else None
+        s = self.session
+        if s is not None and not s.closed:
+            # Reading counters switches off a port found emitting: never under a running
+            # session. What waits stays in ``unreconciled`` for the next reconnection.
+            return []
+        own = s.id if s is not None else None
         return await reconcile_sessions(self.store, self.port_map, self.unreconciled, own=own)
 
 

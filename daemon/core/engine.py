@@ -5,7 +5,7 @@ not be delivered or recorded safely (records unavailable, calibration
 overdue, a controller fault or open interlock, an applicator that is not the
 one the plan was made for, a contraindicated protocol), turns a frozen plan
 into the steps each port runs, and on start reconciles sessions that a crash
-left open from the controllers' own counters.
+left open, or a link loss left provisional, from the controllers' own counters.
 
 It also holds the operator's use cases (start a protocol by id, confirm, pause,
 resume, abort, check a protocol against the connected applicators), so that
@@ -18,21 +18,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.plan_steps import REGIONS_BLOCKED, applicator_mismatch, steps_from_plan
+from pbmd.daemon.core.reconciliation import reconcile_sessions
 from pbmd.daemon.core.recording import RecordSink, RecordsUnavailable, StoreRecorder
 from pbmd.daemon.core.safety import (
     Acknowledged,
     AcknowledgementGate,
-    EndCause,
     IdleEmission,
     IdleWatch,
     NotAwaited,
@@ -613,107 +611,16 @@ class Engine:
     # ------------------------------------------------------------ reconciliation
 
     async def reconcile(self) -> list[str]:
-        """Close sessions a crash left open with the dose the controllers counted.
-
-        Nothing is emitted: a port found emitting for a session nobody runs is
-        switched off. A session whose counters cannot be read (controller not
-        connected) stays open and is listed in ``unreconciled``; new sessions
-        are refused until it is reconciled, because a new session's ARM would
-        reset the counters that hold its dose.
-        """
-        closed: list[str] = []
-        for row in await self.store.unfinished_sessions():
-            session_id = str(row["id"])
-            if self.session is not None and self.session.id == session_id:
-                continue  # this engine's own session, still running
-            readings = await self._read_counters(session_id, row)
-            if readings is None:
-                continue
-            self._close_reconciled(session_id, row, readings)
-            self.unreconciled.pop(session_id, None)
-            closed.append(session_id)
-        if closed:
-            await self.store.sync()
-        return closed
-
-    async def _read_counters(
-        self, session_id: str, row: Mapping[str, Any]
-    ) -> dict[int, codec.Counters] | None:
-        """The counters of each of the session's ports; None (and unreconciled) on failure."""
-        readings: dict[int, codec.Counters] = {}
-        for port in _ports_of(row):
-            if port not in self.port_map:
-                continue
-            target = self.port_map[port]
-            try:
-                counters = await target.controller.client.get_counters(target.device_port)
-                if counters.emitting:
-                    # Nothing may emit for a session nobody is running.
-                    await target.controller.client.all_off()
-            except ClientError as exc:
-                self.unreconciled[session_id] = f"port {port}: {exc}"
-                log.error(
-                    "reconcile.counters_failed",
-                    session_id=session_id,
-                    port=port,
-                    error=str(exc),
-                )
-                return None
-            readings[port] = counters
-        return readings
-
-    def _close_reconciled(
-        self, session_id: str, row: Mapping[str, Any], readings: Mapping[int, codec.Counters]
-    ) -> None:
-        """Record the counted dose (when the counters are this session's) and close it."""
-        token = row.get("session_token")
-        matched = False
-        for port, counters in readings.items():
-            if token is None or counters.session_token != int(token):
-                continue
-            matched = True
-            for em in row.get("emissions", []):
-                if em.get("port") == port and em.get("ended_utc") is None:
-                    self.store.reconcile_emission(
-                        int(em["seq"]),
-                        controller_energy_uj=counters.delivered_uj,
-                        duration_ms=counters.duration_ms,
-                        stop_reason=counters.last_stop_reason,
-                    )
-            self.store.reconcile_port(
-                session_id,
-                port,
-                controller_session_delivered_uj=counters.session_delivered_uj,
-            )
-        self.store.event(
-            "reconciled",
-            "session closed as interrupted after a restart; "
-            + (
-                "delivered dose taken from the controller's counters"
-                if matched
-                else "the controller holds no counters of this session (another session "
-                "or a power cycle reset them): the dose recorded before the restart stands"
-            ),
-            code=EndCause.RESTART_RECONCILED.code,
-            session_id=session_id,
-            severity="warning",
-            data={
-                str(p): {
-                    "session_delivered_uj": c.session_delivered_uj,
-                    "delivered_uj": c.delivered_uj,
-                    "last_stop_reason": c.last_stop_reason,
-                    "session_token": c.session_token,
-                }
-                for p, c in readings.items()
-            },
-        )
-        self.store.session_ended(
-            session_id,
-            outcome="interrupted",
-            stop_cause_code=EndCause.RESTART_RECONCILED.code,
-            stop_cause_message="daemon stopped during the session; "
-            + ("dose reconciled from controller counters" if matched else "no counters"),
-        )
+        """Settle sessions whose dose waits for the controllers' counters: left open by
+        a restart, or closed with a provisional emission after a link loss (see
+        `reconciliation`). One that cannot be read yet stays in ``unreconciled``."""
+        s = self.session
+        if s is not None and not s.closed:
+            # Reading counters switches off a port found emitting: never under a running
+            # session. What waits stays in ``unreconciled`` for the next reconnection.
+            return []
+        own = s.id if s is not None else None
+        return await reconcile_sessions(self.store, self.port_map, self.unreconciled, own=own)
 
 
 def _load(library: ProtocolLibrary, protocol_id: str) -> tuple[LoadedProtocol, InstalledProtocol]:
@@ -743,13 +650,3 @@ def _emit_trip(session: Session, supervisor: Supervisor, trip: Trip) -> None:
 
 def _inhibit(ctrl: ControllerHandle, trip: Trip) -> None:
     ctrl.client.inhibit_emission(f"{trip.cause.code} {trip.cause.name}")
-
-
-def _ports_of(row: Mapping[str, Any]) -> list[int]:
-    ports = row.get("ports")
-    if isinstance(ports, str):
-        ports = json.loads(ports)
-    out: list[int] = []
-    for p in ports or []:
-        out.append(int(p["port"]) if isinstance(p, Mapping) else int(p))
-    return out

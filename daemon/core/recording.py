@@ -196,11 +196,15 @@ class EmissionEnded:
     stop_reason: codec.StopReason | int | None = None
     device_time_us: int | None = None
     utc: UtcTime = None
+    provisional: bool = False
+    """The controller energy is the last telemetry sample (the link was lost): a lower
+    bound until GET_COUNTERS on reconnection replaces it (`EmissionReconciled`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class EmissionReconciled:
-    """After a restart: an unfinished emission's controller energy, read by GET_COUNTERS."""
+    """After a restart or a reconnection: the controller energy of an unfinished or
+    provisional emission, read by GET_COUNTERS (final from then on)."""
 
     seq: int
     _: KW_ONLY
@@ -367,6 +371,11 @@ class RecordSink(abc.ABC):
     async def unfinished_sessions(self) -> list[dict[str, Any]]:
         """Sessions never closed (the daemon died), with their steps and emissions."""
 
+    @abc.abstractmethod
+    async def sessions_to_reconcile(self) -> list[dict[str, Any]]:
+        """Sessions whose dose waits for the controllers' counters: those never closed
+        and those holding a provisional emission (a link was lost while it ran)."""
+
     # Each record as a keyword call, its parameters those of the record.
 
     def session_started(self, record: SessionStarted) -> None:
@@ -402,6 +411,8 @@ class StoreRecorder:
         self.plan = plan or request.plan
         """The plan as verified at start (a private copy): what the records describe."""
         self._emissions: dict[tuple[int, int, int], int] = {}
+        self.provisional: list[int] = []
+        """Emissions recorded with a provisional controller energy (the link was lost)."""
 
     def session_started(self, session: Session) -> None:
         plan = self.plan
@@ -515,18 +526,22 @@ class StoreRecorder:
         host_energy_uj: float,
         stopped: codec.Stopped | None,
         host_stop_cause: str,
+        provisional: bool = False,
     ) -> None:
         seq = self._emissions.get((step.port, step.index, emission_no))
         if seq is None:
             return
+        if provisional:
+            self.provisional.append(seq)
         self.store.write(
             EmissionEnded(
                 seq,
                 host_stop_cause=host_stop_cause,
                 host_energy_uj=host_energy_uj,
                 controller_energy_uj=stopped.delivered_uj if stopped else None,
-                duration_ms=stopped.duration_ms if stopped else None,
-                stop_reason=stopped.stop_reason if stopped else None,
+                duration_ms=stopped.duration_ms if stopped and not provisional else None,
+                stop_reason=stopped.stop_reason if stopped and not provisional else None,
+                provisional=provisional,
             )
         )
 

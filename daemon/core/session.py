@@ -636,6 +636,7 @@ class Session:
                             reason = counters.last_stop_reason
                         else:
                             duration_ms = 0
+            provisional = delivered is None  # no counters: the last sample, a lower bound
             if delivered is None:
                 sample = target.controller.sample(target.device_port)
                 if sample is not None and em.seen_emitting:
@@ -647,7 +648,9 @@ class Session:
                 else None
             )
             try:
-                self.recorder.emission_ended(self, prog.order, em.number, host_uj, stopped, cause)
+                self.recorder.emission_ended(
+                    self, prog.order, em.number, host_uj, stopped, cause, provisional=provisional
+                )
             except Exception:
                 log.exception("session.record_emission_failed")
             prog.controller_energy_uj += delivered or 0

@@ -17,7 +17,7 @@ DOSIMETRY.md (mean power = energy / emitting time, pulse width = duty / rate).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -83,7 +83,11 @@ class ReportEmission:
     host_energy_j: float | None
     controller_energy_j: float | None
     controller_energy_source: str | None
-    """"stopped" or "counters" (final), "telemetry" (last sample before the record ended)."""
+    """"stopped" or "counters" (final); "provisional" (the last sample before the link was
+    lost: a lower bound until the controller's counters are read) or "telemetry" (the
+    last sample before the record ended)."""
+    controller_energy_final: bool | None
+    """True: the controller's own figure (STOPPED, COUNTERS); False: a lower bound."""
     controller_stop_reason: str | None
     controller_stop_reason_text: str | None
     host_stop_cause: str | None
@@ -121,7 +125,8 @@ class ReportStep:
     energy_host_vs_prescribed_percent: float | None
     energy_controller_vs_prescribed_percent: float | None
     controller_channel_final: bool | None
-    """False when part of the controller figure is a telemetry reading, not STOPPED/COUNTERS."""
+    """False when part of the controller figure is a telemetry reading (provisional, a
+    lower bound), not STOPPED/COUNTERS."""
     fluence_prescribed_j_cm2: float | None
     fluence_delivered_j_cm2: float | None
     outcome: str | None
@@ -202,6 +207,8 @@ class TreatmentReport:
     energy_prescribed_j: float | None
     energy_host_j: float | None
     energy_controller_j: float | None
+    controller_channel_final: bool | None
+    """False while any emission's controller figure is provisional (a lower bound)."""
     stop_causes: tuple[StopCause, ...]
     unassigned_emissions: tuple[ReportEmission, ...]
     """Emissions without a step row (dose recovered from the controller's counters)."""
@@ -284,8 +291,19 @@ def _scaled(row: Mapping[str, Any], key: str, divisor: float) -> float | None:
     return None if v is None else v / divisor
 
 
+_FINAL_SOURCES = {"stopped": True, "counters": True, "provisional": False, "telemetry": False}
+"""Whether a controller energy source is the controller's final figure."""
+
+
+def _all_final(emissions: Iterable[ReportEmission]) -> bool | None:
+    """None when no emission holds a controller figure, else whether all are final."""
+    known = [e.controller_energy_final for e in emissions if e.controller_energy_final is not None]
+    return all(known) if known else None
+
+
 def _emission(e: Mapping[str, Any]) -> ReportEmission:
     reason = _s(e.get("stop_reason"))
+    source = _s(e.get("controller_energy_source"))
     return ReportEmission(
         seq=int(e["seq"]),
         port=int(e["port"]),
@@ -300,7 +318,8 @@ def _emission(e: Mapping[str, Any]) -> ReportEmission:
         duration_s=_scaled(e, "duration_ms", 1e3),
         host_energy_j=_scaled(e, "host_energy_uj", 1e6),
         controller_energy_j=_scaled(e, "controller_energy_uj", 1e6),
-        controller_energy_source=_s(e.get("controller_energy_source")),
+        controller_energy_source=source,
+        controller_energy_final=_FINAL_SOURCES.get(source or ""),
         controller_stop_reason=reason,
         controller_stop_reason_text=None
         if reason is None
@@ -337,10 +356,6 @@ def _step(
     peak_mw = _f(s.get("peak_power_mw"))
     if pulsed and peak_mw is None and setpoint_mw is not None and duty_permille:
         peak_mw = setpoint_mw / (duty_permille / 1e3)
-    with_ctrl = [e for e in emissions if e.controller_energy_j is not None]
-    final: bool | None = None
-    if with_ctrl:
-        final = all(e.controller_energy_source in ("stopped", "counters") for e in with_ctrl)
     return ReportStep(
         port=int(s["port"]),
         step_index=int(s["step_index"]),
@@ -370,7 +385,7 @@ def _step(
         energy_controller_j=ctrl_j,
         energy_host_vs_prescribed_percent=_percent_off(host_j, prescribed_j),
         energy_controller_vs_prescribed_percent=_percent_off(ctrl_j, prescribed_j),
-        controller_channel_final=final,
+        controller_channel_final=_all_final(emissions),
         fluence_prescribed_j_cm2=prescribed_h
         if prescribed_h is not None
         else _ratio(prescribed_j, area),
@@ -423,6 +438,7 @@ def build_report(session: Mapping[str, Any]) -> TreatmentReport:
         energy_controller_j=_sum(
             [s.energy_controller_j for s in steps] + [e.controller_energy_j for e in orphans]
         ),
+        controller_channel_final=_all_final([*(e for s in steps for e in s.emissions), *orphans]),
         stop_causes=_stop_causes(session, steps, orphans),
         unassigned_emissions=tuple(orphans),
         alerts=_alerts(session),
@@ -557,238 +573,8 @@ async def session_report(store: RecordStore, session_id: str) -> TreatmentReport
     return None if session is None else build_report(session)
 
 
-# --------------------------------------------------------------------------- text
-
-
-Column = tuple[str, bool, Callable[[Any], str]]
-"""One column of a text table: header, left-aligned (text) or not (numbers), and its cell."""
-
-L, R = True, False
-
-
-def _num(v: float | int | None, decimals: int = 1) -> str:
-    if v is None:
-        return DASH
-    return f"{v:.{decimals}f}"
-
-
-def _pct(v: float | None) -> str:
-    return DASH if v is None else f"{v:+.2f}"
-
-
-def _text(v: object) -> str:
-    return DASH if v is None or v == "" else str(v)
-
-
-def _table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Fixed-width columns: text columns left-aligned, numbers right."""
-    left = [is_left for _, is_left, _ in columns]
-    widths = [len(h) for h, _, _ in columns]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [c.ljust(widths[i]) if left[i] else c.rjust(widths[i]) for i, c in enumerate(cells)]
-        return "  " + "  ".join(parts).rstrip()
-
-    out = [line([h for h, _, _ in columns]), "  " + "  ".join("-" * w for w in widths)]
-    out.extend(line(r) for r in rows)
-    return out
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return DASH
-    total = round(seconds)
-    return f"{total // 3600:d}:{total % 3600 // 60:02d}:{total % 60:02d}"
-
-
-def _columns_table(columns: Sequence[Column], items: Iterable[Any]) -> list[str]:
-    return _table(columns, [[cell(x) for _, _, cell in columns] for x in items])
-
-
-def _step_no(i: int | None) -> str:
-    return DASH if i is None else str(i + 1)
-
-
-def _provisional(s: ReportStep) -> str:
-    """A controller figure that includes a telemetry reading not yet confirmed."""
-    return "*" if s.controller_channel_final is False else ""
-
-
-_SCREENING_COLUMNS: tuple[Column, ...] = (
-    ("contraindication", L, lambda c: c.name),
-    ("present", L, lambda c: DASH if c.present is None else ("yes" if c.present else "no")),
-    ("meaning", L, lambda c: _text(c.description)),
-)
-_BEAM_COLUMNS: tuple[Column, ...] = (
-    ("port", R, lambda s: str(s.port)),
-    ("step", R, lambda s: _step_no(s.step_index)),
-    ("site", L, lambda s: s.site_label or s.site),
-    ("technique", L, lambda s: _text(s.technique)),
-    ("points", R, lambda s: str(s.points_at_site)),
-    ("λ nm", R, lambda s: str(s.wavelength_nm)),
-    ("mode", L, lambda s: s.mode),
-    ("P set mW", R, lambda s: _num(s.average_power_setpoint_mw)),
-    ("P mean mW", R, lambda s: _num(s.average_power_delivered_mw)),
-    ("P peak mW", R, lambda s: _num(s.peak_power_mw)),
-    ("f Hz", R, lambda s: _num(s.pulse_hz, 0)),
-    ("width ns", R, lambda s: _num(s.pulse_width_ns, 0)),
-    ("duty %", R, lambda s: _num(s.duty_percent, 2)),
-    ("beam cm²", R, lambda s: _num(s.beam_area_cm2, 2)),
-    ("covered cm²", R, lambda s: _num(s.area_covered_cm2, 0)),
-    ("I set mW/cm²", R, lambda s: _num(s.irradiance_setpoint_mw_cm2)),
-    ("I mean mW/cm²", R, lambda s: _num(s.irradiance_delivered_mw_cm2)),
-)
-_DOSE_COLUMNS: tuple[Column, ...] = (
-    ("port", R, lambda s: str(s.port)),
-    ("step", R, lambda s: _step_no(s.step_index)),
-    ("target", L, lambda s: s.target_kind),
-    ("t plan s", R, lambda s: _num(s.exposure_time_planned_s)),
-    ("t emit s", R, lambda s: _num(s.exposure_time_delivered_s)),
-    ("E presc J", R, lambda s: _num(s.energy_prescribed_j, 3)),
-    ("E host J", R, lambda s: _num(s.energy_host_j, 3)),
-    ("host Δ %", R, lambda s: _pct(s.energy_host_vs_prescribed_percent)),
-    ("E ctrl J", R, lambda s: _num(s.energy_controller_j, 3) + _provisional(s)),
-    ("ctrl Δ %", R, lambda s: _pct(s.energy_controller_vs_prescribed_percent)),
-    ("H presc J/cm²", R, lambda s: _num(s.fluence_prescribed_j_cm2, 3)),
-    ("H deliv J/cm²", R, lambda s: _num(s.fluence_delivered_j_cm2, 3)),
-    ("outcome", L, lambda s: _text(s.outcome)),
-    ("cause", L, lambda s: _text(s.stop_cause_code)),
-)
-_PORT_COLUMNS: tuple[Column, ...] = (
-    ("port", L, lambda p: str(p.port)),
-    ("applicator", L, lambda p: _text(p.applicator_kind)),
-    ("serial", L, lambda p: _text(p.applicator_serial)),
-    ("steps done", R, lambda p: f"{p.steps_completed}/{p.steps}"),
-    ("t emit s", R, lambda p: _num(p.exposure_time_delivered_s)),
-    ("E presc J", R, lambda p: _num(p.energy_prescribed_j, 3)),
-    ("E host J", R, lambda p: _num(p.energy_host_j, 3)),
-    ("host Δ %", R, lambda p: _pct(p.energy_host_vs_prescribed_percent)),
-    ("E ctrl J", R, lambda p: _num(p.energy_controller_j, 3)),
-    ("ctrl Δ %", R, lambda p: _pct(p.energy_controller_vs_prescribed_percent)),
-)
-_EMISSION_COLUMNS: tuple[Column, ...] = (
-    ("port", R, lambda e: str(e.port)),
-    ("step", R, lambda e: _step_no(e.step_index)),
-    ("#", R, lambda e: str(e.seq)),
-    ("origin", L, lambda e: e.origin),
-    ("t s", R, lambda e: _num(e.duration_s, 1)),
-    ("E host J", R, lambda e: _num(e.host_energy_j, 3)),
-    ("E ctrl J", R, lambda e: _num(e.controller_energy_j, 3)),
-    ("ctrl source", L, lambda e: _text(e.controller_energy_source)),
-    ("controller stop reason", L, lambda e: _text(e.controller_stop_reason)),
-    ("host stop cause", L, lambda e: _text(e.host_stop_cause)),
-)
-_ALERT_COLUMNS: tuple[Column, ...] = (
-    ("utc", L, lambda a: a.utc),
-    ("severity", L, lambda a: a.severity),
-    ("code", L, lambda a: _text(a.code)),
-    ("port", R, lambda a: _text(a.port)),
-    ("message", L, lambda a: a.message),
-)
-
-
 def render_text(r: TreatmentReport) -> str:
     """The report as plain text (fixed-width tables, no terminal styling)."""
-    title = "PHOTOBIOMODULATION TREATMENT REPORT"
-    out = [title, "=" * len(title), "", *_session_lines(r)]
-    screening = _columns_table(_SCREENING_COLUMNS, r.contraindications)
-    out += _section("Contraindication screening", screening if r.contraindications else [])
-    out += _section(
-        "Beam and exposure parameters per step (Jenkins & Carroll 2011)",
-        _columns_table(_BEAM_COLUMNS, r.steps),
-    )
-    out += _section(
-        "Dose per step: prescribed vs delivered (host and controller channels)",
-        _columns_table(_DOSE_COLUMNS, r.steps),
-    )
-    if any(_provisional(s) for s in r.steps):
-        out.append(
-            "  * controller figure includes a telemetry reading not confirmed by "
-            "STOPPED or COUNTERS"
-        )
-    out += _section("Per port", _port_lines(r))
-    emissions = [e for s in r.steps for e in s.emissions] + list(r.unassigned_emissions)
-    out += _section("Emissions", _columns_table(_EMISSION_COLUMNS, emissions) if emissions else [])
-    out += _section("Stop causes", [_stop_cause_line(c) for c in r.stop_causes])
-    out += _section(
-        "Warnings and errors", _columns_table(_ALERT_COLUMNS, r.alerts) if r.alerts else []
-    )
-    out.append("")
-    return "\n".join(out)
+    from pbmd.daemon.services.report_text import render_text as render
 
-
-def _section(title: str, lines: Sequence[str]) -> list[str]:
-    """A titled part of the text; a dash stands for an empty one."""
-    return ["", title, *(lines or [f"  {DASH}"])]
-
-
-def _session_lines(r: TreatmentReport) -> list[str]:
-    """Who, when, what protocol and how it ended, as aligned "key  value" lines."""
-    outcome = (r.outcome or "unfinished").upper()
-    cause = " ".join(x for x in (r.stop_cause_code, r.stop_cause_message) if x)
-    protocol = f"{_text(r.protocol_id)} version {_text(r.protocol_version)}"
-    controller = (
-        f"serial {_text(r.controller_serial)}, firmware {_text(r.controller_firmware)}, "
-        f"session token {_text(r.session_token)}"
-    )
-    course = DASH
-    if r.course_sessions is not None:
-        days = _num(r.course_interval_days, 0)
-        course = f"{r.course_sessions} sessions, at least {days} day(s) apart"
-    kv = [
-        ("Session", r.session_id),
-        ("Patient", _text(r.patient_ref)),
-        ("Operator", _text(r.operator)),
-        ("Started (UTC)", _text(r.started_utc)),
-        ("Ended (UTC)", _text(r.ended_utc)),
-        ("Duration", _duration(r.duration_s)),
-        ("Outcome", outcome + (f" — {cause}" if cause else "")),
-        ("Protocol", protocol + (f" ({r.protocol_title})" if r.protocol_title else "")),
-        ("Protocol SHA-256", _text(r.protocol_sha256)),
-        ("Signing key", _text(r.signing_key_id)),
-        ("Plan hash", _text(r.plan_hash)),
-        ("Controller", controller),
-        ("Course", course),
-    ]
-    if r.time_scale is not None and r.time_scale != 1.0:
-        kv.append(("Time scale", f"{r.time_scale:g}x (simulated controller)"))
-    if r.notes:
-        kv.append(("Notes", r.notes))
-    width = max(len(k) for k, _ in kv)
-    return [f"{k.ljust(width)}  {v}" for k, v in kv]
-
-
-def _port_lines(r: TreatmentReport) -> list[str]:
-    """The per-port table with a last row for all ports together."""
-    rows = [[cell(p) for _, _, cell in _PORT_COLUMNS] for p in r.ports]
-    done = sum(p.steps_completed for p in r.ports)
-    total = [
-        "all",
-        "",
-        "",
-        f"{done}/{sum(p.steps for p in r.ports)}",
-        _num(_sum(p.exposure_time_delivered_s for p in r.ports)),
-        _num(r.energy_prescribed_j, 3),
-        _num(r.energy_host_j, 3),
-        _pct(_percent_off(r.energy_host_j, r.energy_prescribed_j)),
-        _num(r.energy_controller_j, 3),
-        _pct(_percent_off(r.energy_controller_j, r.energy_prescribed_j)),
-    ]
-    return _table(_PORT_COLUMNS, [*rows, total])
-
-
-def _stop_cause_line(c: StopCause) -> str:
-    where = ", ".join(
-        x
-        for x in (
-            None if c.port is None else f"port {c.port}",
-            None if c.step_index is None else f"step {c.step_index + 1}",
-            None if c.emission_seq is None else f"emission #{c.emission_seq}",
-        )
-        if x
-    )
-    code = f"{c.code} " if c.code and c.source != "emission (controller)" else ""
-    return f"  {c.source}{' (' + where + ')' if where else ''}: {code}{c.message}"
+    return render(r)

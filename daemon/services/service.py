@@ -34,6 +34,7 @@ import structlog
 
 from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
+from pbmd.daemon.core.reconciliation import hold_for_counters
 from pbmd.daemon.core.session import EventKind, SessionEvent
 from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services import config as cfg
@@ -369,8 +370,10 @@ class Service:
         delay_s = 1.0
         while not self._stopping:
             s = self._engine.session if self._engine is not None else None
-            if s is not None and not s.state.final:
-                await s.wait()
+            if s is not None and not s.closed:
+                await s.wait()  # closed: its record written
+                if self._engine is not None:  # provisional energy waits for the counters
+                    hold_for_counters(s, self._engine.unreconciled)
             await link.close_client()
             try:
                 await link.open(self.config.engine.telemetry_hz, self._link_lost)
@@ -384,15 +387,17 @@ class Service:
                 await asyncio.sleep(delay_s)  # retry back-off
                 delay_s = min(delay_s * 2, 30.0)
                 continue
-            log.warning("controller.reconnected", controller=link.name)
             if self._engine is not None:
                 self._engine.port_map = self._port_map()
                 if self._engine.unreconciled:
+                    # Before anything else may start: a new session's ARM resets the counters.
                     await self._reconcile_after_reconnect()
+            log.warning("controller.reconnected", controller=link.name)
             return
 
     async def _reconcile_after_reconnect(self) -> None:
-        """Sessions a restart left open wait for their controller's counters; read them now."""
+        """Sessions a restart left open, or a link loss left provisional, wait for their
+        controller's counters; read them now."""
         try:
             closed = await self.engine.reconcile()
         except (ClientError, RecordsError) as exc:

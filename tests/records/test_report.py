@@ -20,8 +20,8 @@ REPORT_KEYS = [
     "protocol_version", "protocol_title", "protocol_sha256", "signing_key_id", "plan_hash",
     "controller_serial", "controller_firmware", "session_token", "time_scale",
     "course_sessions", "course_interval_days", "notes", "contraindications", "steps", "ports",
-    "energy_prescribed_j", "energy_host_j", "energy_controller_j", "stop_causes",
-    "unassigned_emissions", "alerts",
+    "energy_prescribed_j", "energy_host_j", "energy_controller_j", "controller_channel_final",
+    "stop_causes", "unassigned_emissions", "alerts",
 ]
 STEP_KEYS = [
     "port", "step_index", "site", "site_label", "region", "points_at_site",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from pbmd.daemon.core.reconciliation import GAVE_UP
 from pbmd.daemon.core.recording import RecordsUnavailable, UtcTime
 from pbmd.daemon.services.records.schema import SCHEMA_VERSION, utc_text
 
@@ -106,21 +107,17 @@ class RecordReads:
         reconcile_port) and closes it: session_ended(outcome="interrupted").
         """
 
-        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM sessions WHERE ended_utc IS NULL ORDER BY started_utc, id"
-                )
-            ]
-            out = []
-            for sid in ids:
-                s = _load_session(conn, sid, events=False)
-                if s is not None:
-                    out.append(s)
-            return out
+        return await self._read(lambda conn: _sessions_where(conn, "ended_utc IS NULL"))
 
-        return await self._read(q)
+    async def sessions_to_reconcile(self) -> list[dict[str, Any]]:
+        """Sessions whose dose waits for GET_COUNTERS, oldest first: those never closed
+        and those holding a provisional emission (its link was lost while it ran)."""
+        where = (
+            "ended_utc IS NULL OR (id IN (SELECT session_id FROM emissions "
+            "WHERE controller_energy_source = 'provisional') AND id NOT IN (SELECT "
+            f"session_id FROM events WHERE kind = '{GAVE_UP}' AND session_id IS NOT NULL))"
+        )
+        return await self._read(lambda conn: _sessions_where(conn, where))
 
     async def outbox_pending(self, limit: int = 100) -> list[dict[str, Any]]:
         """Unpublished events in the order they were recorded (oldest first)."""
@@ -255,6 +252,17 @@ def _event_dict(row: sqlite3.Row) -> dict[str, Any]:
     raw = d.pop("data_json", None)
     d["data"] = None if raw is None else json.loads(raw)
     return d
+
+
+def _sessions_where(conn: sqlite3.Connection, where: str) -> list[dict[str, Any]]:
+    """The sessions a condition selects, with steps and emissions, oldest first."""
+    sql = f"SELECT id FROM sessions WHERE {where} ORDER BY started_utc, id"
+    out = []
+    for (sid,) in conn.execute(sql).fetchall():
+        s = _load_session(conn, sid, events=False)
+        if s is not None:
+            out.append(s)
+    return out
 
 
 def _load_session(

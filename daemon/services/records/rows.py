@@ -74,7 +74,8 @@ _SQL_EMISSION_ENDED = """
 UPDATE emissions SET ended_utc = ?, ended_device_time_us = ?,
     host_energy_uj = COALESCE(?, host_energy_uj),
     controller_energy_uj = COALESCE(?, controller_energy_uj),
-    controller_energy_source = CASE WHEN ? IS NULL THEN controller_energy_source
+    controller_energy_source = CASE WHEN ? THEN 'provisional'
+                                    WHEN ? IS NULL THEN controller_energy_source
                                     ELSE 'stopped' END,
     duration_ms = COALESCE(?, duration_ms),
     stop_reason = COALESCE(?, stop_reason), stop_reason_code = COALESCE(?, stop_reason_code),
@@ -88,6 +89,26 @@ UPDATE emissions SET controller_energy_uj = ?, controller_energy_source = 'count
     host_stop_cause = COALESCE(host_stop_cause, ?),
     ended_utc = COALESCE(ended_utc, ?)
 WHERE seq = ?
+"""
+# A step already closed (its session ended with a provisional emission) takes its
+# controller channel and emitting time from its emission rows again.
+_SQL_RESUM_CLOSED_STEP = """
+UPDATE steps SET
+    delivered_controller_j = (SELECT SUM(e.controller_energy_uj) / 1e6 FROM emissions e
+        WHERE e.session_id = steps.session_id AND e.port = steps.port
+          AND e.step_index = steps.step_index),
+    emitting_time_s = COALESCE((SELECT SUM(e.duration_ms) / 1e3 FROM emissions e
+        WHERE e.session_id = steps.session_id AND e.port = steps.port
+          AND e.step_index = steps.step_index), emitting_time_s)
+WHERE ended_utc IS NOT NULL AND (session_id, port, step_index) =
+    (SELECT session_id, port, step_index FROM emissions WHERE seq = ?)
+"""
+_SQL_RESUM_CLOSED_STEP_DERIVED = """
+UPDATE steps SET mean_irradiance_mw_cm2 = CASE WHEN emitting_time_s > 0 THEN
+        COALESCE(delivered_controller_j, delivered_host_j) * 1e3 / emitting_time_s / area_cm2
+        ELSE mean_irradiance_mw_cm2 END
+WHERE ended_utc IS NOT NULL AND (session_id, port, step_index) =
+    (SELECT session_id, port, step_index FROM emissions WHERE seq = ?)
 """
 # The controller counted more on this port than the recorded emissions hold: the
 # difference was delivered by an emission whose record was lost in the crash.
@@ -246,8 +267,8 @@ def _emission_ended(r: EmissionEnded) -> Write:
     reason, reason_code = _stop_reason(r.stop_reason)
     ctrl = _uj(r.controller_energy_uj)
     row = (
-        utc_text(r.utc), r.device_time_us, _uj(r.host_energy_uj), ctrl, ctrl, r.duration_ms,
-        reason, reason_code, r.host_stop_cause, r.seq,
+        utc_text(r.utc), r.device_time_us, _uj(r.host_energy_uj), ctrl, r.provisional, ctrl,
+        r.duration_ms, reason, reason_code, r.host_stop_cause, r.seq,
     )  # fmt: skip
     return Write("emission_ended", ((_SQL_EMISSION_ENDED, row),))
 
@@ -258,7 +279,14 @@ def _emission_reconciled(r: EmissionReconciled) -> Write:
         int(r.controller_energy_uj), r.duration_ms, reason, reason_code, r.host_stop_cause,
         utc_text(r.utc), r.seq,
     )  # fmt: skip
-    return Write("reconcile_emission", ((_SQL_RECONCILE_EMISSION, row),))
+    return Write(
+        "reconcile_emission",
+        (
+            (_SQL_RECONCILE_EMISSION, row),
+            (_SQL_RESUM_CLOSED_STEP, (r.seq,)),
+            (_SQL_RESUM_CLOSED_STEP_DERIVED, (r.seq,)),
+        ),
+    )
 
 
 def _port_reconciled(r: PortReconciled, seq: int) -> Write:

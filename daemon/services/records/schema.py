@@ -10,13 +10,54 @@ from datetime import UTC, datetime
 
 from pbmd.daemon.core.recording import RecordsError, UtcTime
 
-SCHEMA_VERSION = 1
-"""Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema."""
+SCHEMA_VERSION = 2
+"""Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema,
+an older one is migrated (`MIGRATIONS`) when it is opened."""
 
 
 class RecordsCorrupt(RecordsError):
     """The database file exists but is not a usable pbmd records database."""
 
+
+def _emissions_table(name: str) -> str:
+    """The emissions table. ``controller_energy_source``: 'telemetry' while running,
+    'stopped' from STOPPED, 'provisional' (last sample, a lower bound: the link was
+    lost) until 'counters' from GET_COUNTERS replaces it."""
+    return f"""
+    CREATE TABLE {name} (
+        seq INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        device_port INTEGER,
+        step_index INTEGER,
+        origin TEXT NOT NULL DEFAULT 'host' CHECK (origin IN ('host', 'counters')),
+        wavelength_nm INTEGER,
+        mode TEXT,
+        power_uw INTEGER,
+        pulse_hz INTEGER,
+        duty_permille INTEGER,
+        energy_budget_uj INTEGER,
+        max_duration_ms INTEGER,
+        started_utc TEXT NOT NULL,
+        started_device_time_us INTEGER,
+        progress_utc TEXT,
+        progress_device_time_us INTEGER,
+        host_energy_uj INTEGER,
+        controller_energy_uj INTEGER,
+        controller_energy_source TEXT CHECK (controller_energy_source IN
+            ('telemetry', 'stopped', 'provisional', 'counters')),
+        controller_port_session_uj INTEGER,
+        duration_ms INTEGER,
+        stop_reason TEXT,
+        stop_reason_code INTEGER,
+        host_stop_cause TEXT,
+        ended_utc TEXT,
+        ended_device_time_us INTEGER
+    )
+    """
+
+
+_EMISSIONS_INDEX = "CREATE INDEX emissions_session ON emissions (session_id, port, seq)"
 
 SCHEMA: tuple[str, ...] = (
     """
@@ -88,39 +129,8 @@ SCHEMA: tuple[str, ...] = (
         PRIMARY KEY (session_id, port, step_index)
     )
     """,
-    """
-    CREATE TABLE emissions (
-        seq INTEGER PRIMARY KEY,
-        session_id TEXT NOT NULL,
-        port INTEGER NOT NULL,
-        device_port INTEGER,
-        step_index INTEGER,
-        origin TEXT NOT NULL DEFAULT 'host' CHECK (origin IN ('host', 'counters')),
-        wavelength_nm INTEGER,
-        mode TEXT,
-        power_uw INTEGER,
-        pulse_hz INTEGER,
-        duty_permille INTEGER,
-        energy_budget_uj INTEGER,
-        max_duration_ms INTEGER,
-        started_utc TEXT NOT NULL,
-        started_device_time_us INTEGER,
-        progress_utc TEXT,
-        progress_device_time_us INTEGER,
-        host_energy_uj INTEGER,
-        controller_energy_uj INTEGER,
-        controller_energy_source TEXT
-            CHECK (controller_energy_source IN ('telemetry', 'stopped', 'counters')),
-        controller_port_session_uj INTEGER,
-        duration_ms INTEGER,
-        stop_reason TEXT,
-        stop_reason_code INTEGER,
-        host_stop_cause TEXT,
-        ended_utc TEXT,
-        ended_device_time_us INTEGER
-    )
-    """,
-    "CREATE INDEX emissions_session ON emissions (session_id, port, seq)",
+    _emissions_table("emissions"),
+    _EMISSIONS_INDEX,
     """
     CREATE TABLE events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -147,6 +157,20 @@ SCHEMA: tuple[str, ...] = (
     """,
     "CREATE INDEX outbox_pending ON outbox (seq) WHERE published_utc IS NULL",
 )
+"""A new database: every table at SCHEMA_VERSION."""
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: 'provisional' joins the controller energy sources. SQLite cannot alter
+    # a CHECK constraint, so the table is copied into one that has it (same columns).
+    1: (
+        _emissions_table("emissions_v2"),
+        "INSERT INTO emissions_v2 SELECT * FROM emissions",
+        "DROP TABLE emissions",
+        "ALTER TABLE emissions_v2 RENAME TO emissions",
+        _EMISSIONS_INDEX,
+    ),
+}
+"""From a version to the next: the statements, run in one transaction at open."""
 
 
 def utc_text(t: UtcTime = None) -> str:

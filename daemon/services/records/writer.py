@@ -25,7 +25,13 @@ import structlog
 
 from pbmd.daemon.core.recording import Event, RecordsError, RecordsUnavailable, Severity
 from pbmd.daemon.services.records.rows import Write, write_of
-from pbmd.daemon.services.records.schema import SCHEMA, SCHEMA_VERSION, RecordsCorrupt, utc_text
+from pbmd.daemon.services.records.schema import (
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    RecordsCorrupt,
+    utc_text,
+)
 
 if TYPE_CHECKING:
     from pbmd.daemon.services.records.store import RecordStore
@@ -257,7 +263,13 @@ class Writer:
                     )
                 for statement in SCHEMA:
                     conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+            while version < SCHEMA_VERSION:
+                # An older pbmd's records: brought up to date, never refused.
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                version += 1
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)

@@ -222,6 +222,11 @@ class Bench:
         )
 
     async def start(self, the_plan: Plan, contraindicated: frozenset[str]) -> Session:
+        """Start a session; a trip of the previous one is acknowledged first, as the
+        operator would once the benchmark has put the controller back."""
+        awaiting = self.engine.acknowledgements.awaiting
+        if awaiting is not None:
+            self.engine.acknowledge(awaiting.cause.code, "bench", "fault removed by the benchmark")
         return await self.engine.start_session(
             SessionRequest(
                 plan=the_plan,

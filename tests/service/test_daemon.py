@@ -321,7 +321,7 @@ def test_config_errors_stop_the_daemon_with_exit_78(workdir: Path) -> None:
 
     bad = workdir / "bad.toml"
     bad.write_text(
-        '[[controllers]]\nname = "x"\nlink = "usb://1209:0001"\n[api]\nmax_clients = 0\n'
+        '[[controllers]]\nname = "x"\nlink = "usb://12g9:0001"\n[api]\nmax_clients = 0\n'
     )
     res = subprocess.run(
         [*PBMD, "run", "--config", str(bad)], capture_output=True, text=True, timeout=60

@@ -94,35 +94,36 @@ def show_value(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class ProtocolInvalid(ValueError):
+class IssuesError(ValueError):
+    """A refusal with every reason for it: a headline, then one issue a line."""
+
+    def __init__(self, headline: str, errors: tuple[Issue, ...]) -> None:
+        self.errors = errors
+        super().__init__("\n".join([headline, *(f"  {issue}" for issue in errors)]))
+
+    @property
+    def rules(self) -> set[str]:
+        return {issue.rule for issue in self.errors}
+
+
+class ProtocolInvalid(IssuesError):
     """A protocol file was refused; `errors` holds every reason, `warnings` the rest."""
 
     def __init__(
         self, source: str, errors: Iterable[Issue], warnings: Iterable[Issue] = ()
     ) -> None:
         self.source = source
-        self.errors: tuple[Issue, ...] = tuple(errors)
         self.warnings: tuple[Issue, ...] = tuple(warnings)
-        count = len(self.errors)
-        lines = [f"{source}: {count} error{'s' if count != 1 else ''}"]
-        lines += [f"  {issue}" for issue in self.errors]
-        super().__init__("\n".join(lines))
-
-    @property
-    def rules(self) -> set[str]:
-        return {issue.rule for issue in self.errors}
+        found = tuple(errors)
+        count = len(found)
+        super().__init__(f"{source}: {count} error{'s' if count != 1 else ''}", found)
 
 
-class PlanError(ValueError):
+class PlanError(IssuesError):
     """A protocol cannot be planned on the applicators the controller reported."""
 
     def __init__(self, protocol_id: str, errors: Iterable[Issue]) -> None:
         self.protocol_id = protocol_id
-        self.errors: tuple[Issue, ...] = tuple(errors)
-        lines = [f"protocol {protocol_id!r} cannot run on the connected applicators:"]
-        lines += [f"  {issue}" for issue in self.errors]
-        super().__init__("\n".join(lines))
-
-    @property
-    def rules(self) -> set[str]:
-        return {issue.rule for issue in self.errors}
+        super().__init__(
+            f"protocol {protocol_id!r} cannot run on the connected applicators:", tuple(errors)
+        )

@@ -9,7 +9,8 @@ raises: on anything it does not understand it stops and returns what it has.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
 from pbmd.protocols.errors import Path, PathPart
 
@@ -128,32 +129,30 @@ class _Scanner:
                 self.advance()
 
     def array(self, path: Path) -> None:
-        self.advance()
-        index = 0
-        while True:
-            self.skip_space(newlines=True)
-            if self.peek() == "]":
-                self.advance()
-                return
-            if self.at_end():
-                raise _Stop
-            self.lines.setdefault((*path, index), self.line)
-            self.value((*path, index))
-            index += 1
-            self.skip_space(newlines=True)
-            if self.peek() == ",":
-                self.advance()
+        index = itertools.count()
+
+        def element() -> None:
+            where = (*path, next(index))
+            self.lines.setdefault(where, self.line)
+            self.value(where)
+
+        self.delimited("]", element)
 
     def inline_table(self, path: Path) -> None:
+        self.delimited("}", lambda: self.key_value(path))
+
+    def delimited(self, close: str, item: Callable[[], None]) -> None:
+        """From the opening bracket to `close`: items separated by commas (an array's
+        elements, an inline table's keys)."""
         self.advance()
         while True:
             self.skip_space(newlines=True)
-            if self.peek() == "}":
+            if self.peek() == close:
                 self.advance()
                 return
             if self.at_end():
                 raise _Stop
-            self.key_value(path)
+            item()
             self.skip_space(newlines=True)
             if self.peek() == ",":
                 self.advance()

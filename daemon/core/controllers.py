@@ -233,6 +233,24 @@ class ControllerHandle:
         async with asyncio.timeout(timeout_s):
             return await asyncio.shield(self._next_sample)
 
+    async def sample_until(
+        self, timeout_s: float, settled: Callable[[codec.Telemetry], bool]
+    ) -> codec.Telemetry | None:
+        """Read samples until one is `settled` or `timeout_s` has passed: that sample,
+        else the last one read, None if none arrived. The read-backs after a stop
+        (every port dark, one port dark) are this loop with their own test."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        last: codec.Telemetry | None = None
+        while (left := deadline - loop.time()) > 0:
+            try:
+                last = await self.next_sample(left)
+            except TimeoutError:
+                break
+            if settled(last):
+                break
+        return last
+
     def emitting_ports(self) -> set[int]:
         t = self.telemetry
         if t is None:
@@ -272,24 +290,13 @@ class ControllerHandle:
         controller is asked port by port (COUNTERS shows emission, not light);
         without a link nothing can be read back (None).
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        lit = True
-        seen = False
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                t = await self.next_sample(left)
-            except TimeoutError:
-                break
-            seen = True
-            lit = any(port_lit(p, dark_power_uw) for p in t.ports)
-            if not lit:
-                return True
-        if seen:
-            return not lit
+
+        def dark(t: codec.Telemetry) -> bool:
+            return not any(port_lit(p, dark_power_uw) for p in t.ports)
+
+        last = await self.sample_until(timeout_s, dark)
+        if last is not None:
+            return dark(last)
         if not self.client.is_open:
             return None
         try:

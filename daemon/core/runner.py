@@ -547,26 +547,18 @@ class PortRunner:
     async def _read_back_dark(self, em: Emission) -> bool | None:
         """After STOPPED: True once a sample shows the port dark, False if it stays lit
         for the read-back time, None if no sample arrives at all."""
-        ctrl = self.target.controller
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.session.readback_timeout_s
-        seen = False
-        lit = True
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                t = await ctrl.next_sample(left)
-            except TimeoutError:
-                break
-            if self.target.device_port > len(t.ports):
-                return False
-            seen = True
-            lit = port_lit(t.ports[self.target.device_port - 1], self.session.limits.dark_power_uw)
-            if not lit and em.tail_taken:
-                return True
-        return (not lit) if seen else None
+        port = self.target.device_port
+        dark_power_uw = self.session.limits.dark_power_uw
+
+        def lit(t: codec.Telemetry) -> bool:
+            """A sample without the port counts as lit: it cannot show it dark."""
+            return port > len(t.ports) or port_lit(t.ports[port - 1], dark_power_uw)
+
+        def settled(t: codec.Telemetry) -> bool:
+            return port > len(t.ports) or (not lit(t) and em.tail_taken)
+
+        last = await self.target.controller.sample_until(self.session.readback_timeout_s, settled)
+        return None if last is None else not lit(last)
 
     async def _until_stop(self, em: Emission, prog: StepProgress) -> str:
         """Wait until the stop is due (dose, pause, footswitch) or the device ended it."""

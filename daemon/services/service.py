@@ -46,6 +46,7 @@ from pbmd.daemon.services.api import (
     session_json,
 )
 from pbmd.daemon.services.api.status import port_json
+from pbmd.daemon.services.clinic_db import Replicator
 from pbmd.daemon.services.controller_link import ControllerLink
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
@@ -89,6 +90,7 @@ class Service:
         self._engine: Engine | None = None
         self.api: JsonRpcServer | None = None
         self.mqtt: Any = None
+        self.clinic_db: Replicator | None = None
         self.calibration = Calibration(config.calibration.due, "configuration")
         self._lock_fd: int | None = None
         self._stop = asyncio.Event()
@@ -154,6 +156,11 @@ class Service:
             log.warning("sessions.reconciled", sessions=self.reconciled)
         await self._start_api()
         await self._start_mqtt()
+        if cfg_.clinic_db is not None and cfg_.clinic_db.enabled:
+            self.clinic_db = Replicator(cfg_.clinic_db, self.store, self.device_id)
+            await self.clinic_db.start()
+            if self.mqtt is not None:
+                self.mqtt.replication_status = self.clinic_db.status
         # Everything loaded so far lives as long as the daemon: take it out of the
         # collector's view, so that a full collection (which runs on the event loop,
         # between two telemetry samples) scans only what was made since, not the
@@ -432,6 +439,8 @@ class Service:
                 await self.mqtt.close()
             except Exception as exc:
                 log.error("mqtt.close_failed", error=str(exc))
+        if self.clinic_db is not None:
+            await self.clinic_db.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -500,6 +509,7 @@ class Service:
                 **(api.stats.as_dict() if api is not None else {}),
             },
             "mqtt": None if self.mqtt is None else {"enabled": True},
+            "replication": None if self.clinic_db is None else self.clinic_db.status(),
             "session": session_status,
         }
 

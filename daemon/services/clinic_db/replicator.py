@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,6 +93,7 @@ class Replicator:
         self.behind_s: float | None = None
         self.sent_rows = 0
         self._kick = asyncio.Event()
+        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._remove_listener: Any = None
 
@@ -108,6 +109,20 @@ class Replicator:
             "workstation_id": self.workstation_id,
             "server": self.server,
         }
+
+    async def wait_until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float
+    ) -> dict[str, Any]:
+        """The status once ``predicate(status)`` holds (for tests and tools);
+        TimeoutError with the last status otherwise."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate(status := self.status()):
+                await self._changed.wait()
+        return status
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def start(self) -> None:
         self._remove_listener = self.store.add_commit_listener(lambda _n: self._kick.set())
@@ -209,6 +224,7 @@ class Replicator:
             return
         self.behind_rows = count
         self.behind_s = _age_s(oldest)
+        self._notify()
 
     def _stopped(self, reason: str) -> None:
         if self.state != "stopped" or self.reason != reason:
@@ -217,6 +233,7 @@ class Replicator:
 
     def _set_state(self, state: str, reason: str | None) -> None:
         self.state, self.reason = state, reason
+        self._notify()
 
     def _lag_fields(self) -> dict[str, Any]:
         return {

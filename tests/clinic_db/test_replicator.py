@@ -160,9 +160,7 @@ async def test_without_migrate_an_empty_server_waits_for_pbmd_clinic_db_migrate(
         ("postgresql://postgres@127.0.0.1:1/postgres", "check that the server runs"),
     ],
 )
-async def test_bad_settings_say_what_is_wrong(
-    store: RecordStore, url: str, expected: str
-) -> None:
+async def test_bad_settings_say_what_is_wrong(store: RecordStore, url: str, expected: str) -> None:
     rep = Replicator(_config(url), store, "ws-a")
     await rep.start()
     try:
@@ -190,7 +188,7 @@ async def test_the_change_log_is_added_to_an_existing_database(tmp_path: Path) -
         changes = await store.changes_since(0, 10_000)
         rows = local_rows(path)
         assert len(changes) == sum(len(v) for v in rows.values())
-        assert [c.table for c in changes][0] == "sessions"
+        assert changes[0].table == "sessions"
         assert {(c.table, c.key) for c in changes} == {(t, k) for t in rows for k in rows[t]}
         assert all(c.row is not None for c in changes)
         before = changes[-1].seq

@@ -102,11 +102,8 @@ class Replicator:
         return {
             "state": self.state,
             "reason": self.reason,
-            "behind_rows": self.behind_rows,
-            "behind_s": self.behind_s,
-            "high_water": self.high_water,
+            **self._lag_fields(),
             "sent_rows": self.sent_rows,
-            "workstation_id": self.workstation_id,
             "server": self.server,
         }
 

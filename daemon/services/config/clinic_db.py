@@ -139,6 +139,12 @@ class ClinicDbConfig(BaseModel):
             "sslmode": self.sslmode,
             "connect_timeout": max(1, round(self.connect_timeout_s)),
             "application_name": "pbmd",
+            # A server that vanished without closing the connection is noticed in
+            # about a minute, not after the kernel's two hours.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
         }
         if self.sslrootcert is not None:
             kwargs["sslrootcert"] = str(self.sslrootcert)

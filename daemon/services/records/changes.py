@@ -106,7 +106,7 @@ def read_changes(conn: sqlite3.Connection, after: int, limit: int) -> list[Chang
         columns = KEYS.get(str(table))
         if columns is None:
             continue
-        parts = str(key).split("/", len(columns) - 1)
+        parts = str(key).rsplit("/", len(columns) - 1)  # only the first column is text
         where = " AND ".join(f"{c} = ?" for c in columns)
         row = conn.execute(f"SELECT * FROM {table} WHERE {where}", parts).fetchone()
         out.append(Change(int(seq), str(table), str(key), str(utc), _plain(row)))

@@ -51,9 +51,13 @@ async def test_rows_are_copied_and_a_replay_changes_nothing(
     await rep.start()
     try:
         st = await rep.wait_until(_caught_up, TIMEOUT_S)
+        assert st["workstation_id"] == "ws-a" and st["reason"] is None
+        assert_same(clinic_server, "ws-a", store.path)
+        # What is committed when the daemon stops is sent before the replicator ends.
+        syn.write_faulted(store, "s-3")
+        await store.sync()
     finally:
         await rep.close()
-    assert st["workstation_id"] == "ws-a" and st["reason"] is None
     assert_same(clinic_server, "ws-a", store.path)
     ((hw,),) = clinic_server.query("SELECT high_water FROM workstations")
     # A replay from the start (the high-water mark lost) overwrites, never duplicates.
@@ -73,7 +77,7 @@ async def test_rows_are_copied_and_a_replay_changes_nothing(
     assert clinic is not None and clinic.pop("workstation_id") == "ws-a"
     assert clinic == local
     listed = await reads.list_sessions(patient_ref=local["patient_ref"] if local else None)
-    assert {s["id"] for s in listed} <= {"s-1", "s-2"} and listed
+    assert {s["id"] for s in listed} <= {"s-1", "s-2", "s-3"} and listed
     assert await reads.export("csv") == await store.export("csv")
 
 

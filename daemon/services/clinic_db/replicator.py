@@ -42,6 +42,10 @@ ON CONFLICT (workstation_id, tbl, local_key) DO UPDATE SET
 """
 
 
+DRAIN_S = 2.0
+"""The longest `Replicator.close` spends sending what is committed (the daemon's stop)."""
+
+
 class ReplicationStopped(Exception):
     """Replication cannot go on until someone acts (the message says what to do)."""
 
@@ -94,6 +98,7 @@ class Replicator:
         self.sent_rows = 0
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
+        self._draining = False
         self._task: asyncio.Task[None] | None = None
         self._remove_listener: Any = None
 
@@ -126,25 +131,35 @@ class Replicator:
         self._task = asyncio.create_task(self._run(), name="clinic-db-replicator")
         log.info("clinic_db.started", server=self.server, workstation_id=self.workstation_id)
 
-    async def close(self) -> None:
+    async def close(self, drain_s: float = DRAIN_S) -> None:
+        """End replication. While the server is reachable, what is committed by now is
+        sent first (for at most ``drain_s``): a workstation switched off at the end of
+        the day leaves the clinic copy complete. The rest is sent at the next start."""
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        if self.state == "replicating" and drain_s > 0:
+            self._draining = True
+            self._kick.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), drain_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         log.info("clinic_db.closed", **self._lag_fields())
 
     # ---------------------------------------------------------------- the loop
 
     async def _run(self) -> None:
-        while True:
+        while not self._draining:
             try:
                 async with await connect(self.config) as conn:
                     await self._prepare(conn)
                     await self._replicate(conn)
+                    return  # drained at close
             except (psycopg.Error, OSError, ValueError, schema.ClinicSchemaError) as exc:
                 self._stopped(describe(exc, self.config))
             except ReplicationStopped as exc:
@@ -192,6 +207,8 @@ class Replicator:
                 self._set_state("replicating", None)
                 log.info("clinic_db.replicating", server=self.server, **self._lag_fields())
             if len(changes) < self.config.batch_rows:
+                if self._draining:
+                    return
                 # Caught up: wait for the next commit (or check the link now and then).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.config.retry_s)

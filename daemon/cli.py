@@ -23,10 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service.register(sub)
+    clinic_db_cli.register(sub)
     sim_cli.register(sub)
     protocol_cli.register_pbmd(sub)
     demo.register(sub)
-    clinic_db_cli.register(sub)
     return parser
 
 

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -46,7 +46,6 @@ from pbmd.daemon.services.api import (
     session_json,
 )
 from pbmd.daemon.services.api.status import port_json
-from pbmd.daemon.services.clinic_db import Replicator
 from pbmd.daemon.services.controller_link import ControllerLink
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
@@ -55,6 +54,9 @@ from pbmd.daemon.services.state_dir import Calibration, write_json_atomic
 from pbmd.daemon.services.systemd import Notifier
 from pbmd.drivers.client import ClientError
 from pbmd.protocols.store import LibraryError, LibraryFault, ProtocolLibrary
+
+if TYPE_CHECKING:
+    from pbmd.daemon.services.clinic_db import Replicator
 
 log = structlog.get_logger()
 
@@ -157,6 +159,9 @@ class Service:
         await self._start_api()
         await self._start_mqtt()
         if cfg_.clinic_db is not None and cfg_.clinic_db.enabled:
+            # Imported only when configured: the PostgreSQL driver costs start-up time.
+            from pbmd.daemon.services.clinic_db import Replicator
+
             self.clinic_db = Replicator(cfg_.clinic_db, self.store, self.device_id)
             await self.clinic_db.start()
             if self.mqtt is not None:

@@ -202,3 +202,35 @@ async def test_the_change_log_is_added_to_an_existing_database(tmp_path: Path) -
         assert later and all(c.seq > before for c in later)
     finally:
         await store.close()
+
+
+async def test_a_table_a_migration_rebuilt_is_logged_again(tmp_path: Path) -> None:
+    """A records migration that copies a table into a new one (SQLite cannot alter a
+    constraint) drops the table's triggers: the next open restores them and logs
+    every row of that table again, so the clinic copy gets the rebuilt rows."""
+    path = tmp_path / "records.sqlite"
+    store = await RecordStore.open(path, min_free_bytes=0)
+    syn.write_completed(store, "s-1")
+    await store.close()
+    conn = sqlite3.connect(path)
+    (before,) = conn.execute("SELECT MAX(seq) FROM changes").fetchone()
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'emissions'").fetchone()
+    conn.executescript(
+        "BEGIN;"
+        + sql.replace("CREATE TABLE emissions", "CREATE TABLE emissions_v2")
+        + ";INSERT INTO emissions_v2 SELECT * FROM emissions; DROP TABLE emissions;"
+        "ALTER TABLE emissions_v2 RENAME TO emissions; COMMIT;"
+    )
+    conn.close()
+    store = await RecordStore.open(path, min_free_bytes=0)
+    try:
+        again = await store.changes_since(before, 10_000)
+        emissions = local_rows(path)["emissions"]
+        assert {c.key for c in again} == set(emissions) and emissions
+        assert {c.table for c in again} == {"emissions"}
+        syn.write_faulted(store, "s-2")
+        await store.sync()
+        later = await store.changes_since(again[-1].seq, 10_000)
+        assert "emissions" in {c.table for c in later}
+    finally:
+        await store.close()

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from pbmd.daemon.services.clinic_db.schema import ClinicSchemaError
 from pbmd.daemon.services.config import ClinicDbConfig
 
 
@@ -35,6 +36,8 @@ def describe(exc: BaseException, config: ClinicDbConfig) -> str:
     low = text.lower()
     if isinstance(exc, ValueError):
         return text
+    if isinstance(exc, ClinicSchemaError):
+        return f"clinic database {where}: {text}"
     if "password authentication failed" in low or "no password supplied" in low:
         hint = "check the password file or variable of [clinic_db] and the user on the server"
     elif "role" in low and "does not exist" in low:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -41,6 +42,9 @@ ON CONFLICT (workstation_id, tbl, local_key) DO UPDATE SET
     row = EXCLUDED.row, replicated_at = now()
 """
 
+
+STOPPED_LOG_INTERVAL_S = 300.0
+"""While replication stays stopped, the log says so (with the lag) this often."""
 
 DRAIN_S = 2.0
 """The longest `Replicator.close` spends sending what is committed (the daemon's stop)."""
@@ -99,6 +103,7 @@ class Replicator:
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         self._draining = False
+        self._stopped_logged = -math.inf
         self._task: asyncio.Task[None] | None = None
         self._remove_listener: Any = None
 
@@ -241,7 +246,14 @@ class Replicator:
         self._notify()
 
     def _stopped(self, reason: str) -> None:
-        if self.state != "stopped" or self.reason != reason:
+        now = time.monotonic()
+        if (
+            self.state != "stopped"
+            or self.reason != reason
+            or now - self._stopped_logged >= STOPPED_LOG_INTERVAL_S
+        ):
+            # Said when it stops, and again now and then while the backlog grows.
+            self._stopped_logged = now
             log.warning("clinic_db.stopped", reason=reason, **self._lag_fields())
         self._set_state("stopped", reason)
 

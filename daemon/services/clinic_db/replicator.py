@@ -169,6 +169,8 @@ class Replicator:
                 self._stopped(describe(exc, self.config))
             except ReplicationStopped as exc:
                 self._stopped(str(exc))
+            except RecordsError as exc:
+                self._stopped(f"the workstation's records cannot be read: {exc}")
             await self._refresh_backlog()
             await asyncio.sleep(self.config.retry_s)
 

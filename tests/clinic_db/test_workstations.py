@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fixtures.protocols import SHORT_SCREENING
 from service.conftest import DaemonFactory
 from service.conftest import make_daemon as make_daemon  # the service tests' fixture
 from service.harness import (
-    PBMD,
     Daemon,
     RawClient,
     pbmctl,
@@ -28,6 +27,8 @@ from service.harness import (
     step_errors,
     write_protocol,
 )
+
+from pbmd.daemon.cli import main as pbmd_main
 
 from .conftest import ClinicServer, assert_same
 
@@ -195,38 +196,34 @@ def test_bad_settings_are_reported_and_the_daemon_still_treats(
     assert clinic_server.query("SELECT to_regclass('record_rows') IS NULL") == [(True,)]
 
 
-def test_pbmd_clinic_db_migrate_and_check(workdir: Path, clinic_server: ClinicServer) -> None:
+def test_pbmd_clinic_db_migrate_and_check(
+    workdir: Path, clinic_server: ClinicServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = workdir / "pbmd.toml"
     config.write_text(
         '[[controllers]]\nname = "sim"\nlink = "sim"\n' + clinic_toml(clinic_server.url, "room-1"),
         encoding="utf-8",
     )
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*PBMD, "clinic-db", *args, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    def run(*args: str, path: Path = config) -> tuple[int, str, str]:
+        code = pbmd_main([*args, "--config", str(path)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
-    res = run("check")
-    assert res.returncode == 1 and "pbmd clinic-db migrate" in res.stderr
-    res = run("migrate")
-    assert res.returncode == 0 and "migrated to version 1" in res.stdout
-    assert "already at version 1" in run("migrate").stdout
-    assert run("check").returncode == 0
+    code, _, err = run("clinic-db", "check")
+    assert code == 1 and "pbmd clinic-db migrate" in err
+    code, out, _ = run("clinic-db", "migrate")
+    assert code == 0 and "migrated to version 1" in out
+    assert "already at version 1" in run("clinic-db", "migrate")[1]
+    assert run("clinic-db", "check")[0] == 0
     clinic_server.execute("INSERT INTO pbmd_schema VALUES (2, now(), 'future')")
-    res = run("migrate")
-    assert res.returncode == 1 and "newer than this pbmd knows" in res.stderr
+    code, _, err = run("clinic-db", "migrate")
+    assert code == 1 and "newer than this pbmd knows" in err
     bad = workdir / "bad.toml"
     bad.write_text(
         '[[controllers]]\nname = "sim"\nlink = "sim"\n[clinic_db]\n'
         'url = "postgresql://pbmd:secret@db/pbm"\npassword_file = "/etc/pbmd/db-password"\n',
         encoding="utf-8",
     )
-    res = subprocess.run(
-        [*PBMD, "config", "check", "--config", str(bad)], capture_output=True, text=True
-    )
-    assert res.returncode == 78
-    assert "the URL carries a password in clear" in res.stderr
+    code, _, err = run("config", "check", path=bad)
+    assert code == 78 and "the URL carries a password in clear" in err

@@ -294,7 +294,12 @@ async def cmd_records_list(args: argparse.Namespace, client: Client, out: Out) -
     if args.since:
         params["since_utc"] = args.since
     res = await client.call("records.list", params)
-    out.result(res, lambda c: view.render_records(c, res["sessions"]))
+    # A clinic-wide list says where each session was given.
+    shown = [
+        {**s, "id": f"{s['id']} ({s['workstation_id']})"} if "workstation_id" in s else s
+        for s in res["sessions"]
+    ]
+    out.result(res, lambda c: view.render_records(c, shown))
     return EXIT_OK
 
 

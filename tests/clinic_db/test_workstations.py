@@ -121,6 +121,8 @@ def test_two_workstations_treat_at_once_and_read_each_other_through_the_clinic(
     assert {(s["id"], s["workstation_id"]) for s in listed["sessions"]} == {
         (done[ws][0], ws) for ws in daemons
     }
+    human = pbmctl(one.socket_path, "records", "list", "--clinic", "--patient", PATIENT)
+    assert human.returncode == 0 and "(room-2)" in human.stdout and "(room-1)" in human.stdout
     shown = pbmctl_json(one.socket_path, "records", "show", "--clinic", sid_two)["session"]
     assert shown.pop("workstation_id") == "room-2"
     assert shown == local_two

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 def build_parser() -> argparse.ArgumentParser:
     from pbmd.daemon.clients import demo
     from pbmd.daemon.services import service
+    from pbmd.daemon.services.clinic_db import cli as clinic_db_cli
     from pbmd.hw_sim import cli as sim_cli
     from pbmd.protocols import cli as protocol_cli
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service.register(sub)
+    clinic_db_cli.register(sub)
     sim_cli.register(sub)
     protocol_cli.register_pbmd(sub)
     demo.register(sub)

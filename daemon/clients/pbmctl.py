@@ -291,23 +291,38 @@ async def cmd_session_abort(args: argparse.Namespace, client: Client, out: Out) 
     return EXIT_OK
 
 
+def _clinic_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``--clinic`` (and ``--patient``): read the clinic database, every workstation."""
+    out: dict[str, Any] = {}
+    if getattr(args, "clinic", False):
+        out["clinic"] = True
+    if getattr(args, "patient", None):
+        out["patient_ref"] = args.patient
+    return out
+
+
 async def cmd_records_list(args: argparse.Namespace, client: Client, out: Out) -> int:
-    params: dict[str, Any] = {"limit": args.limit}
+    params: dict[str, Any] = {"limit": args.limit, **_clinic_params(args)}
     if args.since:
         params["since_utc"] = args.since
     res = await client.call("records.list", params)
-    out.result(res, lambda c: view.render_records(c, res["sessions"]))
+    # A clinic-wide list says where each session was given.
+    shown = [
+        {**s, "id": f"{s['id']} ({s['workstation_id']})"} if "workstation_id" in s else s
+        for s in res["sessions"]
+    ]
+    out.result(res, lambda c: view.render_records(c, shown))
     return EXIT_OK
 
 
 async def cmd_records_show(args: argparse.Namespace, client: Client, out: Out) -> int:
-    res = await client.call("records.show", {"session_id": args.session})
+    res = await client.call("records.show", {"session_id": args.session, **_clinic_params(args)})
     out.result(res, lambda c: view.render_record(c, res["session"]))
     return EXIT_OK
 
 
 async def cmd_records_export(args: argparse.Namespace, client: Client, out: Out) -> int:
-    params: dict[str, Any] = {"format": args.format}
+    params: dict[str, Any] = {"format": args.format, **_clinic_params(args)}
     if args.since:
         params["since_utc"] = args.since
     if args.session:
@@ -333,7 +348,8 @@ async def cmd_records_export(args: argparse.Namespace, client: Client, out: Out)
 
 async def cmd_report(args: argparse.Namespace, client: Client, out: Out) -> int:
     fmt = "json" if out.json else "text"
-    res = await client.call("report.get", {"session_id": args.session, "format": fmt})
+    params = {"session_id": args.session, "format": fmt, **_clinic_params(args)}
+    res = await client.call("report.get", params)
     if out.json:
         out.data(res)
     else:
@@ -661,15 +677,29 @@ def _add_records_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
     p = add(rsub, "list", cmd_records_list, "sessions, newest first")
     p.add_argument("--limit", type=int, default=20, metavar="N")
     p.add_argument("--since", metavar="UTC", help="ISO date or time, e.g. 2025-01-31")
+    _clinic_flags(p, patient=True)
     p = add(rsub, "show", cmd_records_show, "one session's record")
     p.add_argument("session", metavar="SESSION")
+    _clinic_flags(p, patient=False)
     p = add(rsub, "export", cmd_records_export, "export records (technician)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
     p.add_argument("--since", metavar="UTC")
     p.add_argument("--session", action="append", metavar="SESSION", help="only these (repeat)")
     p.add_argument("--output", "-o", type=Path, metavar="FILE")
+    _clinic_flags(p, patient=True)
     p = add(sub, "report", cmd_report, "a session's treatment report")
     p.add_argument("session", metavar="SESSION")
+    _clinic_flags(p, patient=False)
+
+
+def _clinic_flags(p: argparse.ArgumentParser, *, patient: bool) -> None:
+    p.add_argument(
+        "--clinic",
+        action="store_true",
+        help="read the clinic database: every workstation's sessions",
+    )
+    if patient:
+        p.add_argument("--patient", metavar="REF", help="only this patient's sessions (--clinic)")
 
 
 def _add_upkeep_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -56,6 +56,9 @@ from pbmd.daemon.services.state_dir import Calibration, write_json_atomic
 from pbmd.daemon.services.systemd import Notifier
 from pbmd.drivers.client import ClientError
 from pbmd.protocols.store import LibraryError, LibraryFault, ProtocolLibrary
+
+if TYPE_CHECKING:
+    from pbmd.daemon.services.clinic_db import Replicator
 
 log = structlog.get_logger()
 
@@ -91,6 +94,7 @@ class Service:
         self._engine: Engine | None = None
         self.api: JsonRpcServer | None = None
         self.mqtt: Any = None
+        self.clinic_db: Replicator | None = None
         self.calibration = Calibration(config.calibration.due, "configuration")
         self._lock_fd: int | None = None
         self._stop = asyncio.Event()
@@ -161,6 +165,14 @@ class Service:
             log.warning("sessions.reconciled", sessions=self.reconciled)
         await self._start_api()
         await self._start_mqtt()
+        if cfg_.clinic_db is not None and cfg_.clinic_db.enabled:
+            # Imported only when configured: the PostgreSQL driver costs start-up time.
+            from pbmd.daemon.services.clinic_db import Replicator
+
+            self.clinic_db = Replicator(cfg_.clinic_db, self.store, self.device_id)
+            await self.clinic_db.start()
+            if self.mqtt is not None:
+                self.mqtt.replication_status = self.clinic_db.status
         # Everything loaded so far lives as long as the daemon: take it out of the
         # collector's view, so that a full collection (which runs on the event loop,
         # between two telemetry samples) scans only what was made since, not the
@@ -454,6 +466,8 @@ class Service:
                 await self.mqtt.close()
             except Exception as exc:
                 log.error("mqtt.close_failed", error=str(exc))
+        if self.clinic_db is not None:
+            await self.clinic_db.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -522,6 +536,7 @@ class Service:
                 **(api.stats.as_dict() if api is not None else {}),
             },
             "mqtt": None if self.mqtt is None else {"enabled": True},
+            "replication": None if self.clinic_db is None else self.clinic_db.status(),
             "session": session_status,
         }
 

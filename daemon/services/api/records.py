@@ -11,6 +11,7 @@ from pydantic import Field, StringConstraints
 
 from pbmd.daemon.services.api.registry import NOT_FOUND, REFUSED, Caller, Params, Registry, RpcError
 from pbmd.daemon.services.api.roles import STAFF, TECHNICIAN
+from pbmd.daemon.services.clinic_db import ClinicReads, ClinicUnavailable
 from pbmd.daemon.services.records import RecordsError
 from pbmd.daemon.services.report import build_report, render_text
 
@@ -22,37 +23,71 @@ log = structlog.get_logger()
 SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
-class RecordsListParams(Params):
+PatientRef = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class ClinicParam(Params):
+    clinic: bool = False
+    """Read the clinic database (every workstation) instead of this workstation's records."""
+
+
+class RecordsListParams(ClinicParam):
     limit: Annotated[int, Field(ge=1, le=1000)] = 50
     offset: Annotated[int, Field(ge=0)] = 0
     since_utc: dt.datetime | None = Field(default=None, strict=False)
+    patient_ref: PatientRef | None = None
+    """Only this patient's sessions (clinic reads only)."""
 
 
-class SessionIdParams(Params):
+class SessionIdParams(ClinicParam):
     session_id: SessionId
 
 
-class RecordsExportParams(Params):
+class RecordsExportParams(ClinicParam):
     format: Literal["json", "csv"] = "json"
     since_utc: dt.datetime | None = Field(default=None, strict=False)
     session_ids: Annotated[list[SessionId], Field(max_length=1000)] | None = None
+    patient_ref: PatientRef | None = None
 
 
-class ReportParams(Params):
+class ReportParams(ClinicParam):
     session_id: SessionId
     format: Literal["json", "text", "both"] = "both"
 
 
-async def _session_row(service: Service, session_id: str) -> dict[str, Any]:
+def _clinic(service: Service, p: ClinicParam) -> ClinicReads | None:
+    """The clinic database's reads when asked for (REFUSED if none is configured)."""
+    patient = getattr(p, "patient_ref", None)
+    if not p.clinic:
+        if patient is not None:
+            raise RpcError(REFUSED, "patient_ref filters clinic reads: add clinic = true")
+        return None
+    if service.config.clinic_db is None:
+        raise RpcError(
+            REFUSED,
+            "no clinic database is configured on this workstation ([clinic_db] in the "
+            "configuration; docs/clinic-db.md)",
+        )
+    return ClinicReads(service.config.clinic_db)
+
+
+async def _session_row(service: Service, p: SessionIdParams | ReportParams) -> dict[str, Any]:
     """One session's record, or NOT_FOUND saying where to look."""
+    clinic = _clinic(service, p)
     try:
-        row = await service.store.get_session(session_id)
-    except RecordsError as exc:
+        if clinic is not None:
+            row = await clinic.get_session(p.session_id)
+        else:
+            row = await service.store.get_session(p.session_id)
+    except (RecordsError, ClinicUnavailable) as exc:
         raise RpcError(REFUSED, str(exc)) from None
     if row is None:
+        where = "the clinic database" if clinic is not None else "the records"
+        flag = " --clinic" if clinic is not None else ""
         raise RpcError(
             NOT_FOUND,
-            f"no session {session_id!r} in the records; `pbmctl records list` shows the sessions",
+            f"no session {p.session_id!r} in {where}; `pbmctl records list{flag}` shows "
+            "the sessions",
         )
     return row
 
@@ -62,9 +97,13 @@ def register(reg: Registry, service: Service) -> None:
 
     @reg.add("records.list", RecordsListParams, STAFF, "Sessions in the records, newest first.")
     async def records_list(caller: Caller, p: RecordsListParams) -> Any:
+        clinic = _clinic(service, p)
         try:
-            rows = await service.store.list_sessions(p.limit, p.offset, p.since_utc)
-        except RecordsError as exc:
+            if clinic is not None:
+                rows = await clinic.list_sessions(p.limit, p.offset, p.since_utc, p.patient_ref)
+            else:
+                rows = await service.store.list_sessions(p.limit, p.offset, p.since_utc)
+        except (RecordsError, ClinicUnavailable) as exc:
             raise RpcError(REFUSED, str(exc)) from None
         return {"sessions": rows}
 
@@ -76,7 +115,7 @@ def register(reg: Registry, service: Service) -> None:
         heavy=True,
     )
     async def records_show(caller: Caller, p: SessionIdParams) -> Any:
-        return {"session": await _session_row(service, p.session_id)}
+        return {"session": await _session_row(service, p)}
 
     @reg.add(
         "records.export",
@@ -86,18 +125,27 @@ def register(reg: Registry, service: Service) -> None:
         heavy=True,
     )
     async def records_export(caller: Caller, p: RecordsExportParams) -> Any:
+        clinic = _clinic(service, p)
         try:
-            content = await service.store.export(
-                p.format, since_utc=p.since_utc, session_ids=p.session_ids
-            )
-        except RecordsError as exc:
+            if clinic is not None:
+                content = await clinic.export(
+                    p.format,
+                    since_utc=p.since_utc,
+                    session_ids=p.session_ids,
+                    patient_ref=p.patient_ref,
+                )
+            else:
+                content = await service.store.export(
+                    p.format, since_utc=p.since_utc, session_ids=p.session_ids
+                )
+        except (RecordsError, ClinicUnavailable) as exc:
             raise RpcError(REFUSED, str(exc)) from None
-        log.info("records.exported", user=caller.peer.user, format=p.format)
+        log.info("records.exported", user=caller.peer.user, format=p.format, clinic=p.clinic)
         return {"format": p.format, "content": content}
 
     @reg.add("report.get", ReportParams, STAFF, "A session's treatment report.", heavy=True)
     async def report_get(caller: Caller, p: ReportParams) -> Any:
-        row = await _session_row(service, p.session_id)
+        row = await _session_row(service, p)
 
         def build() -> dict[str, Any]:
             report = build_report(row)

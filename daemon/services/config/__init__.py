@@ -28,6 +28,7 @@ The ``[mqtt]`` section's model lives with the publisher
 """
 
 from pbmd.daemon.services.config.checks import _unwrap_model
+from pbmd.daemon.services.config.clinic_db import ClinicDbConfig
 from pbmd.daemon.services.config.issues import ConfigError, ConfigIssue, toml_value
 from pbmd.daemon.services.config.loading import (
     DEFAULT_SOURCE,
@@ -79,6 +80,7 @@ __all__ = [
     "SYSTEM_USER",
     "ApiConfig",
     "CalibrationConfig",
+    "ClinicDbConfig",
     "Config",
     "ConfigError",
     "ConfigIssue",

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from pbmd.daemon.services.config.clinic_db import ClinicDbConfig
 from pbmd.daemon.services.config.issues import _fail
 from pbmd.daemon.services.config.paths import default_socket_path, default_state_dir
 from pbmd.drivers.transport import LinkURLError
@@ -328,6 +329,9 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     mqtt: dict[str, Any] | None = Field(
         default=None, description="The MQTT publisher; see docs/configuration.md."
+    )
+    clinic_db: ClinicDbConfig | None = Field(
+        default=None, description="The clinic's PostgreSQL copy of the records; docs/clinic-db.md."
     )
 
     # ------------------------------------------------------------ resolved values

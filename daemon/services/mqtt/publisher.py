@@ -78,6 +78,9 @@ class MqttPublisher:
         self.config = config
         self.store = store
         self.engine = engine
+        self.replication_status: Callable[[], Mapping[str, Any]] | None = None
+        """The clinic database replicator's status (the ``replication`` object of
+        ``state``); set by the service when ``[clinic_db]`` is configured."""
         self.device_id = config.resolved_device_id(device_id)
         self.topic_prefix = config.resolved_prefix(self.device_id)
         self.client_id = config.client_id or f"pbmd-{self.device_id}"
@@ -268,6 +271,10 @@ class MqttPublisher:
         now_s = asyncio.get_running_loop().time()
         hw = snapshot(self.engine)
         key, temperatures = state_key(hw, self.engine, self.store)
+        replication = None if self.replication_status is None else self.replication_status()
+        if replication is not None:
+            caught_up = replication.get("behind_rows") == 0
+            key = (key, replication.get("state"), replication.get("reason"), caught_up)
         if (
             force
             or key != self._state_key
@@ -279,6 +286,8 @@ class MqttPublisher:
             self._state_key, self._state_temperatures, self._state_at = key, temperatures, now_s
             topic = self.state_topic
             state = state_payload(hw, self.engine, self.store)
+            if replication is not None:
+                state["replication"] = dict(replication)
             self._set_retained(topic, {"ts": utc_text(), "seq": self._next_seq(topic), **state})
         session = session_payload(status)
         if force or session != self._session_value:

@@ -27,7 +27,7 @@ so that they sort as text; arguments named ``*_utc``/``utc`` take an aware
 
 The parts: `store` (the store, its life cycle and health), `writer` (the writer
 thread), `rows` (how each record becomes rows), `schema` (the tables), `reads`
-(sessions, outbox, exports).
+(sessions, outbox, exports), `changes` (the change log replicas read).
 """
 
 from pbmd.daemon.core.recording import (

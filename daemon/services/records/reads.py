@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from pbmd.daemon.core.reconciliation import GAVE_UP
 from pbmd.daemon.core.recording import RecordsUnavailable, UtcTime
+from pbmd.daemon.services.records.changes import Change, backlog, read_changes
 from pbmd.daemon.services.records.schema import SCHEMA_VERSION, utc_text
 
 ExportFormat = Literal["json", "csv"]
@@ -119,6 +120,15 @@ class RecordReads:
         )
         return await self._read(lambda conn: _sessions_where(conn, where))
 
+    async def changes_since(self, after: int, limit: int = 500) -> list[Change]:
+        """Rows changed after change ``after``, as they are now, oldest change first
+        (the change log, `changes`: for replicas such as the clinic database)."""
+        return await self._read(lambda conn: read_changes(conn, after, limit))
+
+    async def change_backlog(self, after: int) -> tuple[int, int, str | None]:
+        """(rows changed after ``after``, the latest change, the oldest one's time)."""
+        return await self._read(lambda conn: backlog(conn, after))
+
     async def outbox_pending(self, limit: int = 100) -> list[dict[str, Any]]:
         """Unpublished events in the order they were recorded (oldest first)."""
 
@@ -176,7 +186,7 @@ class RecordReads:
                     "sessions": sessions,
                 }
                 return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-            return _steps_csv(sessions)
+            return steps_csv(sessions)
 
         return await self._read(render)
 
@@ -225,7 +235,7 @@ _CSV_STEP_COLUMNS = (
 )
 
 
-def _steps_csv(sessions: Sequence[Mapping[str, Any]]) -> str:
+def steps_csv(sessions: Sequence[Mapping[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
@@ -247,7 +257,7 @@ def _steps_csv(sessions: Sequence[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
-def _event_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _event_dict(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
     d = dict(row)
     raw = d.pop("data_json", None)
     d["data"] = None if raw is None else json.loads(raw)
@@ -271,26 +281,39 @@ def _load_session(
     row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
     if row is None:
         return None
-    s = dict(row)
+    steps = conn.execute(
+        "SELECT * FROM steps WHERE session_id = ? ORDER BY port, step_index", (session_id,)
+    )
+    emissions = conn.execute(
+        "SELECT * FROM emissions WHERE session_id = ? ORDER BY seq", (session_id,)
+    )
+    event_rows = (
+        conn.execute("SELECT * FROM events WHERE session_id = ? ORDER BY seq", (session_id,))
+        if events
+        else None
+    )
+    return session_from_rows(
+        dict(row),
+        [dict(r) for r in steps],
+        [dict(r) for r in emissions],
+        None if event_rows is None else [dict(r) for r in event_rows],
+    )
+
+
+def session_from_rows(
+    session: dict[str, Any],
+    steps: list[dict[str, Any]],
+    emissions: list[dict[str, Any]],
+    events: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """A session's record as the reads answer it, from its raw table rows (steps in
+    (port, step_index) order, emissions and events in seq order): the JSON columns
+    decoded. The clinic database's reads answer the same from its copies of the rows."""
+    s = dict(session)
     s["contraindications"] = json.loads(s.pop("contraindications_json"))
     s["ports"] = json.loads(s.pop("ports_json"))
-    s["steps"] = [
-        dict(r)
-        for r in conn.execute(
-            "SELECT * FROM steps WHERE session_id = ? ORDER BY port, step_index", (session_id,)
-        )
-    ]
-    s["emissions"] = [
-        dict(r)
-        for r in conn.execute(
-            "SELECT * FROM emissions WHERE session_id = ? ORDER BY seq", (session_id,)
-        )
-    ]
-    if events:
-        s["events"] = [
-            _event_dict(r)
-            for r in conn.execute(
-                "SELECT * FROM events WHERE session_id = ? ORDER BY seq", (session_id,)
-            )
-        ]
+    s["steps"] = steps
+    s["emissions"] = emissions
+    if events is not None:
+        s["events"] = [_event_dict(e) for e in events]
     return s

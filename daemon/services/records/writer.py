@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from pbmd.daemon.core.recording import Event, RecordsError, RecordsUnavailable, Severity
+from pbmd.daemon.services.records.changes import ensure_change_log
 from pbmd.daemon.services.records.rows import Write, write_of
 from pbmd.daemon.services.records.schema import (
     MIGRATIONS,
@@ -224,6 +225,7 @@ class Writer:
                 )
             conn.execute("PRAGMA synchronous=FULL")
             self._ensure_schema(conn)
+            ensure_change_log(conn)
             if first and self.store._integrity_check:
                 result = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
                 if result != ["ok"]:

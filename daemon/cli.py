@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbmd.daemon.clients import demo
+    from pbmd.daemon.clients import dashboard, demo
     from pbmd.daemon.services import service
     from pbmd.hw_sim import cli as sim_cli
     from pbmd.protocols import cli as protocol_cli
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.register(sub)
     protocol_cli.register_pbmd(sub)
     demo.register(sub)
+    dashboard.register(sub)
     return parser
 
 

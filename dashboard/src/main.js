@@ -38,13 +38,18 @@ const client = mqtt.connect(cfg.url, {
 });
 client.on("connect", () => {
   view.connection("connected", `Connected to ${cfg.url}`);
+  redraw();
   client.subscribe(`${cfg.root}/#`, { qos: 1 }, (err) => {
     if (err) view.connection("offline", `Not allowed to read ${cfg.root}/#: ${err.message}`);
   });
 });
-client.on("reconnect", () => view.connection("reconnecting", `Reconnecting to ${cfg.url}…`));
-client.on("offline", () => view.connection("reconnecting", `Broker unreachable, retrying…`));
-client.on("error", (err) => view.connection("reconnecting", `Broker error: ${err.message}; retrying…`));
+const down = (words) => {
+  view.connection("reconnecting", words);
+  redraw();
+};
+client.on("reconnect", () => down(`Reconnecting to ${cfg.url}…`));
+client.on("offline", () => down("Broker unreachable, retrying…"));
+client.on("error", (err) => down(`Broker error: ${err.message}; retrying…`));
 client.on("message", (topic, payload) => {
   const trip = fleet.handle(topic, new TextDecoder().decode(payload));
   if (trip) view.alert(trip.text);

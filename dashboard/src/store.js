@@ -4,6 +4,13 @@
 const MAX_EVENTS = 8;
 const MAX_POINTS = 600;
 
+/** "E303 The emergency stop was pressed." (pbmd's messages may already start with the code). */
+export function causeText(code, message) {
+  const m = (message || "").trim();
+  if (!code) return m;
+  return m.startsWith(code) ? m : `${code} ${m}`.trim();
+}
+
 export class Fleet {
   constructor(root = "pbm/v1") {
     this.root = root;
@@ -14,7 +21,7 @@ export class Fleet {
   device(id) {
     let d = this.devices.get(id);
     if (!d) {
-      d = { id, status: null, statusReason: null, state: null, session: null, ports: new Map(), events: [], seen: new Set() };
+      d = { id, status: null, state: null, session: null, ports: new Map(), events: [], seen: new Set(), announced: new Set() };
       this.devices.set(id, d);
     }
     return d;
@@ -53,11 +60,17 @@ export class Fleet {
   }
 
   onSession(d, s) {
-    const before = d.session;
     d.session = s;
-    const stoppedNow = s.state === "faulted" && !(before && before.session_id === s.session_id && before.state === "faulted");
-    if (stoppedNow) return { device: d.id, text: `${d.id}: treatment stopped, ${s.cause_code || ""} ${s.cause_message || s.trip || ""}`.trim() };
+    if (s.state === "faulted") return this.announce(d, s.session_id, s.cause_code, s.cause_message || s.trip);
     return null;
+  }
+
+  /** A trip is announced once per session, whichever of its messages comes first. */
+  announce(d, sessionId, code, message) {
+    const key = sessionId || "none";
+    if (d.announced.has(key)) return null;
+    d.announced.add(key);
+    return { device: d.id, text: `${d.id}: treatment stopped, ${causeText(code, message)}` };
   }
 
   onEvent(d, e) {
@@ -65,7 +78,7 @@ export class Fleet {
     d.seen.add(e.id);
     d.events.unshift(e);
     d.events.length = Math.min(d.events.length, MAX_EVENTS);
-    if (e.kind === "trip") return { device: d.id, text: `${d.id}: trip ${e.code || ""} ${e.message || ""}`.trim() };
+    if (e.kind === "trip") return this.announce(d, e.session_id, e.code, e.message);
     return null;
   }
 

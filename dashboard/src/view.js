@@ -1,12 +1,14 @@
 // The page: one section per workstation, one card per port, updated in place so
 // that keyboard focus and screen-reader position survive live updates.
 
+import { causeText } from "./store.js";
+
 const SVG = "http://www.w3.org/2000/svg";
 
 // Every state has words and an icon; the tone only adds colour.
 const PORT_STATES = {
   emitting: ["▶", "Emitting", "run"],
-  paused: ["⏸", "Paused", "wait"],
+  paused: ["‖", "Paused", "wait"],
   gated: ["✋", "Waiting", "wait"],
   waiting: ["⏳", "Waiting", "wait"],
   done: ["✓", "Done", "ok"],
@@ -59,10 +61,12 @@ export class View {
     this.alerts = doc.getElementById("alerts");
     this.conn = doc.getElementById("conn");
     this.sections = new Map();
+    this.linkUp = false;
     this.main.addEventListener("keydown", (e) => this.onKey(e));
   }
 
   connection(state, words) {
+    this.linkUp = state === "connected";
     const icons = { connected: "●", reconnecting: "↻", connecting: "…", offline: "○" };
     this.conn.dataset.state = state;
     this.conn.querySelector(".icon").textContent = icons[state] || "…";
@@ -101,7 +105,8 @@ export class View {
     const session = el("span", { class: "badge session" });
     const heading = el("h2", { id: `${hid}-h` }, name, status, session);
     const meta = el("p", { class: "meta" });
-    const trip = el("p", { class: "trip", role: "alert" });
+    // Shown, not announced: the page's one alert region (#alerts) announces trips.
+    const trip = el("p", { class: "trip" });
     const ports = el("div", { class: "ports" });
     const events = el("ol", { class: "events", "aria-label": `Latest events on ${id}` });
     const node = el("section", { class: "ws", id: hid, "data-device": id, "aria-labelledby": `${hid}-h`, tabindex: "0" },
@@ -119,7 +124,9 @@ export class View {
   renderDevice(fleet, d) {
     const s = this.section(d.id);
     const online = d.status === "online";
-    setBadge(s.status, online ? ["●", "Online", "ok"] : d.status === "offline" ? ["○", "Offline", "off"] : ["?", "Unknown", "off"]);
+    // With the broker out of reach, what a workstation last said is not its present.
+    if (!this.linkUp) setBadge(s.status, ["?", "Not known", "off"], "broker unreachable");
+    else setBadge(s.status, online ? ["●", "Online", "ok"] : d.status === "offline" ? ["○", "Offline", "off"] : ["?", "Unknown", "off"]);
     const sess = d.session;
     const sstate = sess?.state || "idle";
     setBadge(s.session, SESSION_STATES[sstate] || ["?", sstate, "off"]);
@@ -129,9 +136,12 @@ export class View {
     if (ctl) bits.push(`Controller ${ctl.name}: ${ctl.state ?? "unknown"}${ctl.fault && ctl.fault !== "none" ? `, fault ${ctl.fault}` : ""}`);
     if (d.state?.service_required) bits.push(`Service required: ${d.state.service_required}`);
     s.meta.textContent = bits.join(" · ");
-    const tripText = STOPPED_SESSIONS.has(sstate)
-      ? `⚠ ${SESSION_STATES[sstate][1]}: ${[sess.cause_code, sess.cause_message].filter(Boolean).join(" ")}${sess.trip ? ` (${sess.trip})` : ""}`
-      : "";
+    let tripText = "";
+    if (STOPPED_SESSIONS.has(sstate)) {
+      const cause = causeText(sess.cause_code, sess.cause_message);
+      const trip = sess.trip && !cause.includes(sess.trip) ? ` (${sess.trip})` : "";
+      tripText = `⚠ ${SESSION_STATES[sstate][1]}: ${cause}${trip}`;
+    }
     if (s.trip.textContent !== tripText) s.trip.textContent = tripText;
     const seen = new Set();
     for (const info of fleet.portsOf(d)) {

@@ -42,7 +42,9 @@ class Browser:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            ready, _, _ = select.select(
+                [self.proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+            )
             if not ready:
                 raise AssertionError(f"browser driver silent for {timeout_s} s")
             line = self.proc.stdout.readline()

@@ -43,7 +43,9 @@ def workstations(workdir: Path) -> Iterator[Workstations]:
     """Start `pbmd run` daemons (in parallel) for the given device ids; all stopped after."""
     made: list[Daemon] = []
 
-    def start(broker: WsBroker, names: Sequence[str], *, time_scale: float = 30.0) -> dict[str, Daemon]:
+    def start(
+        broker: WsBroker, names: Sequence[str], *, time_scale: float = 30.0
+    ) -> dict[str, Daemon]:
         daemons: dict[str, Daemon] = {}
         for ws in names:
             home = workdir / ws

@@ -283,16 +283,23 @@ class Fleet:
             list(pool.map(self._start_treating, [self.daemons[n] for n in names]))
 
     def _start_treating(self, d: Daemon) -> None:
+        """Start the daemon and a session on ports 1-3; return once all three emit."""
         d.start()
         pbmctl_json(d.socket_path, "protocol", "install", str(self.protocol))
         with RawClient(d.socket_path) as c:
             c.call(
                 "session.start",
                 {"protocol": "fleet-bench", "patient_ref": "BENCH", "ports": [1, 2, 3],
-                 "contraindications": SHORT_SCREENING},
+                 "contraindications": SHORT_SCREENING, "watch": True},
             )  # fmt: skip
-        for _ in range(3):
-            d.wait_log(lambda r: r.data.get("kind") == "emission_started", what="emission")
+            emitting: set[int] = set()
+            while len(emitting) < 3:
+                msg = c.next_notification()
+                if msg["method"] == "session.ended":
+                    raise RuntimeError(f"{d.config_path.parent.name}: {msg['params']}")
+                event = (msg.get("params") or {}).get("event") or {}
+                if event.get("kind") == "emission_started":
+                    emitting.add(int(event["port"]))
 
     def measure(self, n: int) -> dict[str, Any]:
         self.add_real(min(n, self.real_max))

@@ -171,19 +171,53 @@ def record(port: int, device: str, seconds: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- the load generator
 
 
+@dataclass
+class Prepared:
+    """One recorded message, rewritten for one generated device once."""
+
+    topic: str
+    body: str | dict[str, Any]
+    qos: int
+    retain: bool
+    props: Properties
+    event: bool
+
+
 class Replayer:
     """Publishes, as device `name`, what the recorded pbmd published."""
 
     def __init__(self, rec: dict[str, Any], name: str, port: int) -> None:
-        self.rec, self.name = rec, name
-        self.session_ids = {
+        session_ids = {
             json.loads(m["payload"]).get("session_id")
             for m in rec["retained"] + rec["live"]
             if m["payload"].startswith("{")
         } - {None}
-        self.new_session = str(uuid.uuid4())
+        new_session = str(uuid.uuid4())
         # A retained topic's later updates reach a live subscriber without the flag.
-        self.retained_topics = {m["topic"] for m in rec["retained"]}
+        retained_topics = {m["topic"] for m in rec["retained"]}
+
+        def prepare(m: dict[str, Any]) -> Prepared:
+            text = m["payload"].replace(rec["device"], name)
+            for sid in session_ids:
+                text = text.replace(sid, new_session)
+            topic = m["topic"].replace(rec["device"], name)
+            props = Properties(PacketTypes.PUBLISH)
+            if m["expiry"] is not None:
+                props.MessageExpiryInterval = m["expiry"]
+            if m["content_type"] is not None:
+                props.ContentType = m["content_type"]
+            if m["format"] is not None:
+                props.PayloadFormatIndicator = m["format"]
+            if m["user"] and not topic.endswith("/events"):
+                props.UserProperty = [tuple(u) for u in m["user"]]
+            body: str | dict[str, Any] = text
+            if text.startswith("{") and not topic.startswith("homeassistant/"):
+                body = json.loads(text)
+            retain = m["retain"] or m["topic"] in retained_topics
+            return Prepared(topic, body, m["qos"], retain, props, topic.endswith("/events"))
+
+        self.retained = [prepare(m) for m in rec["retained"]]
+        self.live = [prepare(m) for m in rec["live"]]
         self.seq: dict[str, int] = {}
         self.client = paho.Client(
             paho.CallbackAPIVersion.VERSION2, f"pbmd-{name}", protocol=paho.MQTTv5
@@ -193,63 +227,58 @@ class Replayer:
         self.client.will_set(
             f"pbm/v1/{name}/status", "offline", qos=1, retain=True, properties=will
         )
-        self.client.on_connect = lambda *_: [self.publish(m) for m in rec["retained"]]
+        self.client.on_connect = lambda *_: [self.publish(m) for m in self.retained]
         self.client.connect("127.0.0.1", port, keepalive=30)
         self.client.loop_start()
 
-    def publish(self, m: dict[str, Any]) -> None:
-        text = m["payload"].replace(self.rec["device"], self.name)
-        for sid in self.session_ids:
-            text = text.replace(sid, self.new_session)
-        topic = m["topic"].replace(self.rec["device"], self.name)
-        props = Properties(PacketTypes.PUBLISH)
-        if m["expiry"] is not None:
-            props.MessageExpiryInterval = m["expiry"]
-        if m["content_type"] is not None:
-            props.ContentType = m["content_type"]
-        if m["format"] is not None:
-            props.PayloadFormatIndicator = m["format"]
-        body: Any = text
-        if text.startswith("{") and not topic.startswith("homeassistant/"):
-            payload = json.loads(text)
+    def publish(self, m: Prepared) -> None:
+        """With a fresh `ts`, the topic's next `seq` and, for an event, a new id."""
+        body: str = m.body if isinstance(m.body, str) else ""
+        props = m.props
+        if isinstance(m.body, dict):
+            payload = dict(m.body)
             if "ts" in payload:
                 payload["ts"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             if "seq" in payload:
-                payload["seq"] = self.seq[topic] = self.seq.get(topic, 0) + 1
-            if "id" in payload and topic.endswith("/events"):
+                payload["seq"] = self.seq[m.topic] = self.seq.get(m.topic, 0) + 1
+            if m.event:
                 payload["id"] = str(uuid.uuid4())
+                props = Properties(PacketTypes.PUBLISH)
+                props.ContentType, props.PayloadFormatIndicator = "application/json", 1
                 props.UserProperty = [("event_id", payload["id"])]
                 props.CorrelationData = payload["id"].encode()
             body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        elif m["user"]:
-            props.UserProperty = [tuple(u) for u in m["user"]]
-        retain = m["retain"] or m["topic"] in self.retained_topics
-        self.client.publish(topic, body, qos=m["qos"], retain=retain, properties=props)
+        self.client.publish(m.topic, body, qos=m.qos, retain=m.retain, properties=props)
 
 
 def generate(recording: Path, port: int, names: list[str], seconds: float) -> None:
-    """The generator process: every device replays the recording in a loop, phases random."""
+    """The generator process: every device replays the recording in a loop, phases random.
+    Prints how far behind its schedule it published (p99, ms) when done."""
     rec = json.loads(recording.read_text())
     replayers = [Replayer(rec, n, port) for n in names]
-    period, live = rec["period_s"], rec["live"]
+    period, times = rec["period_s"], [m["t"] for m in rec["live"]]
     start = time.monotonic() + 1.0
     phases = [random.uniform(0, 0.1) for _ in names]  # real daemons are not in step
 
     def due(i: int, k: int, cycle: int) -> tuple[float, int, int, int]:
-        return (start + phases[i] + cycle * period + live[k]["t"], i, k, cycle)
+        return (start + phases[i] + cycle * period + times[k], i, k, cycle)
 
     queue = [due(i, 0, 0) for i in range(len(names))]
     heapq.heapify(queue)
     end = start + seconds
-    while queue and queue[0][0] < end:
+    behind: list[float] = []
+    while queue and (now := time.monotonic()) < end:
         at, i, k, cycle = heapq.heappop(queue)
-        if (wait := at - time.monotonic()) > 0:
-            time.sleep(wait)
-        replayers[i].publish(live[k])
-        heapq.heappush(queue, due(i, k + 1, cycle) if k + 1 < len(live) else due(i, 0, cycle + 1))
+        if at > now:
+            time.sleep(at - now)
+        elif now > start + 2.0:  # past the connect burst
+            behind.append(now - at)
+        replayers[i].publish(replayers[i].live[k])
+        heapq.heappush(queue, due(i, k + 1, cycle) if k + 1 < len(times) else due(i, 0, cycle + 1))
+    print(json.dumps({"behind_p99_ms": 1000 * percentile(behind, 0.99) if behind else 0.0}))
     for r in replayers:
-        r.client.loop_stop()
         r.client.disconnect()
+        r.client.loop_stop()
 
 
 # ---------------------------------------------------------------- the run
@@ -305,9 +334,13 @@ class Fleet:
         self.add_real(min(n, self.real_max))
         if not self.recording.exists():
             time.sleep(1.0)
-            self.recording.write_text(json.dumps(record(self.port, RECORDED, 4.0)))
+            rec = record(self.port, RECORDED, 4.0)
+            doses = sum("/dose" in m["topic"] for m in rec["live"])
+            if doses < 3 * 10 * 4 * 0.9 or self.sessions_ended():
+                raise RuntimeError(f"recording: {doses} dose samples; {self.sessions_ended()}")
+            self.recording.write_text(json.dumps(rec))
         synthetic = [f"gen-{i:03d}" for i in range(1, n - len(self.daemons) + 1)]
-        groups = [synthetic[i : i + 50] for i in range(0, len(synthetic), 50)]
+        groups = [synthetic[i : i + 25] for i in range(0, len(synthetic), 25)]
         generators = [self._generator(g) for g in groups]
         meter = LagMeter(self.port)
         try:
@@ -324,8 +357,7 @@ class Fleet:
             cpu = {k: 100 * (cpu_s(p) - before[k]) / wall for k, p in procs.items()}
         finally:
             meter.close()
-            for g in generators:
-                g.wait(30)
+            behind = [json.loads(g.communicate(timeout=60)[0] or "{}") for g in generators]
         real = [v for k, v in cpu.items() if k.startswith("ws-")]
         lags = meter.lags_real + meter.lags_generated
         return {
@@ -337,17 +369,40 @@ class Fleet:
             "p99_real": 1000 * percentile(meter.lags_real, 0.99),
             "broker": cpu["broker"], "pbmd_mean": sum(real) / len(real), "pbmd_max": max(real),
             "generator": sum(v for k, v in cpu.items() if k.startswith("gen")),
+            "ended": self.sessions_ended(),
+            "behind": max((b.get("behind_p99_ms", 0.0) for b in behind), default=0.0),
         }  # fmt: skip
+
+    def sessions_ended(self) -> list[str]:
+        """Real workstations whose session is no longer running, with the cause."""
+        ended = []
+        for name, d in self.daemons.items():
+            with RawClient(d.socket_path) as c:
+                status = c.call("session.watch")["status"] or {}
+            if status.get("state") != "running":
+                ended.append(f"{name}: {status.get('state')} {status.get('cause_code')}")
+        return ended
 
     def _generator(self, names: list[str]) -> subprocess.Popen[bytes]:
         argv = [sys.executable, __file__, "--generate", str(self.recording)]
         argv += ["--port", str(self.port), "--devices", ",".join(names)]
-        return subprocess.Popen([*argv, "--seconds", str(self.window_s + 6)])
+        return subprocess.Popen(
+            [*argv, "--seconds", str(self.window_s + 6)], stdout=subprocess.PIPE, text=True
+        )
 
-    def retained_volume(self) -> tuple[float, float]:
+    def retained_volume(self) -> str:
         """Retained messages and bytes per device, as a new subscriber receives them."""
         rec = record(self.port, RECORDED, 0.0)["retained"]
-        return len(rec), sum(len(m["payload"]) + len(m["topic"]) for m in rec)
+        pbm = [m for m in rec if m["topic"].startswith("pbm/")]
+
+        def size(ms: list[dict[str, Any]]) -> int:
+            return sum(len(m["payload"].encode()) + len(m["topic"]) for m in ms)
+
+        return (
+            f"retained per device: {len(pbm)} messages, {size(pbm)} bytes under pbm/v1/; "
+            f"{len(rec)} messages, {size(rec)} bytes with Home Assistant discovery "
+            "(topics + payloads)"
+        )
 
     def close(self) -> None:
         with ThreadPoolExecutor(max(1, len(self.daemons))) as pool:
@@ -381,12 +436,12 @@ def main() -> None:
         for n in (int(s) for s in args.sizes.split(",")):
             rows.append(fleet.measure(n))
             print(f"N={n}: measured", file=sys.stderr, flush=True)
-        count, size = fleet.retained_volume()
+        retained = fleet.retained_volume()
     print(
         "| N | pbmd daemons | generated (replayed pbmd traffic) | dose msg/s at subscriber "
         "(per pbmd / per generated) "
         "| lag p50 ms | lag p99 ms | lag p99 ms, real pbmd only | broker CPU % "
-        "| pbmd CPU % (mean / max) | generator CPU % |"
+        "| pbmd CPU % (mean / max) | generator CPU % (behind schedule p99 ms) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -394,9 +449,13 @@ def main() -> None:
             f"| {r['n']} | {r['real']} | {r['generated']} "
             f"| {r['rate']:.0f} ({r['rate_real']:.1f} / {r['rate_generated']:.1f}) "
             f"| {r['p50']:.1f} | {r['p99']:.1f} | {r['p99_real']:.1f} | {r['broker']:.1f} "
-            f"| {r['pbmd_mean']:.1f} / {r['pbmd_max']:.1f} | {r['generator']:.1f} |"
+            f"| {r['pbmd_mean']:.1f} / {r['pbmd_max']:.1f} "
+            f"| {r['generator']:.1f} ({r['behind']:.0f}) |"
         )
-    print(f"\nretained per device: {count} messages, {size} bytes (topics + payloads)")
+    print(f"\n{retained}")
+    for r in rows:
+        if r["ended"]:
+            print(f"N={r['n']}: sessions not running after the window: {', '.join(r['ended'])}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ function duration(s) {
   const mm = String(m).padStart(h ? 2 : 1, "0"), ss = String(sec).padStart(2, "0");
   return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
 }
+// Event times in the clinic's own time zone (pbmd sends UTC).
+const localTime = (ts) => (ts ? new Date(ts).toLocaleTimeString([], { hour12: false }) : "");
 const slug = (s) => String(s).replace(/[^A-Za-z0-9_-]/g, "_");
 
 export class View {
@@ -153,7 +155,7 @@ export class View {
     if (ids !== s.eventIds) {
       s.eventIds = ids;
       s.events.replaceChildren(...d.events.map((e) => el("li", { "data-severity": e.severity || "info", "data-kind": e.kind },
-        `${(e.ts || "").slice(11, 19)} ${e.port ? `port ${e.port} ` : ""}${e.kind}${e.code ? ` ${e.code}` : ""}: ${e.message || ""}`)));
+        `${localTime(e.ts)} ${e.port ? `port ${e.port} ` : ""}${e.kind}${e.code ? ` ${e.code}` : ""}: ${e.message || ""}`)));
     }
   }
 

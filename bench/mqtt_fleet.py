@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from benchlib import percentile  # noqa: E402
 from fixtures.protocols import SHORT_SCREENING, header, pad_step, port, site  # noqa: E402
-from mqtt.broker import MOSQUITTO, free_port  # noqa: E402
+from mqtt.broker import MOSQUITTO, MOSQUITTO_PASSWD, free_port  # noqa: E402
 from service.harness import Daemon, RawClient, pbmctl_json, toml_config, write_protocol  # noqa: E402
 
 RECORDED = "ws-01"
@@ -63,6 +63,8 @@ PROTOCOL = (
     )
 )
 TICK = os.sysconf("SC_CLK_TCK")
+MOSQUITTO_SUB = str(Path(MOSQUITTO_PASSWD).with_name("mosquitto_sub"))
+SYS_RECEIVED = "$SYS/broker/publish/messages/received"
 
 
 # ---------------------------------------------------------------- measuring
@@ -97,7 +99,16 @@ class LagMeter:
     measuring: bool = False
     lags_real: list[float] = field(default_factory=list)
     lags_generated: list[float] = field(default_factory=list)
+    received: list[tuple[float, int]] = field(default_factory=list)
     client: paho.Client = field(init=False)
+
+    def broker_rate(self, t0: float, t1: float) -> float:
+        """PUBLISH packets the broker received per second between t0 and t1 ($SYS)."""
+        inside = [(t, v) for t, v in self.received if t0 <= t <= t1 + 1.0]
+        if len(inside) < 2:
+            return float("nan")
+        (ta, va), (tb, vb) = inside[0], inside[-1]
+        return (vb - va) / (tb - ta)
 
     def __post_init__(self) -> None:
         self.client = paho.Client(
@@ -106,13 +117,18 @@ class LagMeter:
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_connect = lambda c, *_: c.subscribe("pbm/v1/+/port/+/dose", qos=0)
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            [("pbm/v1/+/port/+/dose", 0), (SYS_RECEIVED, 0)]
+        )
         self.client.connect("127.0.0.1", self.port)
         self.client.loop_start()
         if not subscribed.wait(10):
             raise RuntimeError("lag subscriber did not subscribe")
 
     def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        if message.topic == SYS_RECEIVED:  # the broker's own count, once a second
+            self.received.append((time.monotonic(), int(message.payload)))
+            return
         if not self.measuring:
             return
         now = time.time()
@@ -290,7 +306,9 @@ class Fleet:
         self.port = free_port()
         conf = workdir / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false"]
-        lines += ["max_queued_messages 10000"] + (["user root"] if os.geteuid() == 0 else [])
+        lines += ["max_queued_messages 10000", "sys_interval 1"] + (
+            ["user root"] if os.geteuid() == 0 else []
+        )
         conf.write_text("\n".join(lines) + "\n")
         self.broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
@@ -349,11 +367,21 @@ class Fleet:
             procs |= {name: d.proc.pid for name, d in self.daemons.items() if d.proc}
             procs |= {f"gen{i}": g.pid for i, g in enumerate(generators)}
             before = {k: cpu_s(p) for k, p in procs.items()}
-            meter.measuring = True
-            t0 = time.monotonic()
-            time.sleep(self.window_s)
-            meter.measuring = False
-            wall = time.monotonic() - t0
+            counted = self.workdir / f"sub-{n}.txt"
+            with counted.open("wb") as out:
+                c_sub = subprocess.Popen(  # a C subscriber, as a check on this one's count
+                    [MOSQUITTO_SUB, "-p", str(self.port), "-t", "pbm/v1/+/port/+/dose", "-F", "%t"],
+                    stdout=out,
+                )
+                meter.measuring = True
+                t0 = time.monotonic()
+                time.sleep(self.window_s)
+                meter.measuring = False
+                t1 = time.monotonic()
+                c_sub.terminate()
+                c_sub.wait(10)
+            c_count = len(counted.read_bytes().splitlines())
+            wall = t1 - t0
             cpu = {k: 100 * (cpu_s(p) - before[k]) / wall for k, p in procs.items()}
         finally:
             meter.close()
@@ -363,6 +391,8 @@ class Fleet:
         return {
             "n": n, "real": len(self.daemons), "generated": len(synthetic),
             "rate": len(lags) / wall,
+            "broker_in": meter.broker_rate(t0, t1),
+            "c_rate": c_count / wall,
             "rate_real": len(meter.lags_real) / wall / len(self.daemons),
             "rate_generated": len(meter.lags_generated) / wall / max(1, len(synthetic)),
             "p50": 1000 * percentile(lags, 0.5), "p99": 1000 * percentile(lags, 0.99),
@@ -438,15 +468,16 @@ def main() -> None:
             print(f"N={n}: measured", file=sys.stderr, flush=True)
         retained = fleet.retained_volume()
     print(
-        "| N | pbmd daemons | generated (replayed pbmd traffic) | dose msg/s at subscriber "
-        "(per pbmd / per generated) "
+        "| N | pbmd daemons | generated (replayed pbmd traffic) | broker in msg/s "
+        "| dose msg/s at mosquitto_sub | dose msg/s at this subscriber (per pbmd / per generated) "
         "| lag p50 ms | lag p99 ms | lag p99 ms, real pbmd only | broker CPU % "
         "| pbmd CPU % (mean / max) | generator CPU % (behind schedule p99 ms) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['n']} | {r['real']} | {r['generated']} "
+            f"| {r['broker_in']:.0f} | {r['c_rate']:.0f} "
             f"| {r['rate']:.0f} ({r['rate_real']:.1f} / {r['rate_generated']:.1f}) "
             f"| {r['p50']:.1f} | {r['p99']:.1f} | {r['p99_real']:.1f} | {r['broker']:.1f} "
             f"| {r['pbmd_mean']:.1f} / {r['pbmd_max']:.1f} "

@@ -96,7 +96,7 @@ class Session(threading.Thread):
 
 def test_dashboard_in_chromium(start_broker, workstations: Workstations, workdir: Path) -> None:  # type: ignore[no-untyped-def]
     broker = start_broker([A, B])
-    daemons = workstations(broker, [A, B], time_scale=10.0)
+    daemons = workstations(broker, [A, B], time_scale=5.0)  # light on two cores
     protocol = write_protocol(workdir)
     for d in daemons.values():
         pbmctl_json(d.socket_path, "protocol", "install", str(protocol))

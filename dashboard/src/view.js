@@ -199,11 +199,13 @@ export class View {
     f.step.textContent = planned ? `${planned.step + 1} of ${planned.steps}` : "—";
     f.site.textContent = planned?.label || planned?.site || hw?.applicator?.kind || "—";
     f.wavelength.textContent = planned?.wavelength_nm ? `${planned.wavelength_nm} nm` : "—";
-    const fraction = live ? Math.max(0, Math.min(1, Number(live.fraction) || 0)) : pstate === "done" ? 1 : 0;
-    const pct = Math.round(fraction * 100);
-    f.progress.textContent = `${pct} %`;
+    // Dose samples are not retained: a page opened while a port waits or is paused
+    // does not know its progress until the port emits again, and says so.
+    const fraction = live ? Math.max(0, Math.min(1, Number(live.fraction) || 0)) : pstate === "done" ? 1 : null;
+    const pct = fraction === null ? 0 : Math.round(fraction * 100);
+    f.progress.textContent = fraction === null ? "—" : `${pct} %`;
     c.bar.setAttribute("aria-valuenow", String(pct));
-    c.bar.setAttribute("aria-valuetext", `${pct} % of the step's dose`);
+    c.bar.setAttribute("aria-valuetext", fraction === null ? "not known until the port emits" : `${pct} % of the step's dose`);
     c.fill.style.width = `${pct}%`;
     f.irradiance.textContent = live && live.emitting ? `${num(live.irradiance_mw_cm2)} mW/cm²` : "—";
     f.fluence.textContent = live ? `${num(live.fluence_j_cm2)} of ${num(live.target_fluence_j_cm2)} J/cm²` : "—";

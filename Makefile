@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := mosquitto minisign socat libusb-1.0-0
+SYSTEM_PACKAGES := mosquitto minisign socat libusb-1.0-0 chromium chromium-driver
 PACKAGES := pbmd.daemon pbmd.drivers pbmd.protocols pbmd.hw_sim
 
-.PHONY: run test setup system-deps lint typecheck pytest bench clean
+.PHONY: run test setup system-deps dashboard lint typecheck pytest bench clean
 
 # The demo's device clock runs ×30 (its default; why: DEFAULT_TIME_SCALE in daemon/clients/demo.py).
 run: setup
@@ -16,7 +16,7 @@ run: setup
 
 test: setup lint typecheck pytest
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) dashboard
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Debian packages: mosquitto (MQTT tests), minisign (protocol signatures), socat, libusb.
+# Debian packages: mosquitto (MQTT tests), minisign (protocol signatures), socat, libusb,
+# chromium and chromium-driver (the dashboard's browser test).
 system-deps:
 	@missing=""; \
 	for p in $(SYSTEM_PACKAGES); do \
@@ -36,6 +37,23 @@ system-deps:
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# The clinic dashboard page (dashboard/): `npm ci` from the lock file, then an esbuild
+# bundle in dashboard/dist/. Without Node.js it is skipped (and so is its browser test).
+DASHBOARD_INPUTS := $(wildcard dashboard/src/*) dashboard/build.mjs dashboard/package.json
+
+dashboard:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory dashboard/dist/app.js; \
+	else \
+	  echo "dashboard: Node.js (node, npm) not found: the page is not built and its browser test is skipped"; \
+	fi
+
+dashboard/node_modules/.package-lock.json: dashboard/package-lock.json dashboard/package.json
+	cd dashboard && npm ci --no-audit --no-fund --loglevel=error
+
+dashboard/dist/app.js: dashboard/node_modules/.package-lock.json $(DASHBOARD_INPUTS)
+	cd dashboard && npm run --silent build
 
 lint: setup
 	$(BIN)/ruff check .
@@ -71,3 +89,4 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf dashboard/node_modules dashboard/dist test-artifacts

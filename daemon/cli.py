@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbmd.daemon.clients import demo
+    from pbmd.daemon.clients import dashboard, demo
     from pbmd.daemon.services import service
     from pbmd.daemon.services.clinic_db import cli as clinic_db_cli
     from pbmd.hw_sim import cli as sim_cli
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.register(sub)
     protocol_cli.register_pbmd(sub)
     demo.register(sub)
+    dashboard.register(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -58,7 +58,6 @@ from pbmd.daemon.core.status import SessionStatus
 from pbmd.daemon.core.steps import (
     EventKind,
     PortState,
-    Recorder,
     RecordingFailed,
     SessionError,
     SessionEvent,
@@ -84,7 +83,6 @@ __all__ = [
     "EventKind",
     "PortRunner",
     "PortState",
-    "Recorder",
     "RecordingFailed",
     "Session",
     "SessionError",
@@ -95,6 +93,9 @@ __all__ = [
     "StepProgress",
     "TargetKind",
 ]
+
+if TYPE_CHECKING:
+    from pbmd.daemon.core.recording import StoreRecorder
 
 log = structlog.get_logger()
 
@@ -116,7 +117,7 @@ class Session:
         steps: Mapping[int, Sequence[StepOrder]],
         port_map: PortMap,
         supervisor: Supervisor,
-        recorder: Recorder,
+        recorder: StoreRecorder,
         limits: SafetyLimits,
         telemetry_hz: int,
         patient_ref: str,

@@ -7,13 +7,13 @@ import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pbmd.daemon.core.dose import DoseIntegrator
 from pbmd.drivers import codec
 
 if TYPE_CHECKING:
-    from pbmd.daemon.core.session import Session
+    pass
 
 
 class SessionState(enum.StrEnum):
@@ -127,50 +127,12 @@ class SessionEvent:
 SessionListener = Callable[[SessionEvent], None]
 
 
-class Recorder(Protocol):
-    """What a session writes as it happens (implemented over the records store)."""
-
-    def session_started(self, session: Session) -> None: ...
-    def step_started(self, session: Session, step: StepOrder) -> None: ...
-    def emission_started(
-        self,
-        session: Session,
-        step: StepOrder,
-        emission_no: int,
-        request: codec.EmitStart,
-        device_time_us: int | None,
-    ) -> None: ...
-    def emission_progress(
-        self,
-        session: Session,
-        step: StepOrder,
-        emission_no: int,
-        host_energy_uj: float,
-        controller_energy_uj: int,
-        device_time_us: int,
-    ) -> None: ...
-    def emission_ended(
-        self,
-        session: Session,
-        step: StepOrder,
-        emission_no: int,
-        host_energy_uj: float,
-        stopped: codec.Stopped | None,
-        host_stop_cause: str,
-        provisional: bool = False,
-    ) -> None: ...
-    def step_ended(self, session: Session, step: StepOrder, progress: StepProgress) -> None: ...
-    def event(self, event: SessionEvent) -> None: ...
-    def session_ended(self, session: Session) -> None: ...
-    async def sync(self) -> None: ...
-
-
 class SessionError(Exception):
     """An operator request that cannot be done now, with what to do instead."""
 
 
 class RecordingFailed(Exception):
-    """The recorder could not make a record durable (raised by Recorder.sync)."""
+    """The recorder could not make a record durable (raised by StoreRecorder.sync)."""
 
 
 @dataclass

@@ -329,7 +329,15 @@ async def _spawn(argv: list[str]) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_ordinary_priority,
     )
+
+
+def _ordinary_priority() -> None:
+    """The load is other work on the workstation: normal policy and nice 0, whatever
+    priority the bench itself runs at."""
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
 def _confirm(s: Session, port: int) -> None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 from benchlib import Bench, CpuLoad, LagSampler, TapSim, percentile, protocol, quiet_logs
 
+from pbmd.daemon.services import scheduling
 from pbmd.drivers import codec
 
 TOLERANCE_PCT = 0.5
@@ -328,8 +329,17 @@ def main() -> None:
         help="run the simulator SCHED_FIFO at this priority, as a controller's own "
         "hardware that the host's load does not slow (default 0: not)",
     )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the engine (every thread of this process) under SCHED_FIFO 10, as "
+        "systemd/pbmd.service runs pbmd (needs root or CAP_SYS_NICE); the load stays "
+        "at normal priority",
+    )
     args = parser.parse_args()
     args.scales = [float(s) for s in args.scales.split(",")]
+    if args.realtime:
+        scheduling.apply(True)
     sys.exit(asyncio.run(run(args)))
 
 

@@ -344,12 +344,31 @@ class AcknowledgementGate:
     def __init__(self) -> None:
         self.awaiting: Trip | None = None
         self.session_id: str | None = None
+        self.on_change: Callable[[AcknowledgementGate], None] | None = None
+        """Told after the gate closes or opens (the service keeps a copy across
+        restarts, off the safety path): a restart must not open it."""
 
     def tripped(self, trip: Trip, session_id: str | None) -> None:
         """A session tripped: hold the gate when the cause may still be present."""
         if trip.cause in ACKNOWLEDGE_BEFORE_RESTART:
             self.awaiting = trip
             self.session_id = session_id
+            self._changed()
+
+    def restore(self, code: str, detail: str, port: int | None, session_id: str | None) -> None:
+        """Hold the gate again for a trip kept from before a restart."""
+        cause = next((c for c in TripCause if c.code == code), None)
+        if cause is None:  # unknown or unreadable: held under the most general link cause
+            cause, detail = TripCause.LINK_LOST, f"{code}: {detail}"
+        self.awaiting = Trip(cause, detail, port, time.monotonic(), time.time())
+        self.session_id = session_id
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                log.exception("acknowledgement.persist_failed")
 
     def refusal(self) -> str | None:
         """Why no session may start yet, with the command that allows it; or None."""
@@ -381,6 +400,7 @@ class AcknowledgementGate:
         record(done)
         self.awaiting = None
         self.session_id = None
+        self._changed()
         return done
 
 

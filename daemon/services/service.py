@@ -35,6 +35,7 @@ import structlog
 from pbmd.daemon.core.controllers import PortMap, PortTarget
 from pbmd.daemon.core.engine import CommandRefused, Engine, StartRefused
 from pbmd.daemon.core.reconciliation import hold_for_counters
+from pbmd.daemon.core.safety import AcknowledgementGate
 from pbmd.daemon.core.session import EventKind, SessionEvent
 from pbmd.daemon.core.status import snapshot
 from pbmd.daemon.services import config as cfg
@@ -157,6 +158,8 @@ class Service:
         self.engine.add_listener(self._on_session_event)
         self._load_service_required()
         self.engine.on_service_required = self._service_required_set
+        self._load_acknowledgement()
+        self.engine.acknowledgements.on_change = self._acknowledgement_changed
         try:
             self.reconciled = await self.engine.reconcile()
         except (ClientError, RecordsError) as exc:
@@ -585,6 +588,50 @@ class Service:
             write_json_atomic(path, {"cause": cause, "set_utc": utc})
         except OSError as exc:
             log.critical("service.required_not_persisted", path=str(path), error=str(exc))
+
+    # ------------------------------------------------ trips awaiting acknowledgement
+
+    def _acknowledgement_file(self) -> Path:
+        return self.state_dir / "acknowledge-required.json"
+
+    def _load_acknowledgement(self) -> None:
+        """A trip that awaited acknowledgement still does after a restart."""
+        path = self._acknowledgement_file()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            code, detail = str(data["code"]), str(data.get("detail", ""))
+            port = data.get("port")
+            session_id = data.get("session_id")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            code, detail, port, session_id = "unknown", f"{path} is unreadable ({exc})", None, None
+        gate = self.engine.acknowledgements
+        gate.restore(code, detail, port if isinstance(port, int) else None, session_id)
+        log.warning("trip.awaits_acknowledgement", code=code, source=str(path))
+
+    def _acknowledgement_changed(self, gate: AcknowledgementGate) -> None:
+        trip = gate.awaiting
+        data = None
+        if trip is not None:
+            data = {
+                "code": trip.cause.code,
+                "detail": trip.detail,
+                "port": trip.port,
+                "session_id": gate.session_id,
+                "utc": trip.utc,
+            }
+        self._spawn(asyncio.to_thread(self._write_acknowledgement, data), "acknowledgement")
+
+    def _write_acknowledgement(self, data: dict[str, Any] | None) -> None:
+        path = self._acknowledgement_file()
+        try:
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_json_atomic(path, data)
+        except OSError as exc:
+            log.critical("trip.acknowledgement_not_persisted", path=str(path), error=str(exc))
 
     def clear_service_required(self, user: str, note: str) -> dict[str, Any]:
         """The engine clears the latch once its stored copy is gone (CommandRefused if not)."""

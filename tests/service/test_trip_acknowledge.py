@@ -140,3 +140,40 @@ def test_status_follows_unplug_replug_and_swap(make_daemon: DaemonFactory) -> No
         assert probe["channels_nm"] == [830] and probe["kind"] == "probe"
         assert probe["serial"] != old_probe["serial"]
     assert d.stop() == 0
+
+
+def test_a_restart_does_not_acknowledge_the_trip(make_daemon: DaemonFactory, workdir: Path) -> None:
+    """The gate is kept in the state directory: stopping and starting pbmd (or a
+    crash and systemd's restart) leaves it held until an operator acknowledges."""
+    d = make_daemon().start()
+    pbmctl_json(d.socket_path, "protocol", "install", str(write_protocol(workdir)))
+    with RawClient(d.socket_path) as c:
+        c.call(
+            "session.start",
+            {
+                "protocol": "service-short",
+                "patient_ref": "ACK-4",
+                "ports": [1],
+                "contraindications": SHORT_SCREENING,
+                "watch": True,
+            },
+        )
+        confirm_first_placements(c, (1,))
+        d.wait_log(
+            lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
+        )
+        sim_op(d.sim_control, "power_factor", port=1, factor=0.7)
+        assert c.next_notification("session.ended")["params"]["status"]["cause_code"] == "E104"
+    assert d.stop() == 0
+    assert (d.state_dir / "acknowledge-required.json").exists()
+
+    d = make_daemon().start()  # the same state directory; a new, healthy simulator
+    d.wait_log(lambda r: r.event == "trip.awaits_acknowledgement" and r.data["code"] == "E104")
+    st = pbmctl_json(d.socket_path, "status")
+    assert st["ready"]["ok"] is False and st["ready"]["code"] == "E104"
+    refused = pbmctl(d.socket_path, *START)
+    assert refused.returncode != 0 and "pbmctl session acknowledge E104" in refused.stderr
+    pbmctl_json(d.socket_path, "session", "acknowledge", "E104", "--note", "checked after restart")
+    assert pbmctl_json(d.socket_path, "status")["ready"]["ok"] is True
+    assert d.stop() == 0
+    assert not (d.state_dir / "acknowledge-required.json").exists()

@@ -40,29 +40,32 @@ START = (
 )
 
 
+def trip_e104(d: Daemon, c: RawClient, patient: str) -> None:
+    """A session on port 1 whose emitter loses 30 % of its power: E104."""
+    c.call(
+        "session.start",
+        {
+            "protocol": "service-short",
+            "patient_ref": patient,
+            "ports": [1],
+            "contraindications": SHORT_SCREENING,
+            "watch": True,
+        },
+    )
+    confirm_first_placements(c, (1,))
+    d.wait_log(lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started")
+    sim_op(d.sim_control, "power_factor", port=1, factor=0.7)
+    ended = c.next_notification("session.ended")["params"]
+    assert ended["status"]["cause_code"] == "E104"
+
+
 def test_power_deviation_is_acknowledged_before_the_next_start(
     make_daemon: DaemonFactory, workdir: Path
 ) -> None:
     d = make_daemon().start()
     pbmctl_json(d.socket_path, "protocol", "install", str(write_protocol(workdir)))
     with RawClient(d.socket_path) as c:
-        c.call(
-            "session.start",
-            {
-                "protocol": "service-short",
-                "patient_ref": "ACK-1",
-                "ports": [1],
-                "contraindications": SHORT_SCREENING,
-                "watch": True,
-            },
-        )
-        confirm_first_placements(c, (1,))
-        d.wait_log(
-            lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
-        )
-        sim_op(d.sim_control, "power_factor", port=1, factor=0.7)
-        ended = c.next_notification("session.ended")["params"]
-        assert ended["status"]["cause_code"] == "E104"
+        trip_e104(d, c, "ACK-1")
         sim_op(d.sim_control, "clear")
 
         st = c.call("status")
@@ -148,22 +151,7 @@ def test_a_restart_does_not_acknowledge_the_trip(make_daemon: DaemonFactory, wor
     d = make_daemon().start()
     pbmctl_json(d.socket_path, "protocol", "install", str(write_protocol(workdir)))
     with RawClient(d.socket_path) as c:
-        c.call(
-            "session.start",
-            {
-                "protocol": "service-short",
-                "patient_ref": "ACK-4",
-                "ports": [1],
-                "contraindications": SHORT_SCREENING,
-                "watch": True,
-            },
-        )
-        confirm_first_placements(c, (1,))
-        d.wait_log(
-            lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
-        )
-        sim_op(d.sim_control, "power_factor", port=1, factor=0.7)
-        assert c.next_notification("session.ended")["params"]["status"]["cause_code"] == "E104"
+        trip_e104(d, c, "ACK-4")
     assert d.stop() == 0
     assert (d.state_dir / "acknowledge-required.json").exists()
 

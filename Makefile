@@ -76,12 +76,8 @@ PYTEST_WORKERS ?= 2
 # machine does not stand in for a failing controller.
 PYTEST_NICE := $(shell [ "$$(id -u)" = 0 ] && echo "nice -n -10")
 
-# Then the dose-accuracy and trip tests again over the USB link (the simulated USB
-# bus, pyusb's own code path), as they run over TCP in the first pass.
 pytest: setup
 	$(PYTEST_NICE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
-	PBMD_TEST_LINK=usb $(PYTEST_NICE) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) \
-	  --dist loadfile tests/engine/test_dose.py tests/engine/test_trips.py
 
 # Every benchmark with its short defaults (benchlib.py and sim_tap.py are their parts);
 # all run, and the target fails at the end if one failed (spurious_stops.py is a check).

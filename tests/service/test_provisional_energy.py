@@ -184,6 +184,8 @@ def cut_mid_emission(
     # Port 2's pad step needs no placement prompt: cut once it has delivered energy.
     while True:
         msg = c.next_notification()
+        # A session that ends before the cut fails here with its cause, not by a timeout.
+        assert msg["method"] != "session.ended", msg["params"]
         if msg["method"] != "session.status":
             continue
         ports = {p["port"]: p for p in msg["params"]["status"].get("ports") or []}

@@ -135,6 +135,16 @@ passes let the selector read what is waiting (pass 1), the reader task parse
 it (pass 2) and the judgement see the outcome (pass 3). They cost
 microseconds, not a wait."""
 
+HEDGE_MIN_S: Final = 0.005
+HEDGE_MAX_S: Final = 0.020
+"""ICD §6's nominal reply time: an EMIT_STOP unanswered for longer is sent again."""
+HEDGE_RTT_FACTOR: Final = 4
+"""An EMIT_STOP is sent again once its reply is this many median round trips late
+(within HEDGE_MIN_S..HEDGE_MAX_S): on a noisy line a lost EMIT_STOP frame would
+otherwise be resent only after the 100 ms reply deadline, and the light stays on
+meanwhile (measured: pad steps 0.5–1.95 % over at 1 % corruption; see
+docs/performance.md). EMIT_STOP is idempotent (ICD §5a), so a second one is harmless."""
+
 RTT_WINDOW: Final = 1000
 """Round trips kept for the percentiles (20 s of heartbeats)."""
 
@@ -448,6 +458,7 @@ class ControllerClient(AsyncClosing):
         timeout_s: float | None = None,
         urgent: bool = False,
         give_up: Callable[[], bool] | None = None,
+        hedge: bool = False,
     ) -> Message:
         """Send one request and return its reply (never a NAK: that raises).
 
@@ -455,15 +466,26 @@ class ControllerClient(AsyncClosing):
         asked again with a new seq, up to ``reply_attempts`` sends, unless the
         link is faulted or ``give_up()`` says to stop. Raises NakReceived,
         UnexpectedReply, LinkClosed, OutcomeUnknown (EMIT_START or ARM
-        unanswered, not sent again) or ReplyTimeout (the link is faulted).
+        unanswered, not sent again) or ReplyTimeout (the link is faulted). With
+        ``hedge`` (idempotent requests only), a reply slower than hedge_after_s()
+        sends the request again at once and the first good reply wins.
         """
         attempts = self.reply_attempts if isinstance(msg, REPEATABLE_REQUESTS) else 1
         for attempt in range(1, attempts + 1):
-            future = await self._submit(msg, timeout_s, urgent)
+            futures = [await self._submit(msg, timeout_s, urgent)]
             try:
-                return await future
+                if hedge:
+                    await asyncio.wait(futures, timeout=self.hedge_after_s())
+                    if not futures[0].done():
+                        await self.drain()  # a reply already received was in time
+                    if not futures[0].done():
+                        self._tally.hedged_requests += 1
+                        self._log.info("reply slow, sending again", request=type(msg).__name__)
+                        futures.append(await self._submit(msg, timeout_s, urgent))
+                return await self._first_reply(futures)
             except asyncio.CancelledError:
-                self._abandon(future)
+                for future in futures:
+                    self._abandon(future)
                 raise
             except ReplyMissed as missed:
                 if attempt < attempts and not (give_up is not None and give_up()):
@@ -480,6 +502,23 @@ class ControllerClient(AsyncClosing):
                 # other requests (heartbeats) came in between.
                 raise self._link_fault(msg, missed.seq, missed.timeout_s) from None
         raise AssertionError("unreachable")
+
+    async def _first_reply(self, futures: list[asyncio.Future[Message]]) -> Message:
+        """The first good reply among copies of one request (the rest are abandoned);
+        if none succeeds, the first copy's error."""
+        try:
+            waiting = set(futures)
+            while waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is None:
+                        return future.result()
+            return futures[0].result()
+        finally:
+            for future in futures[1:]:
+                self._abandon(future)
+            if not futures[0].done():
+                self._abandon(futures[0])
 
     async def _submit(
         self, msg: Message, timeout_s: float | None, urgent: bool
@@ -576,8 +615,11 @@ class ControllerClient(AsyncClosing):
         urgent: bool = False,
         timeout_s: float | None = None,
         give_up: Callable[[], bool] | None = None,
+        hedge: bool = False,
     ) -> R:
-        reply = await self.request(msg, urgent=urgent, timeout_s=timeout_s, give_up=give_up)
+        reply = await self.request(
+            msg, urgent=urgent, timeout_s=timeout_s, give_up=give_up, hedge=hedge
+        )
         if not isinstance(reply, reply_cls):  # request() already checked; this narrows
             raise UnexpectedReply(msg, reply, f"expected {reply_cls.__name__}")
         return reply
@@ -630,7 +672,14 @@ class ControllerClient(AsyncClosing):
         return self._inhibit
 
     async def emit_stop(self, port: int) -> Stopped:
-        return await self._call(EmitStop(port), Stopped)
+        """Stop one port; hedged (HEDGE_RTT_FACTOR): a slow reply sends it again."""
+        return await self._call(EmitStop(port), Stopped, hedge=True)
+
+    def hedge_after_s(self) -> float:
+        """How long an EMIT_STOP's reply may take before it is sent again."""
+        p50_ms = self.round_trip.p50_ms
+        guess_s = HEDGE_MIN_S if p50_ms is None else p50_ms * HEDGE_RTT_FACTOR / 1000.0
+        return min(max(guess_s, HEDGE_MIN_S), HEDGE_MAX_S, self.reply_timeout_s / 2)
 
     async def all_off(self, *, timeout_s: float | None = None) -> None:
         """The safety path: goes out ahead of every queued request."""

@@ -48,6 +48,8 @@ class LinkStats:
     listener_errors: int
     heartbeats_sent: int
     heartbeat_failures: int
+    hedged_requests: int
+    """EMIT_STOPs sent a second time because the first reply was slow (client.emit_stop)."""
     rtt_ms: RoundTrip
 
     @property
@@ -77,6 +79,7 @@ class LinkTally:
     listener_errors: int = 0
     heartbeats_sent: int = 0
     heartbeat_failures: int = 0
+    hedged_requests: int = 0
 
     def snapshot(self, decoder: DecoderStats, rtt: RoundTrip) -> LinkStats:
         """These counters with the decoder's, as one frozen LinkStats."""

@@ -109,6 +109,12 @@ def register(subparsers: Any) -> None:
         help="applicator of port N: duo_pad, probe_830, probe_905 or none (repeatable; "
         "default 1-3 duo_pad, 4 probe_905)",
     )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help=f"run at SCHED_FIFO priority {REALTIME_PRIORITY}, as a controller has a processor "
+        "of its own (root or CAP_SYS_NICE; otherwise a warning and normal scheduling)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
     p.set_defaults(func=run)
 
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.exit_with_parent:
         _exit_with_parent()
+    if args.realtime:
+        _realtime()
     try:
         asyncio.run(_serve(config, args))
     except OSError as exc:
@@ -161,6 +169,24 @@ async def _serve(config: SimConfig, args: argparse.Namespace) -> None:
             print(f"control {control}", flush=True)
         print("ready", flush=True)
         await stop.wait()
+
+
+REALTIME_PRIORITY = 20
+"""Above the daemon's own SCHED_FIFO priority (10, daemon/services/scheduling.py): a
+real controller never waits for the host's CPU, and a simulator that stands in for
+one on the same machine must not either, or its own stalls read as link faults."""
+
+
+def _realtime() -> None:
+    """SCHED_FIFO for this process (threads it starts later inherit it)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+    except OSError as exc:
+        print(
+            f"pbmd sim: --realtime refused ({exc.strerror or exc}; needs root or "
+            "CAP_SYS_NICE); running at normal priority",
+            file=sys.stderr,
+        )
 
 
 def _exit_with_parent() -> None:

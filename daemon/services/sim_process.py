@@ -6,6 +6,10 @@ the daemon's loop delayed telemetry and stops on a loaded machine; see
 docs/performance.md, "Isolation of the safety core"). The child prints its link
 and control addresses and ``ready`` (hw_sim/cli.py); it dies with the daemon
 (``--exit-with-parent``), and its death is a lost link, as a controller's would be.
+It asks for real-time scheduling (``--realtime``) above the daemon's own: a real
+controller has a processor of its own and never waits for the workstation's CPU,
+so the simulator's stalls on a busy machine must not read as link faults (E201).
+Where that is not allowed it says so and runs at normal priority.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class SimProcess:
     @classmethod
     async def start(cls, opts: cfg.SimOptions) -> SimProcess:
         """Spawn `pbmd sim` with these options and wait for its ``ready`` line."""
-        argv = [sys.executable, "-m", "pbmd.daemon.cli", "sim", "--exit-with-parent"]
+        argv = [sys.executable, "-m", "pbmd.daemon.cli", "sim", "--exit-with-parent", "--realtime"]
         argv += ["--pty"] if opts.transport == "pty" else ["--tcp", "127.0.0.1:0"]
         argv += ["--time-scale", repr(opts.time_scale), "--seed", str(opts.seed)]
         argv += ["--emission-delay-ms", str(opts.emission_delay_ms), "--serial", opts.serial]

@@ -94,7 +94,7 @@ class PendingSim:
     def __init__(self, time_scale: float, *extra: str) -> None:
         self.time_scale = time_scale
         self.cmd = [
-            str(PBMD), "sim", "--tcp", "127.0.0.1:0", "--control", "127.0.0.1:0",
+            str(PBMD), "sim", "--realtime", "--tcp", "127.0.0.1:0", "--control", "127.0.0.1:0",
             "--time-scale", f"{time_scale:g}", *extra,
         ]  # fmt: skip
         self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process

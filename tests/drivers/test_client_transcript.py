@@ -365,3 +365,44 @@ async def test_telemetry_rate_above_the_controller_maximum_is_refused_locally(
             await task
     finally:
         await client.close()
+
+
+async def test_a_lost_emit_stop_is_sent_again_before_the_reply_deadline(
+    link: ScriptedLink,
+) -> None:
+    """A noisy line loses the EMIT_STOP frame: the client sends it again with a new
+    seq after hedge_after_s(), long before the 100 ms reply deadline, and takes the
+    first reply; the reply to the lost copy, if it ever comes, counts as late."""
+    client = ControllerClient(link, first_seq=6)
+    try:
+        assert client.hedge_after_s() < client.reply_timeout_s / 2
+        stop = asyncio.create_task(client.emit_stop(1))
+        await link.expect(EMIT_STOP_1_S6)  # lost on the way: never answered
+        await link.expect(codec.encode_frame(codec.EmitStop(1), 7))  # the same, new seq
+        link.feed(codec.encode_frame(codec.Stopped(1, 27_000_000, 54_000, 1), 7))
+        assert (await stop).delivered_uj == 27_000_000
+        link.feed(STOPPED_S6)  # the first copy's reply after all
+        await wait_until(lambda: client.stats.late_replies == 1)
+    finally:
+        await client.close()
+    stats = client.stats
+    assert (stats.hedged_requests, stats.reply_timeouts, stats.unmatched_replies) == (1, 0, 0)
+
+
+async def test_the_first_reply_to_either_copy_of_a_hedged_emit_stop_wins(
+    link: ScriptedLink,
+) -> None:
+    """Only the reply to the first copy was slow: it answers the call, and the second
+    copy's reply is late, not a reply to no request."""
+    client = ControllerClient(link, first_seq=6)
+    try:
+        stop = asyncio.create_task(client.emit_stop(1))
+        await link.expect(EMIT_STOP_1_S6)
+        await link.expect(codec.encode_frame(codec.EmitStop(1), 7))
+        link.feed(STOPPED_S6)
+        assert (await stop) == codec.Stopped(1, 27_000_000, 54_000, 1)
+        link.feed(codec.encode_frame(codec.Stopped(1, 27_000_000, 54_000, 1), 7))
+        await wait_until(lambda: client.stats.late_replies == 1)
+    finally:
+        await client.close()
+    assert client.stats.unmatched_replies == 0

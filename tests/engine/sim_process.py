@@ -39,6 +39,7 @@ class SimProcess:
             "-m",
             "pbmd.daemon.cli",
             "sim",
+            "--realtime",
             *self.args,
             stdout=asyncio.subprocess.PIPE,
         )

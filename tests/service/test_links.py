@@ -26,7 +26,15 @@ class Sim:
 
     def __init__(self, port: int = 0, time_scale: float = 30.0) -> None:
         self.proc = subprocess.Popen(
-            [*PBMD, "sim", "--tcp", f"127.0.0.1:{port}", "--time-scale", str(time_scale)],
+            [
+                *PBMD,
+                "sim",
+                "--realtime",
+                "--tcp",
+                f"127.0.0.1:{port}",
+                "--time-scale",
+                str(time_scale),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

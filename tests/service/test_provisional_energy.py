@@ -35,7 +35,7 @@ class SimProcess:
 
     def __init__(self, time_scale: float = 30.0) -> None:
         self.proc = subprocess.Popen(
-            [*PBMD, "sim", "--tcp", "127.0.0.1:0", "--time-scale", str(time_scale)],
+            [*PBMD, "sim", "--realtime", "--tcp", "127.0.0.1:0", "--time-scale", str(time_scale)],
             stdout=subprocess.PIPE,
             text=True,
         )

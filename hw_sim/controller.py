@@ -42,6 +42,11 @@ _FLAG_FAULT = int(PortFlag.FAULT)
 DEFAULT_INTERLOCKS = RUN_BITS  # key on, loop closed, e-stop released, footswitch up
 PERIODIC_WAKE_S = 0.1  # wall: keeps temperatures and light checks current between events
 MIN_WAKE_S = 0.0002  # wall: never spin on a prediction that keeps landing "now"
+OWN_STALL_S = 0.020
+"""Wall: a wake-up this much overdue means the simulator itself was not running."""
+LISTEN_AGAIN_S = 0.100
+"""Wall: after its own stall, how long the watchdog waits for frames already sent
+(once per silence: a second overdue deadline without a frame expires)."""
 
 _HOST_TYPES: dict[int, type[codec.Message]] = {c.TYPE: c for c in codec.HOST_MESSAGES}
 _FAULT_STOP_REASON = {
@@ -137,6 +142,9 @@ class Controller:
         self.requests = 0
         self.naks: dict[int, int] = {}
         self.internal_errors = 0
+        self.own_stalls_forgiven = 0
+        """Watchdog deadlines that passed while the simulator itself was not running."""
+        self._forgiven_since_rx = False
         self._events: list[codec.Event] = []
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = 0.0
@@ -157,9 +165,29 @@ class Controller:
 
     def sync(self) -> None:
         """Advance the model to the present and send what happened on the way."""
+        self._forgive_own_stall()
         self.now_us = max(self.now_us, self.clock.device_us_at(self.clock.wall()))
         self._advance(self.now_us / 1e6)
         self._flush()
+
+    def _forgive_own_stall(self) -> None:
+        """A real controller receives bytes as they arrive; this one reads them only
+        when its process runs. If its own wake-up is overdue (a busy machine did not
+        run it) and the watchdog deadline passed meanwhile, the host's frames may be
+        waiting unread: the watchdog waits LISTEN_AGAIN_S for them from now, as the
+        host does for telemetry after its own stall (ICD §6). A host that really went
+        silent still trips it, that much later."""
+        if self._wake is None or self.state == ControllerState.FAULT:
+            return
+        now = self.clock.wall()
+        watchdog_s = self.config.watchdog_ms / 1000.0
+        overdue = now - self._wake_at > OWN_STALL_S
+        if overdue and self._watchdog_active() and self.last_rx_wall + watchdog_s < now:
+            if self._forgiven_since_rx:
+                return  # the host had its second chance: silence it is
+            self._forgiven_since_rx = True
+            self.last_rx_wall = now + LISTEN_AGAIN_S - watchdog_s
+            self.own_stalls_forgiven += 1
 
     def _watchdog_active(self) -> bool:
         armed = self.state in (ControllerState.ARMED_DELAY, ControllerState.ARMED_READY)
@@ -290,6 +318,7 @@ class Controller:
         """Answer one valid host frame (it feeds the watchdog first)."""
         self.sync()
         self.last_rx_wall = self.clock.wall()
+        self._forgiven_since_rx = False
         self.requests += 1
         try:
             reply = self._dispatch(frame)
@@ -574,12 +603,12 @@ class Controller:
             self._wake = None
 
     def _on_wake(self) -> None:
-        self._wake = None
         try:
-            self.sync()
+            self.sync()  # with the wake-up still marked due: its lateness is measured
         except Exception:
             log.exception("simulator wake-up failed")
             self.internal_errors += 1
+        self._wake = None
         self.reschedule()
 
     def close(self) -> None:
@@ -723,5 +752,6 @@ class Controller:
             "requests": self.requests,
             "naks": {str(k): v for k, v in sorted(self.naks.items())},
             "internal_errors": self.internal_errors,
+            "own_stalls_forgiven": self.own_stalls_forgiven,
             "ports": ports,
         }

@@ -42,6 +42,44 @@ async def test_watchdog_expires_after_250_ms_of_wall_silence(lab: Lab, scale: in
     assert t.state == ControllerState.STANDBY
 
 
+async def test_its_own_stall_is_not_the_hosts_silence(lab: Lab) -> None:
+    """The machine stops the process that runs both the simulator and a live host for
+    400 ms: the host's heartbeat goes out as soon as it runs again, and the simulator,
+    which was not running at the deadline either, waits for it (a real controller
+    receives bytes as they arrive) instead of latching WATCHDOG."""
+    rig = await lab.rig(time_scale=60, armed=True)
+    host = rig.host
+    await host.ack(emit(1, 660, 100_000))
+    mark = host.mark()
+    time.sleep(0.4)  # noqa: ASYNC251 - the stall under test: the process gets no CPU
+    first = await host.wait_telemetry(after=mark)
+    await host.wait_telemetry(lambda t: t.device_time_us > first.device_time_us + 0.5 * 60e6)
+    assert host.events(mark, EventCode.WATCHDOG_EXPIRED) == []
+    snap = rig.sim.snapshot()
+    assert (snap["state_name"], snap["fault"]) == ("armed_ready", 0)
+    assert snap["own_stalls_forgiven"] == 1
+
+
+async def test_a_silent_host_still_trips_the_watchdog_after_the_simulators_stall(
+    lab: Lab,
+) -> None:
+    """The same stall with a host that sends nothing after it: the watchdog waits once,
+    LISTEN_AGAIN_S, then expires."""
+    rig = await lab.rig(time_scale=60, heartbeat=False, emission_delay_ms=100)
+    host = rig.host
+    await host.ack(codec.Arm(9))
+    await host.wait_state(ControllerState.ARMED_READY)
+    await host.ack(emit(1, 660, 100_000))
+    mark = host.mark()
+    time.sleep(0.4)  # noqa: ASYNC251 - the same stall
+    resumed = time.monotonic()
+    await host.wait_event(EventCode.WATCHDOG_EXPIRED, after=mark)
+    assert time.monotonic() - resumed < 0.6
+    ended = await host.wait_event(EventCode.EMISSION_ENDED, port=1, after=mark)
+    assert ended.value == StopReason.WATCHDOG
+    assert rig.sim.snapshot()["own_stalls_forgiven"] == 1
+
+
 async def test_no_watchdog_in_standby(lab: Lab) -> None:
     rig = await lab.rig(time_scale=60, heartbeat=False)
     host = rig.host

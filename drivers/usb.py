@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import os
 import re
 import threading
 import urllib.parse
@@ -51,6 +52,14 @@ READ_TIMEOUT_MS: Final = 50
 
 WRITE_TIMEOUT_MS: Final = 100
 """A frame the controller has not taken within the ICD's reply limit is a failing link."""
+
+LINK_THREAD_PRIORITY: Final = 11
+"""SCHED_FIFO priority of the reader and writer threads, where the process may ask
+for it: one above the daemon's loop (10, daemon/services/scheduling.py). They only
+move bytes between the device and the loop, as a serial port's interrupt handler
+does; a reader that a busy machine left without CPU for 80 ms made telemetry look
+100 ms stale (E201) while the controller was sending it, and a late writer delays
+the EMIT_STOP that ends a dose."""
 
 READ_PACKETS: Final = 64
 """Bulk-IN buffer in packets (4 KiB at full speed): a multiple of wMaxPacketSize."""
@@ -285,7 +294,9 @@ class UsbLink(Link):
         self._loop = asyncio.get_running_loop()
         self._incoming: asyncio.Queue[bytes | OSError] = asyncio.Queue()
         self._stop = threading.Event()
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usb-out")
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="usb-out", initializer=_link_thread_priority
+        )
         self._reader = threading.Thread(target=self._read_loop, name="usb-in", daemon=True)
         self._closed = False
         self._ended = False
@@ -298,6 +309,7 @@ class UsbLink(Link):
     def _read_loop(self) -> None:
         import usb.core
 
+        _link_thread_priority()
         size = max(1, READ_PACKETS) * self.max_packet
         while not self._stop.is_set():
             try:
@@ -417,3 +429,12 @@ def scan_usb(targets: list[UsbTarget]) -> list[UsbCandidate]:
                 UsbCandidate(target.ids, int(dev.bus), int(dev.address), serial, product, problem)
             )
     return found
+
+
+def _link_thread_priority() -> None:
+    """LINK_THREAD_PRIORITY for the calling thread; where that is not allowed (no root or
+    CAP_SYS_NICE), the thread keeps the process's scheduling."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(LINK_THREAD_PRIORITY))
+    except OSError as exc:
+        log.debug("usb.thread_priority_refused", reason=exc.strerror or str(exc))

@@ -7,8 +7,10 @@ its own), so devices, unplugging and injected errors stay within the test.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import usb.core
@@ -139,6 +141,29 @@ async def test_reads_and_writes_never_run_on_the_event_loop(bus: Bus) -> None:
     bus.backend.bulk_write = spy(original_write)  # type: ignore[method-assign]
     assert await ping_serial(bus.url(device)) == "PBM-0042"
     assert threads and loop_thread not in threads
+
+
+async def test_the_link_threads_run_real_time_where_allowed(bus: Bus) -> None:
+    """The bulk-IN reader and the bulk-OUT writer move bytes between the controller
+    and the loop at SCHED_FIFO LINK_THREAD_PRIORITY (as root, as the tests and
+    pbmd.service run); elsewhere they keep the process's scheduling."""
+    device = await bus.plug()
+    policies: dict[str, set[tuple[int, int]]] = {"read": set(), "write": set()}
+    original_read, original_write = bus.backend.bulk_read, bus.backend.bulk_write
+
+    def spy(kind: str, fn: Callable[..., int]) -> Callable[..., int]:
+        def call(*args: Any) -> int:
+            policies[kind].add((os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
+            return fn(*args)
+
+        return call
+
+    bus.backend.bulk_read = spy("read", original_read)  # type: ignore[method-assign]
+    bus.backend.bulk_write = spy("write", original_write)  # type: ignore[method-assign]
+    assert await ping_serial(bus.url(device)) == "PBM-0042"
+    allowed = os.geteuid() == 0
+    expected = (os.SCHED_FIFO, usb_link.LINK_THREAD_PRIORITY) if allowed else (os.SCHED_OTHER, 0)
+    assert policies == {"read": {expected}, "write": {expected}}
 
 
 async def test_two_devices_are_told_apart_by_serial(bus: Bus) -> None:

@@ -76,6 +76,7 @@ log = structlog.get_logger()
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # as argparse
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): systemd does not restart-loop on it by default
 
 VERSION = "0.1.0"
@@ -902,8 +903,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "default":
         sys.stdout.write(cfg.DEFAULT_TOML)
         return 0
+    if args.file is not None and args.config is not None and args.file != args.config:
+        print(
+            f"pbmd: config {args.config_command}: two files given ({args.file} and --config "
+            f"{args.config}); give one, either as FILE or as --config FILE",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
-        config, source = cfg.load(args.config)
+        config, source = cfg.load(args.file or args.config)
     except cfg.ConfigError as exc:
         print(f"pbmd: {exc.render()}", file=sys.stderr)
         return EXIT_CONFIG
@@ -954,5 +962,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ):
         p = sub.add_parser(name, help=text)
         if name != "default":
-            p.add_argument("--config", type=Path, metavar="FILE")
+            p.add_argument(
+                "file", nargs="?", type=Path, metavar="FILE", help="the configuration file"
+            )
+            p.add_argument(
+                "--config",
+                type=Path,
+                metavar="FILE",
+                help="the same, as `pbmd run` spells it; without either, the embedded default",
+            )
         p.set_defaults(func=_cmd_config)

@@ -75,6 +75,21 @@ def test_unit_keeps_what_the_daemon_needs() -> None:
     assert "network-online.target" not in "".join(settings.get("After", []))
 
 
+def test_only_the_controller_is_given_to_group_pbmd() -> None:
+    """No dialout (every serial port): the udev rule grants group pbmd the controller's
+    own devices, and tags them for systemd so that a device unit can order pbmd."""
+    systemd_dir = UNIT.parent
+    assert "dialout" not in (systemd_dir / "pbmd.sysusers.conf").read_text()
+    rules = [
+        line
+        for line in (systemd_dir / "60-pbm-controller.rules").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(rules) == 2
+    for rule in rules:
+        assert 'GROUP="pbmd"' in rule and 'MODE="0660"' in rule and 'TAG+="systemd"' in rule
+
+
 PROBE = """
 import ctypes, errno, json, mmap, os, socket
 libc = ctypes.CDLL(None, use_errno=True)

@@ -82,6 +82,9 @@ EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): systemd does not restart-loop on it 
 VERSION = "0.1.0"
 STOP_SESSION_TIMEOUT_S = 10.0
 
+STATUS_REFRESH_S = 1.0
+"""How often systemd's STATUS= is looked at again besides the events that change it."""
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 """Each ends the daemon the clean way (emission off, records closed, socket removed)."""
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -218,6 +221,8 @@ class Service:
         self._status_sent = self._status_text()
         self.notifier.send("READY=1", f"STATUS={self._status_sent}")
         self._ready = True
+        if self.notifier.enabled:
+            self._spawn(self._refresh_status(STATUS_REFRESH_S), "systemd-status")
         log.info(
             "daemon.ready",
             socket=str(self.socket_path),
@@ -463,13 +468,20 @@ class Service:
         """Send STATUS= again if it now reads differently; from any thread, coalesced,
         and after the event being handled has finished (never on the safety path)."""
         loop = self._loop
-        if loop is None or self._status_queued or loop.is_closed():
+        if not self.notifier.enabled or loop is None or self._status_queued or loop.is_closed():
             return
         self._status_queued = True
         try:
             loop.call_soon_threadsafe(self._send_status)
         except RuntimeError:  # the loop closed meanwhile
             self._status_queued = False
+
+    async def _refresh_status(self, interval_s: float) -> None:
+        """Readiness also changes without a session event (the first telemetry sample,
+        a calibration date passing, a controller's interlock): look again now and then."""
+        while True:
+            await asyncio.sleep(interval_s)  # refresh cadence; sends only on a change
+            self._send_status()
 
     def _send_status(self) -> None:
         self._status_queued = False

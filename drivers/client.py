@@ -332,7 +332,7 @@ class ControllerClient(AsyncClosing):
             self._down = LinkClosed(f"{self.url}: client closed")
             self._fail_pending(self._down.reason)
             self._end_subscriptions(None)
-            self._log.debug("client closing")
+            self._log.debug("link.closing")
         if self._teardown_task is None:
             self._teardown_task = asyncio.get_running_loop().create_task(
                 self._teardown(), name=f"pbm-teardown {self.url}"
@@ -351,7 +351,7 @@ class ControllerClient(AsyncClosing):
         try:
             await self._link.close()
         except Exception as exc:
-            self._log.warning("link close failed", error=str(exc))
+            self._log.warning("link.close_failed", error=str(exc))
 
     def _closed_error(self) -> LinkClosed:
         reason = self._down.reason if self._down is not None else f"{self.url}: client closed"
@@ -364,7 +364,7 @@ class ControllerClient(AsyncClosing):
         reason = f"{self.url}: {reason}"
         self._down = LinkClosed(reason)
         self._lost = True
-        self._log.warning("link lost", reason=reason, pending=len(self._pending))
+        self._log.warning("link.lost", reason=reason, pending=len(self._pending))
         self._fail_pending(reason)
         self._end_subscriptions(reason)
         self._link_lost_listeners(LinkClosed(reason))
@@ -490,7 +490,7 @@ class ControllerClient(AsyncClosing):
             except ReplyMissed as missed:
                 if attempt < attempts and not (give_up is not None and give_up()):
                     self._log.info(
-                        "reply missing, asking again",
+                        "link.reply_missing_resent",
                         request=type(msg).__name__,
                         seq=missed.seq,
                         attempt=attempt,
@@ -589,7 +589,7 @@ class ControllerClient(AsyncClosing):
         self._tally.reply_timeouts += 1
         self._losses_in_a_row += 1
         self._log.warning(
-            "reply missing",
+            "link.reply_missing",
             request=type(p.request).__name__,
             seq=seq,
             in_a_row=self._losses_in_a_row,
@@ -603,7 +603,7 @@ class ControllerClient(AsyncClosing):
         """Declare the link faulty (ICD §6): tell the reply-timeout listeners."""
         error = ReplyTimeout(request, seq, timeout_s)
         self._tally.link_faults += 1
-        self._log.warning("link fault: replies missing", request=type(request).__name__, seq=seq)
+        self._log.warning("link.fault_replies_missing", request=type(request).__name__, seq=seq)
         self._reply_timeout_listeners(error)
         return error
 
@@ -714,7 +714,7 @@ class ControllerClient(AsyncClosing):
             except Exception as exc:
                 # Without a heartbeat the controller's watchdog will stop
                 # everything within 250 ms: say so now rather than then.
-                self._log.exception("heartbeat failed")
+                self._log.exception("link.heartbeat_failed")
                 self._lose(f"heartbeat failed: {exc!r}")
                 return
             self._tally.heartbeats_sent += 1
@@ -734,7 +734,7 @@ class ControllerClient(AsyncClosing):
         if error is None or isinstance(error, (LinkClosed, ReplyMissed)):
             return  # a single miss is judged by the loss count, not here
         self._tally.heartbeat_failures += 1
-        self._log.warning("heartbeat failed", error=str(error))
+        self._log.warning("link.heartbeat_failed", error=str(error))
 
     async def _read_loop(self) -> None:
         while True:
@@ -744,7 +744,7 @@ class ControllerClient(AsyncClosing):
                 self._lose(f"read failed: {exc}")
                 return
             except Exception as exc:
-                self._log.exception("link read raised")
+                self._log.exception("link.read_failed")
                 self._lose(f"read failed: {exc!r}")
                 return
             if not data:
@@ -757,7 +757,7 @@ class ControllerClient(AsyncClosing):
             except Exception as exc:
                 # A bug here would otherwise kill the reader silently and every
                 # later reply would time out; failing the link is loud and safe.
-                self._log.exception("reader failed")
+                self._log.exception("link.reader_failed")
                 self._lose(f"reader failed: {exc!r}")
                 return
 
@@ -768,7 +768,7 @@ class ControllerClient(AsyncClosing):
                 msg = frame.message()
             except CodecError as exc:
                 self._tally.bad_payloads += 1
-                self._log.warning("malformed device frame", type=frame.msg_type, error=str(exc))
+                self._log.warning("link.frame_malformed", type=frame.msg_type, error=str(exc))
                 return
             if isinstance(msg, Telemetry):
                 self._on_telemetry(msg)
@@ -778,7 +778,7 @@ class ControllerClient(AsyncClosing):
             self._on_reply(frame)
         else:
             self._tally.unknown_types += 1
-            self._log.warning("unknown frame type from controller", type=f"0x{frame.msg_type:02X}")
+            self._log.warning("link.frame_type_unknown", type=f"0x{frame.msg_type:02X}")
 
     def _on_telemetry(self, msg: Telemetry) -> None:
         self._tally.telemetry_rx += 1
@@ -798,11 +798,11 @@ class ControllerClient(AsyncClosing):
         if p is None or p.future.done():
             if self._pending.forget_abandoned(frame.seq) or p is not None:
                 self._tally.late_replies += 1
-                self._log.info("late reply ignored", seq=frame.seq, type=f"0x{frame.msg_type:02X}")
+                self._log.info("link.reply_late", seq=frame.seq, type=f"0x{frame.msg_type:02X}")
             else:
                 self._tally.unmatched_replies += 1
                 self._log.warning(
-                    "reply to no request", seq=frame.seq, type=f"0x{frame.msg_type:02X}"
+                    "link.reply_unmatched", seq=frame.seq, type=f"0x{frame.msg_type:02X}"
                 )
             return
         if p.timer is not None:

@@ -49,7 +49,7 @@ async def open_session(client: ControllerClient, telemetry_hz: int) -> Info:
         await client.get_port(port)
     await client.set_telemetry(telemetry_hz)
     log.info(
-        "controller ready",
+        "controller.ready",
         link=client.url,
         serial=info.serial,
         firmware=info.firmware,

@@ -65,4 +65,4 @@ class Listeners(Generic[T]):
                 self.errors += 1
                 if self._on_error is not None:
                     self._on_error()
-                self._log.exception("listener failed", kind=self.kind, listener=repr(callback))
+                self._log.exception("listener.failed", kind=self.kind, listener=repr(callback))

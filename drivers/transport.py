@@ -126,7 +126,7 @@ class StreamLink(Link):
         # the link is closed either way.
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
-        log.debug("link closed", url=self._url)
+        log.debug("link.closed", url=self._url)
 
     def _close_transport(self) -> None:
         self._writer.close()
@@ -188,7 +188,7 @@ async def _open_tcp(url: str, parsed: urllib.parse.SplitResult) -> Link:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    log.debug("link open", url=url, transport="tcp")
+    log.debug("link.opened", url=url, transport="tcp")
     return TcpLink(url, reader, writer)
 
 
@@ -214,5 +214,5 @@ async def _open_serial(url: str, device: str) -> Link:
         )
     except (OSError, ValueError) as exc:  # SerialException is an OSError
         raise LinkError(f"{url}: cannot open serial port: {exc}") from exc
-    log.debug("link open", url=url, transport="serial", baudrate=SERIAL_BAUDRATE)
+    log.debug("link.opened", url=url, transport="serial", baudrate=SERIAL_BAUDRATE)
     return SerialLink(url, reader, writer)

@@ -356,7 +356,7 @@ class UsbLink(Link):
         self._closed = True
         self._stop.set()
         await asyncio.to_thread(self._release)
-        log.debug("link closed", url=self._url)
+        log.debug("link.closed", url=self._url)
 
     def _release(self) -> None:
         import usb.core
@@ -379,7 +379,7 @@ async def open_usb(url: str) -> UsbLink:
         return dev, prepare(dev, target)
 
     dev, max_packet = await asyncio.to_thread(locate)
-    log.debug("link open", url=url, transport="usb", bus=dev.bus, address=dev.address)
+    log.debug("link.opened", url=url, transport="usb", bus=dev.bus, address=dev.address)
     return UsbLink(url, dev, max_packet)
 
 

@@ -131,13 +131,17 @@ class ProtocolLibrary:
         (self.directory / LOCK_NAME).touch(exist_ok=True)
         if allow_unsigned:
             log.warning(
-                "DEVELOPMENT SETTING: protocol library %s accepts UNSIGNED protocol files; "
-                "never use this with patients",
-                self.directory,
+                "protocols.unsigned_accepted",
+                extra={
+                    "directory": str(self.directory),
+                    "warning": "DEVELOPMENT SETTING: UNSIGNED protocol files are accepted; "
+                    "never use this with patients",
+                },
             )
         if not self.trusted_keys and not allow_unsigned:
             log.warning(
-                "protocol library %s has no trusted keys: nothing can be installed", self.directory
+                "protocols.no_trusted_keys",
+                extra={"directory": str(self.directory), "installable": False},
             )
 
     # -- checking ------------------------------------------------------------
@@ -153,7 +157,7 @@ class ProtocolLibrary:
                     f"{source} has no signature: sign it with minisign "
                     "(minisign -Sm FILE) using a key the daemon trusts",
                 )
-            log.warning("DEVELOPMENT SETTING: accepting UNSIGNED protocol %s", source)
+            log.warning("protocol.unsigned_checked", extra={"source": source})
         else:
             try:
                 verified = verify(data, signature, self.trusted_keys)
@@ -325,10 +329,12 @@ class ProtocolLibrary:
             if old is not None:
                 self._delete_files(str(old.get("file", "")))
         log.info(
-            "installed protocol %s v%d (%s)",
-            protocol.id,
-            protocol.version,
-            f"signed by {entry.signed_by}" if entry.signed_by else "UNSIGNED",
+            "protocol.installed",
+            extra={
+                "protocol_id": protocol.id,
+                "version": protocol.version,
+                "signed_by": entry.signed_by,  # None: unsigned (a development setting)
+            },
         )
         return entry
 
@@ -348,7 +354,7 @@ class ProtocolLibrary:
                     LibraryFault.IO_ERROR, f"removing {protocol_id} failed ({exc}); unchanged"
                 ) from None
             self._delete_files(entry.file)
-        log.info("removed protocol %s v%d", entry.id, entry.version)
+        log.info("protocol.removed", extra={"protocol_id": entry.id, "version": entry.version})
         return entry
 
     def _write_index(self, index: dict[str, Any]) -> None:

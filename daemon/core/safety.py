@@ -570,7 +570,7 @@ class Supervisor:
         # cancel the session's work) are synchronous and queue behind it.
         self._wake.set()
         self._latch_hooks(self._trip)
-        log.error("trip", code=cause.code, cause=cause.name, detail=detail, port=port)
+        log.error("safety.trip", code=cause.code, cause=cause.name, detail=detail, port=port)
         return True
 
     async def wait_done(self) -> Trip:

@@ -1,11 +1,14 @@
 """Logging for the daemon: structlog over stdlib, written by a thread.
 
-Not on a TTY (systemd, a pipe, a file) each record is one JSON object per line,
-prefixed with its syslog priority in angle brackets (``<3>`` error, ``<4>``
-warning, ``<6>`` info, ``<7>`` debug; ``<2>`` critical) so that journald files
-it at the right level (sd-daemon(3)). On a TTY the records are rendered for
-people. Both structlog loggers and stdlib loggers (the protocol library uses
-one) end up in the same stream.
+Not on a TTY (systemd, a pipe, a file) each record is one JSON object per line.
+When the stream is the journal's (``$JOURNAL_STREAM`` names its device and
+inode, systemd.exec(5)) each line is prefixed with its syslog priority in angle
+brackets (``<3>`` error, ``<4>`` warning, ``<6>`` info, ``<7>`` debug; ``<2>``
+critical) so that journald files it at the right level (sd-daemon(3)); anywhere
+else (a pipe, a file) the line is plain JSON, so that ``jq`` reads every line.
+On a TTY the records are rendered for people. Both structlog loggers and stdlib
+loggers (the protocol library uses one, with its fields as ``extra=``) end up in
+the same stream.
 
 The event loop never writes to stdout itself: a slow journal or a full pipe
 must not delay a dose stop. Records go to a bounded queue and a listener
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 from collections.abc import MutableMapping
@@ -93,11 +97,31 @@ class _StreamWriter(logging.Handler):
             pass
 
 
+def plain_json(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> str:
+    """One JSON object per line (a pipe, a file: what `jq` reads)."""
+    return json.dumps(event_dict, default=str, ensure_ascii=False)
+
+
 def journald_json(_logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
     """One JSON object per line with the syslog priority prefix journald understands."""
     level = str(event_dict.get("level", method)).lower()
     priority = PRIORITY.get(level, 6)
     return f"<{priority}>" + json.dumps(event_dict, default=str, ensure_ascii=False)
+
+
+def is_journal(stream: TextIO) -> bool:
+    """True when `stream` is the journal's: its device and inode are those that
+    systemd put in $JOURNAL_STREAM (systemd.exec(5)), not merely inherited by a
+    child whose output goes somewhere else."""
+    raw = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = raw.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (StringIO), closed
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 def _shared_processors() -> list[Processor]:
@@ -136,13 +160,14 @@ def configure(
         fmt = "console" if out.isatty() else "json"
     renderer: Processor
     if fmt == "json":
-        renderer = journald_json
+        renderer = journald_json if is_journal(out) else plain_json
         exc: list[Processor] = [structlog.processors.format_exc_info]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
         exc = []
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(),
+        # Stdlib loggers (the protocol library) pass their fields as `extra=`.
+        foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _drop_logger_name_if_structlog,

@@ -6,10 +6,20 @@ links (each must answer HELLO and send telemetry), the engine, which closes
 any session a crash left open from the controllers' own counters, then the
 control socket and the MQTT publisher; only then does systemd hear READY=1.
 
-Stopping (SIGTERM, SIGINT) runs the other way: STOPPING=1, a running session
-is interrupted (ALL_OFF first, the session closed with its record), every
-controller gets ALL_OFF and DISARM, the API says goodbye and removes its
-socket, the records are flushed and closed.
+Stopping (SIGTERM, SIGINT, SIGQUIT, or an internal error at start) runs the
+other way: STOPPING=1, a running session is interrupted (ALL_OFF first, the
+session closed with its record), every controller gets ALL_OFF and DISARM, the
+API says goodbye and removes its socket, the records are flushed and closed.
+
+SIGHUP (`systemctl reload pbmd`) never stops anything: the configuration file
+is checked again and what changed is logged and shown in the service status;
+nothing of it is applied to a running daemon (a restart applies it), since
+controllers, ports and limits cannot change under a session. SIGUSR1 and
+SIGUSR2 are logged and ignored rather than left to kill the process.
+
+systemd's STATUS= (`systemctl status pbmd`) follows the daemon: waiting for a
+controller, ready or why not, the running session, how the last one ended (its
+cause code), a lost controller.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +76,22 @@ log = structlog.get_logger()
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # as argparse
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): systemd does not restart-loop on it by default
 
 VERSION = "0.1.0"
 STOP_SESSION_TIMEOUT_S = 10.0
+
+STATUS_REFRESH_S = 1.0
+"""How often systemd's STATUS= is looked at again besides the events that change it."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+"""Each ends the daemon the clean way (emission off, records closed, socket removed)."""
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+"""Their default action would kill the daemon uncleanly; they mean nothing to pbmd."""
+
+ConfigLoader = Callable[[], cfg.Config]
+"""Reads the configuration again as `pbmd run` did (file and command-line overrides)."""
 
 
 # --------------------------------------------------------------------------- service
@@ -77,9 +100,18 @@ STOP_SESSION_TIMEOUT_S = 10.0
 class Service:
     """The running daemon (one per state directory)."""
 
-    def __init__(self, config: cfg.Config, source: str) -> None:
+    def __init__(
+        self, config: cfg.Config, source: str, reload_config: ConfigLoader | None = None
+    ) -> None:
         self.config = config
         self.source = source
+        self._reload_config = reload_config
+        self.config_changed: list[str] = []
+        """Keys changed in the file since start (SIGHUP): a restart applies them."""
+        self._status_sent = ""
+        self._status_queued = False
+        self._ready = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.state_dir = config.resolved_state_dir
         self.socket_path = config.socket_path
         self.device_id = config.resolved_device_id
@@ -125,6 +157,7 @@ class Service:
 
     async def start(self) -> None:
         cfg_ = self.config
+        self._loop = asyncio.get_running_loop()
         for line in cfg_.development:
             self.warnings.append(line)
             log.warning("config.development", setting=line)
@@ -185,7 +218,11 @@ class Service:
         self.loop_monitor.start()
         if self.notifier.watchdog_s:
             self._spawn(self._watchdog(self.notifier.watchdog_s / 2), "systemd-watchdog")
-        self.notifier.send("READY=1", f"STATUS=serving on {self.socket_path}")
+        self._status_sent = self._status_text()
+        self.notifier.send("READY=1", f"STATUS={self._status_sent}")
+        self._ready = True
+        if self.notifier.enabled:
+            self._spawn(self._refresh_status(STATUS_REFRESH_S), "systemd-status")
         log.info(
             "daemon.ready",
             socket=str(self.socket_path),
@@ -319,8 +356,7 @@ class Service:
             log.error("mqtt.start_failed", error=str(exc))
             self.warnings.append(f"MQTT publisher failed to start: {exc}")
             return
-        self.mqtt = publisher
-        log.info("mqtt.started", device_id=self.device_id)
+        self.mqtt = publisher  # the publisher logs mqtt.started itself
 
     def _spawn(self, coro: Any, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
@@ -361,6 +397,8 @@ class Service:
                 prescribed_energy_j=ev.data.get("prescribed_energy_j"),
             )
         self.watch_hub.on_event(ev)
+        if ev.kind in _STATUS_EVENTS:
+            self.status_changed()
 
     def _waiting_for_controller(self, link: ControllerLink, reason: str, changed: bool) -> None:
         """Start-up waits for a USB or serial controller: say so (log, systemd status)."""
@@ -378,6 +416,7 @@ class Service:
             return
         link.lost = reason
         log.error("controller.link_lost", controller=link.name, reason=reason)
+        self.status_changed()
         self._spawn(self._reconnect(link), f"reconnect-{link.name}")
 
     async def _reconnect(self, link: ControllerLink) -> None:
@@ -408,6 +447,7 @@ class Service:
                     # Before anything else may start: a new session's ARM resets the counters.
                     await self._reconcile_after_reconnect()
             log.warning("controller.reconnected", controller=link.name)
+            self.status_changed()
             return
 
     async def _reconcile_after_reconnect(self) -> None:
@@ -421,6 +461,117 @@ class Service:
         if closed:
             self.reconciled.extend(closed)
             log.warning("sessions.reconciled", sessions=closed)
+
+    # ------------------------------------------------------------------ systemd status
+
+    def status_changed(self) -> None:
+        """Send STATUS= again if it now reads differently; from any thread, coalesced,
+        and after the event being handled has finished (never on the safety path)."""
+        loop = self._loop
+        if not self.notifier.enabled or loop is None or self._status_queued or loop.is_closed():
+            return
+        self._status_queued = True
+        try:
+            loop.call_soon_threadsafe(self._send_status)
+        except RuntimeError:  # the loop closed meanwhile
+            self._status_queued = False
+
+    async def _refresh_status(self, interval_s: float) -> None:
+        """Readiness also changes without a session event (the first telemetry sample,
+        a calibration date passing, a controller's interlock): look again now and then."""
+        while True:
+            await asyncio.sleep(interval_s)  # refresh cadence; sends only on a change
+            self._send_status()
+
+    def _send_status(self) -> None:
+        self._status_queued = False
+        if self._stopping or self._engine is None:
+            return
+        text = self._status_text()
+        if text != self._status_sent:
+            self._status_sent = text
+            self.notifier.send(f"STATUS={text}")
+
+    def _status_text(self) -> str:
+        """One line for `systemctl status pbmd`: what runs, how it ended, what is wrong."""
+        engine = self.engine
+        parts: list[str] = []
+        s = engine.session
+        if s is not None and not s.state.final:
+            parts.append(f"session {s.id[:8]} {s.state.value}")
+        else:
+            if s is not None:
+                ended = f"last session {s.id[:8]} {s.state.value}"
+                if s.cause_code is not None and s.state.value != "completed":
+                    message = _first_sentence(s.cause_message or "")
+                    if message.startswith(s.cause_code):
+                        message = message[len(s.cause_code) :].lstrip(" :")
+                    ended += f" ({s.cause_code}: {message})" if message else f" ({s.cause_code})"
+                parts.append(ended)
+            trip = engine.acknowledgements.awaiting
+            if trip is not None:
+                code = trip.cause.code
+                parts.append(f"not ready: acknowledge {code} (pbmctl session acknowledge {code})")
+            else:
+                try:
+                    engine.check_ready()
+                    parts.append("ready for a session")
+                except StartRefused as exc:
+                    parts.append(f"not ready: {_first_sentence(str(exc))}")
+        parts += [
+            f"controller {link.name} lost: {_first_sentence(link.lost)}"
+            for link in self.links
+            if link.lost
+        ]
+        if self.config_changed:
+            parts.append(
+                f"configuration changed ({', '.join(self.config_changed)}): restart to apply"
+            )
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------ reload (SIGHUP)
+
+    def request_reload(self) -> None:
+        """SIGHUP: check the configuration file again, off the loop; never a stop."""
+        if self._stop.is_set():
+            log.info("daemon.reload_ignored", reason="stopping")
+            return
+        self._spawn(self._reload(), "reload")
+
+    async def _reload(self) -> None:
+        # Before READY=1 (still starting, e.g. waiting for a controller) systemd hears
+        # nothing of it: READY=1 at its end would announce a daemon that is not ready.
+        ready = self._ready
+        if ready:
+            self.notifier.send("RELOADING=1")
+        try:
+            if self._reload_config is None:
+                log.info("daemon.reloaded", config=self.source, changed=[], applied=[])
+                return
+            try:
+                new = await asyncio.to_thread(self._reload_config)
+            except cfg.ConfigError as exc:
+                log.error(
+                    "daemon.reload_refused",
+                    config=self.source,
+                    errors=[i.key for i in exc.issues],
+                    detail=exc.render(),
+                    running="the configuration pbmd started with",
+                )
+                return
+            self.config_changed = config_differences(self.config, new)
+            log.info(
+                "daemon.reloaded",
+                config=self.source,
+                changed=self.config_changed,
+                applied=[],
+                restart_required=bool(self.config_changed),
+            )
+        finally:
+            if ready and not self._stopping:
+                # The status may now mention the pending change; READY=1 ends the reload.
+                self._status_sent = self._status_text()
+                self.notifier.send("READY=1", f"STATUS={self._status_sent}")
 
     # ------------------------------------------------------------------ run / stop
 
@@ -439,6 +590,7 @@ class Service:
         """Emission off, session closed with its record, clients told, records flushed."""
         self._stopping = True
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({self.stop_reason or 'requested'})")
+        self._loop = None  # no STATUS= after STOPPING=1
         if self.api is not None:
             self.api.stopping = True
         engine = self._engine
@@ -556,6 +708,7 @@ class Service:
         self.calibration = Calibration.save(self._calibration_file(), due, user)
         self.engine.calibration_due = due
         log.info("calibration.set", due=due.isoformat(), user=user)
+        self.status_changed()
 
     # ------------------------------------------------------------- service latch
 
@@ -581,6 +734,7 @@ class Service:
         """Persist the latch off the safety path (called after ALL_OFF and read-back)."""
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self._spawn(asyncio.to_thread(self._write_service_required, cause, now), "service-latch")
+        self.status_changed()
 
     def _write_service_required(self, cause: str, utc: str) -> None:
         path = self._service_required_file()
@@ -622,6 +776,7 @@ class Service:
                 "utc": trip.utc,
             }
         self._spawn(asyncio.to_thread(self._write_acknowledgement, data), "acknowledgement")
+        self.status_changed()
 
     def _write_acknowledgement(self, data: dict[str, Any] | None) -> None:
         path = self._acknowledgement_file()
@@ -644,17 +799,68 @@ class Service:
             self.warnings[:] = [w for w in self.warnings if not w.startswith("SERVICE REQUIRED")]
 
         cause = self.engine.clear_service_required(user, note, forget)
+        self.status_changed()
         return {"cleared": True, "cause": cause, "user": user, "note": note}
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-async def run_service(config: cfg.Config, source: str) -> int:
-    service = Service(config, source)
+_STATUS_EVENTS = frozenset(
+    {
+        EventKind.STATE,
+        EventKind.TRIP,
+        EventKind.SERVICE_REQUIRED,
+        EventKind.LINK_LOST,
+        EventKind.PORT_PAUSED,
+        EventKind.RESUMED,
+    }
+)
+"""Session events after which systemd's STATUS= may read differently."""
+
+
+def config_differences(old: cfg.Config, new: cfg.Config) -> list[str]:
+    """Keys (dotted, down to a section's keys) whose values differ between two configs."""
+    a = old.model_dump(mode="json")
+    b = new.model_dump(mode="json")
+    changed: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if va == vb:
+            continue
+        if isinstance(va, dict) and isinstance(vb, dict):
+            changed += [f"{key}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        else:
+            changed.append(key)
+    return changed
+
+
+STATUS_SENTENCE_CHARS = 120
+"""`systemctl status` shows one line: causes are cut to their first sentence, this long."""
+
+
+def _first_sentence(text: str) -> str:
+    head = text.split(". ", 1)[0].strip()
+    if len(head) > STATUS_SENTENCE_CHARS:
+        head = head[: STATUS_SENTENCE_CHARS - 1].rstrip() + "…"
+    return head
+
+
+def _signal_ignored(name: str) -> None:
+    log.warning("daemon.signal_ignored", signal=name)
+
+
+async def run_service(
+    config: cfg.Config, source: str, reload_config: ConfigLoader | None = None
+) -> int:
+    """Run until a stop signal; every way out passes through Service.stop()."""
+    service = Service(config, source, reload_config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, service.request_stop, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, service.request_reload)
+    for sig in IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, _signal_ignored, sig.name)
     try:
         try:
             await service.start()
@@ -663,24 +869,35 @@ async def run_service(config: cfg.Config, source: str) -> int:
             print(f"pbmd: cannot start: {exc}", file=sys.stderr)
             await service.stop()
             return EXIT_FAILED
+        except Exception as exc:
+            # A fault of pbmd itself: still emission off, records closed, socket removed.
+            log.critical("daemon.start_crashed", error=repr(exc), exc_info=True)
+            print(f"pbmd: internal error at start: {exc!r}", file=sys.stderr)
+            service.stop_reason = "internal error at start"
+            await service.stop()
+            return EXIT_FAILED
         await service.wait_stop()
         await service.stop()
         return EXIT_OK
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (*STOP_SIGNALS, signal.SIGHUP, *IGNORED_SIGNALS):
             loop.remove_signal_handler(sig)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
+    def load_config() -> cfg.Config:
         config, source = cfg.load(args.config)
-        config = cfg.with_overrides(
+        return cfg.with_overrides(
             config,
             source,
             state_dir=args.state_dir,
             socket_path=args.socket,
             sim_time_scale=args.sim_time_scale,
         )
+
+    source = cfg.DEFAULT_SOURCE if args.config is None else str(args.config)
+    try:
+        config = load_config()
     except cfg.ConfigError as exc:
         print(f"pbmd: {exc.render()}", file=sys.stderr)
         return EXIT_CONFIG
@@ -689,7 +906,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     scheduling.apply(args.realtime)
     try:
-        return asyncio.run(run_service(config, source))
+        return asyncio.run(run_service(config, source, load_config))
     finally:
         daemon_log.shutdown()
 
@@ -698,8 +915,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "default":
         sys.stdout.write(cfg.DEFAULT_TOML)
         return 0
+    if args.file is not None and args.config is not None and args.file != args.config:
+        print(
+            f"pbmd: config {args.config_command}: two files given ({args.file} and --config "
+            f"{args.config}); give one, either as FILE or as --config FILE",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
-        config, source = cfg.load(args.config)
+        config, source = cfg.load(args.file or args.config)
     except cfg.ConfigError as exc:
         print(f"pbmd: {exc.render()}", file=sys.stderr)
         return EXIT_CONFIG
@@ -750,5 +974,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ):
         p = sub.add_parser(name, help=text)
         if name != "default":
-            p.add_argument("--config", type=Path, metavar="FILE")
+            p.add_argument(
+                "file", nargs="?", type=Path, metavar="FILE", help="the configuration file"
+            )
+            p.add_argument(
+                "--config",
+                type=Path,
+                metavar="FILE",
+                help="the same, as `pbmd run` spells it; without either, the embedded default",
+            )
         p.set_defaults(func=_cmd_config)

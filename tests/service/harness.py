@@ -1,7 +1,8 @@
 """The daemon as a real process, pbmctl as a real process, and raw socket clients.
 
-`Daemon` starts `pbmd run --config FILE`, keeps every line it logs (JSON with a
-journald priority prefix) and lets a test wait for a line, never for a while.
+`Daemon` starts `pbmd run --config FILE`, keeps every line it logs (JSON; with a
+journald priority prefix only when stdout is the journal's, never here) and lets
+a test wait for a line, never for a while.
 `RawClient` speaks JSON-RPC 2.0 over the Unix socket with blocking I/O and a
 timeout as the failure bound.
 """
@@ -104,7 +105,8 @@ DEPLOYED_NICE: int | None = -10 if os.geteuid() == 0 else None
 deployed, so that the test runner's own load (two workers, brokers, simulators)
 does not stand in for a clinic workstation's."""
 
-_PRIORITY = re.compile(rb"^<(\d)>(\{.*\})\s*$")
+_PRIORITY = re.compile(rb"^(?:<(\d)>)?(\{.*\})\s*$")
+_LEVEL_PRIORITY = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
 
 
 @dataclass
@@ -170,7 +172,10 @@ class Daemon:
                 m = _PRIORITY.match(line)
                 if m is not None:
                     with contextlib.suppress(ValueError):
-                        self.records.append(LogRecord(int(m.group(1)), json.loads(m.group(2))))
+                        data = json.loads(m.group(2))
+                        level = _LEVEL_PRIORITY.get(str(data.get("level")), 6)
+                        prefix = int(m.group(1)) if m.group(1) else level
+                        self.records.append(LogRecord(prefix, data))
                 self._cond.notify_all()
         with self._cond:
             self._eof = True

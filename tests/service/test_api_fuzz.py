@@ -364,7 +364,7 @@ def test_no_record_lost_under_hostile_clients(make_daemon: DaemonFactory, workdi
         for pid in children:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-    trips = [r.data for r in d.records if r.event == "trip"]
+    trips = [r.data for r in d.records if r.event == "safety.trip"]
     assert state == "completed", trips
     assert api["parse_errors"] > 0 and api["oversized"] > 0
     with RawClient(d.socket_path) as c:

@@ -160,7 +160,7 @@ def test_roles_from_groups() -> None:
     assert "12345" in resolver.role_help(api.TECHNICIAN)
 
 
-def test_log_formats(tmp_path: Path) -> None:
+def test_log_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import structlog
 
     class Tty:
@@ -183,7 +183,12 @@ def test_log_formats(tmp_path: Path) -> None:
     daemon_log.shutdown()
     assert "hello.console" in tty.text and not tty.text.startswith("<")
 
+    # A file (or a pipe): plain JSON lines, whatever $JOURNAL_STREAM a parent left.
     path = tmp_path / "log.jsonl"
+    other = tmp_path / "elsewhere"
+    other.touch()
+    st = other.stat()
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
     with path.open("w") as out:
         daemon_log.configure("debug", "auto", stream=out)
         daemon_log.bind(session_id="s-1")
@@ -191,6 +196,18 @@ def test_log_formats(tmp_path: Path) -> None:
         structlog.get_logger().debug("quiet")
         daemon_log.shutdown()
     lines = path.read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["hello.json", "quiet"]
+    assert json.loads(lines[0])["session_id"] == "s-1"
+    # The journal's own stream (systemd names its device and inode): priority prefixes.
+    journal = tmp_path / "journal.jsonl"
+    with journal.open("w") as out:
+        st = os.fstat(out.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        daemon_log.configure("debug", "json", stream=out)
+        structlog.get_logger().error("hello.json", port=3)
+        structlog.get_logger().debug("quiet")
+        daemon_log.shutdown()
+    lines = journal.read_text().splitlines()
     assert lines[0].startswith("<3>{")
     assert json.loads(lines[0][3:])["session_id"] == "s-1"
     assert lines[1].startswith("<7>")

@@ -197,9 +197,52 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     assert f"{len(info.value.issues)} configuration errors" in rendered
 
 
-def test_toml_syntax_error_names_the_line() -> None:
+def test_toml_syntax_error_names_the_line_column_and_what_is_wrong() -> None:
     issue = one('[[controllers]]\nname = "m\nlink = "sim"\n', "(file)")
-    assert "line 2" in issue.problem and "TOML" in issue.fix
+    assert issue.problem.startswith("line 2, column 10: not valid TOML: a line ends inside a")
+    assert "correct line 2" in issue.fix
+    rendered = issue.render()
+    assert "(missing)" not in rendered and "(file)" not in rendered
+    # The line itself, and a caret under the column.
+    assert '2 | name = "m\n' in rendered
+    assert rendered.splitlines()[2].index("^") == rendered.splitlines()[1].index('"m') + 2
+    unclosed = one("[[controllers]]\nname = [1, 2\n", "(file)")
+    assert unclosed.problem.startswith("line 3, column 1: not valid TOML") or (
+        unclosed.problem.startswith("at the end of the file: not valid TOML")
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "fix"),
+    [
+        ("engine.telemetry_hz", '[engine]\ntelemetry_hz = "fast"\n', "from 10 to 200, e.g. 50"),
+        ("api.max_clients", '[api]\nmax_clients = "many"\n', "from 1 to 4096, e.g. 256"),
+        ("records.sync_interval_s", '[records]\nsync_interval_s = "x"\n', "e.g. 1.0"),
+    ],
+)
+def test_a_wrong_type_is_answered_with_a_value_in_range(key: str, text: str, fix: str) -> None:
+    """`telemetry_hz = "fast"` once suggested 5, which the range 10..200 refuses."""
+    issue = one(MINIMAL + text, key)
+    assert fix in issue.fix, issue.fix
+    # The example given is itself accepted.
+    example = issue.fix.rsplit("e.g. ", 1)[1]
+    good = MINIMAL + text.replace(text.split("= ", 1)[1].strip(), example)
+    assert cfg.parse(good, "test.toml") is not None
+
+
+def test_an_invalid_controller_name_is_never_offered_as_the_fix() -> None:
+    text = (
+        '[[controllers]]\nname = "Main"\nlink = "sim"\n'
+        '[[controllers]]\nname = "left"\nlink = "sim"\n'
+        '[ports]\n1 = "main:1"\n2 = "left:1"\n'
+    )
+    issue = one(text, "ports.1")
+    assert "Main" not in issue.problem + issue.fix
+    assert issue.fix == "use one of the [[controllers]] names: left"
+    assert [i.key for i in issues(text)].count("controllers[1].name") == 1
+    alone = text.replace('name = "left"', 'name = "Left"').replace('"left:1"', '"Left:1"')
+    fix = one(alone, "ports.1").fix
+    assert "Main" not in fix and "Left" not in fix and "correct the [[controllers]] names" in fix
 
 
 def test_file_problems(tmp_path: Path) -> None:
@@ -321,6 +364,27 @@ def test_pbmd_config_commands(tmp_path: Path) -> None:
         env=env,
     )
     assert check.returncode == 0 and "OK" in check.stdout and "NOT FOR CLINICAL USE" in check.stdout
+    # The file as a positional argument, as `pbmd config check /etc/pbmd/pbmd.toml`.
+    positional = subprocess.run(
+        [*PBMD, "config", "check", str(good)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert positional.returncode == 0 and f"{good}: OK" in positional.stdout
+    two = subprocess.run(
+        [*PBMD, "config", "check", str(good), "--config", str(tmp_path / "other.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert two.returncode == 2 and "two files given" in two.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[[controllers]]\nname = "main\n')
+    syntax = subprocess.run(
+        [*PBMD, "config", "check", str(broken)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert syntax.returncode == 78
+    assert "line 2, column 13: not valid TOML" in syntax.stderr
+    assert "(file) = (missing)" not in syntax.stderr
     show = subprocess.run(
         [*PBMD, "config", "show", "--config", str(good)],
         capture_output=True,

@@ -10,7 +10,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pbmd.daemon.services.config.issues import ConfigIssue
-from pbmd.daemon.services.config.model import MAX_LOGICAL_PORTS, Config, _split_target
+from pbmd.daemon.services.config.model import (
+    _NAME_RE,
+    MAX_LOGICAL_PORTS,
+    Config,
+    _split_target,
+)
 from pbmd.hw_sim.config import MAX_PORTS
 
 
@@ -93,14 +98,19 @@ def _port_issues(
     issues: list[ConfigIssue] = []
     name, number = _split_target(target)
     if names and name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
+        # Only names that are themselves valid are offered: an invalid one is an
+        # error of its own (controllers[N].name), not a fix.
+        valid = [n for n in names if _NAME_RE.match(n)]
+        close = difflib.get_close_matches(name, valid, n=1)
         hint = f' (did you mean "{close[0]}"?)' if close else ""
         issues.append(
             ConfigIssue(
                 where,
                 target,
                 f"no controller is named {name!r}{hint}",
-                f"use one of the [[controllers]] names: {', '.join(names)}",
+                f"use one of the [[controllers]] names: {', '.join(valid)}"
+                if valid
+                else "correct the [[controllers]] names first, then use one of them here",
             )
         )
     if not 1 <= number <= MAX_PORTS:
@@ -177,6 +187,30 @@ def _unwrap_model(ann: Any) -> type[BaseModel] | None:
     return None
 
 
+def _number_within_bounds(loc: Sequence[str | int], name: str) -> str:
+    """A number's type said with the key's own bounds and an example inside them (its
+    default where it has one), never the generic example, which may be out of range."""
+    model = _model_at(loc)
+    field = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
+    if field is None:
+        return name
+    low = high = None
+    for m in field.metadata:
+        low = getattr(m, "ge", getattr(m, "gt", low))
+        high = getattr(m, "le", getattr(m, "lt", high))
+    kind = name.split(", e.g.")[0]
+    default = field.default
+    example: Any = default if isinstance(default, int | float) and default is not True else None
+    if example is None:
+        example = low if low is not None else high
+    if example is None:
+        return name
+    if low is not None and high is not None:
+        return f"{kind} from {low} to {high}, e.g. {example}"
+    bound = f"at least {low}" if low is not None else f"at most {high}"
+    return f"{kind} {bound}, e.g. {example}"
+
+
 def _fix_for(err: Mapping[str, Any]) -> tuple[str, str]:
     kind = str(err["type"])
     ctx = err.get("ctx") or {}
@@ -214,6 +248,8 @@ def _fix_for(err: Mapping[str, Any]) -> tuple[str, str]:
     if kind.endswith("_type") or kind.endswith("_parsing"):
         base = kind.split("_")[0]
         name = _TYPE_NAMES.get(base, base)
+        if base in ("int", "float"):
+            name = _number_within_bounds(loc, name)
         return f"wrong type ({type(err.get('input')).__name__})", f"use {name}"
     if kind == "value_error":
         return str(err["msg"]).removeprefix("Value error, "), "see docs/configuration.md"

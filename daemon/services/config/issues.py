@@ -19,10 +19,21 @@ class ConfigIssue:
     problem: str
     fix: str
     missing: bool = False
+    excerpt: str = ""
+    """Lines of the file to show under the problem (a syntax error's line and a caret)."""
 
     def render(self) -> str:
-        shown = "(missing)" if self.missing else toml_value(self.value)
-        return f"{self.key} = {shown}: {self.problem}\n    fix: {self.fix}"
+        if self.key == FILE_KEY:  # the file as a whole: no key, no value to show
+            head = self.problem
+        else:
+            shown = "(missing)" if self.missing else toml_value(self.value)
+            head = f"{self.key} = {shown}: {self.problem}"
+        shown_lines = "".join(f"\n      {line}" for line in self.excerpt.splitlines())
+        return f"{head}{shown_lines}\n    fix: {self.fix}"
+
+
+FILE_KEY = "(file)"
+"""The key of a problem with the file itself (absent, unreadable, not TOML)."""
 
 
 class ConfigError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pydantic import (
 )
 
 from pbmd.daemon.services.config.checks import _cross_checks, _issues_from
-from pbmd.daemon.services.config.issues import ConfigError, ConfigIssue
+from pbmd.daemon.services.config.issues import FILE_KEY, ConfigError, ConfigIssue
 from pbmd.daemon.services.config.model import Config, check_key_file
 from pbmd.daemon.services.config.paths import MAX_SOCKET_PATH_BYTES
 from pbmd.hw_sim.config import MAX_TIME_SCALE
@@ -93,20 +94,49 @@ def parse(text: str, source: str = DEFAULT_SOURCE, base: Path | None = None) -> 
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            source,
-            [
-                ConfigIssue(
-                    "(file)",
-                    None,
-                    f"not valid TOML: {exc}",
-                    "correct the TOML syntax at that line (strings in double quotes, one "
-                    "key = value per line, [table] headers)",
-                    missing=True,
-                )
-            ],
-        ) from None
+        raise ConfigError(source, [syntax_issue(text, exc)]) from None
     return validate(raw, source, base)
+
+
+_TOML_POSITION = re.compile(
+    r"^(?P<what>.*?)\s*\(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$"
+)
+_TOML_HINTS = {
+    "Illegal character '\\n'": "a line ends inside a string: close the string with its quote "
+    "on the same line",
+    "Unterminated string": "a string is never closed: close it with its quote",
+    "Expected '=' after a key in a key/value pair": "a key without = and a value",
+    "Invalid value": "a value TOML does not know: strings go in double quotes, "
+    "dates as 2025-06-30, true/false in lower case",
+    "Expected ']' at the end of a table declaration": "a [table] header is not closed with ]",
+    "Unclosed array": "an array is not closed with ]",
+}
+
+
+def syntax_issue(text: str, exc: tomllib.TOMLDecodeError) -> ConfigIssue:
+    """A TOML syntax error: where (line, column), what is wrong, the line itself."""
+    found = _TOML_POSITION.match(str(exc))
+    what = found.group("what") if found else str(exc)
+    line = int(found.group("line")) if found and found.group("line") else None
+    col = int(found.group("col")) if found and found.group("col") else None
+    where = f"line {line}, column {col}" if line is not None else "at the end of the file"
+    hint = _TOML_HINTS.get(what)
+    problem = f"{where}: not valid TOML: " + (f"{hint} ({what})" if hint else what)
+    excerpt = ""
+    lines = text.splitlines()
+    if line is not None and 1 <= line <= len(lines):
+        prefix = f"{line} | "
+        excerpt = f"{prefix}{lines[line - 1]}\n{' ' * (len(prefix) - 2)}| {' ' * ((col or 1) - 1)}^"
+    return ConfigIssue(
+        FILE_KEY,
+        None,
+        problem,
+        f"correct line {line} (strings in double quotes, one key = value per line, [table] headers)"
+        if line is not None
+        else "complete the file (a string, array or table left open?)",
+        missing=True,
+        excerpt=excerpt,
+    )
 
 
 def validate(raw: dict[str, Any], source: str, base: Path | None = None) -> Config:
@@ -166,7 +196,7 @@ def load(path: Path | None) -> tuple[Config, str]:
             source,
             [
                 ConfigIssue(
-                    "(file)",
+                    FILE_KEY,
                     None,
                     "no such file",
                     "give the path of an existing file to --config, or leave --config out to "
@@ -180,7 +210,7 @@ def load(path: Path | None) -> tuple[Config, str]:
             source,
             [
                 ConfigIssue(
-                    "(file)",
+                    FILE_KEY,
                     None,
                     f"cannot read it: {exc}",
                     "make it a UTF-8 text file readable by the user pbmd runs as",

@@ -480,7 +480,7 @@ class ControllerClient(AsyncClosing):
                         await self.drain()  # a reply already received was in time
                     if not futures[0].done():
                         self._tally.hedged_requests += 1
-                        self._log.info("reply slow, sending again", request=type(msg).__name__)
+                        self._log.info("link.request_hedged", request=type(msg).__name__)
                         futures.append(await self._submit(msg, timeout_s, urgent))
                 return await self._first_reply(futures)
             except asyncio.CancelledError:

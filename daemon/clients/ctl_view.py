@@ -88,6 +88,16 @@ def _cell_site(p: Mapping[str, Any]) -> str:
     return _cut(short, 18)
 
 
+def cause_text(code: Any, message: Any) -> str:
+    """A stop cause with its code once: a trip's message already starts with its code
+    ("E201 The controller…"), an operator's abort has a code and a plain message."""
+    code_s = str(code or "")
+    msg = str(message or "")
+    if code_s and code_s not in msg.split():
+        return f"{code_s} {msg}".strip()
+    return msg or code_s
+
+
 def ago(utc: Any) -> str:
     if not isinstance(utc, int | float):
         return ""
@@ -126,7 +136,11 @@ def render_status(console: Console, st: Mapping[str, Any]) -> None:
         console.print(
             f"session {s['session_id']} · {s['protocol_id']} v{s['protocol_version']} · "
             f"patient {s.get('patient_ref') or '(hidden)'} · [{style}]{s['state']}[/]"
-            + (f" · {s['cause_code']} {s['cause_message']}" if s.get("cause_code") else ""),
+            + (
+                f" · {cause_text(s['cause_code'], s.get('cause_message'))}"
+                if s.get("cause_code")
+                else ""
+            ),
             highlight=False,
         )
     you = st.get("caller") or {}
@@ -342,7 +356,7 @@ def render_record(console: Console, s: Mapping[str, Any]) -> None:
         f"started {s.get('started_utc')} · ended {s.get('ended_utc') or '—'} · "
         f"[{STATE_STYLE.get(str(outcome), '')}]{outcome}[/]"
         + (
-            f" · {s['stop_cause_code']} {s.get('stop_cause_message')}"
+            f" · {cause_text(s['stop_cause_code'], s.get('stop_cause_message'))}"
             if s.get("stop_cause_code")
             else ""
         ),
@@ -402,6 +416,10 @@ def placement_waits(status: Mapping[str, Any] | None) -> list[tuple[int, int, st
         ):
             out.append((int(p["port"]), int(p["step"]), short_site(p.get("label"), p.get("site"))))
     return out
+
+
+def _cause_line(s: Mapping[str, Any]) -> Text:
+    return Text(cause_text(s["cause_code"], s.get("cause_message")), style="bold red")
 
 
 class SessionView:
@@ -468,7 +486,7 @@ class SessionView:
                 )
             )
         if s.get("cause_code"):
-            parts.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
+            parts.append(_cause_line(s))
         parts.append(self._port_table())
         waits = placement_waits(s) if state not in FINAL_STATES else []
         for port, _step, site in waits:
@@ -550,7 +568,7 @@ class SessionView:
             )
         ]
         if s.get("cause_code"):
-            lines.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
+            lines.append(_cause_line(s))
         lines.append(
             Text(f"the treatment report: pbmctl report {s.get('session_id')}", style="dim")
         )

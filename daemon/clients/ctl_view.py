@@ -418,6 +418,27 @@ def placement_waits(status: Mapping[str, Any] | None) -> list[tuple[int, int, st
     return out
 
 
+def progress_line(p: Mapping[str, Any]) -> str:
+    """A port's progress on one line, for logs and pipes:
+    "10:02:03 port 1 step 1/2 660 nm emitting 40% 1.60/4.00 J/cm² 3:58 left"."""
+    pstate = str(p.get("state"))
+    shown = pstate
+    if pstate in ("gated", "paused") and p.get("wait_reason"):
+        shown = f"{pstate} ({p['wait_reason']})"
+    step = f"step {int(p['step']) + 1}/{p.get('steps')}" if p.get("step") is not None else "—"
+    frac = float(p.get("fraction") or 0.0)
+    if pstate == "done" and p.get("step") is not None:
+        frac = 1.0
+    frac = min(frac, 1.0)
+    nm = f"{p['wavelength_nm']} nm " if p.get("wavelength_nm") else ""
+    left = f" {mmss(p.get('remaining_s'))} left" if pstate not in ("done", "skipped") else ""
+    return (
+        f"{time.strftime('%H:%M:%S')} port {p['port']} {step} {nm}{shown} {frac * 100:.0f}% "
+        f"{_num(p.get('fluence_j_cm2'), '.2f')}/{_num(p.get('target_fluence_j_cm2'), '.2f')} "
+        f"J/cm²{left}"
+    )
+
+
 def _cause_line(s: Mapping[str, Any]) -> Text:
     return Text(cause_text(s["cause_code"], s.get("cause_message")), style="bold red")
 
@@ -434,6 +455,8 @@ class SessionView:
         self.time_scale: float | None = None
         self.started = time.monotonic()
         self.final_state: str | None = None
+        self.typed = ""
+        """What the operator has typed so far (the terminal does not echo it)."""
 
     def note(self, text: str, style: str = "") -> None:
         self.notes.append(Text(f"{time.strftime('%H:%M:%S')} {text}", style=style))
@@ -501,11 +524,13 @@ class SessionView:
             parts.append(Text("recent events", style="dim"))
             parts.extend(self.events)
         if self.interactive and state not in FINAL_STATES:
+            if self.typed:
+                parts.append(Text(f"> {self.typed}", style="bold"))
             parts.append(
                 Text(
                     "enter: confirm the first prompt · N enter: confirm port N · p: pause all · "
-                    "r: resume all · abort: stop everything · Ctrl-C: leave this view (the "
-                    "session keeps running)",
+                    "r: resume all · abort enter: stop everything · Ctrl-C: leave this view "
+                    "(the session keeps running)",
                     style="dim",
                 )
             )
@@ -520,7 +545,7 @@ class SessionView:
             ("step", "right", 4),
             ("site", "left", 18),
             ("λ nm", "right", 4),
-            ("state", "left", 10),
+            ("state", "left", None),
             ("dose", "left", 14),
             ("", "right", 4),
             ("mW/cm²", "right", 6),
@@ -528,7 +553,15 @@ class SessionView:
             ("left", "right", 7),
             ("°C", "right", 4),
         ):
-            table.add_column(col, justify=just, no_wrap=True, width=width)  # type: ignore[arg-type]
+            # The state takes the room it needs ("paused+confirm"): never cut.
+            table.add_column(
+                col,
+                justify=just,  # type: ignore[arg-type]
+                no_wrap=width is not None,
+                width=width,
+                min_width=10 if width is None else None,
+                overflow="fold",
+            )
         for p in self.status.get("ports") or []:
             table.add_row(*self._port_row(p))
         return table

@@ -234,12 +234,10 @@ class _Follow:
 
     async def run(self, session_id: str, status: Mapping[str, Any], *, interactive: bool) -> str:
         """Show the session until it ends; returns its final state."""
-        with contextlib.ExitStack() as stack:
-            if interactive:
-                stack.enter_context(keys_mode(sys.stdin.fileno()))
-                stack.enter_context(self._stop_signals())
-            return await self._run(session_id, status, interactive=interactive)
-        raise AssertionError("unreachable")  # pragma: no cover (mypy: the with returns)
+        if not interactive:
+            return await self._run(session_id, status, interactive=False)
+        with keys_mode(sys.stdin.fileno()), self._stop_signals():
+            return await self._run(session_id, status, interactive=True)
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:

@@ -626,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Out(True).error(exc)
         else:
             sys.stderr.write(f"{exc.usage}pbmctl: error: {exc.message}\n")
-        return exc.exit_code
+        raise SystemExit(exc.exit_code) from None  # as argparse ends a wrong command line
     args.json = bool(args.global_json or getattr(args, "json", False))
     if not hasattr(args, "run"):
         code: int = args.func(args)  # offline commands (protocol validate)

@@ -88,6 +88,16 @@ def _cell_site(p: Mapping[str, Any]) -> str:
     return _cut(short, 18)
 
 
+def cause_text(code: Any, message: Any) -> str:
+    """A stop cause with its code once: a trip's message already starts with its code
+    ("E201 The controller…"), an operator's abort has a code and a plain message."""
+    code_s = str(code or "")
+    msg = str(message or "")
+    if code_s and code_s not in msg.split():
+        return f"{code_s} {msg}".strip()
+    return msg or code_s
+
+
 def ago(utc: Any) -> str:
     if not isinstance(utc, int | float):
         return ""
@@ -126,7 +136,11 @@ def render_status(console: Console, st: Mapping[str, Any]) -> None:
         console.print(
             f"session {s['session_id']} · {s['protocol_id']} v{s['protocol_version']} · "
             f"patient {s.get('patient_ref') or '(hidden)'} · [{style}]{s['state']}[/]"
-            + (f" · {s['cause_code']} {s['cause_message']}" if s.get("cause_code") else ""),
+            + (
+                f" · {cause_text(s['cause_code'], s.get('cause_message'))}"
+                if s.get("cause_code")
+                else ""
+            ),
             highlight=False,
         )
     you = st.get("caller") or {}
@@ -342,7 +356,7 @@ def render_record(console: Console, s: Mapping[str, Any]) -> None:
         f"started {s.get('started_utc')} · ended {s.get('ended_utc') or '—'} · "
         f"[{STATE_STYLE.get(str(outcome), '')}]{outcome}[/]"
         + (
-            f" · {s['stop_cause_code']} {s.get('stop_cause_message')}"
+            f" · {cause_text(s['stop_cause_code'], s.get('stop_cause_message'))}"
             if s.get("stop_cause_code")
             else ""
         ),
@@ -404,6 +418,31 @@ def placement_waits(status: Mapping[str, Any] | None) -> list[tuple[int, int, st
     return out
 
 
+def progress_line(p: Mapping[str, Any]) -> str:
+    """A port's progress on one line, for logs and pipes:
+    "10:02:03 port 1 step 1/2 660 nm emitting 40% 1.60/4.00 J/cm² 3:58 left"."""
+    pstate = str(p.get("state"))
+    shown = pstate
+    if pstate in ("gated", "paused") and p.get("wait_reason"):
+        shown = f"{pstate} ({p['wait_reason']})"
+    step = f"step {int(p['step']) + 1}/{p.get('steps')}" if p.get("step") is not None else "—"
+    frac = float(p.get("fraction") or 0.0)
+    if pstate == "done" and p.get("step") is not None:
+        frac = 1.0
+    frac = min(frac, 1.0)
+    nm = f"{p['wavelength_nm']} nm " if p.get("wavelength_nm") else ""
+    left = f" {mmss(p.get('remaining_s'))} left" if pstate not in ("done", "skipped") else ""
+    return (
+        f"{time.strftime('%H:%M:%S')} port {p['port']} {step} {nm}{shown} {frac * 100:.0f}% "
+        f"{_num(p.get('fluence_j_cm2'), '.2f')}/{_num(p.get('target_fluence_j_cm2'), '.2f')} "
+        f"J/cm²{left}"
+    )
+
+
+def _cause_line(s: Mapping[str, Any]) -> Text:
+    return Text(cause_text(s["cause_code"], s.get("cause_message")), style="bold red")
+
+
 class SessionView:
     """The live view of one session: a row per port, prompts, recent events."""
 
@@ -416,6 +455,8 @@ class SessionView:
         self.time_scale: float | None = None
         self.started = time.monotonic()
         self.final_state: str | None = None
+        self.typed = ""
+        """What the operator has typed so far (the terminal does not echo it)."""
 
     def note(self, text: str, style: str = "") -> None:
         self.notes.append(Text(f"{time.strftime('%H:%M:%S')} {text}", style=style))
@@ -468,7 +509,7 @@ class SessionView:
                 )
             )
         if s.get("cause_code"):
-            parts.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
+            parts.append(_cause_line(s))
         parts.append(self._port_table())
         waits = placement_waits(s) if state not in FINAL_STATES else []
         for port, _step, site in waits:
@@ -483,11 +524,13 @@ class SessionView:
             parts.append(Text("recent events", style="dim"))
             parts.extend(self.events)
         if self.interactive and state not in FINAL_STATES:
+            if self.typed:
+                parts.append(Text(f"> {self.typed}", style="bold"))
             parts.append(
                 Text(
                     "enter: confirm the first prompt · N enter: confirm port N · p: pause all · "
-                    "r: resume all · abort: stop everything · Ctrl-C: leave this view (the "
-                    "session keeps running)",
+                    "r: resume all · abort enter: stop everything · Ctrl-C: leave this view "
+                    "(the session keeps running)",
                     style="dim",
                 )
             )
@@ -502,7 +545,7 @@ class SessionView:
             ("step", "right", 4),
             ("site", "left", 18),
             ("λ nm", "right", 4),
-            ("state", "left", 10),
+            ("state", "left", None),
             ("dose", "left", 14),
             ("", "right", 4),
             ("mW/cm²", "right", 6),
@@ -510,7 +553,15 @@ class SessionView:
             ("left", "right", 7),
             ("°C", "right", 4),
         ):
-            table.add_column(col, justify=just, no_wrap=True, width=width)  # type: ignore[arg-type]
+            # The state takes the room it needs ("paused+confirm"): never cut.
+            table.add_column(
+                col,
+                justify=just,  # type: ignore[arg-type]
+                no_wrap=width is not None,
+                width=width,
+                min_width=10 if width is None else None,
+                overflow="fold",
+            )
         for p in self.status.get("ports") or []:
             table.add_row(*self._port_row(p))
         return table
@@ -550,7 +601,7 @@ class SessionView:
             )
         ]
         if s.get("cause_code"):
-            lines.append(Text(f"{s['cause_code']} {s.get('cause_message')}", style="bold red"))
+            lines.append(_cause_line(s))
         lines.append(
             Text(f"the treatment report: pbmctl report {s.get('session_id')}", style="dim")
         )

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
-from rich.live import Live
 
 from pbmd.daemon.clients import ctl_scan
 from pbmd.daemon.clients import ctl_view as view
@@ -32,12 +30,12 @@ from pbmd.daemon.clients.ctl_client import (
     EXIT_USAGE,
     Client,
     CtlError,
-    DaemonUnreachable,
     RemoteError,
     find_socket,
     parse_answers,
     parse_ports,
 )
+from pbmd.daemon.clients.ctl_follow import follow
 
 
 class Out:
@@ -47,7 +45,8 @@ class Out:
         self.json = json_mode
         # Off a terminal (logs, pipes) rich would wrap at 80 columns; tables need more.
         self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-        self.err = Console(stderr=True, highlight=False)
+        # Off a terminal (logs, scripts) a message stays on one line, however long.
+        self.err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
     def data(self, value: Any) -> None:
         sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
@@ -220,10 +219,10 @@ async def cmd_session_start(args: argparse.Namespace, client: Client, out: Out) 
 
 
 async def cmd_session_watch(args: argparse.Namespace, client: Client, out: Out) -> int:
-    res = await client.call("session.watch")
+    res = await client.call("session.watch", {"session_id": args.session} if args.session else None)
     if res["session_id"] is None:
         if out.json:
-            out.data(res)
+            out.line(res)
         else:
             out.err.print(
                 "pbmctl: no session since pbmd started; start one with `pbmctl session start`"
@@ -231,12 +230,12 @@ async def cmd_session_watch(args: argparse.Namespace, client: Client, out: Out) 
         return EXIT_REFUSED
     if not res["watching"]:
         status = res["status"]
-        out.result(
-            res,
-            lambda c: c.print(
-                view.SessionView(status, auto_confirm=False, interactive=False).render_final()
-            ),
-        )
+        if out.json:  # the same JSON lines as a followed session: its status, its end
+            out.line({"session_id": res["session_id"], "status": status})
+            out.line({"session_id": res["session_id"], "state": status["state"]})
+        else:
+            sv = view.SessionView(status, auto_confirm=False, interactive=False)
+            out.console.print(sv.render_final())
         return EXIT_OK if status["state"] == "completed" else EXIT_SESSION_FAILED
     return await follow(client, out, res["session_id"], res["status"], args.auto_confirm)
 
@@ -372,171 +371,15 @@ async def cmd_calibration_show(args: argparse.Namespace, client: Client, out: Ou
 
 async def cmd_calibration_set(args: argparse.Namespace, client: Client, out: Out) -> int:
     res = await client.call("calibration.set", {"due": args.due})
-    out.result(res, lambda c: c.print(f"calibration due {res['due']} ({res['source']})"))
+    out.result(res, lambda c: c.print(f"calibration due {res['due']} · {res['source']}"))
+    if res.get("overdue"):
+        out.err.print(
+            f"[bold yellow]pbmctl: warning:[/] {res['due']} is already past: calibration is "
+            "overdue and the next session start will be refused (E602) until a date after "
+            "today is set, once the system is recalibrated",
+            markup=True,
+        )
     return EXIT_OK
-
-
-# --------------------------------------------------------------------------- live view
-
-
-async def follow(
-    client: Client, out: Out, session_id: str, status: Mapping[str, Any], auto_confirm: bool
-) -> int:
-    """Follow a session until it ends: live on a terminal, lines otherwise, JSON lines
-    with --json. Returns 0 if it completed, 4 otherwise."""
-    interactive = not out.json and sys.stdin.isatty() and out.console.is_terminal
-    sv = view.SessionView(status, auto_confirm=auto_confirm, interactive=interactive)
-    with contextlib.suppress(CtlError):
-        st = await client.call("status")
-        scales = [
-            c.get("time_scale") or 1.0 for c in st.get("controllers", []) if c.get("simulated")
-        ]
-        sv.time_scale = max(scales) if scales else None
-    final = await _Follow(client, out, sv, auto_confirm=auto_confirm).run(
-        session_id, status, interactive=interactive
-    )
-    if out.json:
-        out.line({"session_id": session_id, "state": final})
-    else:
-        out.console.print(sv.render_final())
-    return EXIT_OK if final == "completed" else EXIT_SESSION_FAILED
-
-
-class _Follow:
-    """One followed session: the view, the daemon's notifications, the operator's input
-    and the calls it sends (each in its own task, so the view never waits for a reply)."""
-
-    def __init__(
-        self, client: Client, out: Out, sv: view.SessionView, *, auto_confirm: bool
-    ) -> None:
-        self.client = client
-        self.out = out
-        self.sv = sv
-        self.auto_confirm = auto_confirm
-        self.confirmed: set[tuple[int, int]] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.live: Live | None = None
-        self.line_mode = not out.json and not out.console.is_terminal
-
-    def say(self, text: str, style: str = "") -> None:
-        self.sv.note(text, style)
-        if self.out.json:
-            self.out.line({"pbmctl": text})
-        elif self.line_mode:
-            self.out.console.print(text, style=style)
-
-    def refresh(self) -> None:
-        if self.live is not None:
-            self.live.update(self.sv.render(), refresh=True)
-
-    async def send(self, method: str, params: dict[str, Any], done: str) -> None:
-        try:
-            await self.client.call(method, params)
-            self.say(done)
-        except CtlError as exc:
-            self.say(f"{method} refused: {exc.message}", "bold red")
-        self.refresh()
-
-    def spawn(self, method: str, params: dict[str, Any], done: str) -> None:
-        task = asyncio.create_task(self.send(method, params, done))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def check_waits(self) -> None:
-        if not self.auto_confirm:
-            return
-        for port, step, site in view.placement_waits(self.sv.status):
-            if (port, step) in self.confirmed:
-                continue
-            self.confirmed.add((port, step))
-            self.spawn(
-                "session.confirm",
-                {"port": port},
-                f"port {port}: placement at {site} confirmed automatically (--auto-confirm)",
-            )
-
-    def on_key(self) -> None:
-        text = sys.stdin.readline().strip().lower()
-        waits = view.placement_waits(self.sv.status)
-        if text == "":
-            if waits:
-                port, _step, site = waits[0]
-                self.spawn(
-                    "session.confirm", {"port": port}, f"port {port}: placement at {site} confirmed"
-                )
-        elif text.isdigit():
-            self.spawn("session.confirm", {"port": int(text)}, f"port {text}: placement confirmed")
-        elif text == "p":
-            self.spawn("session.pause", {}, "all ports paused")
-        elif text == "r":
-            self.spawn("session.resume", {}, "all ports resumed")
-        elif text == "abort":
-            self.spawn(
-                "session.abort", {"reason": "aborted by operator at pbmctl"}, "session aborted"
-            )
-        else:
-            self.say(f"unknown input {text!r}", "yellow")
-
-    async def run(self, session_id: str, status: Mapping[str, Any], *, interactive: bool) -> str:
-        """Show the session until it ends; returns its final state."""
-        out = self.out
-        if self.auto_confirm:
-            self.say(
-                "--auto-confirm: pbmctl confirms every gated placement by itself, for this "
-                "demonstration only; in a clinic the clinician confirms each placement",
-                "bold yellow",
-            )
-        loop = asyncio.get_running_loop()
-        reading_keys = False
-        try:
-            if interactive:
-                loop.add_reader(sys.stdin.fileno(), self.on_key)
-                reading_keys = True
-            if not out.json and not self.line_mode:
-                self.live = Live(
-                    self.sv.render(), console=out.console, auto_refresh=False, transient=False
-                )
-                self.live.start()
-            elif out.json:
-                out.line({"session_id": session_id, "status": status})
-            self.check_waits()
-            return await self._until_ended()
-        finally:
-            if reading_keys:
-                loop.remove_reader(sys.stdin.fileno())
-            if self.live is not None:
-                self.live.update(self.sv.render(), refresh=True)
-                self.live.stop()
-            for task in list(self.tasks):
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _until_ended(self) -> str:
-        out, sv = self.out, self.sv
-        while True:
-            msg = await self.client.notifications.get()
-            if msg is None:
-                raise DaemonUnreachable(
-                    f"{self.client.closed_reason}; the session goes on in pbmd (emission is "
-                    "governed there). Follow it again with `pbmctl session watch`"
-                )
-            method = msg.get("method")
-            params = msg.get("params") or {}
-            if out.json:
-                out.line(msg)
-            if method == "session.status":
-                sv.status = params.get("status") or sv.status
-            elif method == "session.event":
-                text = sv.add_event(params.get("event") or {})
-                if self.line_mode and text is not None:
-                    out.console.print(text)
-            elif method == "session.ended":
-                sv.status = params.get("status") or sv.status
-                return str(params.get("state"))
-            elif method == "daemon.stopping":
-                self.say(f"pbmd: {params.get('message')}", "bold red")
-            self.check_waits()
-            self.refresh()
 
 
 # --------------------------------------------------------------------------- parser
@@ -549,8 +392,30 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[A
     raise LookupError("parser has no sub-commands")
 
 
+class UsageError(CtlError):
+    """A wrong command line, with the usage of the command it was meant for."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "usage": self.usage.strip(), "exit_code": self.exit_code}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so that `--json`
+    can answer a wrong command line with a JSON error as it answers every other error.
+    Sub-command parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.format_usage())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pbmctl",
         description="pbmctl: control and inspect a pbmd photobiomodulation daemon",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -585,7 +450,7 @@ class _Adder:
     """Adds a command to a group; every command takes --json and --socket after its name."""
 
     def __init__(self) -> None:
-        self.common = argparse.ArgumentParser(add_help=False)
+        self.common = _Parser(add_help=False)
         self.common.add_argument(
             "--json", action="store_true", default=argparse.SUPPRESS, help="JSON output"
         )
@@ -652,6 +517,9 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
         help="confirm every gated placement automatically (demonstration only; implies --watch)",
     )
     p = add(ssub, "watch", cmd_session_watch, "follow the running session live")
+    p.add_argument(
+        "session", nargs="?", metavar="SESSION", help="its id or a unique prefix (default: current)"
+    )
     p.add_argument("--auto-confirm", action="store_true", help="demonstration only")
     p = add(ssub, "confirm", cmd_session_confirm, "confirm the placement on a port (clinician)")
     p.add_argument("port", type=int, metavar="PORT")
@@ -676,20 +544,29 @@ def _add_records_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
     rsub = records.add_subparsers(dest="records_command", required=True, metavar="COMMAND")
     p = add(rsub, "list", cmd_records_list, "sessions, newest first")
     p.add_argument("--limit", type=int, default=20, metavar="N")
-    p.add_argument("--since", metavar="UTC", help="ISO date or time, e.g. 2025-01-31")
+    p.add_argument("--since", metavar="DATE", help=SINCE_HELP)
     _clinic_flags(p, patient=True)
     p = add(rsub, "show", cmd_records_show, "one session's record")
-    p.add_argument("session", metavar="SESSION")
+    p.add_argument("session", metavar="SESSION", help=SESSION_HELP)
     _clinic_flags(p, patient=False)
     p = add(rsub, "export", cmd_records_export, "export records (technician)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
-    p.add_argument("--since", metavar="UTC")
-    p.add_argument("--session", action="append", metavar="SESSION", help="only these (repeat)")
+    p.add_argument("--since", metavar="DATE", help=SINCE_HELP)
+    p.add_argument(
+        "--session", action="append", metavar="SESSION", help="only these (repeat; ids or prefixes)"
+    )
     p.add_argument("--output", "-o", type=Path, metavar="FILE")
     _clinic_flags(p, patient=True)
     p = add(sub, "report", cmd_report, "a session's treatment report")
-    p.add_argument("session", metavar="SESSION")
+    p.add_argument("session", metavar="SESSION", help=SESSION_HELP)
     _clinic_flags(p, patient=False)
+
+
+SINCE_HELP = (
+    "sessions started at or after this ISO date or time, e.g. 2025-01-31 or "
+    "2025-01-31T14:00; without a zone it is this workstation's local time"
+)
+SESSION_HELP = "the session's id or a unique prefix of it (at least 4 characters)"
 
 
 def _clinic_flags(p: argparse.ArgumentParser, *, patient: bool) -> None:
@@ -740,8 +617,16 @@ async def _run(args: argparse.Namespace, out: Out) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        if "--json" in argv:
+            Out(True).error(exc)
+        else:
+            sys.stderr.write(f"{exc.usage}pbmctl: error: {exc.message}\n")
+        raise SystemExit(exc.exit_code) from None  # as argparse ends a wrong command line
     args.json = bool(args.global_json or getattr(args, "json", False))
     if not hasattr(args, "run"):
         code: int = args.func(args)  # offline commands (protocol validate)

@@ -23,7 +23,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, get_args
 
-from pbmd.daemon.core.controllers import ControllerHandle
+from pbmd.daemon.core.controllers import ControllerHandle, PortTarget
 from pbmd.daemon.core.safety import EndCause
 from pbmd.daemon.core.session import (
     EventKind,
@@ -74,6 +74,10 @@ class SessionPort:
     applicator_serial: str | None = None
     beam_area_cm2: float | None = None
     channels_nm: tuple[int, ...] = ()
+    controller: str | None = None
+    """The configured name of the controller the port runs on (sessions may span two)."""
+    controller_serial: str | None = None
+    controller_firmware: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +399,21 @@ class RecordSink(abc.ABC):
     session_ended = _keyword_call(SessionEnded, _nothing)
 
 
+def _session_port(port: int, target: PortTarget) -> SessionPort:
+    """A port in use, its applicator and the controller it runs on."""
+    applicator = target.applicator
+    return SessionPort(
+        port=port,
+        applicator_kind=codec.describe(codec.ApplicatorKind, applicator.applicator_kind),
+        applicator_serial=applicator.applicator_serial,
+        beam_area_cm2=applicator.area_mm2 / 100.0,
+        channels_nm=tuple(c.wavelength_nm for c in applicator.channels),
+        controller=target.controller.name,
+        controller_serial=target.controller.info.serial,
+        controller_firmware=target.controller.info.firmware,
+    )
+
+
 class StoreRecorder:
     """Writes one session to the records store (the session's Recorder)."""
 
@@ -416,18 +435,7 @@ class StoreRecorder:
 
     def session_started(self, session: Session) -> None:
         plan = self.plan
-        ports = [
-            SessionPort(
-                port=p,
-                applicator_kind=codec.describe(
-                    codec.ApplicatorKind, session.port_map[p].applicator.applicator_kind
-                ),
-                applicator_serial=session.port_map[p].applicator.applicator_serial,
-                beam_area_cm2=session.port_map[p].applicator.area_mm2 / 100.0,
-                channels_nm=tuple(c.wavelength_nm for c in session.port_map[p].applicator.channels),
-            )
-            for p in session.runners
-        ]
+        ports = [_session_port(p, session.port_map[p]) for p in session.runners]
         self.store.write(
             SessionStarted(
                 session_id=session.id,
@@ -564,7 +572,7 @@ class StoreRecorder:
                 stop_cause_code=session.cause_code
                 if outcome in ("faulted", "aborted", "interrupted")
                 else None,
-                stop_cause_message="; ".join(progress.stop_causes) or None,
+                stop_cause_message=summarize_causes(progress.stop_causes),
                 delivered_host_j=integ.energy_j,
                 delivered_controller_j=progress.controller_energy_uj / 1e6,
                 delivered_fluence_j_cm2=integ.fluence_j_cm2,
@@ -612,6 +620,21 @@ _SEVERITY = {
     EventKind.SERVICE_REQUIRED: "critical",
 }
 """Event kinds that carry a cause code, and how severe they are."""
+
+
+def summarize_causes(causes: Sequence[str]) -> str | None:
+    """Each distinct cause once, in the order first seen, with how often it stopped the
+    step: a step paused five times reads "paused by operator ×5", not the phrase five
+    times over. Idempotent, so a record already summarized (or one written by an older
+    pbmd, its causes joined with "; ") reads the same through it."""
+    counts: dict[str, int] = {}
+    for cause in causes:
+        text, sep, times = cause.strip().rpartition(" ×")
+        if not (sep and times.isdigit()):
+            text, times = cause.strip(), "1"
+        if text:
+            counts[text] = counts.get(text, 0) + int(times)
+    return "; ".join(c if n == 1 else f"{c} ×{n}" for c, n in counts.items()) or None
 
 
 def _mean_irradiance(progress: StepProgress) -> float | None:

@@ -22,10 +22,16 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from pbmd.daemon.core.recording import summarize_causes
 from pbmd.daemon.services.records import RecordStore
+from pbmd.drivers import codec
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+"""2: planned steps that never started are listed (outcome "not started", delivered 0),
+points count placements, ports name their controller."""
 DASH = "—"
+NOT_STARTED = "not started"
+"""The outcome of a planned step the session ended before (no emission was started)."""
 
 STOP_REASON_TEXT: dict[str, str] = {
     "none": "no stop reported",
@@ -101,7 +107,8 @@ class ReportStep:
     site_label: str | None
     region: str | None
     points_at_site: int
-    """Placements (steps) at this site in the session."""
+    """Placements at this site in the session: one per port treating it, however many
+    channel steps it runs there (a pad's 660 and 830 nm steps are one placement)."""
     area_covered_cm2: float | None
     technique: str | None
     wavelength_nm: int
@@ -140,6 +147,8 @@ class ReportStep:
 @dataclass(frozen=True, slots=True)
 class ReportPort:
     port: int
+    controller: str | None
+    controller_serial: str | None
     applicator_kind: str | None
     applicator_serial: str | None
     steps: int
@@ -150,6 +159,14 @@ class ReportPort:
     energy_host_vs_prescribed_percent: float | None
     energy_controller_vs_prescribed_percent: float | None
     exposure_time_delivered_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportController:
+    name: str | None
+    serial: str | None
+    firmware: str | None
+    ports: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +213,9 @@ class TreatmentReport:
     plan_hash: str | None
     controller_serial: str | None
     controller_firmware: str | None
+    controllers: tuple[ReportController, ...]
+    """Every controller the session's ports ran on (one row when the record does not say
+    which port ran where)."""
     session_token: int | None
     time_scale: float | None
     course_sessions: int | None
@@ -237,6 +257,20 @@ def _plain(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- building
+
+
+def cause_text(code: str | None, message: str | None) -> str:
+    """A stop cause with its code once: a trip's message already starts with its code
+    ("E201 The controller…"), an abort's has a code and a plain message."""
+    if code and code not in (message or "").split():
+        return f"{code} {message or ''}".strip()
+    return message or code or ""
+
+
+def _step_causes(message: str | None) -> str | None:
+    """A step's causes, each once with its count (records of an older pbmd repeat one
+    cause per pause: "paused by operator; paused by operator; …")."""
+    return None if message is None else summarize_causes(message.split("; "))
 
 
 def _f(v: Any) -> float | None:
@@ -392,7 +426,7 @@ def _step(
         fluence_delivered_j_cm2=_f(s.get("delivered_fluence_j_cm2")),
         outcome=_s(s.get("outcome")),
         stop_cause_code=_s(s.get("stop_cause_code")),
-        stop_cause_message=_s(s.get("stop_cause_message")),
+        stop_cause_message=_step_causes(_s(s.get("stop_cause_message"))),
         started_utc=_s(s.get("started_utc")),
         ended_utc=_s(s.get("ended_utc")),
         emissions=tuple(emissions),
@@ -425,6 +459,7 @@ def build_report(session: Mapping[str, Any]) -> TreatmentReport:
         plan_hash=_s(session.get("plan_hash")),
         controller_serial=_s(session.get("controller_serial")),
         controller_firmware=_s(session.get("controller_firmware")),
+        controllers=_controllers(session),
         session_token=_i(session.get("session_token")),
         time_scale=_f(session.get("time_scale")),
         course_sessions=_i(session.get("course_sessions")),
@@ -446,21 +481,113 @@ def build_report(session: Mapping[str, Any]) -> TreatmentReport:
 
 
 def _steps(session: Mapping[str, Any]) -> tuple[list[ReportStep], list[ReportEmission]]:
-    """The steps with their emissions, and the emissions no step row owns (by seq)."""
-    raw_steps: list[Mapping[str, Any]] = list(session.get("steps") or [])
+    """Every planned step (recorded or never started) with its emissions, and the
+    emissions no step row owns (by seq)."""
+    raw_steps = _with_planned(session)
     by_step: dict[tuple[int, int | None], list[ReportEmission]] = {}
     for e in session.get("emissions") or []:
         key = (int(e["port"]), _i(e.get("step_index")))
         by_step.setdefault(key, []).append(_emission(e))
-    points: dict[str, int] = {}
+    placements: dict[str, set[int]] = {}
     for s in raw_steps:
-        points[str(s["site"])] = points.get(str(s["site"]), 0) + 1
+        placements.setdefault(str(s["site"]), set()).add(int(s["port"]))
     steps = [
-        _step(s, by_step.pop((int(s["port"]), int(s["step_index"])), []), points[str(s["site"])])
+        _step(
+            s,
+            by_step.pop((int(s["port"]), int(s["step_index"])), []),
+            len(placements[str(s["site"])]),
+        )
         for s in raw_steps
     ]
     orphans = sorted((e for es in by_step.values() for e in es), key=lambda e: e.seq)
     return steps, orphans
+
+
+def _with_planned(session: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The recorded step rows and, for every step of the plan the session ended before,
+    a row as the step would have had: prescribed as planned, delivered 0, outcome
+    "not started" (so an aborted session shows what was missed). In (port, step) order."""
+    rows: dict[tuple[int, int], Mapping[str, Any]] = {
+        (int(s["port"]), int(s["step_index"])): s for s in session.get("steps") or []
+    }
+    if session.get("outcome") is not None:  # an open session's steps are still to come
+        for e in _planned_emissions(session.get("plan_json")):
+            key = (int(e["port"]), int(e["step_index"]))
+            if key not in rows:
+                rows[key] = _not_started(e)
+    return [rows[k] for k in sorted(rows)]
+
+
+def _planned_emissions(plan_json: Any) -> list[Mapping[str, Any]]:
+    """The plan's steps (`PlannedEmission` as JSON); none when the plan is unreadable."""
+    try:
+        plan = json.loads(plan_json) if isinstance(plan_json, str) else None
+    except ValueError:
+        return []
+    ports = plan.get("ports") if isinstance(plan, dict) else None
+    if not isinstance(ports, list):
+        return []
+    return [
+        e
+        for p in ports
+        if isinstance(p, dict)
+        for e in p.get("emissions") or []
+        if isinstance(e, dict) and "port" in e and "step_index" in e
+    ]
+
+
+def _not_started(e: Mapping[str, Any]) -> dict[str, Any]:
+    """A planned step that never started, in the shape of a step row."""
+    pulsed = e.get("mode") == int(codec.EmitMode.PULSED)
+    area_cm2 = _scaled(e, "area_mm2", 100.0)
+    energy_j = _scaled(e, "target_energy_uj", 1e6)
+    return {
+        "port": e["port"],
+        "step_index": e["step_index"],
+        "site": e.get("site_id") or DASH,
+        "site_label": e.get("site_label"),
+        "region": e.get("region"),
+        "area_covered_cm2": e.get("area_covered_cm2"),
+        "technique": e.get("technique"),
+        "wavelength_nm": e.get("wavelength_nm") or 0,
+        "mode": "pulsed" if pulsed else "continuous",
+        "pulse_hz": e.get("pulse_hz") if pulsed else None,
+        "duty_permille": e.get("duty_permille") if pulsed else None,
+        "pulse_width_ns": e.get("pulse_width_ns"),
+        "peak_power_mw": e.get("peak_power_mw"),
+        "power_setpoint_mw": _scaled(e, "power_uw", 1e3),
+        "area_cm2": area_cm2,
+        "target_kind": e.get("target") or DASH,
+        "target_value": e.get("target_value") or 0.0,
+        "prescribed_energy_j": energy_j,
+        "prescribed_fluence_j_cm2": _ratio(energy_j, area_cm2),
+        "planned_time_s": _scaled(e, "expected_duration_ms", 1e3),
+        "delivered_host_j": 0.0,
+        "delivered_controller_j": 0.0,
+        "delivered_fluence_j_cm2": 0.0,
+        "emitting_time_s": 0.0,
+        "outcome": NOT_STARTED,
+    }
+
+
+def _controllers(session: Mapping[str, Any]) -> tuple[ReportController, ...]:
+    """The controllers named by the session's ports, in port order; the session's own
+    controller when its ports do not say (records of an older pbmd)."""
+    found: dict[tuple[str | None, str | None], list[int]] = {}
+    firmware: dict[tuple[str | None, str | None], str | None] = {}
+    for p in session.get("ports") or []:
+        if isinstance(p, Mapping) and p.get("controller_serial") is not None:
+            key = (_s(p.get("controller")), _s(p.get("controller_serial")))
+            found.setdefault(key, []).append(int(p["port"]))
+            firmware[key] = _s(p.get("controller_firmware"))
+    if not found:
+        serial = _s(session.get("controller_serial"))
+        ports = tuple(int(p["port"]) for p in session.get("ports") or [] if "port" in p)
+        return (ReportController(None, serial, _s(session.get("controller_firmware")), ports),)
+    return tuple(
+        ReportController(name, serial, firmware[(name, serial)], tuple(sorted(ports)))
+        for (name, serial), ports in found.items()
+    )
 
 
 def _ports(session: Mapping[str, Any], steps: Sequence[ReportStep]) -> tuple[ReportPort, ...]:
@@ -476,6 +603,8 @@ def _ports(session: Mapping[str, Any], steps: Sequence[ReportStep]) -> tuple[Rep
         ports.append(
             ReportPort(
                 port=n,
+                controller=_s(info.get("controller")),
+                controller_serial=_s(info.get("controller_serial")),
                 applicator_kind=_s(info.get("applicator_kind")),
                 applicator_serial=_s(info.get("applicator_serial")),
                 steps=len(ps),

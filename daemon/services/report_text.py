@@ -11,12 +11,15 @@ from typing import Any
 
 from pbmd.daemon.services.report import (
     DASH,
+    NOT_STARTED,
+    ReportController,
     ReportEmission,
     ReportStep,
     StopCause,
     TreatmentReport,
     _percent_off,
     _sum,
+    cause_text,
 )
 
 Column = tuple[str, bool, Callable[[Any], str]]
@@ -29,6 +32,12 @@ def _num(v: float | int | None, decimals: int = 1) -> str:
     if v is None:
         return DASH
     return f"{v:.{decimals}f}"
+
+
+def _area(v: float | None) -> str:
+    """An area as recorded: a probe's 0.5 cm² is not rounded to 0, a pad's 180 has no
+    decimals."""
+    return DASH if v is None else f"{v:g}"
 
 
 def _pct(v: float | None) -> str:
@@ -102,7 +111,7 @@ _BEAM_COLUMNS: tuple[Column, ...] = (
     ("width ns", R, lambda s: _num(s.pulse_width_ns, 0)),
     ("duty %", R, lambda s: _num(s.duty_percent, 2)),
     ("beam cm²", R, lambda s: _num(s.beam_area_cm2, 2)),
-    ("covered cm²", R, lambda s: _num(s.area_covered_cm2, 0)),
+    ("covered cm²", R, lambda s: _area(s.area_covered_cm2)),
     ("I set mW/cm²", R, lambda s: _num(s.irradiance_setpoint_mw_cm2)),
     ("I mean mW/cm²", R, lambda s: _num(s.irradiance_delivered_mw_cm2)),
 )
@@ -174,6 +183,12 @@ def render_text(r: TreatmentReport) -> str:
             "  * provisional, a lower bound: the controller figure includes a telemetry "
             "reading (e.g. the last before a link loss) not confirmed by STOPPED or COUNTERS"
         )
+    missed = [s for s in r.steps if s.outcome == NOT_STARTED]
+    if missed:
+        out.append(
+            f"  {len(missed)} planned step(s) not started: the session ended before them; "
+            "their prescribed dose was not delivered"
+        )
     out += _section("Per port", _port_lines(r))
     emissions = [e for s in r.steps for e in s.emissions] + list(r.unassigned_emissions)
     out += _section("Emissions", _columns_table(_EMISSION_COLUMNS, emissions) if emissions else [])
@@ -193,12 +208,10 @@ def _section(title: str, lines: Sequence[str]) -> list[str]:
 def _session_lines(r: TreatmentReport) -> list[str]:
     """Who, when, what protocol and how it ended, as aligned "key  value" lines."""
     outcome = (r.outcome or "unfinished").upper()
-    cause = " ".join(x for x in (r.stop_cause_code, r.stop_cause_message) if x)
+    cause = cause_text(r.stop_cause_code, r.stop_cause_message)
     protocol = f"{_text(r.protocol_id)} version {_text(r.protocol_version)}"
-    controller = (
-        f"serial {_text(r.controller_serial)}, firmware {_text(r.controller_firmware)}, "
-        f"session token {_text(r.session_token)}"
-    )
+    controller = "; ".join(_controller(c, len(r.controllers) > 1) for c in r.controllers)
+    controller += f"; session token {_text(r.session_token)}"
     course = DASH
     if r.course_sessions is not None:
         days = _num(r.course_interval_days, 0)
@@ -225,6 +238,13 @@ def _session_lines(r: TreatmentReport) -> list[str]:
         kv.append(("Notes", r.notes))
     width = max(len(k) for k, _ in kv)
     return [f"{k.ljust(width)}  {v}" for k, v in kv]
+
+
+def _controller(c: ReportController, several: bool) -> str:
+    """One controller: its name when there are several, serial, firmware, its ports."""
+    name = f"{c.name}: " if several and c.name else ""
+    ports = f", ports {', '.join(str(p) for p in c.ports)}" if several and c.ports else ""
+    return f"{name}serial {_text(c.serial)}, firmware {_text(c.firmware)}{ports}"
 
 
 def _finality(final: bool | None) -> str:
@@ -265,5 +285,6 @@ def _stop_cause_line(c: StopCause) -> str:
         )
         if x
     )
-    code = f"{c.code} " if c.code and c.source != "emission (controller)" else ""
+    shown = c.code and c.source != "emission (controller)" and c.code not in c.message.split()
+    code = f"{c.code} " if shown else ""
     return f"  {c.source}{' (' + where + ')' if where else ''}: {code}{c.message}"

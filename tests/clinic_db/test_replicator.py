@@ -79,6 +79,9 @@ async def test_rows_are_copied_and_a_replay_changes_nothing(
     listed = await reads.list_sessions(patient_ref=local["patient_ref"] if local else None)
     assert {s["id"] for s in listed} <= {"s-1", "s-2", "s-3"} and listed
     assert await reads.export("csv") == await store.export("csv")
+    # Short ids: the prefixes the clinic holds, as the workstation's records answer them.
+    assert await reads.match_session_ids("s-") == await store.match_session_ids("s-")
+    assert await reads.match_session_ids("s-2") == ["s-2"]
 
 
 async def test_an_outage_and_a_restart_lose_and_duplicate_nothing(

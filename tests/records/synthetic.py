@@ -8,7 +8,8 @@ causes at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 
 from pbmd.daemon.services.records import RecordStore, SessionPort, SessionStart, StepStart
 from pbmd.drivers import codec
@@ -188,3 +189,59 @@ def write_faulted(store: RecordStore, session_id: str) -> None:
         session_id, outcome="faulted", stop_cause_code="E105", stop_cause_message=E105,
         utc=T0_S + 501,
     )
+
+
+def planned_emission(s: StepSpec) -> dict[str, object]:
+    """A step as the frozen plan holds it (`pbmd.protocols.plan.PlannedEmission`, JSON)."""
+    return {
+        "port": s.port,
+        "step_index": s.index,
+        "site_id": s.site,
+        "site_label": "L4, left paraspinal" if s.pulsed else "Lumbar, L1–S1",
+        "region": "lumbar",
+        "area_covered_cm2": s.area_cm2,
+        "technique": "contact",
+        "wavelength_nm": s.wavelength_nm,
+        "mode": int(codec.EmitMode.PULSED if s.pulsed else codec.EmitMode.CONTINUOUS),
+        "power_uw": round(s.power_mw * 1000),
+        "pulse_hz": 10_000 if s.pulsed else 0,
+        "duty_permille": 2 if s.pulsed else 1000,
+        "pulse_width_ns": None,
+        "peak_power_mw": 100_000.0 if s.pulsed else None,
+        "area_mm2": round(s.area_cm2 * 100),
+        "target": "energy_j",
+        "target_value": s.energy_j,
+        "target_energy_uj": round(s.energy_j * 1e6),
+        "expected_duration_ms": round(s.time_s * 1000),
+    }
+
+
+def write_aborted_early(store: RecordStore, session_id: str) -> None:
+    """The plan holds the pad's two steps on port 1 (controller "a") and the probe on
+    port 4 (controller "b"); the 660 nm step is paused three times, then the session is
+    aborted: the 830 nm step and the probe point never start."""
+    plan = {
+        "ports": [
+            {"port": 1, "emissions": [planned_emission(PAD_660), planned_emission(PAD_830)]},
+            {"port": 4, "emissions": [planned_emission(PROBE_905)]},
+        ]
+    }
+    start = session_start(session_id)
+    start = replace(
+        start,
+        plan_json=json.dumps(plan),
+        ports=[
+            SessionPort(1, "pad", "DUO-1001", PAD_AREA_CM2, (660, 830), "a", "SIM-A", "1.2.3"),
+            SessionPort(4, "probe", "P905-7", PROBE_AREA_CM2, (905,), "b", "SIM-B", "1.2.4"),
+        ],
+    )
+    store.session_started(start)
+    run_step(
+        store, session_id, PAD_660, T0_S + 10, host_j=300.0, ctrl_j=300.2,
+        outcome="aborted", cause_code="E001",
+        cause_message="; ".join(["paused by operator"] * 3 + ["aborted by operator"]),
+    )  # fmt: skip
+    store.session_ended(
+        session_id, outcome="aborted", stop_cause_code="E001",
+        stop_cause_message="aborted by operator", utc=T0_S + 300,
+    )  # fmt: skip

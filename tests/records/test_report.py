@@ -18,7 +18,7 @@ REPORT_KEYS = [
     "report_version", "session_id", "patient_ref", "operator", "started_utc", "ended_utc",
     "duration_s", "state", "outcome", "stop_cause_code", "stop_cause_message", "protocol_id",
     "protocol_version", "protocol_title", "protocol_sha256", "signing_key_id", "plan_hash",
-    "controller_serial", "controller_firmware", "session_token", "time_scale",
+    "controller_serial", "controller_firmware", "controllers", "session_token", "time_scale",
     "course_sessions", "course_interval_days", "notes", "contraindications", "steps", "ports",
     "energy_prescribed_j", "energy_host_j", "energy_controller_j", "controller_channel_final",
     "stop_causes", "unassigned_emissions", "alerts",
@@ -50,7 +50,7 @@ async def test_completed_session_json(store: RecordStore) -> None:
     doc = json.loads(report.to_json())
     assert list(doc) == REPORT_KEYS
     assert all(list(step) == STEP_KEYS for step in doc["steps"])
-    assert doc["report_version"] == 1 and doc["outcome"] == "completed"
+    assert doc["report_version"] == 2 and doc["outcome"] == "completed"
     assert doc["protocol_id"] == "chronic-lumbar" and doc["protocol_version"] == 3
     assert doc["protocol_sha256"] == "a" * 64 and doc["signing_key_id"] == "RWTtestkey"
     assert doc["plan_hash"] == "b" * 64 and doc["patient_ref"] == "PAT-0042"
@@ -67,7 +67,8 @@ async def test_completed_session_json(store: RecordStore) -> None:
     red, infrared, probe = doc["steps"]
     assert (red["port"], red["step_index"], red["wavelength_nm"]) == (1, 0, 660)
     assert red["mode"] == "continuous" and red["technique"] == "contact"
-    assert red["points_at_site"] == 2 and probe["points_at_site"] == 1
+    # the pad's 660 and 830 nm steps are one placement: one point, not two
+    assert red["points_at_site"] == 1 and probe["points_at_site"] == 1
     assert red["average_power_setpoint_mw"] == 1800.0
     assert red["average_power_delivered_mw"] == pytest.approx(1800.0, rel=1e-4)
     assert red["irradiance_setpoint_mw_cm2"] == pytest.approx(10.0)
@@ -191,7 +192,7 @@ async def test_text_report_layout(store: RecordStore) -> None:
 
     beam = lines[lines.index("Beam and exposure parameters per step (Jenkins & Carroll 2011)")
                  + 3]
-    assert beam.split()[:7] == ["1", "1", "Lumbar,", "L1–S1", "contact", "2", "660"]
+    assert beam.split()[:7] == ["1", "1", "Lumbar,", "L1–S1", "contact", "1", "660"]
     assert DASH in beam  # no pulse parameters for a continuous step
     probe = lines[lines.index("Beam and exposure parameters per step (Jenkins & Carroll 2011)")
                   + 5]
@@ -259,3 +260,45 @@ async def test_dose_recovered_from_counters_is_reported(store: RecordStore) -> N
     assert report.energy_controller_j == pytest.approx(2.5)
     assert any("unrecorded" in c.message for c in report.stop_causes)
     assert "unrecorded (reconciled from the controller counters)" in report.to_text()
+
+
+async def test_aborted_session_shows_every_planned_step(store: RecordStore) -> None:
+    """What was missed: the steps the session ended before are listed with 0 delivered,
+    and the prescribed total is the whole plan's, not only the steps that started."""
+    report = build_report(await stored(store, syn.write_aborted_early, "cut"))
+    by_key = {(s.port, s.step_index): s for s in report.steps}
+    assert sorted(by_key) == [(1, 0), (1, 1), (4, 0)]
+    assert by_key[(1, 0)].outcome == "aborted"
+    for key in ((1, 1), (4, 0)):
+        missed = by_key[key]
+        assert missed.outcome == "not started"
+        assert missed.energy_host_j == 0.0 and missed.energy_controller_j == 0.0
+        assert missed.energy_controller_vs_prescribed_percent == pytest.approx(-100.0)
+    assert by_key[(1, 1)].energy_prescribed_j == pytest.approx(720.0)
+    assert report.energy_prescribed_j == pytest.approx(720.0 + 720.0 + 4.0)
+    ports = {p.port: p for p in report.ports}
+    assert (ports[1].steps_completed, ports[1].steps) == (0, 2)
+    assert (ports[4].steps, ports[4].controller) == (1, "b")
+
+    text = render_text(report)
+    total = next(line for line in text.splitlines() if line.startswith("  all"))
+    assert "0/3" in total and "1444.000" in total
+    assert "2 planned step(s) not started" in text
+    # both controllers are named in the header
+    assert "a: serial SIM-A, firmware 1.2.3, ports 1" in text
+    assert "b: serial SIM-B, firmware 1.2.4, ports 4" in text
+    # the probe's covered area as recorded (0.5 cm²), not rounded to 0
+    beam = next(line.split() for line in text.splitlines() if line.split()[:2] == ["4", "1"])
+    assert "0.5" in beam
+
+
+async def test_cause_code_once_and_repeated_causes_counted(store: RecordStore) -> None:
+    """A trip's message starts with its code: the code is not printed twice; a step
+    paused three times says so once, with the count."""
+    report = build_report(await stored(store, syn.write_aborted_early, "paused"))
+    step = next(s for s in report.steps if (s.port, s.step_index) == (1, 0))
+    assert step.stop_cause_message == "paused by operator ×3; aborted by operator"
+    session = await stored(store, syn.write_faulted, "trip")
+    session["stop_cause_message"] = "E105 " + syn.E105  # as a trip's describe() writes it
+    text = render_text(build_report(session))
+    assert "FAULTED — E105 The daemon's" in text and "E105 E105" not in text

@@ -108,7 +108,7 @@ async def test_export_json_and_csv(store: RecordStore) -> None:
     await store.sync()
 
     doc = json.loads(await store.export("json"))
-    assert doc["format"] == "pbmd-records" and doc["schema_version"] == 2
+    assert doc["format"] == "pbmd-records" and doc["schema_version"] == 3
     assert [s["id"] for s in doc["sessions"]] == ["s-1", "s-2"]
     assert len(doc["sessions"][1]["events"]) == 1
 
@@ -179,7 +179,7 @@ async def test_wal_mode_and_full_synchronous(store: RecordStore, db_path: Path) 
     assert wal_bytes(db_path) is not None
     # synchronous is per connection: ask the writer's own (2 = FULL)
     assert await store._call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
-    assert raw(db_path, "PRAGMA user_version") == [(2,)]
+    assert raw(db_path, "PRAGMA user_version") == [(3,)]
 
 
 async def test_sync_is_the_barrier(store: RecordStore, db_path: Path) -> None:
@@ -415,6 +415,7 @@ async def test_killed_mid_stream_keeps_everything_synced(db_path: Path, how: str
 async def test_outbox_drains_in_order_and_marks_are_durable(
     store: RecordStore, db_path: Path
 ) -> None:
+    store.session_started(syn.session_start("s"))  # a session's events need its record
     ids = []
     for k in range(10):
         ids.append(store.event("e", f"#{k}", session_id="s" if k % 2 else None))

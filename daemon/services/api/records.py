@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 from pbmd.daemon.services.api.registry import NOT_FOUND, REFUSED, Caller, Params, Registry, RpcError
 from pbmd.daemon.services.api.roles import STAFF, TECHNICIAN
@@ -21,6 +22,21 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+"""A session's id or a unique prefix of it (at least `MIN_PREFIX` characters), as git
+takes a commit's."""
+
+MIN_PREFIX = 4
+CANDIDATES_SHOWN = 10
+
+
+def _local_if_naive(value: dt.datetime) -> dt.datetime:
+    """A date or time without a zone ("2025-01-31") is the workstation's local time, as
+    the clinician means it; one with a zone is taken as given."""
+    return value.astimezone() if value.tzinfo is None else value
+
+
+Since = Annotated[dt.datetime, Field(strict=False), AfterValidator(_local_if_naive)]
+"""ISO 8601 date or time; without a zone, the workstation's local time."""
 
 
 PatientRef = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -34,7 +50,7 @@ class ClinicParam(Params):
 class RecordsListParams(ClinicParam):
     limit: Annotated[int, Field(ge=1, le=1000)] = 50
     offset: Annotated[int, Field(ge=0)] = 0
-    since_utc: dt.datetime | None = Field(default=None, strict=False)
+    since_utc: Since | None = None
     patient_ref: PatientRef | None = None
     """Only this patient's sessions (clinic reads only)."""
 
@@ -45,7 +61,7 @@ class SessionIdParams(ClinicParam):
 
 class RecordsExportParams(ClinicParam):
     format: Literal["json", "csv"] = "json"
-    since_utc: dt.datetime | None = Field(default=None, strict=False)
+    since_utc: Since | None = None
     session_ids: Annotated[list[SessionId], Field(max_length=1000)] | None = None
     patient_ref: PatientRef | None = None
 
@@ -71,24 +87,61 @@ def _clinic(service: Service, p: ClinicParam) -> ClinicReads | None:
     return ClinicReads(service.config.clinic_db)
 
 
-async def _session_row(service: Service, p: SessionIdParams | ReportParams) -> dict[str, Any]:
-    """One session's record, or NOT_FOUND saying where to look."""
-    clinic = _clinic(service, p)
+async def resolve_session_id(
+    given: str, match: Callable[[str, int], Awaitable[list[str]]], where: str
+) -> str:
+    """The one session id ``given`` names: the id itself or a unique prefix of it.
+    ``match(prefix, limit)`` lists ids that start with a prefix. NOT_FOUND when none
+    does; REFUSED, with the candidates, when several do."""
+    found = await match(given, CANDIDATES_SHOWN + 1)
+    if given in found:
+        return given
+    if len(found) == 1 and len(given) >= MIN_PREFIX:
+        return found[0]
+    if not found:
+        raise RpcError(
+            NOT_FOUND, f"no session {given!r} in {where}; `pbmctl records list` shows the sessions"
+        )
+    if len(given) < MIN_PREFIX:
+        raise RpcError(
+            REFUSED,
+            f"session {given!r}: give at least {MIN_PREFIX} characters of its id",
+            {"candidates": found[:CANDIDATES_SHOWN]},
+        )
+    more = len(found) > CANDIDATES_SHOWN
+    shown = ", ".join(found[:CANDIDATES_SHOWN]) + (", …" if more else "")
+    count = f"more than {CANDIDATES_SHOWN}" if more else str(len(found))
+    raise RpcError(
+        REFUSED,
+        f"session {given!r} is ambiguous: {count} sessions start with it ({shown}); "
+        "give more characters",
+        {"candidates": found[:CANDIDATES_SHOWN]},
+    )
+
+
+async def _resolve(service: Service, clinic: ClinicReads | None, given: str) -> str:
+    """A session id or prefix, in the clinic database or this workstation's records."""
+    where = "the clinic database" if clinic is not None else "the records"
+    match = clinic.match_session_ids if clinic is not None else service.store.match_session_ids
     try:
-        if clinic is not None:
-            row = await clinic.get_session(p.session_id)
-        else:
-            row = await service.store.get_session(p.session_id)
+        return await resolve_session_id(given, match, where)
     except (RecordsError, ClinicUnavailable) as exc:
         raise RpcError(REFUSED, str(exc)) from None
-    if row is None:
-        where = "the clinic database" if clinic is not None else "the records"
-        flag = " --clinic" if clinic is not None else ""
-        raise RpcError(
-            NOT_FOUND,
-            f"no session {p.session_id!r} in {where}; `pbmctl records list{flag}` shows "
-            "the sessions",
-        )
+
+
+async def _session_row(service: Service, p: SessionIdParams | ReportParams) -> dict[str, Any]:
+    """One session's record (by its id or a unique prefix), or NOT_FOUND."""
+    clinic = _clinic(service, p)
+    session_id = await _resolve(service, clinic, p.session_id)
+    try:
+        if clinic is not None:
+            row = await clinic.get_session(session_id)
+        else:
+            row = await service.store.get_session(session_id)
+    except (RecordsError, ClinicUnavailable) as exc:
+        raise RpcError(REFUSED, str(exc)) from None
+    if row is None:  # removed between the two reads
+        raise RpcError(NOT_FOUND, f"session {session_id!r} is no longer in the records")
     return row
 
 
@@ -126,17 +179,22 @@ def register(reg: Registry, service: Service) -> None:
     )
     async def records_export(caller: Caller, p: RecordsExportParams) -> Any:
         clinic = _clinic(service, p)
+        ids = (
+            None
+            if p.session_ids is None
+            else [await _resolve(service, clinic, given) for given in p.session_ids]
+        )
         try:
             if clinic is not None:
                 content = await clinic.export(
                     p.format,
                     since_utc=p.since_utc,
-                    session_ids=p.session_ids,
+                    session_ids=ids,
                     patient_ref=p.patient_ref,
                 )
             else:
                 content = await service.store.export(
-                    p.format, since_utc=p.since_utc, session_ids=p.session_ids
+                    p.format, since_utc=p.since_utc, session_ids=ids
                 )
         except (RecordsError, ClinicUnavailable) as exc:
             raise RpcError(REFUSED, str(exc)) from None
@@ -149,7 +207,7 @@ def register(reg: Registry, service: Service) -> None:
 
         def build() -> dict[str, Any]:
             report = build_report(row)
-            out: dict[str, Any] = {"session_id": p.session_id}
+            out: dict[str, Any] = {"session_id": str(row["id"])}
             if p.format in ("json", "both"):
                 out["report"] = report.to_dict()
             if p.format in ("text", "both"):

@@ -15,12 +15,12 @@ from pydantic import Field, Strict, StringConstraints
 from pbmd.daemon.core.engine import NoSession, NotRunnable, StartCommand, StartRefused, Unanswered
 from pbmd.daemon.core.session import SessionError
 from pbmd.daemon.services.api.protocols import ProtocolId, library_error
+from pbmd.daemon.services.api.records import SessionId, resolve_session_id
 from pbmd.daemon.services.api.registry import (
     NO_SESSION,
     REFUSED,
     Caller,
     Handler,
-    NoParams,
     Params,
     Registry,
     RpcError,
@@ -51,6 +51,14 @@ class SessionStartParams(Params):
     )
     ports: Annotated[list[PortNumber], Field(min_length=1, max_length=8)] | None = None
     watch: bool = Field(default=False, description="Stream the session on this connection.")
+
+
+class WatchParams(Params):
+    session_id: SessionId | None = Field(
+        default=None,
+        description="The session to watch, by its id or a unique prefix; it must be the "
+        "current one (the default).",
+    )
 
 
 class PortParams(Params):
@@ -145,9 +153,20 @@ def register(reg: Registry, service: Service) -> None:
             "watching": p.watch,
         }
 
-    @reg.add("session.watch", NoParams, ANYONE, "Stream the running session until it ends.")
-    async def session_watch(caller: Caller, p: NoParams) -> Any:
+    @reg.add("session.watch", WatchParams, ANYONE, "Stream the running session until it ends.")
+    async def session_watch(caller: Caller, p: WatchParams) -> Any:
         s = service.engine.session
+        if p.session_id is not None:
+            current = s
+
+            async def match(prefix: str, limit: int) -> list[str]:
+                return [current.id] if current and current.id.startswith(prefix) else []
+
+            await resolve_session_id(
+                p.session_id,
+                match,
+                "the current session (`pbmctl report ID` shows an ended one's record)",
+            )
         if s is None:
             return {"session_id": None, "status": None, "watching": False}
         shown = session_json(s.status(), full=caller.peer.sees_patients)

@@ -122,6 +122,15 @@ class ClinicReads:
         sql = _LIST.format(order="DESC" if newest_first else "ASC")
         return await self._query(sql, params)
 
+    async def match_session_ids(self, prefix: str, limit: int = 11) -> list[str]:
+        """Ids of the sessions (of every workstation) whose id starts with ``prefix``."""
+        rows = await self._query(
+            "SELECT DISTINCT session_id FROM record_rows WHERE tbl = 'sessions' AND "
+            "left(session_id, %(n)s) = %(prefix)s ORDER BY 1 LIMIT %(limit)s",
+            {"n": len(prefix), "prefix": prefix, "limit": int(limit)},
+        )
+        return [str(r[0]) for r in rows]
+
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session with its steps, emissions and events, and its workstation."""
         rows = await self._query(

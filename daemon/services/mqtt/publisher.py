@@ -23,7 +23,12 @@ from pbmd.daemon.core.status import SessionStatus, snapshot
 from pbmd.daemon.core.steps import PortState
 from pbmd.daemon.services.mqtt.buffers import LiveBuffer, MqttStats
 from pbmd.daemon.services.mqtt.config import MqttConfig
-from pbmd.daemon.services.mqtt.discovery import Topics, discovery_configs
+from pbmd.daemon.services.mqtt.discovery import (
+    ControllerIdentity,
+    DiscoveryMemory,
+    Topics,
+    discovery_configs,
+)
 from pbmd.daemon.services.mqtt.link import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
@@ -44,6 +49,7 @@ from pbmd.daemon.services.records import RecordsError, utc_text
 from pbmd.drivers.listeners import Listeners
 
 if TYPE_CHECKING:
+    from pbmd.daemon.core.controllers import ControllerHandle
     from pbmd.daemon.core.engine import Engine
     from pbmd.daemon.services.records import RecordStore
 
@@ -100,6 +106,10 @@ class MqttPublisher:
         self._dirty: set[str] = set()
         self._retained_ready = asyncio.Event()
         self._discovery: dict[str, bytes] = {}
+        self._discovery_memory: DiscoveryMemory | None = None
+        """The discovery topics published last time, in a file beside the records."""
+        self._stale_discovery: set[str] = set()
+        """Discovery topics published by an earlier run and not by this one: cleared."""
         self._state_key: Any = None
         self._state_temperatures: Any = None
         self._state_at = -math.inf
@@ -167,6 +177,9 @@ class MqttPublisher:
         self._started = True
         self._version = await asyncio.to_thread(pbmd_version)
         self._discovery = self._discovery_configs()
+        self._discovery_memory = DiscoveryMemory(self.store.path.with_name("mqtt-discovery.json"))
+        previous = await asyncio.to_thread(self._discovery_memory.load)
+        self._stale_discovery = previous - set(self._discovery)
         self.store.add_commit_listener(self._on_commit)
         self._snapshot(self._session_status(), force=True)
         self._sampler_task = asyncio.create_task(self._sample_loop(), name="mqtt-sampler")
@@ -311,10 +324,29 @@ class MqttPublisher:
             self.config.homeassistant,
             device_id=self.device_id,
             topics=self.topics,
-            controllers=[ctrl.name for ctrl in self.engine.controllers],
+            controllers=[_identity(ctrl) for ctrl in self.engine.controllers],
             ports=list(self.engine.port_map),
             version=self._version,
         )
+
+    async def _publish_discovery(self, client: aiomqtt.Client, props: Any) -> None:
+        """Clear what an earlier run published and this one does not (an empty retained
+        payload), publish the configs, then remember them for the next run."""
+        for topic in sorted(self._stale_discovery):
+            await client.publish(topic, b"", qos=1, retain=True)
+            self._stats.discovery_published += 1
+        for topic, payload in self._discovery.items():
+            await client.publish(topic, payload, qos=1, retain=True, properties=props)
+            self._stats.discovery_published += 1
+        if self._stale_discovery:
+            log.info("mqtt.discovery_cleared", topics=sorted(self._stale_discovery))
+            self._stale_discovery = set()
+        if self._discovery_memory is None:
+            return
+        try:
+            await asyncio.to_thread(self._discovery_memory.save, self._discovery)
+        except OSError as exc:  # only the next run's clean-up is at stake
+            log.warning("mqtt.discovery_not_remembered", error=str(exc))
 
     # ----------------------------------------------------------------- connection
 
@@ -482,9 +514,7 @@ class MqttPublisher:
         )
         if self._discovery_due:
             self._discovery_due = False
-            for topic, payload in self._discovery.items():
-                await client.publish(topic, payload, qos=1, retain=True, properties=props)
-                self._stats.discovery_published += 1
+            await self._publish_discovery(client, props)
         while self._dirty:
             topic = min(self._dirty)  # deterministic order: session before state
             self._dirty.discard(topic)
@@ -570,3 +600,12 @@ class MqttPublisher:
         await self.store.outbox_mark_published(ids)
         del self._unmarked[: len(ids)]
         self._stats.events_marked += len(ids)
+
+
+def _identity(ctrl: ControllerHandle) -> ControllerIdentity:
+    """A controller's name, and its serial and firmware once it has said them (INFO)."""
+    try:
+        info = ctrl.info
+    except Exception:  # not connected yet: the card shows the name only
+        return ControllerIdentity(ctrl.name)
+    return ControllerIdentity(ctrl.name, info.serial or None, info.firmware or None)

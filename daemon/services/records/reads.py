@@ -97,6 +97,22 @@ class RecordReads:
 
         return await self._read(q)
 
+    async def match_session_ids(self, prefix: str, limit: int = 11) -> list[str]:
+        """Ids of the sessions whose id starts with ``prefix`` (the id itself included),
+        in id order: a range of the primary key, never a scan."""
+        if not prefix:
+            return []
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+        def q(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM sessions WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (prefix, upper, int(limit)),
+            )
+            return [str(r[0]) for r in rows]
+
+        return await self._read(q)
+
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
         """The session with its steps, emissions and events (JSON columns decoded)."""
         return await self._read(lambda conn: _load_session(conn, session_id, events=True))
@@ -235,9 +251,25 @@ _CSV_STEP_COLUMNS = (
 )
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may take a text cell starting with for a formula (OWASP, CSV
+injection): such a cell is written with a leading apostrophe."""
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell as written: None empty, text that a spreadsheet would run as a formula
+    (``=cmd|…``) neutralised with a leading ', numbers as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def steps_csv(sessions: Sequence[Mapping[str, Any]]) -> str:
+    """One row per step, RFC 4180 (CRLF line ends, quoted where needed)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(
         ["session_id"]
         + [f"session_{c}" for c in _CSV_SESSION_COLUMNS]
@@ -251,9 +283,7 @@ def steps_csv(sessions: Sequence[Mapping[str, Any]]) -> str:
     for s in sessions:
         head = [s["id"]] + [s.get(c) for c in _CSV_SESSION_COLUMNS]
         for step in s["steps"]:
-            writer.writerow(
-                ["" if v is None else v for v in head + [step.get(c) for c in _CSV_STEP_COLUMNS]]
-            )
+            writer.writerow([csv_cell(v) for v in head + [step.get(c) for c in _CSV_STEP_COLUMNS]])
     return out.getvalue()
 
 

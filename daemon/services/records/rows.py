@@ -28,7 +28,7 @@ from pbmd.daemon.core.recording import (
 from pbmd.daemon.services.records.schema import utc_text
 from pbmd.drivers import codec
 
-Statement = tuple[str, tuple[Any, ...]]
+Statement = tuple[str, tuple[Any, ...] | dict[str, Any]]
 
 
 @dataclass(slots=True)
@@ -174,8 +174,13 @@ WHERE id = ?
 _SQL_EVENT = """
 INSERT INTO events (id, session_id, utc, device_time_us, kind, code, port, severity, message,
     data_json)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+SELECT :id, s.id, :utc, :device_time_us, :kind, :code, :port, :severity, :message,
+    CASE WHEN :session_id IS NULL OR s.id IS NOT NULL THEN :data_json
+        ELSE json_set(COALESCE(:data_json, '{}'), '$.unrecorded_session_id', :session_id) END
+FROM (SELECT 1) LEFT JOIN sessions s ON s.id = :session_id
 """
+"""An event is never refused for its session: one whose session has no record (a start
+stopped before its record was written) is kept with the session's id in its data."""
 _SQL_OUTBOX = "INSERT INTO outbox (event_id) VALUES (?)"
 _SQL_OUTBOX_PUBLISHED = (
     "UPDATE outbox SET published_utc = ? WHERE event_id = ? AND published_utc IS NULL"
@@ -309,10 +314,11 @@ def _step_ended(r: StepEnded) -> Write:
 
 def _event(r: Event) -> Write:
     data_json = None if r.data is None else _json(dict(r.data))
-    row = (
-        r.event_id, r.session_id, utc_text(r.utc), r.device_time_us, r.kind, r.code, r.port,
-        r.severity, r.message, data_json,
-    )  # fmt: skip
+    row = {
+        "id": r.event_id, "session_id": r.session_id, "utc": utc_text(r.utc),
+        "device_time_us": r.device_time_us, "kind": r.kind, "code": r.code, "port": r.port,
+        "severity": r.severity, "message": r.message, "data_json": data_json,
+    }  # fmt: skip
     return Write("event", ((_SQL_EVENT, row), (_SQL_OUTBOX, (r.event_id,))))
 
 

@@ -6,27 +6,38 @@ so that they sort as text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pbmd.daemon.core.recording import RecordsError, UtcTime
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema,
 an older one is migrated (`MIGRATIONS`) when it is opened."""
+
+APPLICATION_ID = 0x50424D44
+"""``PRAGMA application_id`` of a pbmd records database ("PBMD" in ASCII), so that
+`file(1)` and pbmd tell it from any other SQLite file. 0 (unset) is accepted from a
+database made before version 3, and set when it is migrated."""
+
+_TO_SESSION = " REFERENCES sessions (id)"
+"""The foreign key of a row that belongs to a session (enforced from version 3:
+``PRAGMA foreign_keys = ON`` on the writer's connection)."""
 
 
 class RecordsCorrupt(RecordsError):
     """The database file exists but is not a usable pbmd records database."""
 
 
-def _emissions_table(name: str) -> str:
-    """The emissions table. ``controller_energy_source``: 'telemetry' while running,
+def _emissions_table(name: str, references: str = _TO_SESSION) -> str:
+    """The emissions table (``references``: the session's foreign key, none before
+    version 3). ``controller_energy_source``: 'telemetry' while running,
     'stopped' from STOPPED, 'provisional' (last sample, a lower bound: the link was
     lost) until 'counters' from GET_COUNTERS replaces it."""
     return f"""
     CREATE TABLE {name} (
         seq INTEGER PRIMARY KEY,
-        session_id TEXT NOT NULL,
+        session_id TEXT NOT NULL{references},
         port INTEGER NOT NULL,
         device_port INTEGER,
         step_index INTEGER,
@@ -57,43 +68,10 @@ def _emissions_table(name: str) -> str:
     """
 
 
-_EMISSIONS_INDEX = "CREATE INDEX emissions_session ON emissions (session_id, port, seq)"
-
-SCHEMA: tuple[str, ...] = (
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        started_utc TEXT NOT NULL,
-        ended_utc TEXT,
-        state TEXT NOT NULL,
-        outcome TEXT CHECK (outcome IN ('completed', 'aborted', 'faulted', 'interrupted')),
-        stop_cause_code TEXT,
-        stop_cause_message TEXT,
-        protocol_id TEXT NOT NULL,
-        protocol_version INTEGER NOT NULL,
-        protocol_title TEXT,
-        protocol_sha256 TEXT NOT NULL,
-        signing_key_id TEXT,
-        plan_hash TEXT NOT NULL,
-        plan_json TEXT NOT NULL,
-        patient_ref TEXT NOT NULL,
-        operator TEXT,
-        contraindications_json TEXT NOT NULL,
-        ports_json TEXT NOT NULL,
-        controller_serial TEXT,
-        controller_firmware TEXT,
-        session_token INTEGER,
-        course_sessions INTEGER,
-        course_interval_days REAL,
-        time_scale REAL NOT NULL DEFAULT 1.0,
-        notes TEXT
-    )
-    """,
-    "CREATE INDEX sessions_started ON sessions (started_utc)",
-    "CREATE INDEX sessions_unfinished ON sessions (started_utc) WHERE ended_utc IS NULL",
-    """
-    CREATE TABLE steps (
-        session_id TEXT NOT NULL,
+def _steps_table(name: str) -> str:
+    return f"""
+    CREATE TABLE {name} (
+        session_id TEXT NOT NULL{_TO_SESSION},
         port INTEGER NOT NULL,
         step_index INTEGER NOT NULL,
         site TEXT NOT NULL,
@@ -128,14 +106,16 @@ SCHEMA: tuple[str, ...] = (
         ended_utc TEXT,
         PRIMARY KEY (session_id, port, step_index)
     )
-    """,
-    _emissions_table("emissions"),
-    _EMISSIONS_INDEX,
     """
-    CREATE TABLE events (
+
+
+def _events_table(name: str) -> str:
+    """Events; those of no session (the daemon's, the store's own) have no session_id."""
+    return f"""
+    CREATE TABLE {name} (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
-        session_id TEXT,
+        session_id TEXT{_TO_SESSION},
         utc TEXT NOT NULL,
         device_time_us INTEGER,
         kind TEXT NOT NULL,
@@ -146,28 +126,100 @@ SCHEMA: tuple[str, ...] = (
         message TEXT NOT NULL,
         data_json TEXT
     )
-    """,
-    "CREATE INDEX events_session ON events (session_id, seq)",
     """
-    CREATE TABLE outbox (
+
+
+def _outbox_table(name: str) -> str:
+    """Events still to publish over MQTT (each an event's id)."""
+    return f"""
+    CREATE TABLE {name} (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        event_id TEXT NOT NULL UNIQUE,
+        event_id TEXT NOT NULL UNIQUE REFERENCES events (id),
         published_utc TEXT
     )
+    """
+
+
+_EMISSIONS_INDEX = "CREATE INDEX emissions_session ON emissions (session_id, port, seq)"
+_EVENTS_INDEX = "CREATE INDEX events_session ON events (session_id, seq)"
+_OUTBOX_INDEX = "CREATE INDEX outbox_pending ON outbox (seq) WHERE published_utc IS NULL"
+
+SCHEMA: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        started_utc TEXT NOT NULL,
+        ended_utc TEXT,
+        state TEXT NOT NULL,
+        outcome TEXT CHECK (outcome IN ('completed', 'aborted', 'faulted', 'interrupted')),
+        stop_cause_code TEXT,
+        stop_cause_message TEXT,
+        protocol_id TEXT NOT NULL,
+        protocol_version INTEGER NOT NULL,
+        protocol_title TEXT,
+        protocol_sha256 TEXT NOT NULL,
+        signing_key_id TEXT,
+        plan_hash TEXT NOT NULL,
+        plan_json TEXT NOT NULL,
+        patient_ref TEXT NOT NULL,
+        operator TEXT,
+        contraindications_json TEXT NOT NULL,
+        ports_json TEXT NOT NULL,
+        controller_serial TEXT,
+        controller_firmware TEXT,
+        session_token INTEGER,
+        course_sessions INTEGER,
+        course_interval_days REAL,
+        time_scale REAL NOT NULL DEFAULT 1.0,
+        notes TEXT
+    )
     """,
-    "CREATE INDEX outbox_pending ON outbox (seq) WHERE published_utc IS NULL",
+    "CREATE INDEX sessions_started ON sessions (started_utc)",
+    "CREATE INDEX sessions_unfinished ON sessions (started_utc) WHERE ended_utc IS NULL",
+    _steps_table("steps"),
+    _emissions_table("emissions"),
+    _EMISSIONS_INDEX,
+    _events_table("events"),
+    _EVENTS_INDEX,
+    _outbox_table("outbox"),
+    _OUTBOX_INDEX,
+    f"PRAGMA application_id = {APPLICATION_ID}",
 )
 """A new database: every table at SCHEMA_VERSION."""
+
+
+def _rebuilt(table: str, ddl: Callable[[str], str], indexes: tuple[str, ...]) -> tuple[str, ...]:
+    """The statements that rebuild ``table`` from ``ddl`` keeping every row."""
+    return (
+        ddl(f"{table}_new"),
+        f"INSERT INTO {table}_new SELECT * FROM {table}",
+        f"DROP TABLE {table}",
+        f"ALTER TABLE {table}_new RENAME TO {table}",
+        *indexes,
+    )
+
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: 'provisional' joins the controller energy sources. SQLite cannot alter
     # a CHECK constraint, so the table is copied into one that has it (same columns).
     1: (
-        _emissions_table("emissions_v2"),
+        _emissions_table("emissions_v2", references=""),
         "INSERT INTO emissions_v2 SELECT * FROM emissions",
         "DROP TABLE emissions",
         "ALTER TABLE emissions_v2 RENAME TO emissions",
         _EMISSIONS_INDEX,
+    ),
+    # 2 -> 3: foreign keys. SQLite cannot add a constraint to a table, so each table that
+    # refers to another is rebuilt as SQLite's documented procedure does (foreign keys
+    # off for the connection meanwhile, the same rows under the same keys, indexes made
+    # again; the writer then checks the keys and turns enforcement on). Its triggers
+    # (the change log's) go with the old table; `ensure_change_log` makes them again.
+    2: (
+        *_rebuilt("steps", _steps_table, ()),
+        *_rebuilt("emissions", _emissions_table, (_EMISSIONS_INDEX,)),
+        *_rebuilt("events", _events_table, (_EVENTS_INDEX,)),
+        *_rebuilt("outbox", _outbox_table, (_OUTBOX_INDEX,)),
+        f"PRAGMA application_id = {APPLICATION_ID}",
     ),
 }
 """From a version to the next: the statements, run in one transaction at open."""

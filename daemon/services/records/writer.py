@@ -27,6 +27,7 @@ from pbmd.daemon.core.recording import Event, RecordsError, RecordsUnavailable, 
 from pbmd.daemon.services.records.changes import ensure_change_log
 from pbmd.daemon.services.records.rows import Write, write_of
 from pbmd.daemon.services.records.schema import (
+    APPLICATION_ID,
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -177,7 +178,9 @@ class Pending:
             self.progress_index[w.coalesce_key] = len(self.writes)
         elif w.label == "emission_ended":
             # a later progress update must not jump ahead of the end it follows
-            self.progress_index.pop(int(w.statements[0][1][-1]), None)
+            params = w.statements[0][1]
+            if isinstance(params, tuple):  # (..., the emission's seq)
+                self.progress_index.pop(int(params[-1]), None)
         self.writes.append(w)
 
     def clear(self) -> None:
@@ -224,8 +227,10 @@ class Writer:
                     "on a local filesystem."
                 )
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=OFF")  # a migration rebuilds tables
             self._ensure_schema(conn)
             ensure_change_log(conn)
+            conn.execute("PRAGMA foreign_keys=ON")  # every write from here is checked
             if first and self.store._integrity_check:
                 result = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
                 if result != ["ok"]:
@@ -245,6 +250,12 @@ class Writer:
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         path = self.path
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        if app_id not in (0, APPLICATION_ID):
+            raise RecordsCorrupt(
+                f"{path} is an SQLite database of another application (application_id "
+                f"{app_id:#x}), not pbmd records. Point pbmd at another records directory."
+            )
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
@@ -271,6 +282,7 @@ class Writer:
                 for statement in MIGRATIONS[version]:
                     conn.execute(statement)
                 version += 1
+            _report_orphans(conn, path)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -558,6 +570,16 @@ class Writer:
             )
             err.__cause__ = error or store._health.error
         store._post(store._resolve, close.future, err, None)
+
+
+def _report_orphans(conn: sqlite3.Connection, path: Path) -> None:
+    """Rows of an older database whose session is not in it are kept as they are (a
+    record is never dropped) and logged; enforcement applies to what is written next."""
+    orphans: dict[str, int] = {}
+    for table, *_ in conn.execute("PRAGMA foreign_key_check").fetchall():
+        orphans[str(table)] = orphans.get(str(table), 0) + 1
+    if orphans:
+        log.warning("records.orphan_rows_kept", path=str(path), rows=orphans)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

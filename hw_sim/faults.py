@@ -403,7 +403,7 @@ def handle_control_request(sim: Simulator, line: bytes) -> dict[str, Any]:
     if op == "command_log":
         since = args.get("since", 0)
         if set(args) - {"since"} or not isinstance(since, int) or since < 0:
-            return {"ok": False, "error": "command_log: args are {\"since\": n >= 0} or none"}
+            return {"ok": False, "error": 'command_log: args are {"since": n >= 0} or none'}
         return {"ok": True, "result": sim.controller.command_log_since(since)}
     if op == "ops":
         faults = sim.faults

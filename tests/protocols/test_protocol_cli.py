@@ -33,7 +33,8 @@ def test_validate_prints_a_plan_for_every_library_file(capsys: pytest.CaptureFix
     for heading in ("λ nm", "mW/cm²", "time", "J/cm²"):
         assert heading in out
     assert "port 4: probe, 905 nm, 0.5 cm²" in out
-    assert "session: 50 min 00 s" in out
+    assert "port 4: pad, 660, 830 nm, 180 cm²" in out  # the multilevel program's fourth pad
+    assert "session: 37 min 20 s" in out  # lumbar-chronic-nonspecific: pads, then the probe
 
 
 def test_validate_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +44,7 @@ def test_validate_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["valid"] is True
     (entry,) = report["files"]
     protocol = entry["protocol"]
-    assert 45 * 60 <= protocol["session_time_s"] <= 60 * 60
+    assert 30 * 60 <= protocol["session_time_s"] <= 60 * 60
     step = protocol["ports"][0]["steps"][0]
     for key in ("wavelength_nm", "irradiance_mw_cm2", "time_s", "energy_j", "fluence_j_cm2"):
         assert key in step

@@ -61,7 +61,7 @@ def run_on_a_terminal(argv: list[str], timeout_s: float) -> tuple[int, str]:
 
 def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     """The README's job: the four-port lumbar session, gated steps confirmed, report,
-    and a record in which every one of the 12 steps delivered its dose. At the demo's
+    and a record in which every one of the 10 steps delivered its dose. At the demo's
     own time scale (×30, what `make run` runs)."""
     rc, text = run_on_a_terminal([*PBMD, "demo", "--keep"], timeout_s=300)
     kept = re.search(r"state kept in (\S+)", text)
@@ -84,7 +84,7 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     finally:
         shutil.rmtree(state, ignore_errors=True)
     assert outcome == "completed" and operator
-    assert len(steps) == 12
+    assert len(steps) == 10  # lumbar-chronic-nonspecific: 3 pads × 2, then 4 probe points
     assert all(o == "completed" for o, _, _ in steps)
     errors = [(delivered - prescribed) / prescribed for _, delivered, prescribed in steps]
     assert max(abs(e) for e in errors) < 0.02, errors

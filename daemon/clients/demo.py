@@ -31,6 +31,8 @@ from rich.console import Console
 
 PROTOCOL = "lumbar-chronic-nonspecific"
 PATIENT = "DEMO-0001"
+SKIN_TYPE = "III"
+"""The demonstration patient's Fitzpatrick skin type, asked at session start."""
 SCREENING = (
     "cancer",
     "pregnancy",
@@ -200,6 +202,8 @@ async def _treat(console: Console, env: dict[str, str]) -> int:
         "--patient",
         PATIENT,
         *answers,
+        "--skin-type",
+        SKIN_TYPE,
         "--auto-confirm",
     )
     listing = await _pbmctl_json(env, "records", "list", "--limit", "1")

@@ -33,6 +33,8 @@ PROTOCOL = "lumbar-chronic-nonspecific"
 PROTOCOL_EMISSION_S = 2240
 """Its emission time: pads 2 × 1000 s, then four probe points of 60 s (docs/library.md)."""
 PATIENT = "DEMO-0001"
+SKIN_TYPE = "III"
+"""The demonstration patient's Fitzpatrick skin type, asked at session start."""
 SCREENING = (
     "cancer",
     "pregnancy",
@@ -203,6 +205,8 @@ async def _treat(console: Console, env: dict[str, str]) -> int:
         "--patient",
         PATIENT,
         *answers,
+        "--skin-type",
+        SKIN_TYPE,
         "--auto-confirm",
     )
     listing = await _pbmctl_json(env, "records", "list", "--limit", "1")

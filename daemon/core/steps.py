@@ -78,6 +78,16 @@ class StepOrder:
     channel_max_power_uw: int = 0
     label: str = ""
     backup_time_s: float | None = None
+    phase: int = 0
+    """The phase the step runs in: it starts when every step of earlier phases has ended."""
+    patches: frozenset[str] = frozenset()
+    """The patches of skin whose fluence this step adds to (empty: its site's name)."""
+
+    @property
+    def skin(self) -> frozenset[str]:
+        """The patches of skin the fluence ceiling is counted on."""
+        return self.patches or frozenset({self.site})
+
     """Host backup timer (the step's max_time_s); None: planned time + 20 %."""
 
     @property
@@ -109,6 +119,9 @@ class EventKind(enum.StrEnum):
     PORT_PAUSED = "port_paused"
     EMISSION_STARTED = "emission_started"
     EMISSION_ENDED = "emission_ended"
+    PHASE_STARTED = "phase_started"
+    """Every step of the earlier phases has ended: this phase's ports may start
+    (data: phase, ports)."""
 
 
 @dataclass(frozen=True)

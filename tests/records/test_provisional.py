@@ -193,7 +193,7 @@ async def test_a_version_1_database_opens_migrated(db_path: Path) -> None:
     store = await RecordStore.open(db_path, sync_interval_s=3600.0, min_free_bytes=0)
     try:
         conn = sqlite3.connect(db_path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert conn.execute(
             "SELECT seq, controller_energy_uj, controller_energy_source FROM emissions"
         ).fetchall() == [(7, 5, "stopped")]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from pbmd.daemon.core.recording import RecordsError, UtcTime
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema,
 an older one is migrated (`MIGRATIONS`) when it is opened."""
 
@@ -86,7 +86,8 @@ SCHEMA: tuple[str, ...] = (
         course_sessions INTEGER,
         course_interval_days REAL,
         time_scale REAL NOT NULL DEFAULT 1.0,
-        notes TEXT
+        notes TEXT,
+        skin_type TEXT CHECK (skin_type IN ('I', 'II', 'III', 'IV', 'V', 'VI'))
     )
     """,
     "CREATE INDEX sessions_started ON sessions (started_utc)",
@@ -168,6 +169,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE emissions",
         "ALTER TABLE emissions_v2 RENAME TO emissions",
         _EMISSIONS_INDEX,
+    ),
+    # 2 -> 3: the patient's Fitzpatrick skin type, asked at session start (NULL: a
+    # session recorded before it was asked).
+    2: (
+        "ALTER TABLE sessions ADD COLUMN skin_type TEXT "
+        "CHECK (skin_type IN ('I', 'II', 'III', 'IV', 'V', 'VI'))",
     ),
 }
 """From a version to the next: the statements, run in one transaction at open."""

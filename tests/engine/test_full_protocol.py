@@ -116,7 +116,13 @@ async def test_chronic_lumbar_protocol_end_to_end(tmp_path: Path, link: str) -> 
                 assert abs(host_err) <= TOLERANCE, lines[-1]
             print(f"\nchronic lumbar, x{TIME_SCALE:g}: {wall_s:.1f} s wall")
             print("\n".join(lines))
-            probe_after_pads(await sim.command_log(), pad_ports=(1, 2, 3), probe_port=4)
+            pads_end_us, probe_start_us = probe_after_pads(
+                await sim.command_log(), pad_ports=(1, 2, 3), probe_port=4
+            )
+            print(
+                f"command log: last pad emission ended {pads_end_us / 1e6:.3f} s, "
+                f"port 4's first EMIT_START {probe_start_us / 1e6:.3f} s (device time)"
+            )
             snap = await sim.snapshot()
             assert not any(p["emitting"] or p["light_on"] for p in snap["ports"])
             assert snap["state_name"] == "standby"
@@ -128,9 +134,10 @@ async def test_chronic_lumbar_protocol_end_to_end(tmp_path: Path, link: str) -> 
 
 def probe_after_pads(
     log: list[dict[str, Any]], pad_ports: tuple[int, ...], probe_port: int
-) -> None:
+) -> tuple[int, int]:
     """From the controller's own command log: the probe port's first accepted EMIT_START
-    comes after the last pad emission ended, and every pad emission started did end."""
+    comes after the last pad emission ended, and every pad emission started did end.
+    Returns both instants (device µs)."""
     started = [
         e
         for e in log
@@ -150,3 +157,4 @@ def probe_after_pads(
     )
     # and the log's order agrees with its clock
     assert max(e["i"] for e in pad_ends) < min(e["i"] for e in probe_starts)
+    return last_pad_end, first_probe

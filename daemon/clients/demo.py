@@ -30,8 +30,8 @@ from pathlib import Path
 from rich.console import Console
 
 PROTOCOL = "lumbar-chronic-nonspecific"
-PROTOCOL_EMISSION_S = 2240
-"""Its emission time: pads 2 × 1000 s, then four probe points of 60 s (docs/library.md)."""
+PROTOCOL_EMISSION_S = 2480
+"""Its emission time: pads 2 × 1000 s, then four probe points of 120 s (docs/library.md)."""
 PATIENT = "DEMO-0001"
 SKIN_TYPE = "III"
 """The demonstration patient's Fitzpatrick skin type, asked at session start."""
@@ -47,7 +47,7 @@ SCREENING = (
 DEFAULT_TIME_SCALE = 30.0
 """×30, not faster: every millisecond the host is late is that many ms of device time.
 At ×60 a stop 5 ms late on a busy machine overran a probe point's energy budget
-(E404); at ×30 the 37-minute protocol still takes under two minutes
+(E404); at ×30 the 41-minute protocol still takes under two minutes
 (docs/performance.md, "Isolation of the safety core")."""
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0

@@ -34,7 +34,7 @@ def test_validate_prints_a_plan_for_every_library_file(capsys: pytest.CaptureFix
         assert heading in out
     assert "port 4: probe, 905 nm, 0.5 cm²" in out
     assert "port 4: pad, 660, 830 nm, 180 cm²" in out  # the multilevel program's fourth pad
-    assert "session: 37 min 20 s" in out  # lumbar-chronic-nonspecific: pads, then the probe
+    assert "session: 41 min 20 s" in out  # lumbar-chronic-nonspecific: pads, then the probe
 
 
 def test_validate_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,7 +68,7 @@ class Timeline:
                 if slot.item.phase == phase.index:
                     out.append(
                         f"  {_clock(slot.start_s)}–{_clock(slot.end_s)}  port {slot.item.port}"
-                        f"  step {slot.item.index}: {slot.item.what}"
+                        f"  step {slot.item.index + 1}: {slot.item.what}"
                     )
         return out
 

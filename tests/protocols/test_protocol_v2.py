@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from fixtures.protocols import (
-    V2_SITES,
     BASE,
+    V2_SITES,
     pad_step,
     pads_then_probe,
     probe_step,

@@ -68,11 +68,11 @@ async def test_chronic_lumbar_protocol_end_to_end(tmp_path: Path, link: str) -> 
                     ),
                 )
             )
-            state = await asyncio.wait_for(session.wait(), 90.0)
+            state = await asyncio.wait_for(session.wait(), device_s / TIME_SCALE + 30.0)
             wall_s = time.monotonic() - t0
             assert state is SessionState.COMPLETED, session.cause_message
             assert session.supervisor.tripped is None
-            assert wall_s < 60.0, wall_s
+            assert wall_s < device_s / TIME_SCALE + 10.0, wall_s
 
             # Every gated step waited for its confirmation before it emitted.
             for e in the_plan.ports:

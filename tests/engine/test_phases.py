@@ -8,12 +8,17 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from engine_rig import Rig
 from fixtures.protocols import pads_then_probe
 from trip_checks import expect_stays_dark, expect_trip
 
 from pbmd.daemon.core.session import PortState, SessionState
+from pbmd.daemon.services.report import build_report
 from pbmd.drivers import codec
+from pbmd.protocols.library import DIRECTORY as LIBRARY_DIR
+from pbmd.protocols.loader import load_protocol, parse_protocol
+from pbmd.protocols.plan import plan
 
 PADS = (1, 2, 3)
 PROBE = 4
@@ -34,8 +39,11 @@ def ends_on(rig: Rig, ports: tuple[int, ...]) -> list[float]:
 
 
 async def test_probe_phase_starts_after_the_last_pad_emission_ended(tmp_path: Path) -> None:
+    """And the record keeps the skin type; the report shows the phases as they ran and
+    the fluence on each patch of skin from every step that reaches it."""
     async with Rig(tmp_path) as rig:
-        the_plan, loaded = rig.plan(pads_then_probe())
+        loaded = parse_protocol(pads_then_probe())
+        the_plan = plan(loaded.protocol, rig.port_map.applicators(), skin_type="IV")
         session = await rig.start(the_plan, loaded)
         state = await asyncio.wait_for(session.wait(), 30.0)
         assert state is SessionState.COMPLETED, session.cause_message
@@ -50,6 +58,28 @@ async def test_probe_phase_starts_after_the_last_pad_emission_ended(tmp_path: Pa
         assert phase_events[1].data["ports"] == [PROBE]
         record = await rig.records(session.id)
         assert {s["outcome"] for s in record["steps"]} == {"completed"}
+        assert record["skin_type"] == "IV"
+        report = build_report(record)
+        assert report.skin_type == "IV" and "Fitzpatrick IV" in report.to_text()
+        assert [(p.id, p.ports, p.steps_completed) for p in report.phases] == [
+            ("pads", (1, 2, 3), 6),
+            ("probe", (4,), 2),
+        ]
+        pads, probe = report.phases
+        assert pads.ended_utc is not None and probe.started_utc is not None
+        assert pads.ended_utc <= probe.started_utc
+        delivered = {
+            (s["port"], s["step_index"]): s["delivered_fluence_j_cm2"] for s in record["steps"]
+        }
+        point = next(p for p in report.skin_patches if p.patch == "l4-l5-facet-left")
+        # the left pad's 660 and 830 nm and the probe point: three steps on that skin
+        assert point.steps == ("port 1 step 1", "port 1 step 2", "port 4 step 1")
+        expected = delivered[(1, 0)] + delivered[(1, 1)] + delivered[(4, 0)]
+        assert point.fluence_delivered_j_cm2 == pytest.approx(expected)
+        assert point.ceiling_total_j_cm2 == 20.0
+        right = next(p for p in report.skin_patches if p.patch == "lumbar-paraspinal-right")
+        assert right.steps == ("port 2 step 1", "port 2 step 2")
+        assert "Skin: cumulative fluence per patch" in report.to_text()
 
 
 async def test_a_pause_in_the_first_phase_holds_the_next(tmp_path: Path) -> None:
@@ -107,3 +137,33 @@ async def test_a_trip_in_the_first_phase_ends_the_session_before_the_probe(
         await expect_trip(rig, session, "E401", observed_at=t0)
         assert starts_on(rig, PROBE) == []
         await expect_stays_dark(rig)
+
+
+CHRONIC = LIBRARY_DIR / "lumbar-chronic-nonspecific.toml"
+CHRONIC_LOADED = load_protocol(CHRONIC)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHRONIC_LOADED.protocol.schema_version == 1,
+    reason="the shipped chronic-lumbar file is still format version 1 (one phase)",
+)
+async def test_shipped_chronic_lumbar_probe_starts_after_the_pads(tmp_path: Path) -> None:
+    """The shipped program on the simulator at x60: by the controller's own log of the
+    commands it received and the events it sent, port 4's first EMIT_START comes after
+    the last pad emission ended."""
+    async with Rig(tmp_path, time_scale=60.0) as rig:
+        the_plan = plan(CHRONIC_LOADED.protocol, rig.port_map.applicators(), skin_type="III")
+        probe_phase = next(p for p in the_plan.phases if PROBE in p.ports)
+        assert probe_phase.index > 0 and set(PADS).isdisjoint(probe_phase.ports)
+        session = await rig.start(
+            the_plan,
+            CHRONIC_LOADED,
+            contraindications={c.value: False for c in CHRONIC_LOADED.protocol.contraindications},
+        )
+        device_s = the_plan.expected_duration_ms / 1000.0
+        state = await asyncio.wait_for(session.wait(), device_s / 60.0 + 60.0)
+        assert state is SessionState.COMPLETED, session.cause_message
+        pads = tuple(p.port for p in the_plan.ports if p.port != PROBE)
+        assert ends_on(rig, pads) and starts_on(rig, PROBE)
+        assert max(ends_on(rig, pads)) < min(starts_on(rig, PROBE))

@@ -21,6 +21,7 @@ from fixtures.protocols import (
 from protocol_helpers import icd_applicators
 
 from pbmd.protocols.body_map import BodyMapError, body_map, parse_body_map
+from pbmd.protocols.cli import schema
 from pbmd.protocols.errors import ProtocolInvalid, Severity
 from pbmd.protocols.limits import Limits
 from pbmd.protocols.loader import load_protocol, parse_protocol
@@ -299,3 +300,13 @@ def test_the_body_map_is_consistent_and_relations_are_closed() -> None:
     loop += b'area_cm2 = 1.0\narea_basis = "x"\ninside = ["aaa"]\n'
     with pytest.raises(BodyMapError, match="loop"):
         parse_body_map(loop)
+
+
+def test_the_json_schema_describes_version_2() -> None:
+    doc = schema()
+    assert doc["properties"]["schema_version"]["enum"] == [1, 2]
+    assert {"phases", "body_map", "totals"} <= set(doc["properties"])
+    defs = doc["$defs"]
+    assert "body_region" in defs["Site"]["properties"]
+    assert {"phase", "sources", "basis", "assumption"} <= set(defs["Step"]["properties"])
+    assert "Phase" in defs and "Total" in defs

@@ -49,6 +49,9 @@ REPORT_KEYS = [
     "stop_causes",
     "unassigned_emissions",
     "alerts",
+    "skin_type",
+    "phases",
+    "skin_patches",
 ]
 STEP_KEYS = [
     "port",

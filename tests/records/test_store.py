@@ -108,7 +108,7 @@ async def test_export_json_and_csv(store: RecordStore) -> None:
     await store.sync()
 
     doc = json.loads(await store.export("json"))
-    assert doc["format"] == "pbmd-records" and doc["schema_version"] == 2
+    assert doc["format"] == "pbmd-records" and doc["schema_version"] == 3
     assert [s["id"] for s in doc["sessions"]] == ["s-1", "s-2"]
     assert len(doc["sessions"][1]["events"]) == 1
 

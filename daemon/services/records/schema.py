@@ -15,6 +15,10 @@ SCHEMA_VERSION = 3
 an older one is migrated (`MIGRATIONS`) when it is opened."""
 
 
+SKIN_TYPE_COLUMN = "skin_type TEXT CHECK (skin_type IN ('I', 'II', 'III', 'IV', 'V', 'VI'))"
+"""The patient's Fitzpatrick skin type (schema version 3)."""
+
+
 class RecordsCorrupt(RecordsError):
     """The database file exists but is not a usable pbmd records database."""
 
@@ -87,7 +91,9 @@ SCHEMA: tuple[str, ...] = (
         course_interval_days REAL,
         time_scale REAL NOT NULL DEFAULT 1.0,
         notes TEXT,
-        skin_type TEXT CHECK (skin_type IN ('I', 'II', 'III', 'IV', 'V', 'VI'))
+        """
+    + SKIN_TYPE_COLUMN
+    + """
     )
     """,
     "CREATE INDEX sessions_started ON sessions (started_utc)",
@@ -172,10 +178,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # 2 -> 3: the patient's Fitzpatrick skin type, asked at session start (NULL: a
     # session recorded before it was asked).
-    2: (
-        "ALTER TABLE sessions ADD COLUMN skin_type TEXT "
-        "CHECK (skin_type IN ('I', 'II', 'III', 'IV', 'V', 'VI'))",
-    ),
+    2: ("ALTER TABLE sessions ADD COLUMN " + SKIN_TYPE_COLUMN,),
 }
 """From a version to the next: the statements, run in one transaction at open."""
 

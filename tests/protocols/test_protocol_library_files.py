@@ -251,7 +251,7 @@ def test_plans_on_its_applicators(loaded: LoadedProtocol) -> None:
     result = plan(loaded.protocol, applicators)
     verify_plan(result)
     assert result.warnings == ()
-    assert 30 * 60_000 <= result.expected_duration_ms <= 60 * 60_000
+    assert 20 * 60_000 <= result.expected_duration_ms <= 60 * 60_000
     for port in result.ports:
         info = applicators[port.port]
         assert port.area_mm2 == info.area_mm2

@@ -134,7 +134,7 @@ def test_sigterm_during_session_closes_it_with_its_record(make_daemon: DaemonFac
                 "watch": True,
             },
         )
-        confirm_first_placements(client, (1, 2, 3, 4))
+        confirm_first_placements(client, (1, 2, 3))  # the pads: the probe may be a later phase
         d.wait_log(
             lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
         )

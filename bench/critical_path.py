@@ -12,18 +12,26 @@ controller's own end), converted to device time with the clock rate the host
 measured. Arming and the emission delay come before the schedule and are
 printed on their own.
 
-    python bench/critical_path.py [--rounds 3] [--time-scale 20]
+The engine runs as the service does (systemd/pbmd.service, `pbmd run
+--realtime`): SCHED_FIFO 10 where allowed, and the simulator child inherits it
+as the daemon's embedded simulator does; `--no-realtime` runs both at the
+normal policy, as on a workstation where real-time scheduling is refused.
+
+    python bench/critical_path.py [--rounds 3] [--time-scale 20] [--no-realtime]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
 from benchlib import Bench, TapSim, quiet_logs
 from fixtures.protocols import V2_SITES, pad_step, probe_step, protocol_v2, site_v2
+
+from pbmd.daemon.services import scheduling
 
 BOUND = 0.005
 """The session may take at most 0.5 % longer than the critical path (issue 13)."""
@@ -62,8 +70,9 @@ def phased_protocol() -> str:
     )
 
 
-async def run(rounds: int, time_scale: float) -> int:
+async def run(rounds: int, time_scale: float, realtime: bool) -> int:
     quiet_logs()
+    sched = scheduling.apply(realtime)
     text = phased_protocol()
     overs: list[float] = []
     failed = 0
@@ -73,7 +82,9 @@ async def run(rounds: int, time_scale: float) -> int:
         phase2_at_s = the_plan.phases[1].expected_start_ms / 1000.0
         print(
             f"critical path at x{time_scale:g}: {critical_s:.1f} s of device time "
-            f"(phase 2 due at {phase2_at_s:.1f} s); telemetry {bench.telemetry_hz} Hz"
+            f"(phase 2 due at {phase2_at_s:.1f} s); telemetry {bench.telemetry_hz} Hz; "
+            f"engine and simulator {sched['policy']} rt {sched['rt_priority']} nice "
+            f"{sched['nice']}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
         print(
             f"{'round':>5} {'arming s':>9} {'session s':>10} {'over %':>8} "
@@ -119,8 +130,14 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--time-scale", type=float, default=20.0)
+    parser.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="do not ask for SCHED_FIFO (default: ask, as the service does)",
+    )
     args = parser.parse_args()
-    raise SystemExit(asyncio.run(run(args.rounds, args.time_scale)))
+    raise SystemExit(asyncio.run(run(args.rounds, args.time_scale, args.realtime)))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ import termios
 import time
 from pathlib import Path
 
+from pbmd.protocols.library import DIRECTORY
+from pbmd.protocols.loader import load_protocol
+
 from .conftest import DaemonFactory
 from .harness import (
     PBMCTL,
@@ -25,6 +28,7 @@ from .harness import (
     write_protocol,
 )
 
+CHRONIC = DIRECTORY / "lumbar-chronic-nonspecific.toml"
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -84,7 +88,7 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     finally:
         shutil.rmtree(state, ignore_errors=True)
     assert outcome == "completed" and operator
-    assert len(steps) == 10  # lumbar-chronic-nonspecific: 3 pads × 2, then 4 probe points
+    assert len(steps) == len(load_protocol(CHRONIC).doses) == 10  # 3 pads × 2, then 4 probe points
     assert all(o == "completed" for o, _, _ in steps)
     errors = [(delivered - prescribed) / prescribed for _, delivered, prescribed in steps]
     assert max(abs(e) for e in errors) < 0.02, errors
@@ -95,6 +99,7 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     assert "lumbar-chronic-nonspecific" in text
     assert "PHOTOBIOMODULATION TREATMENT REPORT" in text
     assert "Outcome           COMPLETED" in text
+    assert "Fitzpatrick III" in text  # the skin type, asked at start and recorded
     assert "pbmd stopped cleanly (exit 0)" in text
 
 

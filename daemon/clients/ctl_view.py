@@ -587,13 +587,30 @@ def render_timeline(console: Console, proto: Mapping[str, Any]) -> None:
     for port in proto.get("ports") or []:
         for s in port["steps"]:
             if s.get("sources") or s.get("assumption"):
-                said = (
-                    f"{', '.join(s['sources'])}: {s.get('basis') or ''}"
-                    if s.get("sources")
-                    else f"assumption: {s['assumption']}"
-                )
                 console.print(
-                    f"  port {port['port']} step {s['index'] + 1} dose — {said}", highlight=False
+                    f"  port {port['port']} step {s['index'] + 1} dose — {_provenance(s)}",
+                    highlight=False,
                 )
+    for total in proto.get("totals") or []:
+        stated = ", ".join(
+            text
+            for text in (
+                f"{total['energy_j']:g} J" if total.get("energy_j") is not None else "",
+                f"{total['points']} points" if total.get("points") is not None else "",
+            )
+            if text
+        )
+        console.print(f"  total {total['label']}: {stated} — {_provenance(total)}", highlight=False)
     for line in proto.get("v1_reading") or []:
         console.print(f"[yellow]{line}[/]", highlight=False)
+
+
+def _provenance(item: Mapping[str, Any]) -> str:
+    """Where a dose or a total comes from: its sources and what they state, and the
+    assumption it rests on where there is one (a dose may have both)."""
+    parts = []
+    if item.get("sources"):
+        parts.append(f"{', '.join(item['sources'])}: {item.get('basis') or ''}")
+    if item.get("assumption"):
+        parts.append(f"assumption: {item['assumption']}")
+    return " · ".join(parts)

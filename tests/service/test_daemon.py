@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pbmd.protocols import library
+
 from .conftest import DaemonFactory
 from .harness import (
     SCREENING_CHRONIC,
@@ -368,7 +370,9 @@ def test_embedded_default_runs_under_the_user_state_dir(workdir: Path) -> None:
         assert (d.state_dir / "records.sqlite").exists()
         st = pbmctl_json(d.socket_path, "status")
         assert st["daemon"]["config"] == "<embedded default>"
-        assert len(pbmctl_json(d.socket_path, "protocol", "list")["protocols"]) == 7
+        listed = pbmctl_json(d.socket_path, "protocol", "list")["protocols"]
+        assert {p["id"] for p in listed} == {p.stem for p in library.protocol_files()}
+        assert len(listed) == 8
         assert d.stop() == 0
     finally:
         d.kill()

@@ -125,6 +125,7 @@ def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdi
     os.close(slave)
     out = bytearray()
     prompts = 0
+    asked = False
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -138,6 +139,9 @@ def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdi
             if not chunk:
                 break
             out += chunk
+            if not asked and b"skin type" in ANSI.sub(b"", bytes(out)):
+                asked = True
+                os.write(master, b"v\n")  # asked like the screening, on the terminal
             if b"[enter]" in ANSI.sub(b"", chunk):
                 prompts += 1
                 os.write(master, b"\n")  # the clinician confirms the placement
@@ -152,3 +156,9 @@ def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdi
     assert "confirm placement at" in text and prompts >= 3
     assert "placement at" in text and "confirmed" in text
     assert "ended: COMPLETED" in text
+    assert "Fitzpatrick skin type of the patient" in text
+    db = sqlite3.connect(d.state_dir / "records.sqlite")
+    try:
+        assert db.execute("SELECT skin_type FROM sessions").fetchall() == [("V",)]
+    finally:
+        db.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +98,13 @@ def _uj(energy: float) -> int:
     return max(0, round(energy))
 
 
+COMMAND_LOG_LENGTH = 20_000
+"""Entries the command log keeps (the oldest go first): a long session's commands."""
+
+_QUERIES = (codec.Hello, codec.Ping, codec.GetPort, codec.GetCounters)
+"""Requests that change nothing; the command log leaves them out."""
+
+
 @dataclass
 class PortSlot:
     """A port: its physics plus the controller's per-port bookkeeping."""
@@ -145,6 +153,10 @@ class Controller:
         self.own_stalls_forgiven = 0
         """Watchdog deadlines that passed while the simulator itself was not running."""
         self._forgiven_since_rx = False
+        self.command_log: deque[dict[str, Any]] = deque(maxlen=COMMAND_LOG_LENGTH)
+        """What the firmware itself did, in device time: every command it answered
+        (queries left out) and every emission end, whatever ended it."""
+        self._log_index = 0
         self._events: list[codec.Event] = []
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = 0.0
@@ -286,6 +298,16 @@ class Controller:
             return
         slot.session_uj += _uj(em.energy_uj)
         self._event(slot.number, EventCode.EMISSION_ENDED, int(reason))
+        self._log(
+            {
+                "device_time_us": _us(self.t),
+                "kind": "emission_ended",
+                "port": slot.number,
+                "stop_reason": int(reason),
+                "energy_uj": _uj(em.energy_uj),
+                "duration_ms": em.duration_ms(self.t),
+            }
+        )
 
     def _stop_all(self, reason: StopReason) -> None:
         for slot in self.slots.values():
@@ -328,12 +350,51 @@ class Controller:
             reply = codec.Nak(int(NakError.BAD_PARAMETER))
         if isinstance(reply, codec.Nak):
             self.naks[reply.error] = self.naks.get(reply.error, 0) + 1
+        self._log_command(frame, reply)
         self.out.reply(frame.seq, reply)
         self._flush()
         self.reschedule()
 
     def _nak(self, error: NakError) -> codec.Nak:
         return codec.Nak(int(error))
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        entry["i"] = self._log_index
+        self._log_index += 1
+        self.command_log.append(entry)
+
+    def _log_command(self, frame: codec.Frame, reply: codec.Message) -> None:
+        """One answered command, as the firmware saw it (an undecodable one by its type)."""
+        cls = _HOST_TYPES.get(frame.msg_type)
+        if cls in _QUERIES:
+            return
+        entry: dict[str, Any] = {
+            "device_time_us": _us(self.t),
+            "kind": "request",
+            "request": cls.__name__ if cls is not None else f"0x{frame.msg_type:02X}",
+            "reply": type(reply).__name__,
+            "nak_error": reply.error if isinstance(reply, codec.Nak) else None,
+        }
+        if cls is not None and cls not in (codec.Disarm, codec.AllOff):
+            try:
+                msg = cls.unpack_payload(frame.payload)
+            except codec.PayloadLengthError:
+                msg = None
+            if isinstance(msg, codec.EmitStart):
+                entry.update(
+                    port=msg.port,
+                    wavelength_nm=msg.wavelength_nm,
+                    power_uw=msg.power_uw,
+                    energy_budget_uj=msg.energy_budget_uj,
+                )
+            elif isinstance(msg, codec.EmitStop):
+                entry["port"] = msg.port
+        self._log(entry)
+
+    def command_log_since(self, since: int = 0) -> list[dict[str, Any]]:
+        """The command log's entries numbered `since` and after (oldest first)."""
+        self.sync()
+        return [dict(e) for e in self.command_log if e["i"] >= since]
 
     def _dispatch(self, frame: codec.Frame) -> codec.Message:
         cls = _HOST_TYPES.get(frame.msg_type)

@@ -7,7 +7,7 @@ latched controller fault: that takes CLEAR_FAULT from the host, as on the real
 device.
 
 Control channel: JSON lines over TCP, one request per line,
-``{"op": "<method or 'snapshot' or 'ops'>", "args": {...}}``, answered by
+``{"op": "<method or 'snapshot', 'ops' or 'command_log'>", "args": {...}}``, answered by
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
 """
 
@@ -400,14 +400,20 @@ def handle_control_request(sim: Simulator, line: bytes) -> dict[str, Any]:
         return {"ok": False, "error": '"args" must be an object of named arguments'}
     if op == "snapshot":
         return {"ok": True, "result": sim.snapshot()}
+    if op == "command_log":
+        since = args.get("since", 0)
+        if set(args) - {"since"} or not isinstance(since, int) or since < 0:
+            return {"ok": False, "error": 'command_log: args are {"since": n >= 0} or none'}
+        return {"ok": True, "result": sim.controller.command_log_since(since)}
     if op == "ops":
         faults = sim.faults
         sigs = [_describe(getattr(faults, name)) for name in FaultInjector.OPS]
-        return {"ok": True, "result": ["snapshot()", "ops()", *sigs]}
+        return {"ok": True, "result": ["snapshot()", "ops()", "command_log(since=0)", *sigs]}
     if op not in FaultInjector.OPS:
         return {
             "ok": False,
-            "error": f"unknown op {op!r}; ops: snapshot, ops, {', '.join(FaultInjector.OPS)}",
+            "error": f"unknown op {op!r}; ops: snapshot, ops, command_log, "
+            f"{', '.join(FaultInjector.OPS)}",
         }
     method = getattr(sim.faults, op)
     try:

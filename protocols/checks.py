@@ -20,6 +20,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from pbmd.protocols import anatomy
+from pbmd.protocols.body_map import body_map
 from pbmd.protocols.errors import Issue, Path, Severity, show_value
 from pbmd.protocols.evidence import REFERENCES
 from pbmd.protocols.limits import (
@@ -38,12 +40,14 @@ from pbmd.protocols.model import (
     Contraindication,
     Evidence,
     Mode,
+    Phase,
     Protocol,
     Region,
     Site,
     Step,
     Target,
     Technique,
+    Total,
 )
 
 PREGNANCY_REGIONS = frozenset({Region.LUMBAR, Region.SACRAL, Region.PELVIS, Region.ABDOMEN})
@@ -86,6 +90,8 @@ class StepDose:
     energy_j: float
     fluence_j_cm2: float
     max_time_s: float
+    phase: int = 0
+    """Index of the phase the step runs in (v1: always 0, one phase)."""
 
 
 @dataclass
@@ -108,10 +114,19 @@ class ProtocolView:
     contraindications: frozenset[Contraindication] | None = frozenset()
     evidence: list[tuple[int, Evidence]] = field(default_factory=list)
     ports: list[PortView] = field(default_factory=list)
+    schema_version: int | None = None
+    body_map: str | None = None
+    phases: list[tuple[int, Phase]] = field(default_factory=list)
+    phases_complete: bool = True
+    totals: list[tuple[int, Total]] = field(default_factory=list)
 
     @classmethod
     def of(cls, protocol: Protocol) -> ProtocolView:
         return cls(
+            schema_version=protocol.schema_version,
+            body_map=protocol.body_map,
+            phases=list(enumerate(protocol.phases)),
+            totals=list(enumerate(protocol.totals)),
             sites=dict(protocol.sites),
             contraindications=frozenset(protocol.contraindications),
             evidence=list(enumerate(protocol.evidence)),
@@ -120,6 +135,22 @@ class ProtocolView:
                 for number, port in sorted(protocol.ports.items())
             ],
         )
+
+
+def zone_of(site: Site) -> Region | None:
+    """The coarse body region of a site: stated (v1) or the body map's (v2)."""
+    if site.region is not None:
+        return site.region
+    region = body_map().regions.get(site.body_region or "")
+    return None if region is None else region.zone
+
+
+def area_covered_of(site: Site) -> float | None:
+    """The skin area a site covers: stated, or (v2) its body region's."""
+    if site.area_covered_cm2 is not None:
+        return site.area_covered_cm2
+    region = body_map().regions.get(site.body_region or "")
+    return None if region is None else region.area_cm2
 
 
 def step_path(port_key: str, index: int, *rest: str) -> Path:
@@ -637,18 +668,26 @@ def check_totals(doses: list[StepDose], limits: Limits) -> Iterable[Issue]:
                 fix=f"lower the dose of these steps so that they sum to at most {_g(ceiling)} "
                 "J/cm²",
             )
-    per_port: dict[int, float] = defaultdict(float)
+    per_phase_port: dict[tuple[int, int], float] = defaultdict(float)
     for dose in doses:
-        per_port[dose.port] += dose.time_s
-    if per_port:
-        port, longest = max(per_port.items(), key=lambda item: item[1])
-        if longest > limits.session_time_max_s:
+        per_phase_port[(dose.phase, dose.port)] += dose.time_s
+    if per_phase_port:
+        longest_in: dict[int, tuple[float, int]] = {}
+        for (phase, port), time_s in per_phase_port.items():
+            longest_in[phase] = max(longest_in.get(phase, (0.0, port)), (time_s, port))
+        critical_s = sum(time_s for time_s, _ in longest_in.values())
+        if critical_s > limits.session_time_max_s:
+            port = max(longest_in.values())[1]
+            ports_text = (
+                f"port {port} emits for {_g(critical_s / 60)} min in all; ports run at once"
+                if len(longest_in) == 1
+                else f"the phases, one after the other, take {_g(critical_s / 60)} min"
+            )
             yield Issue(
                 "session-time",
-                f"port {port} emits for {_g(longest / 60)} min in all; ports run at once, "
-                "so the session lasts at least that long",
+                f"{ports_text}, so the session lasts at least that long",
                 path=("ports", str(port)),
-                value=f"{_g(longest / 60)} min",
+                value=f"{_g(critical_s / 60)} min",
                 allowed=f"≤ {_g(limits.session_time_max_s / 60)} min per session",
                 fix="shorten or remove steps of this port, or split the program into two protocols",
             )
@@ -669,7 +708,7 @@ def check_header(view: ProtocolView) -> Iterable[Issue]:
     listed = view.contraindications
     if listed is None:
         return
-    regions = {site.region for site in view.sites.values()}
+    regions = {zone_of(site) for site in view.sites.values()}
     required: list[tuple[Contraindication, str]] = [(Contraindication.CANCER, "every protocol")]
     if regions & PREGNANCY_REGIONS:
         required.append((Contraindication.PREGNANCY, "abdomen, low back or pelvis sites"))
@@ -690,6 +729,8 @@ def check_header(view: ProtocolView) -> Iterable[Issue]:
 def check_view(view: ProtocolView, limits: Limits) -> tuple[list[Issue], list[StepDose]]:
     """Every cross-field check that the validated parts of a protocol allow."""
     issues: list[Issue] = list(check_header(view))
+    issues += anatomy.check_format(view)
+    phase_of = anatomy.phase_indices(view)
     doses: list[StepDose] = []
     for port in view.ports:
         for index, step in port.steps:
@@ -701,8 +742,15 @@ def check_view(view: ProtocolView, limits: Limits) -> tuple[list[Issue], list[St
             dose = resolve_step(port.number, port.key, index, step, port.applicator.beam_area_cm2)
             if dose is None:
                 continue
+            dose = replace(dose, phase=phase_of.get(step.phase or "", 0))
             issues += check_consistency(port, index, step, dose)
             issues += check_dose(step, dose, limits)
             doses.append(dose)
-    issues += check_totals(doses, limits)
+    if view.schema_version == 2:
+        issues += anatomy.check_skin(view, doses, limits)
+        issues += anatomy.check_stated_totals(view, doses)
+    else:
+        issues += check_totals(doses, limits)
+        return issues, doses
+    issues += [i for i in check_totals(doses, limits) if i.rule != "fluence-ceiling"]
     return issues, doses

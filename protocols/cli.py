@@ -122,11 +122,46 @@ def _print_protocol(console: Console, path: Path, loaded: LoadedProtocol, signed
         console.print(table)
     course = protocol.course
     console.print(
-        f"session: {_minutes(loaded.session_time_s)} of emission (ports run at once); "
-        f"course: {course.sessions} sessions, at least {course.interval_days:g} days apart; "
-        "gates: P placement confirmed, C skin contact, F footswitch",
+        f"session: {_minutes(loaded.session_time_s)} of emission (phases one after another, "
+        f"the ports of a phase at once); course: {course.sessions} sessions, at least "
+        f"{course.interval_days:g} days apart; gates: P placement confirmed, C skin contact, "
+        "F footswitch",
         highlight=False,
     )
+    console.print("[bold]timeline[/] (if nobody waits)")
+    for line in loaded.timeline().lines():
+        console.print(f"  {line}", highlight=False, markup=False)
+    console.print("[bold]sources[/]")
+    for evidence in protocol.evidence:
+        console.print(f"  {evidence.ref}: {evidence.relevance}", highlight=False, markup=False)
+    for number, port in sorted(protocol.ports.items()):
+        for index, step in enumerate(port.steps):
+            parts = [f"{', '.join(step.sources)}: {step.basis}"] if step.sources else []
+            if step.assumption:
+                parts.append(f"assumption: {step.assumption}")
+            if not parts:
+                continue
+            said = "; ".join(parts)
+            console.print(
+                f"  port {number} step {index + 1} dose — {said}", highlight=False, markup=False
+            )
+    for total in protocol.totals:
+        parts = [f"{', '.join(total.sources)}: {total.basis}"] if total.sources else []
+        if total.assumption:
+            parts.append(f"assumption: {total.assumption}")
+        stated = ", ".join(
+            text
+            for text in (
+                None if total.energy_j is None else f"{total.energy_j:g} J",
+                None if total.points is None else f"{total.points} points",
+            )
+            if text
+        )
+        console.print(
+            f"  total {total.label}: {stated} — {'; '.join(parts)}", highlight=False, markup=False
+        )
+    for line in loaded.v1_reading:
+        console.print(f"[yellow]{line}[/]", highlight=False)
 
 
 def _print_issue(console: Console, issue: Issue) -> None:

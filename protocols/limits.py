@@ -69,9 +69,20 @@ _QUANTITIES = (
              "Pulsed red light at 5–10 Hz can trigger seizures; ~30 Hz is the "
              "conservative upper bound of the caution."),
     # -------------------------------------------- protocol and site ceilings
-    Quantity("fluence_ceiling_j_cm2", "J/cm²", 10.0, 0.0, 20.0, "DESIGN.md \"Limits\"",
-             "Fluence per site per wavelength per session; the hard bound is twice the "
-             "default (the dose–response is biphasic)."),
+    Quantity("fluence_ceiling_j_cm2", "J/cm²", 10.0, 0.0, 20.0, "DESIGN.md \"Limits\"; "
+             "DOSIMETRY.md (assumed: no source fixes it)",
+             "Fluence per patch of skin (v1: per site) per wavelength per session; the hard "
+             "bound is twice the default (the dose–response is biphasic)."),
+    Quantity("total_fluence_ceiling_j_cm2", "J/cm²", 20.0, 0.0, 40.0, "DOSIMETRY.md "
+             "(assumed: no source fixes it)",
+             "Fluence per patch of skin over all wavelengths per session (v2 files); the "
+             "hard bound is twice the default."),
+    Quantity("mpe_fraction_sum_max", "fraction", 1.0, 1.0, 1.0, "IEC 60825-1 (DOSIMETRY.md: "
+             "exposures of the same effect add)",
+             "Sum over wavelengths of irradiance / skin MPE on one patch at one time."),
+    Quantity("skin_type_derating", "fraction", 1.0, 0.1, 1.0, "assumed: no source gives a "
+             "factor (Joensen et al. 2011 shows dark skin heats more, not by how much)",
+             "Factor on the irradiance ceiling for one Fitzpatrick skin type; 1 = none."),
     Quantity("irradiance_warning_mw_cm2", "mW/cm²", 100.0, 0.0, math.inf,
              "DESIGN.md \"Limits\"", "Irradiance above this is accepted with a warning."),
     Quantity("step_time_s", "s", 1800.0, 1.0, 1800.0, "DESIGN.md \"Limits\"",
@@ -141,6 +152,11 @@ PULSED_ONLY_MAX_NM = int(limit("pulsed_only_max_nm"))
 RED_MAX_NM = int(limit("red_max_nm"))
 EPILEPSY_MAX_PULSE_HZ = limit("epilepsy_max_pulse_hz")
 HARD_FLUENCE_CEILING_J_CM2 = LIMITS["fluence_ceiling_j_cm2"].maximum
+HARD_TOTAL_FLUENCE_CEILING_J_CM2 = LIMITS["total_fluence_ceiling_j_cm2"].maximum
+DEFAULT_TOTAL_FLUENCE_CEILING_J_CM2 = limit("total_fluence_ceiling_j_cm2")
+MPE_FRACTION_SUM_MAX = limit("mpe_fraction_sum_max")
+SKIN_TYPES = ("I", "II", "III", "IV", "V", "VI")
+"""Fitzpatrick skin types, lightest to darkest."""
 HARD_STEP_TIME_MIN_S = LIMITS["step_time_s"].minimum
 HARD_STEP_TIME_MAX_S = LIMITS["step_time_s"].maximum
 HARD_SESSION_TIME_MAX_S = LIMITS["session_time_max_s"].maximum
@@ -187,6 +203,35 @@ class Limits(BaseModel):
         le=HARD_FLUENCE_CEILING_J_CM2,
         description="Fluence per site per wavelength per session.",
     )
+    fluence_ceiling_source: str = Field(
+        default=LIMITS["fluence_ceiling_j_cm2"].source,
+        min_length=1,
+        max_length=200,
+        description='Where the site\'s fluence ceiling comes from, or "assumed".',
+    )
+    total_fluence_ceiling_j_cm2: float = Field(
+        default=DEFAULT_TOTAL_FLUENCE_CEILING_J_CM2,
+        gt=0,
+        le=HARD_TOTAL_FLUENCE_CEILING_J_CM2,
+        description="Fluence per patch of skin over all wavelengths per session (v2 files).",
+    )
+    total_fluence_ceiling_source: str = Field(
+        default=LIMITS["total_fluence_ceiling_j_cm2"].source,
+        min_length=1,
+        max_length=200,
+        description='Where the total fluence ceiling comes from, or "assumed".',
+    )
+    irradiance_derating_by_skin_type: dict[str, float] = Field(
+        default_factory=dict,
+        description="Factor (0.1–1) on every irradiance ceiling for a Fitzpatrick skin type "
+        '(keys "I"…"VI"); none by default: no source gives a factor.',
+    )
+    irradiance_derating_source: str = Field(
+        default=LIMITS["skin_type_derating"].source,
+        min_length=1,
+        max_length=200,
+        description='Where the derating factors come from, or "assumed".',
+    )
     irradiance_warning_mw_cm2: float = Field(
         default=DEFAULT_IRRADIANCE_WARNING_MW_CM2,
         gt=0,
@@ -216,6 +261,14 @@ class Limits(BaseModel):
     def _within_hard_ceilings(self) -> Self:
         if self.step_time_min_s > self.step_time_max_s:
             raise ValueError("step_time_min_s is above step_time_max_s")
+        derating = LIMITS["skin_type_derating"]
+        for skin_type, factor in self.irradiance_derating_by_skin_type.items():
+            if skin_type not in SKIN_TYPES:
+                raise ValueError(
+                    f"irradiance derating given for skin type {skin_type!r}: "
+                    f"use one of {', '.join(SKIN_TYPES)}"
+                )
+            derating.check(factor)
         for wavelength_nm, ceiling in self.irradiance_ceiling_by_wavelength_mw_cm2.items():
             if not WAVELENGTH_MIN_NM <= wavelength_nm <= WAVELENGTH_MAX_NM:
                 raise ValueError(
@@ -241,6 +294,12 @@ class Limits(BaseModel):
             ceiling = by_wavelength
             origin = f"site irradiance ceiling at {wavelength_nm} nm"
         return ceiling, origin
+
+    def derating(self, skin_type: str | None) -> float:
+        """The factor on irradiance ceilings for a patient's skin type (1 = none)."""
+        if skin_type is None:
+            return 1.0
+        return self.irradiance_derating_by_skin_type.get(skin_type, 1.0)
 
 
 DEFAULT_LIMITS = Limits()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
+from pbmd.protocols.anatomy import v1_reading
 from pbmd.protocols.checks import PortView, ProtocolView, StepDose, check_view
 from pbmd.protocols.errors import Issue, Path, PathPart, ProtocolInvalid, Severity, show_value
 from pbmd.protocols.evidence import find_unverifiable
@@ -35,10 +36,13 @@ from pbmd.protocols.model import (
     Applicator,
     ContraindicationField,
     Evidence,
+    Phase,
     Protocol,
     Site,
     Step,
+    Total,
 )
+from pbmd.protocols.schedule import V1_PHASE_ID, V1_PHASE_TITLE, Item, Timeline, build
 
 MAX_FILE_BYTES = 1 << 20
 _M = TypeVar("_M", bound=BaseModel)
@@ -77,16 +81,41 @@ class LoadedProtocol:
     doses: tuple[StepDose, ...]
 
     @property
+    def phases(self) -> list[tuple[str, str]]:
+        """(id, title) of each phase in order; a v1 file is one phase of every port."""
+        if not self.protocol.phases:
+            return [(V1_PHASE_ID, V1_PHASE_TITLE)]
+        return [(p.id, p.title) for p in self.protocol.phases]
+
+    def timeline(self) -> Timeline:
+        """Which port does what when, with no waiting for the operator."""
+        items = [
+            Item(
+                d.port,
+                d.index,
+                d.phase,
+                d.time_s,
+                f"{self.protocol.sites[d.site].label}: {d.wavelength_nm} nm, "
+                f"{d.fluence_j_cm2:.3g} J/cm² ({d.energy_j:.3g} J) in {d.time_s:.0f} s",
+            )
+            for d in self.doses
+        ]
+        return build(self.phases, items)
+
+    @property
     def session_time_s(self) -> float:
-        """Ports run at once: the longest port's total emission time."""
-        per_port: dict[int, float] = {}
-        for dose in self.doses:
-            per_port[dose.port] = per_port.get(dose.port, 0.0) + dose.time_s
-        return max(per_port.values(), default=0.0)
+        """The critical path: phases one after another, the longest port of each."""
+        return self.timeline().critical_path_s
+
+    @property
+    def v1_reading(self) -> list[str]:
+        """What a version 1 file means in version 2 (empty for a v2 file)."""
+        return v1_reading(self.protocol)
 
     def as_dict(self) -> dict[str, Any]:
         """The protocol as the API and `protocol validate --json` show it, dose by dose."""
         protocol = self.protocol
+        timeline = self.timeline()
         ports = []
         for number, port in sorted(protocol.ports.items()):
             steps: list[dict[str, Any]] = []
@@ -111,6 +140,11 @@ class LoadedProtocol:
                         "target": dose.target.value,
                         "max_time_s": dose.max_time_s,
                         "gating": step.gating.model_dump(),
+                        "phase": self.phases[dose.phase][0],
+                        "body_region": protocol.sites[dose.site].body_region,
+                        "sources": list(step.sources),
+                        "basis": step.basis,
+                        "assumption": step.assumption,
                     }
                 )
             ports.append(
@@ -127,7 +161,32 @@ class LoadedProtocol:
             "title": protocol.title,
             "sha256": self.sha256,
             "session_time_s": self.session_time_s,
+            "schema_version": protocol.schema_version,
+            "v1_reading": self.v1_reading,
             "course": protocol.course.model_dump(),
+            "evidence": [e.model_dump() for e in protocol.evidence],
+            "phases": [
+                {
+                    "id": slot.id,
+                    "title": slot.title,
+                    "start_s": slot.start_s,
+                    "end_s": slot.end_s,
+                    "ports": list(slot.ports),
+                }
+                for slot in timeline.phases
+            ],
+            "timeline": [
+                {
+                    "port": slot.item.port,
+                    "step": slot.item.index,
+                    "phase": self.phases[slot.item.phase][0],
+                    "start_s": slot.start_s,
+                    "end_s": slot.end_s,
+                    "what": slot.item.what,
+                }
+                for slot in timeline.slots
+            ],
+            "totals": [t.model_dump(mode="json") for t in protocol.totals],
             "ports": ports,
         }
 
@@ -268,6 +327,24 @@ def _lenient(model: type[_M], raw: Any) -> tuple[_M, frozenset[str]]:
 
 def _partial_view(document: Mapping[str, Any]) -> ProtocolView:
     view = ProtocolView()
+    version = document.get("schema_version")
+    view.schema_version = version if type(version) is int else None
+    body_map_id = document.get("body_map")
+    view.body_map = body_map_id if isinstance(body_map_id, str) else None
+    raw_phases = document.get("phases", [])
+    if isinstance(raw_phases, list):
+        for index, raw in enumerate(raw_phases):
+            try:
+                view.phases.append((index, Phase.model_validate(raw)))
+            except ValidationError:
+                view.phases_complete = False
+    else:
+        view.phases_complete = False
+    raw_totals = document.get("totals", [])
+    if isinstance(raw_totals, list):
+        for index, raw in enumerate(raw_totals):
+            with contextlib.suppress(ValidationError):
+                view.totals.append((index, Total.model_validate(raw)))
     raw_sites = document.get("sites")
     if isinstance(raw_sites, dict):
         for key, raw in raw_sites.items():

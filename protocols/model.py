@@ -27,8 +27,11 @@ from pbmd.protocols.limits import (
     WAVELENGTH_MIN_NM,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The format this code writes about; files of version 1 still load (as one phase)."""
+SCHEMA_VERSIONS = (1, 2)
 MAX_PORTS = 8
+MAX_PHASES = 16
 
 
 class _Model(BaseModel):
@@ -138,12 +141,26 @@ class Course(_Model):
 
 
 class Site(_Model):
-    """An anatomical site; fluence ceilings are summed per site per wavelength."""
+    """An anatomical site. v2: a region of the body map, whose ceilings are summed on
+    the skin; v1: a named site, whose ceilings are summed per name and wavelength."""
 
     label: ShortText = Field(description="Anatomical site as the clinician reads it.")
-    region: RegionField = Field(description="Body region, for the contraindication checks.")
-    area_covered_cm2: float = Field(
-        ge=0.01, le=5000, description="Skin area this site covers (Jenkins & Carroll)."
+    body_region: Identifier | None = Field(
+        default=None,
+        description="v2 (required): the region of the body map (protocols/body_map.toml) "
+        "this site lies on.",
+    )
+    region: RegionField | None = Field(
+        default=None,
+        description="v1 (required there, not allowed in v2, where the map gives it): "
+        "coarse body region, for the contraindication checks.",
+    )
+    area_covered_cm2: float | None = Field(
+        default=None,
+        ge=0.01,
+        le=5000,
+        description="Skin area this site covers (Jenkins & Carroll). Required in v1; in v2 "
+        "the body region's area unless stated (never above it).",
     )
 
 
@@ -219,6 +236,53 @@ class Step(_Model):
     )
     gating: Gating = Field(default_factory=Gating)
     note: LongText | None = Field(default=None, description="Why this step is as it is.")
+    phase: Identifier | None = Field(
+        default=None,
+        description="v2 (required): id of the [[phases]] entry this step runs in.",
+    )
+    sources: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="v2: [[evidence]] refs this step's dose comes from.",
+    )
+    basis: LongText | None = Field(
+        default=None,
+        description="v2: what in the sources gives this dose (required with sources).",
+    )
+    assumption: LongText | None = Field(
+        default=None,
+        description="v2: why this dose, where no source gives it (required without sources).",
+    )
+
+
+class Phase(_Model):
+    """A stage of the session: its steps on every port run together; the next phase
+    starts when every step of this one has ended."""
+
+    id: Identifier = Field(description="Name the steps refer to with phase = …")
+    title: ShortText = Field(description="What happens in this phase, for the clinician.")
+    note: LongText | None = Field(default=None, description="Why the phase is as it is.")
+
+
+class Total(_Model):
+    """A total a source states (e.g. WALT: 16 J in all), checked against the steps."""
+
+    label: ShortText = Field(description="What the total is.")
+    phase: Identifier | None = Field(default=None, description="Only steps of this phase.")
+    ports: list[PortNumber] = Field(
+        default_factory=list, max_length=MAX_PORTS, description="Only these ports (all if empty)."
+    )
+    energy_j: float | None = Field(
+        default=None, ge=0.001, le=100_000, description="Total energy of those steps, J."
+    )
+    points: int | None = Field(
+        default=None, ge=1, le=64, description="Number of distinct sites of those steps."
+    )
+    sources: list[str] = Field(default_factory=list, max_length=8)
+    basis: LongText | None = Field(default=None, description="What the sources state.")
+    assumption: LongText | None = Field(
+        default=None, description="Why this total, where no source gives it."
+    )
 
 
 class Port(_Model):
@@ -235,10 +299,16 @@ class Protocol(_Model):
         strict=True,
         allow_inf_nan=False,
         title="pbmd treatment protocol",
-        json_schema_extra={"$comment": "pbmd protocol file, schema_version 1 (TOML)"},
+        json_schema_extra={
+            "$comment": "pbmd protocol file (TOML), schema_version 2; version 1 files "
+            "still load as one phase with every port at once"
+        },
     )
 
-    schema_version: Literal[1] = Field(description="Format version of this file: 1.")
+    schema_version: Literal[1, 2] = Field(
+        description="Format version of this file: 2 (phases, body map, dose sources); "
+        "1 is still read, as one phase."
+    )
     id: Identifier = Field(description="Stable name, lower-case letters, digits and '-'.")
     version: int = Field(ge=1, le=2**31 - 1, description="Increases with every release.")
     title: ShortText
@@ -247,5 +317,16 @@ class Protocol(_Model):
     contraindications: list[ContraindicationField] = Field(min_length=1, max_length=16)
     cautions: list[LongText] = Field(default_factory=list, max_length=32)
     course: Course
+    body_map: Identifier | None = Field(
+        default=None, description='v2 (required): the body map\'s id, "pbmd-body-map".'
+    )
+    phases: list[Phase] = Field(
+        default_factory=list,
+        max_length=MAX_PHASES,
+        description="v2 (required): the phases in the order they run.",
+    )
     sites: dict[Identifier, Site] = Field(min_length=1, max_length=64)
     ports: dict[PortNumber, Port] = Field(min_length=1, max_length=MAX_PORTS)
+    totals: list[Total] = Field(
+        default_factory=list, max_length=32, description="v2: totals checked against the steps."
+    )

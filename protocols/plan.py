@@ -23,13 +23,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pbmd.drivers import codec
+from pbmd.protocols import anatomy
+from pbmd.protocols.body_map import body_map
 from pbmd.protocols.checks import (
     ProtocolView,
     StepDose,
+    area_covered_of,
     check_dose,
     check_totals,
     check_view,
     resolve_step,
+    zone_of,
 )
 from pbmd.protocols.errors import Issue, PlanError, Severity
 from pbmd.protocols.limits import (
@@ -37,6 +41,7 @@ from pbmd.protocols.limits import (
     DEFAULT_LIMITS,
     ENERGY_BUDGET_MARGIN,
     MAX_DURATION_MARGIN,
+    SKIN_TYPES,
     Limits,
 )
 from pbmd.protocols.model import (
@@ -52,6 +57,7 @@ from pbmd.protocols.model import (
     Target,
     Technique,
 )
+from pbmd.protocols.schedule import V1_PHASE_ID, V1_PHASE_TITLE, Item, build
 
 _KIND_ON_WIRE = {
     ApplicatorKind.PAD: codec.ApplicatorKind.PAD,
@@ -96,6 +102,17 @@ class PlannedEmission(_Frozen):
     max_duration_ms: int = Field(description="Controller stops here: planned time +20 %.")
     backup_time_s: float = Field(description="Host backup timer: the step's max_time_s.")
     gating: Gating
+    # format v2: when it runs, where on the skin, where its dose comes from
+    phase: int = Field(default=0, description="Index of the phase (v1: 0, the only one).")
+    body_region: str | None = Field(default=None, description="Body-map region (v2).")
+    patches: tuple[str, ...] = Field(
+        default=(),
+        description="Patches of skin whose cumulative fluence this emission adds to: the "
+        "body-map regions it reaches (v2), or its site's name (v1).",
+    )
+    sources: tuple[str, ...] = ()
+    basis: str | None = None
+    assumption: str | None = None
 
     def emit_start(self, port: int | None = None) -> codec.EmitStart:
         """The EMIT_START request of this emission (on `port`, if the link numbers differ)."""
@@ -126,6 +143,17 @@ class PortPlan(_Frozen):
         return len({e.site_id for e in self.emissions})
 
 
+class PlanPhase(_Frozen):
+    """One phase: the ports whose steps run together, when nobody waits."""
+
+    index: int
+    id: str
+    title: str
+    ports: tuple[int, ...]
+    expected_start_ms: int
+    expected_duration_ms: int
+
+
 class Plan(_Frozen):
     """A protocol bound to the connected applicators, frozen and hashed."""
 
@@ -136,7 +164,17 @@ class Plan(_Frozen):
     course: Course
     limits: Limits
     ports: tuple[PortPlan, ...]
-    expected_duration_ms: int = Field(description="Ports run at once: the longest port.")
+    expected_duration_ms: int = Field(
+        description="The critical path: the phases one after another, each as long as its "
+        "longest port."
+    )
+    phases: tuple[PlanPhase, ...] = ()
+    schema_version: int = 1
+    body_map: str | None = Field(default=None, description="Body map id and version (v2).")
+    skin_type: str | None = Field(default=None, description="Patient's Fitzpatrick skin type.")
+    irradiance_derating: float = Field(
+        default=1.0, description="Factor on the irradiance ceilings for this skin type."
+    )
     warnings: tuple[str, ...]
     content_hash: str = Field(description="SHA-256 of this plan's canonical JSON.")
 
@@ -192,11 +230,15 @@ def plan(
     protocol: Protocol,
     applicators: Mapping[int, codec.PortInfo],
     limits: Limits = DEFAULT_LIMITS,
+    skin_type: str | None = None,
 ) -> Plan:
     """Bind a validated protocol to the reported applicators; PlanError lists every misfit."""
+    if skin_type is not None and skin_type not in SKIN_TYPES:
+        raise ValueError(f"skin type {skin_type!r}: use one of {', '.join(SKIN_TYPES)}")
     # A Plan exists only for a protocol that passes every check under these
     # limits, however the Protocol object was made (not only via the loader).
-    findings, _ = check_view(ProtocolView.of(protocol), limits)
+    view = ProtocolView.of(protocol)
+    findings, _ = check_view(view, limits)
     refusals = [i for i in findings if i.severity is Severity.ERROR]
     if refusals:
         raise PlanError(protocol.id, [_on_protocol(i, protocol) for i in refusals])
@@ -207,12 +249,32 @@ def plan(
         port_plan = _plan_port(protocol, number, port, applicators.get(number), limits, tally)
         if port_plan is not None:
             ports.append(port_plan)
+    phase_of = anatomy.phase_indices(view)
+    tally.doses = [
+        replace(d, phase=phase_of.get(protocol.ports[d.port].steps[d.index].phase or "", 0))
+        for d in tally.doses
+    ]
+    if protocol.schema_version == 2:
+        for issue in anatomy.check_skin(view, tally.doses, limits):
+            tally.add(issue)
     for issue in check_totals(tally.doses, limits):
+        if protocol.schema_version == 1 or issue.rule != "fluence-ceiling":
+            tally.add(issue)
+    derating = limits.derating(skin_type)
+    for issue in anatomy.check_derated(tally.doses, limits, skin_type):
         tally.add(issue)
     if tally.errors:
         raise PlanError(protocol.id, [_on_protocol(i, protocol) for i in tally.errors])
 
+    ports = [_placed(p, protocol, phase_of) for p in ports]
+    phases = _phases(protocol, ports)
+    the_map = body_map()
     fields: dict[str, Any] = {
+        "phases": phases,
+        "schema_version": protocol.schema_version,
+        "body_map": f"{the_map.id} v{the_map.version}" if protocol.schema_version == 2 else None,
+        "skin_type": skin_type,
+        "irradiance_derating": derating,
         "protocol_id": protocol.id,
         "protocol_version": protocol.version,
         "protocol_title": protocol.title,
@@ -220,12 +282,63 @@ def plan(
         "course": protocol.course,
         "limits": limits,
         "ports": tuple(ports),
-        "expected_duration_ms": max((p.expected_duration_ms for p in ports), default=0),
+        "expected_duration_ms": sum(p.expected_duration_ms for p in phases),
         "warnings": tuple(str(_on_protocol(w, protocol)) for w in tally.warnings),
         "content_hash": "",
     }
     draft = Plan(**fields)
     return draft.model_copy(update={"content_hash": content_hash(draft)})
+
+
+def _placed(port: PortPlan, protocol: Protocol, phase_of: Mapping[str, int]) -> PortPlan:
+    """The port's emissions with their phase, body region and the patches they reach."""
+    the_map = body_map()
+    emissions = []
+    for e in port.emissions:
+        step = protocol.ports[port.port].steps[e.step_index]
+        region = protocol.sites[step.site].body_region
+        patches = (
+            tuple(sorted(the_map.reached_by(region)))
+            if region is not None and region in the_map
+            else (e.site_id,)
+        )
+        emissions.append(
+            e.model_copy(
+                update={
+                    "phase": phase_of.get(step.phase or "", 0),
+                    "body_region": region,
+                    "patches": patches,
+                    "sources": tuple(step.sources),
+                    "basis": step.basis,
+                    "assumption": step.assumption,
+                }
+            )
+        )
+    return port.model_copy(update={"emissions": tuple(emissions)})
+
+
+def _phases(protocol: Protocol, ports: list[PortPlan]) -> tuple[PlanPhase, ...]:
+    """The plan's phases in order, timed as the engine runs them when nobody waits."""
+    declared = [(p.id, p.title) for p in protocol.phases] or [(V1_PHASE_ID, V1_PHASE_TITLE)]
+    timeline = build(
+        declared,
+        (
+            Item(e.port, e.step_index, e.phase, e.expected_duration_ms / 1000.0, e.site_id)
+            for p in ports
+            for e in p.emissions
+        ),
+    )
+    return tuple(
+        PlanPhase(
+            index=slot.index,
+            id=slot.id,
+            title=slot.title,
+            ports=slot.ports,
+            expected_start_ms=round(slot.start_s * 1000.0),
+            expected_duration_ms=round((slot.end_s - slot.start_s) * 1000.0),
+        )
+        for slot in timeline.phases
+    )
 
 
 @dataclass
@@ -444,13 +557,16 @@ def _emission(
     max_time_ms = round(step.max_time_s * 1000.0)
     max_duration_ms = min(math.ceil(expected_ms * (1 + MAX_DURATION_MARGIN)), max_time_ms)
     site = protocol.sites[step.site]  # checked by check_view in plan()
+    zone, covered_cm2 = zone_of(site), area_covered_of(site)
+    if zone is None or covered_cm2 is None:  # check_view refused such a site already
+        raise ValueError(f"site {step.site!r} has no zone or area")
     return PlannedEmission(
         port=number,
         step_index=index,
         site_id=step.site,
         site_label=site.label,
-        region=site.region,
-        area_covered_cm2=site.area_covered_cm2,
+        region=zone,
+        area_covered_cm2=covered_cm2,
         technique=step.technique,
         wavelength_nm=step.wavelength_nm,
         mode=codec.EmitMode.PULSED if step.mode is Mode.PULSED else codec.EmitMode.CONTINUOUS,

@@ -298,10 +298,12 @@ def render_protocol(console: Console, data: Mapping[str, Any]) -> None:
             )
         console.print(table)
     console.print(
-        f"session {mmss(proto['session_time_s'])} of emission (ports run at once) · gates: P "
-        "placement confirmed, C skin contact, F footswitch",
+        f"session {mmss(proto['session_time_s'])} of emission (the phases one after another, "
+        "the ports of a phase at once) · gates: P placement confirmed, C skin contact, "
+        "F footswitch",
         highlight=False,
     )
+    render_timeline(console, proto)
     contra = data.get("contraindications") or []
     if contra:
         console.print("contraindications (answer each with --contraindication NAME=yes|no):")
@@ -606,3 +608,60 @@ class SessionView:
             Text(f"the treatment report: pbmctl report {s.get('session_id')}", style="dim")
         )
         return Group(*lines)
+
+
+def render_timeline(console: Console, proto: Mapping[str, Any]) -> None:
+    """Which port does what when (no waiting for the operator), each dose's source, and
+    what a version 1 file means in version 2: the session as a clinician reads it first."""
+    phases = proto.get("phases") or []
+    timeline = proto.get("timeline") or []
+    if phases:
+        console.print("[bold]timeline[/] (if nobody waits; each phase starts when the last ends)")
+    for number, phase in enumerate(phases, 1):
+        console.print(
+            f"  phase {number} {phase['id']!r}  {mmss(phase['start_s'])}–{mmss(phase['end_s'])}"
+            f"  ports {', '.join(str(p) for p in phase['ports'])}: {phase['title']}",
+            highlight=False,
+        )
+        for slot in timeline:
+            if slot["phase"] == phase["id"]:
+                console.print(
+                    f"    {mmss(slot['start_s'])}–{mmss(slot['end_s'])}  port {slot['port']} "
+                    f"step {slot['step'] + 1}: {slot['what']}",
+                    highlight=False,
+                )
+    evidence = proto.get("evidence") or []
+    if evidence:
+        console.print("[bold]sources[/]")
+        for e in evidence:
+            console.print(f"  {e['ref']}: {e['relevance']}", highlight=False)
+    for port in proto.get("ports") or []:
+        for s in port["steps"]:
+            if s.get("sources") or s.get("assumption"):
+                console.print(
+                    f"  port {port['port']} step {s['index'] + 1} dose — {_provenance(s)}",
+                    highlight=False,
+                )
+    for total in proto.get("totals") or []:
+        stated = ", ".join(
+            text
+            for text in (
+                f"{total['energy_j']:g} J" if total.get("energy_j") is not None else "",
+                f"{total['points']} points" if total.get("points") is not None else "",
+            )
+            if text
+        )
+        console.print(f"  total {total['label']}: {stated} — {_provenance(total)}", highlight=False)
+    for line in proto.get("v1_reading") or []:
+        console.print(f"[yellow]{line}[/]", highlight=False)
+
+
+def _provenance(item: Mapping[str, Any]) -> str:
+    """Where a dose or a total comes from: its sources and what they state, and the
+    assumption it rests on where there is one (a dose may have both)."""
+    parts = []
+    if item.get("sources"):
+        parts.append(f"{', '.join(item['sources'])}: {item.get('basis') or ''}")
+    if item.get("assumption"):
+        parts.append(f"assumption: {item['assumption']}")
+    return " · ".join(parts)

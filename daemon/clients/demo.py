@@ -30,7 +30,11 @@ from pathlib import Path
 from rich.console import Console
 
 PROTOCOL = "lumbar-chronic-nonspecific"
+PROTOCOL_EMISSION_S = 2480
+"""Its emission time: pads 2 × 1000 s, then four probe points of 120 s (docs/library.md)."""
 PATIENT = "DEMO-0001"
+SKIN_TYPE = "III"
+"""The demonstration patient's Fitzpatrick skin type, asked at session start."""
 SCREENING = (
     "cancer",
     "pregnancy",
@@ -43,7 +47,7 @@ SCREENING = (
 DEFAULT_TIME_SCALE = 30.0
 """×30, not faster: every millisecond the host is late is that many ms of device time.
 At ×60 a stop 5 ms late on a busy machine overran a probe point's energy budget
-(E404); at ×30 the 50-minute protocol still takes under two minutes
+(E404); at ×30 the 41-minute protocol still takes under two minutes
 (docs/performance.md, "Isolation of the safety core")."""
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -109,8 +113,9 @@ async def run_demo(time_scale: float, keep: bool, console: Console) -> int:
     console.rule("[bold]pbmd demo[/]")
     console.print(
         "pbmd runs on its embedded default configuration: a simulated four-port controller "
-        f"(device clock ×{time_scale:g}, so the 50-minute protocol takes about "
-        f"{50 * 60 / time_scale:.0f} s) and the shipped protocols signed with the TEST key "
+        f"(device clock ×{time_scale:g}, so the protocol's {PROTOCOL_EMISSION_S // 60} minutes of "
+        f"emission take about {PROTOCOL_EMISSION_S / time_scale:.0f} s) and the shipped "
+        "protocols signed with the TEST key "
         "(NOT FOR CLINICAL USE).\n"
         f"state directory {state} · daemon log {log_file}",
         highlight=False,
@@ -200,6 +205,8 @@ async def _treat(console: Console, env: dict[str, str]) -> int:
         "--patient",
         PATIENT,
         *answers,
+        "--skin-type",
+        SKIN_TYPE,
         "--auto-confirm",
     )
     listing = await _pbmctl_json(env, "records", "list", "--limit", "1")

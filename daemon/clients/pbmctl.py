@@ -180,6 +180,19 @@ def _ask_contraindications(out: Out, data: Mapping[str, Any]) -> dict[str, bool]
     return answers
 
 
+SKIN_TYPES = ("I", "II", "III", "IV", "V", "VI")
+
+
+def _ask_skin_type(out: Out) -> str:
+    """The patient's Fitzpatrick skin type, asked on a terminal like the screening."""
+    while True:
+        text = out.console.input(
+            "  Fitzpatrick skin type of the patient (I lightest … VI darkest)? "
+        )
+        if text.strip().upper() in SKIN_TYPES:
+            return text.strip().upper()
+
+
 async def cmd_session_start(args: argparse.Namespace, client: Client, out: Out) -> int:
     try:
         answers = parse_answers(args.contraindication)
@@ -196,6 +209,11 @@ async def cmd_session_start(args: argparse.Namespace, client: Client, out: Out) 
     }
     if ports:
         params["ports"] = ports
+    skin_type = args.skin_type
+    if skin_type is None and not out.json and sys.stdin.isatty():
+        skin_type = _ask_skin_type(out)
+    if skin_type is not None:
+        params["skin_type"] = skin_type
     try:
         res = await client.call("session.start", params)
     except RemoteError as exc:
@@ -509,6 +527,13 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
         default=[],
         metavar="NAME=yes|no",
         help="a screening answer (repeat for each; asked for when missing on a terminal)",
+    )
+    p.add_argument(
+        "--skin-type",
+        choices=("I", "II", "III", "IV", "V", "VI"),
+        type=str.upper,
+        help="the patient's Fitzpatrick skin type (asked for when missing on a terminal); "
+        "recorded, and lowers irradiance ceilings where the site configures a derating",
     )
     p.add_argument("--watch", action="store_true", help="follow the session live")
     p.add_argument(

@@ -119,6 +119,9 @@ class StartCommand:
     """Screening answers, name -> present; every one the protocol lists is required."""
     ports: tuple[int, ...] | None = None
     operator: str | None = None
+    skin_type: str | None = None
+    """The patient's Fitzpatrick skin type (I–VI), recorded and used for any derating
+    the site configures; None when the caller did not ask."""
 
 
 class Engine:
@@ -316,10 +319,10 @@ class Engine:
 
     # ---------------------------------------------------------------- use cases
 
-    def plan_for(self, protocol: Protocol, limits: Limits) -> Plan:
+    def plan_for(self, protocol: Protocol, limits: Limits, skin_type: str | None = None) -> Plan:
         """The protocol planned for the applicators connected now, or NotRunnable."""
         try:
-            return make_plan(protocol, self.port_map.applicators(), limits)
+            return make_plan(protocol, self.port_map.applicators(), limits, skin_type)
         except PlanError as exc:
             raise NotRunnable(protocol.id, exc) from None
 
@@ -339,7 +342,7 @@ class Engine:
         missing = sorted(listed - set(answers))
         if missing:
             raise Unanswered(protocol.id, missing)
-        plan = await asyncio.to_thread(self.plan_for, protocol, library.limits)
+        plan = await asyncio.to_thread(self.plan_for, protocol, library.limits, command.skin_type)
         session = await self.start_session(
             SessionRequest(
                 plan=plan,

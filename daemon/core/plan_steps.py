@@ -46,7 +46,7 @@ def steps_from_plan(plan: Plan, port_map: PortMap) -> dict[int, list[StepOrder]]
         target = port_map[port_plan.port]
         for e in port_plan.emissions:
             channel = target.applicator.channel(e.wavelength_nm)
-            ceiling = _irradiance_ceiling(limits, e.wavelength_nm)
+            ceiling = _irradiance_ceiling(limits, e.wavelength_nm) * plan.irradiance_derating
             out.setdefault(port_plan.port, []).append(
                 StepOrder(
                     port=port_plan.port,
@@ -75,6 +75,8 @@ def steps_from_plan(plan: Plan, port_map: PortMap) -> dict[int, list[StepOrder]]
                     fluence_ceiling_j_cm2=_fluence_ceiling(limits),
                     channel_max_power_uw=channel.max_power_uw if channel else 0,
                     backup_time_s=e.backup_time_s,
+                    phase=e.phase,
+                    patches=frozenset(e.patches),
                 )
             )
     return out

@@ -105,6 +105,8 @@ class SessionStarted:
     course_interval_days: float | None = None
     time_scale: float = 1.0
     notes: str | None = None
+    skin_type: str | None = None
+    """Fitzpatrick skin type I–VI as asked at start (None: not asked)."""
     state: str = "ready"
     started_utc: UtcTime = None
 
@@ -456,6 +458,7 @@ class StoreRecorder:
                 course_sessions=plan.course.sessions,
                 course_interval_days=plan.course.interval_days,
                 time_scale=self.controller.clock.ratio,
+                skin_type=plan.skin_type,
             )
         )
 

@@ -178,26 +178,53 @@ class PortRunner:
         for i, order in enumerate(self.steps):
             self.current = i
             prog = self.progress[i]
-            blocked = order.blocked_by & self.session.contraindications
-            if blocked:
-                prog.outcome = "skipped"
-                reason = ", ".join(sorted(blocked))
-                prog.stop_causes.append(f"blocked by contraindication: {reason}")
-                self.session.recorder.step_started(self.session, order)
-                self.session.emit(
-                    EventKind.STEP_SKIPPED,
-                    f"step blocked by {reason}",
-                    self.port,
-                    order.index,
-                    {"contraindications": sorted(blocked)},
-                )
-                self.session.recorder.step_ended(self.session, order, prog)
-                continue
-            await self._run_step(prog)
+            await self._wait_for_phase(order)
+            await self._run_or_skip(prog)
         self.state = PortState.DONE
         self.wait_reason = ""
         # The listener stays until the session ends: a finished port is still
         # watched for light that should not be there.
+
+    async def _wait_for_phase(self, order: StepOrder) -> None:
+        """Hold the step until every step of the earlier phases has ended."""
+        gate = self.session.phase_gate
+        blocking = gate.blocking(order.phase)
+        if blocking is None:
+            return
+        self.state = PortState.WAITING
+        self.wait_reason = (
+            f"phase {order.phase + 1} starts when phase {blocking + 1} has ended on ports "
+            + ", ".join(map(str, gate.ports_in(blocking)))
+        )
+        self.session.emit(
+            EventKind.PORT_WAITING,
+            self.wait_reason,
+            self.port,
+            order.index,
+            {"reasons": [self.wait_reason], "phase": order.phase},
+        )
+        await gate.wait(order.phase)
+        self.wait_reason = ""
+
+    async def _run_or_skip(self, prog: StepProgress) -> None:
+        order = prog.order
+        blocked = order.blocked_by & self.session.contraindications
+        if not blocked:
+            await self._run_step(prog)
+            return
+        prog.outcome = "skipped"
+        self.session.phase_gate.ended(order)
+        reason = ", ".join(sorted(blocked))
+        prog.stop_causes.append(f"blocked by contraindication: {reason}")
+        self.session.recorder.step_started(self.session, order)
+        self.session.emit(
+            EventKind.STEP_SKIPPED,
+            f"step blocked by {reason}",
+            self.port,
+            order.index,
+            {"contraindications": sorted(blocked)},
+        )
+        self.session.recorder.step_ended(self.session, order, prog)
 
     async def _run_step(self, prog: StepProgress) -> None:
         order = prog.order
@@ -220,6 +247,7 @@ class PortRunner:
             # paused, contact lost or footswitch released: wait for the operator
         prog.outcome = "completed"
         self.state = PortState.WAITING
+        session.phase_gate.ended(order)  # the emission is over: a later phase may start
         session.recorder.step_ended(session, order, prog)
         await session.sync_records()
         session.emit(
@@ -652,7 +680,7 @@ class PortRunner:
         view.power_uw = sample.measured_power_uw
         view.delivered_uj = sample.delivered_uj
         view.device_time_us = t.device_time_us
-        site_fluence = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
+        site_fluence = session.site_fluence_j_cm2(order)
         view.site_fluence_j_cm2 = site_fluence
         limits = session.limits
         for rule in SAMPLE_RULES:
@@ -727,7 +755,7 @@ class PortRunner:
         if ceiling != float("inf"):
             site = site_fluence_j_cm2
             if site is None:
-                site = session.site_fluence_j_cm2(order.site, order.wavelength_nm)
+                site = session.site_fluence_j_cm2(order)
             headroom_uj = max((ceiling - site) * order.area_cm2 * 1e6, 0.0)
             if headroom_uj < left_uj - max(1e-3 * order.target_energy_uj, 1.0):
                 kind = "fluence ceiling"

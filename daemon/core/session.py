@@ -33,6 +33,7 @@ from pbmd.daemon.core.link_health import (
     StalenessWatch,
     learn_arm,
 )
+from pbmd.daemon.core.phases import PhaseGate
 from pbmd.daemon.core.rules import (
     CONTROLLER_RULES,
     EVENT_RULES,
@@ -150,10 +151,17 @@ class Session:
         self.cause_message: str | None = None
         self.progress_interval_s = 1.0
         self.readback_timeout_s = max(limits.stop_readback_timeout_s, 6.0 / telemetry_hz)
+        self.phase_gate = PhaseGate(steps, self._phase_opened)
         self.runners = {
             port: PortRunner(self, port_map[port], list(port_steps))
             for port, port_steps in sorted(steps.items())
         }
+        # Which steps reach each patch of skin at each wavelength (read on every sample).
+        self._on_skin: dict[tuple[str, int], list[StepProgress]] = {}
+        for runner in self.runners.values():
+            for prog in runner.progress:
+                for patch in prog.order.skin:
+                    self._on_skin.setdefault((patch, prog.order.wavelength_nm), []).append(prog)
         self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
         self._done = asyncio.Event()
         self.aborting = False
@@ -181,14 +189,25 @@ class Session:
         ctrl = next(iter(self.port_map.values())).controller
         return self.telemetry_period_s * ctrl.clock.ratio * 1e6
 
-    def site_fluence_j_cm2(self, site: str, wavelength_nm: int) -> float:
-        total = 0.0
-        for runner in self.runners.values():
-            for prog in runner.progress:
-                o = prog.order
-                if o.site == site and o.wavelength_nm == wavelength_nm:
-                    total += prog.integrator.fluence_j_cm2
-        return total
+    def site_fluence_j_cm2(self, order: StepOrder) -> float:
+        """The highest fluence at the order's wavelength on any patch of skin it reaches,
+        from every step of the session that reaches that patch (v1: its site's name)."""
+        highest = 0.0
+        for patch in order.skin:
+            total = 0.0
+            for prog in self._on_skin[(patch, order.wavelength_nm)]:
+                total += prog.integrator.fluence_j_cm2
+            highest = max(highest, total)
+        return highest
+
+    def _phase_opened(self, phase: int, ports: tuple[int, ...]) -> None:
+        if len(self.phase_gate.phases) > 1:
+            self.emit(
+                EventKind.PHASE_STARTED,
+                f"phase {phase + 1} of {len(self.phase_gate.phases)}: ports "
+                + ", ".join(map(str, ports)),
+                data={"phase": phase, "ports": list(ports)},
+            )
 
     def status(self) -> SessionStatus:
         trip = self.supervisor.tripped
@@ -479,6 +498,7 @@ class Session:
         self._set_state(SessionState.ARMED, "armed; emission delay running")
         await self._wait_armed_ready()
         self._set_state(SessionState.RUNNING, "emission delay elapsed")
+        self.phase_gate.start()
         async with asyncio.TaskGroup() as group:
             for runner in self.runners.values():
                 group.create_task(runner.run(), name=f"port-{runner.port}")

@@ -4,6 +4,7 @@ events and the recorder it writes to. Shared by the session and its port runners
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,16 @@ class StepOrder:
     channel_max_power_uw: int = 0
     label: str = ""
     backup_time_s: float | None = None
+    phase: int = 0
+    """The phase the step runs in: it starts when every step of earlier phases has ended."""
+    patches: frozenset[str] = frozenset()
+    """The patches of skin whose fluence this step adds to (empty: its site's name)."""
+
+    @functools.cached_property
+    def skin(self) -> frozenset[str]:
+        """The patches of skin the fluence ceiling is counted on."""
+        return self.patches or frozenset((self.site,))
+
     """Host backup timer (the step's max_time_s); None: planned time + 20 %."""
 
     @property
@@ -109,6 +120,9 @@ class EventKind(enum.StrEnum):
     PORT_PAUSED = "port_paused"
     EMISSION_STARTED = "emission_started"
     EMISSION_ENDED = "emission_ended"
+    PHASE_STARTED = "phase_started"
+    """Every step of the earlier phases has ended: this phase's ports may start
+    (data: phase, ports)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from datetime import datetime
 from typing import Any
 
 from pbmd.daemon.core.recording import summarize_causes
+from pbmd.daemon.services import report_skin
 from pbmd.daemon.services.records import RecordStore
+from pbmd.daemon.services.report_skin import ReportPhase, ReportSkinPatch
 from pbmd.drivers import codec
 
 REPORT_VERSION = 2
@@ -234,6 +236,12 @@ class TreatmentReport:
     """Emissions without a step row (dose recovered from the controller's counters)."""
     alerts: tuple[ReportEvent, ...]
     """Events of severity warning and above, in order."""
+    skin_type: str | None = None
+    """The patient's Fitzpatrick skin type as asked at start (None: not asked)."""
+    phases: tuple[ReportPhase, ...] = ()
+    """The protocol's phases, planned and as they ran."""
+    skin_patches: tuple[ReportSkinPatch, ...] = ()
+    """Cumulative fluence per patch of skin, from every step that reaches it."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-shaped: dicts, lists, numbers, strings and None."""
@@ -477,6 +485,9 @@ def build_report(session: Mapping[str, Any]) -> TreatmentReport:
         stop_causes=_stop_causes(session, steps, orphans),
         unassigned_emissions=tuple(orphans),
         alerts=_alerts(session),
+        skin_type=_s(session.get("skin_type")),
+        phases=report_skin.phases(session),
+        skin_patches=report_skin.skin(session),
     )
 
 

@@ -189,6 +189,10 @@ def render_text(r: TreatmentReport) -> str:
             f"  {len(missed)} planned step(s) not started: the session ended before them; "
             "their prescribed dose was not delivered"
         )
+    out += _section("Phases (planned times from the start of emission)", _phase_lines(r))
+    out += _section(
+        "Skin: cumulative fluence per patch, every step that reaches it", _skin_lines(r)
+    )
     out += _section("Per port", _port_lines(r))
     emissions = [e for s in r.steps for e in s.emissions] + list(r.unassigned_emissions)
     out += _section("Emissions", _columns_table(_EMISSION_COLUMNS, emissions) if emissions else [])
@@ -234,6 +238,7 @@ def _session_lines(r: TreatmentReport) -> list[str]:
     ]
     if r.time_scale is not None and r.time_scale != 1.0:
         kv.append(("Time scale", f"{r.time_scale:g}x (simulated controller)"))
+    kv.append(("Skin type", f"Fitzpatrick {r.skin_type}" if r.skin_type else "not asked"))
     if r.notes:
         kv.append(("Notes", r.notes))
     width = max(len(k) for k, _ in kv)
@@ -288,3 +293,45 @@ def _stop_cause_line(c: StopCause) -> str:
     shown = c.code and c.source != "emission (controller)" and c.code not in c.message.split()
     code = f"{c.code} " if shown else ""
     return f"  {c.source}{' (' + where + ')' if where else ''}: {code}{c.message}"
+
+
+def _phase_lines(r: TreatmentReport) -> list[str]:
+    """Each phase: its ports, when it was due and when it ran, its steps."""
+    lines = []
+    for p in r.phases:
+        due = (
+            f"due at {_duration(p.planned_start_s)} for {_duration(p.planned_duration_s)}"
+            if p.planned_start_s is not None
+            else "planned before phases were recorded"
+        )
+        lines.append(
+            f"  {p.index + 1}. {p.id} ({p.title}): ports {', '.join(map(str, p.ports))}; {due}; "
+            f"ran {_text(p.started_utc)} – {_text(p.ended_utc)}; "
+            f"{p.steps_completed} of {p.steps} steps completed"
+        )
+    return lines
+
+
+def _skin_lines(r: TreatmentReport) -> list[str]:
+    """Each patch: the fluence per wavelength and in all, prescribed and delivered,
+    against the session's ceilings."""
+    lines = []
+    for p in r.skin_patches:
+        per_nm = ", ".join(
+            f"{d.wavelength_nm} nm {_num(d.fluence_delivered_j_cm2, 2)}"
+            f" (of {_num(d.fluence_prescribed_j_cm2, 2)})"
+            for d in p.by_wavelength
+        )
+        ceilings = f"ceiling {_num(p.ceiling_per_wavelength_j_cm2, 1)} per wavelength"
+        if p.ceiling_total_j_cm2 is not None:
+            ceilings += f", {_num(p.ceiling_total_j_cm2, 1)} in all"
+        if p.ceiling_source:
+            ceilings += f" ({p.ceiling_source})"
+        kind = "" if p.body_region else " [site name, v1 protocol]"
+        lines.append(f"  {p.patch}{kind}: {p.label}")
+        lines.append(
+            f"    J/cm² delivered: {per_nm}; in all {_num(p.fluence_delivered_j_cm2, 2)} "
+            f"(of {_num(p.fluence_prescribed_j_cm2, 2)}); {ceilings}"
+        )
+        lines.append(f"    from {', '.join(p.steps)}")
+    return lines

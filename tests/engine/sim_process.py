@@ -79,6 +79,12 @@ class SimProcess:
         result: dict[str, Any] = await self.control("snapshot")
         return result
 
+    async def command_log(self, since: int = 0) -> list[dict[str, Any]]:
+        """The simulated controller's own log: every command it answered and every
+        emission's end, in device time (entries numbered `since` and after)."""
+        result: list[dict[str, Any]] = await self.control("command_log", since=since)
+        return result
+
     async def until(
         self, condition: Callable[[dict[str, Any]], bool], timeout_s: float, poll_s: float = 0.01
     ) -> dict[str, Any]:

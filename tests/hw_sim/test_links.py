@@ -202,6 +202,39 @@ async def test_control_channel_ops(lab: Lab) -> None:
         await other.close()
 
 
+async def test_command_log_is_the_firmwares_own_record_in_device_time(lab: Lab) -> None:
+    """Commands in the order answered, queries left out, and each emission's end."""
+    rig = await lab.rig(armed=True)
+    address = await rig.sim.listen_control("127.0.0.1", 0)
+    host_name, _, port = address.rpartition(":")
+    ctl = Control(*await asyncio.open_connection(host_name, int(port)))
+    try:
+        before = (await ctl.call("command_log"))["result"]
+        assert [e["request"] for e in before] == ["SetTelemetry", "Arm"]
+        mark = rig.host.mark()
+        await rig.host.request(emit(1, 660, 1_800_000, energy_budget_uj=9_000))
+        await rig.host.wait_event(EventCode.EMISSION_ENDED, port=1, after=mark)
+        refused = await rig.host.request(emit(9, 660, 1_000))
+        assert isinstance(refused, codec.Nak)
+        await rig.host.request(codec.GetCounters(1))
+        log = (await ctl.call("command_log", since=len(before)))["result"]
+        assert [e["i"] for e in log] == list(range(len(before), len(before) + 3))
+        start, ended, bad = log
+        assert start["request"] == "EmitStart" and start["reply"] == "Ack"
+        assert (start["port"], start["wavelength_nm"], start["power_uw"]) == (1, 660, 1_800_000)
+        assert ended["kind"] == "emission_ended" and ended["port"] == 1
+        assert ended["stop_reason"] == codec.StopReason.ENERGY_BUDGET
+        assert ended["energy_uj"] == 9_000
+        # stamped when it happened: 9 mJ at about 1.8 W is about 5 ms of device time
+        elapsed_ms = (ended["device_time_us"] - start["device_time_us"]) / 1000
+        assert abs(elapsed_ms - ended["duration_ms"]) <= 1 and 4 <= elapsed_ms <= 7
+        assert bad["reply"] == "Nak" and bad["nak_error"] == codec.NakError.BAD_PORT
+        assert not (await ctl.call("command_log", since=-1))["ok"]
+        assert not (await ctl.call("command_log", start=0))["ok"]
+    finally:
+        await ctl.close()
+
+
 # -- pty ----------------------------------------------------------------------------------
 
 

@@ -13,8 +13,10 @@ root=$(cd "$here/../.." && pwd)
 key="$here/test-protocol-signing.key"
 [ "$#" -gt 0 ] || set -- "$root"/protocols/library/*.toml
 for file in "$@"; do
-    id=$(sed -n 's/^id = "\(.*\)"$/\1/p' "$file")
-    version=$(sed -n 's/^version = \([0-9]*\)$/\1/p' "$file")
+    # the file's own id and version: TOML puts top-level keys before any table, so the
+    # first match is the protocol's (a v2 file's [[phases]] have ids of their own)
+    id=$(sed -n 's/^id = "\(.*\)"$/\1/p' "$file" | head -n 1)
+    version=$(sed -n 's/^version = \([0-9]*\)$/\1/p' "$file" | head -n 1)
     minisign -S -s "$key" -m "$file" \
         -c "pbmd TEST signature - NOT FOR CLINICAL USE" \
         -t "pbmd protocol $id v$version - signed with the pbmd TEST key, NOT FOR CLINICAL USE"

@@ -74,7 +74,7 @@ def test_install_list_show_load(lib: ProtocolLibrary, incoming: Path) -> None:
 def test_the_shipped_library_installs(lib: ProtocolLibrary) -> None:
     for path in shipped.protocol_files():
         lib.install(path)
-    assert len(lib.list()) == 7
+    assert len(lib.list()) == len(shipped.protocol_files()) == 8
     assert {e.signed_by for e in lib.list()} == {TEST_KEY.id_hex}
 
 

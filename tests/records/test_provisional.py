@@ -11,7 +11,7 @@ from typing import Any
 
 from pbmd.daemon.core.reconciliation import GAVE_UP, reconcile_sessions
 from pbmd.daemon.services.records import RecordStore
-from pbmd.daemon.services.records.schema import SCHEMA, SCHEMA_VERSION
+from pbmd.daemon.services.records.schema import SCHEMA, SCHEMA_VERSION, SKIN_TYPE_COLUMN
 from pbmd.daemon.services.report import build_report, render_text
 from pbmd.drivers import codec
 
@@ -171,7 +171,9 @@ def _version_1(db: Path) -> None:
     conn = sqlite3.connect(db)
     for statement in SCHEMA:
         conn.execute(
-            statement.replace("'stopped', 'provisional', 'counters'", "'stopped', 'counters'")
+            statement.replace(
+                "'stopped', 'provisional', 'counters'", "'stopped', 'counters'"
+            ).replace(",\n        " + SKIN_TYPE_COLUMN, "")
         )
     conn.execute(
         "INSERT INTO emissions (seq, session_id, port, started_utc, controller_energy_uj, "
@@ -193,7 +195,9 @@ async def test_a_version_1_database_opens_migrated(db_path: Path) -> None:
     store = await RecordStore.open(db_path, sync_interval_s=3600.0, min_free_bytes=0)
     try:
         conn = sqlite3.connect(db_path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        # 3 -> 4: the skin type column, empty for the sessions recorded before it
+        assert "skin_type" in {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
         assert conn.execute(
             "SELECT seq, controller_energy_uj, controller_energy_source FROM emissions"
         ).fetchall() == [(7, 5, "stopped")]

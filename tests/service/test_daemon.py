@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pbmd.protocols import library
+
 from .conftest import DaemonFactory
 from .harness import (
     SCREENING_CHRONIC,
@@ -43,6 +45,15 @@ def test_status_and_shipped_library(daemon: Daemon) -> None:
     shown = pbmctl_json(daemon.socket_path, "protocol", "show", "lumbar-chronic-nonspecific")
     assert shown["runnable"]["ok"] is True
     assert {c["name"] for c in shown["contraindications"]} == set(SCREENING_CHRONIC)
+    # the plan view: the timeline (which port does what when) and the sources
+    proto = shown["protocol"]
+    assert proto["phases"] and proto["phases"][-1]["end_s"] == proto["session_time_s"]
+    assert {slot["port"] for slot in proto["timeline"]} == {1, 2, 3, 4}
+    assert {e["ref"] for e in proto["evidence"]} >= {"walt-2010"}
+    view = pbmctl(daemon.socket_path, "protocol", "show", "lumbar-chronic-nonspecific")
+    assert view.returncode == 0
+    assert "timeline" in view.stdout and "sources" in view.stdout
+    assert "port 4 step 1:" in view.stdout
     human = pbmctl(daemon.socket_path, "status")
     assert human.returncode == 0
     assert "ready for a session: yes" in human.stdout
@@ -135,7 +146,7 @@ def test_sigterm_during_session_closes_it_with_its_record(make_daemon: DaemonFac
                 "watch": True,
             },
         )
-        confirm_first_placements(client, (1, 2, 3, 4))
+        confirm_first_placements(client, (1, 2, 3))  # the pads: the probe may be a later phase
         d.wait_log(
             lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
         )
@@ -360,7 +371,9 @@ def test_embedded_default_runs_under_the_user_state_dir(workdir: Path) -> None:
         assert (d.state_dir / "records.sqlite").exists()
         st = pbmctl_json(d.socket_path, "status")
         assert st["daemon"]["config"] == "<embedded default>"
-        assert len(pbmctl_json(d.socket_path, "protocol", "list")["protocols"]) == 7
+        listed = pbmctl_json(d.socket_path, "protocol", "list")["protocols"]
+        assert {p["id"] for p in listed} == {p.stem for p in library.protocol_files()}
+        assert len(listed) == 8
         assert d.stop() == 0
     finally:
         d.kill()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, Strict, StringConstraints
 
@@ -50,6 +50,12 @@ class SessionStartParams(Params):
         "lists must be answered.",
     )
     ports: Annotated[list[PortNumber], Field(min_length=1, max_length=8)] | None = None
+    skin_type: Literal["I", "II", "III", "IV", "V", "VI"] | None = Field(
+        default=None,
+        description="The patient's Fitzpatrick skin type, I (lightest) to VI (darkest): "
+        "recorded with the session, and lowers the irradiance ceilings where the site "
+        "configures a derating for it.",
+    )
     watch: bool = Field(default=False, description="Stream the session on this connection.")
 
 
@@ -139,6 +145,7 @@ def register(reg: Registry, service: Service) -> None:
             contraindications={c.value: v for c, v in p.contraindications.items()},
             ports=tuple(p.ports) if p.ports else None,
             operator=caller.peer.user,
+            skin_type=p.skin_type,
         )
         try:
             with _session_errors():

@@ -45,8 +45,8 @@ _SQL_SESSION_STARTED = """
 INSERT INTO sessions (id, started_utc, state, protocol_id, protocol_version, protocol_title,
     protocol_sha256, signing_key_id, plan_hash, plan_json, patient_ref, operator,
     contraindications_json, ports_json, controller_serial, controller_firmware, session_token,
-    course_sessions, course_interval_days, time_scale, notes)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    course_sessions, course_interval_days, time_scale, notes, skin_type)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _SQL_SESSION_STATE = "UPDATE sessions SET state = ? WHERE id = ?"
 _SQL_STEP_STARTED = """
@@ -235,7 +235,7 @@ def _session_started(r: SessionStarted) -> Write:
         r.protocol_title, r.protocol_sha256, r.signing_key_id, r.plan_hash, r.plan_json,
         r.patient_ref, r.operator, _json(dict(r.contraindications)), _json(ports),
         r.controller_serial, r.controller_firmware, r.session_token, r.course_sessions,
-        r.course_interval_days, r.time_scale, r.notes,
+        r.course_interval_days, r.time_scale, r.notes, r.skin_type,
     )  # fmt: skip
     return Write("session_started", ((_SQL_SESSION_STARTED, row),))
 

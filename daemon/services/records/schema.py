@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from pbmd.daemon.core.recording import RecordsError, UtcTime
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema,
 an older one is migrated (`MIGRATIONS`) when it is opened."""
 
@@ -23,6 +23,9 @@ database made before version 3, and set when it is migrated."""
 _TO_SESSION = " REFERENCES sessions (id)"
 """The foreign key of a row that belongs to a session (enforced from version 3:
 ``PRAGMA foreign_keys = ON`` on the writer's connection)."""
+
+SKIN_TYPE_COLUMN = "skin_type TEXT CHECK (skin_type IN ('I', 'II', 'III', 'IV', 'V', 'VI'))"
+"""The patient's Fitzpatrick skin type (schema version 4)."""
 
 
 class RecordsCorrupt(RecordsError):
@@ -171,7 +174,10 @@ SCHEMA: tuple[str, ...] = (
         course_sessions INTEGER,
         course_interval_days REAL,
         time_scale REAL NOT NULL DEFAULT 1.0,
-        notes TEXT
+        notes TEXT,
+        """
+    + SKIN_TYPE_COLUMN
+    + """
     )
     """,
     "CREATE INDEX sessions_started ON sessions (started_utc)",
@@ -221,6 +227,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         *_rebuilt("outbox", _outbox_table, (_OUTBOX_INDEX,)),
         f"PRAGMA application_id = {APPLICATION_ID}",
     ),
+    # 3 -> 4: the patient's Fitzpatrick skin type, asked at session start (NULL: a
+    # session recorded before it was asked).
+    3: ("ALTER TABLE sessions ADD COLUMN " + SKIN_TYPE_COLUMN,),
 }
 """From a version to the next: the statements, run in one transaction at open."""
 

@@ -428,7 +428,8 @@ def _patches(region: dict[Path, str]) -> list[tuple[str, frozenset[str]]]:
     the_map = body_map()
     used = set(region.values())
     out = [(patch, reach) for patch, reach in the_map.patches.items() if reach & used]
-    out.sort(key=lambda item: (-the_map.area_cm2(item[0]), item[0]))
+    # largest first; a region before the overlaps it is part of (same steps: same sum)
+    out.sort(key=lambda item: (-the_map.area_cm2(item[0]), item[0].count(" ∩ "), item[0]))
     return out
 
 

@@ -143,12 +143,14 @@ def skin(session: Mapping[str, Any]) -> tuple[ReportSkinPatch, ...]:
         str(s["site"]): str(s.get("site_label") or s["site"]) for s in session.get("steps") or []
     }
 
-    def area(patch: str) -> float:
-        return the_map.area_cm2(patch) if patch in the_map.patches else 0.0
+    def order(patch: str) -> tuple[float, int, str]:
+        """Largest first; a region before the overlaps it is part of; then by name."""
+        area = the_map.area_cm2(patch) if patch in the_map.patches else 0.0
+        return (-area, patch.count(" ∩ "), patch)
 
     out: list[ReportSkinPatch] = []
     seen: set[frozenset[tuple[int, int]]] = set()
-    for patch in sorted(reached, key=lambda p: (-area(p), p)):
+    for patch in sorted(reached, key=order):
         rows = reached[patch]
         key = frozenset((int(s["port"]), int(s["step_index"])) for s in rows)
         if key in seen:

@@ -50,6 +50,7 @@ from pbmd.daemon.services.api import (
 )
 from pbmd.daemon.services.api.status import port_json
 from pbmd.daemon.services.controller_link import DEVICE_WAIT_EXTEND_S, ControllerLink
+from pbmd.daemon.services.courses import CourseService, WallClock
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
 from pbmd.daemon.services.records import RecordsError, RecordStore
@@ -77,7 +78,7 @@ STOP_SESSION_TIMEOUT_S = 10.0
 class Service:
     """The running daemon (one per state directory)."""
 
-    def __init__(self, config: cfg.Config, source: str) -> None:
+    def __init__(self, config: cfg.Config, source: str, *, clock: WallClock | None = None) -> None:
         self.config = config
         self.source = source
         self.state_dir = config.resolved_state_dir
@@ -103,6 +104,8 @@ class Service:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconciled: list[str] = []
+        self._clock = clock
+        self._courses: CourseService | None = None
 
     # -- parts (set once started)
 
@@ -115,6 +118,11 @@ class Service:
     def library(self) -> ProtocolLibrary:
         assert self._library is not None, "protocol library not open"
         return self._library
+
+    @property
+    def courses(self) -> CourseService:
+        assert self._courses is not None, "records store not open"
+        return self._courses
 
     @property
     def engine(self) -> Engine:
@@ -140,6 +148,14 @@ class Service:
         except RecordsError as exc:
             raise StartupError(str(exc)) from exc
         log.info("records.opened", path=str(cfg_.records_path))
+        self._courses = CourseService(
+            self.store,
+            lambda: self.library,
+            lambda: self.engine,
+            cfg_.courses,
+            cfg_.limits.fluence_ceiling_j_cm2,
+            self._clock,
+        )
         await asyncio.to_thread(self._open_library)
         for link in self.links:
             # USB and serial controllers not there yet are waited for (controller_link.py)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from pbmd.daemon.core.recording import RecordsError, UtcTime
+from pbmd.daemon.services.records.records_courses import COURSE_TABLES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema,
 an older one is migrated (`MIGRATIONS`) when it is opened."""
 
@@ -163,6 +164,7 @@ SCHEMA: tuple[str, ...] = (
     )
     """,
     "CREATE INDEX outbox_pending ON outbox (seq) WHERE published_utc IS NULL",
+    *COURSE_TABLES,
 )
 """A new database: every table at SCHEMA_VERSION."""
 
@@ -179,6 +181,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 2 -> 3: the patient's Fitzpatrick skin type, asked at session start (NULL: a
     # session recorded before it was asked).
     2: ("ALTER TABLE sessions ADD COLUMN " + SKIN_TYPE_COLUMN,),
+    # 3 -> 4: patients, their screening answers, treatment courses, the sessions of a
+    # course and the outcomes measured (records_courses.py; one step, renumbered as a
+    # whole if another migration lands first).
+    3: COURSE_TABLES,
 }
 """From a version to the next: the statements, run in one transaction at open."""
 

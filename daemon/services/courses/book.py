@@ -251,6 +251,10 @@ def insert_visit(
     )
 
 
+def set_protocol_version(conn: sqlite3.Connection, course_id: str, version: int) -> None:
+    conn.execute("UPDATE courses SET protocol_version = ? WHERE id = ?", (version, course_id))
+
+
 def course_of_session(conn: sqlite3.Connection, session_id: str) -> tuple[str, int] | None:
     r = conn.execute(
         "SELECT course_id, number FROM course_visits WHERE session_id = ?", (session_id,)

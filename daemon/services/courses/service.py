@@ -271,11 +271,17 @@ class CourseService:
         )
         session = await engine.start_protocol(library, command)
         number = len(course["visits"]) + 1
-        await self.store.transact(
-            lambda conn: book.insert_visit(
-                conn, course_id, number, session.id, utc, overridden, reason, operator
-            )
-        )
+        if await _recorded(session):
+
+            def write(conn: sqlite3.Connection) -> None:
+                book.insert_visit(
+                    conn, course_id, number, session.id, utc, overridden, reason, operator
+                )
+                if "protocol_changed" in overridden:
+                    # Reviewed and accepted: the course goes on with the version installed.
+                    book.set_protocol_version(conn, course_id, protocol.version)
+
+            await self.store.transact(write)
         if overridden:
             self.store.event(
                 "course_override",
@@ -344,6 +350,30 @@ class CourseService:
         summary = await self.summary(found[0])
         summary["session_number"] = found[1]
         return summary
+
+
+RECORD_WAIT_S = 60.0
+"""The longest a course waits for its new session's record (the engine writes it once
+the controller's clock has settled, well within a second)."""
+
+
+async def _recorded(session: Session) -> bool:
+    """Wait until the engine has recorded the session (its visit refers to that row);
+    False if it ended before that (nothing was given: no visit)."""
+    ready = asyncio.Event()
+
+    def check(_event: object = None) -> None:
+        if session.started_utc is not None or session.state.final:
+            ready.set()
+
+    remove = session.add_listener(check)
+    try:
+        check()
+        async with asyncio.timeout(RECORD_WAIT_S):
+            await ready.wait()
+    finally:
+        remove()
+    return session.started_utc is not None
 
 
 def build_summary(

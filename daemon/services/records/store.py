@@ -315,12 +315,15 @@ class RecordStore(RecordReads, RecordSink):
 
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("PRAGMA foreign_keys = ON")
+            factory, conn.row_factory = conn.row_factory, sqlite3.Row
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            finally:
+                conn.row_factory = factory
             conn.execute("COMMIT")
             return result
 

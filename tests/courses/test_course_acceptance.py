@@ -108,16 +108,26 @@ def _scenario(home: Home, clock: ManualClock, out: dict[str, Any]) -> None:
         install(c, home.protocols / "course-v1.toml")
         c.call(
             "patient.add",
-            {"patient_id": PATIENT, "birth_year": 1968, "skin_type": "III",
-             "contraindications": COURSE_SCREENING},
-        )  # fmt: skip
+            {
+                "patient_id": PATIENT,
+                "birth_year": 1968,
+                "skin_type": "III",
+                "contraindications": COURSE_SCREENING,
+            },
+        )
         course = c.call(
             "course.start",
-            {"patient_id": PATIENT, "diagnosis": "Chronic non-specific low back pain",
-             "diagnosis_code": "M54.5", "diagnosis_system": "http://hl7.org/fhir/sid/icd-10",
-             "protocol": "course-lumbar", "sessions": 12, "min_interval_days": 2,
-             "reassess_after": 6},
-        )["course"]  # fmt: skip
+            {
+                "patient_id": PATIENT,
+                "diagnosis": "Chronic non-specific low back pain",
+                "diagnosis_code": "M54.5",
+                "diagnosis_system": "http://hl7.org/fhir/sid/icd-10",
+                "protocol": "course-lumbar",
+                "sessions": 12,
+                "min_interval_days": 2,
+                "reassess_after": 6,
+            },
+        )["course"]
         course_id = course["id"]
         out["course_id"] = course_id
         _bad_input_changes_nothing(c, course_id)
@@ -126,10 +136,14 @@ def _scenario(home: Home, clock: ManualClock, out: dict[str, Any]) -> None:
         for n in range(1, 13):
             c.call(
                 "outcome.record",
-                {"course_id": course_id, "timing": "before", "nrs_pain": NRS_BEFORE[n - 1],
-                 "odi_sections": [3, 3, 2, 2, 3, 2, 2, 1, 2, 2] if n == 1 else None,
-                 "odi_percent": None if n == 1 else 44.0 - 2 * n},
-            )  # fmt: skip
+                {
+                    "course_id": course_id,
+                    "timing": "before",
+                    "nrs_pain": NRS_BEFORE[n - 1],
+                    "odi_sections": [3, 3, 2, 2, 3, 2, 2, 1, 2, 2] if n == 1 else None,
+                    "odi_percent": None if n == 1 else 44.0 - 2 * n,
+                },
+            )
             params: dict[str, Any] = {"course_id": course_id}
             if n == 2:
                 # 70 s after the first: refused as too soon, then overridden with a reason.
@@ -144,9 +158,14 @@ def _scenario(home: Home, clock: ManualClock, out: dict[str, Any]) -> None:
                 assert [r["code"] for r in err["data"]["refusals"]] == ["reassessment_due"]
                 c.call(
                     "outcome.record",
-                    {"course_id": course_id, "timing": "reassessment", "nrs_pain": 5,
-                     "odi_percent": 32.0, "note": "reassessed after session 6"},
-                )  # fmt: skip
+                    {
+                        "course_id": course_id,
+                        "timing": "reassessment",
+                        "nrs_pain": 5,
+                        "odi_percent": 32.0,
+                        "note": "reassessed after session 6",
+                    },
+                )
             if n == 9:
                 # The screening answers are 14 days old, over the 13 the site allows.
                 err = error_of(c, "course.session_start", params)
@@ -249,9 +268,12 @@ async def test_course_of_twelve_sessions_end_to_end(workdir: Path) -> None:
     assert len(series["dose-per-session"]) == 12
     svg = base64.b64decode(out["svg"]["content_base64"])
     assert _svg_points(svg) == {
-        "nrs-before": 12, "nrs-after": 13, "odi-before": 12, "odi-after": 1,
+        "nrs-before": 12,
+        "nrs-after": 13,
+        "odi-before": 12,
+        "odi-after": 1,
         "dose-per-session": 12,
-    }  # fmt: skip
+    }
     for raw in (base64.b64decode(out["png"]["content_base64"]), out["pbmctl_png"]):
         image = matplotlib.image.imread(io.BytesIO(raw), format="png")
         assert image.shape[:2] == (600, 800)

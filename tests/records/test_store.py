@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pbmd.daemon.services.records import (
+    SCHEMA_VERSION,
     RecordsCorrupt,
     RecordStore,
     RecordsUnavailable,
@@ -108,7 +109,7 @@ async def test_export_json_and_csv(store: RecordStore) -> None:
     await store.sync()
 
     doc = json.loads(await store.export("json"))
-    assert doc["format"] == "pbmd-records" and doc["schema_version"] == 3
+    assert doc["format"] == "pbmd-records" and doc["schema_version"] == SCHEMA_VERSION
     assert [s["id"] for s in doc["sessions"]] == ["s-1", "s-2"]
     assert len(doc["sessions"][1]["events"]) == 1
 
@@ -182,7 +183,7 @@ async def test_wal_mode_and_full_synchronous(store: RecordStore, db_path: Path) 
     assert wal_bytes(db_path) is not None
     # synchronous is per connection: ask the writer's own (2 = FULL)
     assert await store._call(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
-    assert raw(db_path, "PRAGMA user_version") == [(3,)]
+    assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 async def test_sync_is_the_barrier(store: RecordStore, db_path: Path) -> None:

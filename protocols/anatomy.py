@@ -228,7 +228,8 @@ def _check_v2_steps(view: ProtocolView) -> Iterable[Issue]:
                 last = (position, step.phase) if last is None or position >= last[0] else last
             yield from _check_provenance(path, step.sources, step.basis, step.assumption, refs)
             site = view.sites.get(step.site)
-            region = the_map.regions.get(site.body_region or "") if site is not None else None
+            region_id = site.body_region if site is not None else None
+            region = the_map.regions.get(region_id or "")
             applicator = port.applicator
             if (
                 region is not None
@@ -238,7 +239,7 @@ def _check_v2_steps(view: ProtocolView) -> Iterable[Issue]:
                 yield Issue(
                     "site-area",
                     f"the applicator ({_g(applicator.beam_area_cm2)} cm²) does not fit on "
-                    f"region {site.body_region if site else ''!r} ({_g(region.area_cm2)} cm²)",
+                    f"region {region_id!r} ({_g(region.area_cm2)} cm²)",
                     path=(*path, "site"),
                     value=show_value(step.site),
                     allowed=f"a region of at least {_g(applicator.beam_area_cm2)} cm²",
@@ -426,12 +427,8 @@ def _patches(region: dict[Path, str]) -> list[tuple[str, frozenset[str]]]:
     """Every patch some step reaches, largest first, with the regions reaching it."""
     the_map = body_map()
     used = set(region.values())
-    out = []
-    for patch in the_map.regions:
-        reach = the_map.reaching(patch)
-        if reach & used:
-            out.append((patch, reach))
-    out.sort(key=lambda item: (-the_map.regions[item[0]].area_cm2, item[0]))
+    out = [(patch, reach) for patch, reach in the_map.patches.items() if reach & used]
+    out.sort(key=lambda item: (-the_map.area_cm2(item[0]), item[0]))
     return out
 
 
@@ -466,7 +463,7 @@ def _check_patch_fluence(
             last = steps[-1]
             yield Issue(
                 rule,
-                f"the skin of {patch!r} ({the_map.regions[patch].label}) receives "
+                f"the skin of {patch!r} ({the_map.label(patch)}) receives "
                 f"{_g(total)} J/cm² {at} in one session: {parts}",
                 path=(*last.path, last.target.value),
                 value=f"{_g(total)} J/cm²",

@@ -4,17 +4,24 @@ Protocol files of schema version 2 place every site on a region of this map
 (``protocols/body_map.toml``), so that ceilings are checked on the skin, not
 on a site's name. Two relations are declared: ``inside`` (a region lies wholly
 within another, e.g. a probe point within a pad's footprint) and ``overlaps``
-(two regions share some skin, symmetric). From them:
+(two regions share some skin, symmetric).
 
-- the regions that *reach* a patch R: R, its containers, every region that
-  overlaps R, and those regions' containers. The dose on R is the sum of the
-  doses on every region that reaches it;
-- two regions *share skin* when one reaches the other.
+The checks add doses on *patches*: pieces of skin that a set of regions all
+cover. A step on region S lies on S and on every region S is inside
+(``up(S)``). The patches are
 
-An overlap is not inherited by the regions inside: that the lumbosacral pad's
-footprint overlaps the right paraspinal one says nothing about a point left
-of the midline inside the lumbosacral footprint. A region inside another that
-lies (partly) under a third says so itself, with ``inside`` or ``overlaps``.
+- each region R: the skin of R carries what lies on up(R);
+- each maximal set of regions that pairwise overlap (a clique of the overlap
+  relation): the skin they may share carries what lies on any of them or on
+  the regions they are inside.
+
+So two pads whose footprints both overlap a third region, but not each other,
+are never added together; three footprints that pairwise overlap are (the map
+does not say whether they share one point, so the check assumes they do). An
+overlap is not inherited by the regions inside: that the lumbosacral footprint
+overlaps the right paraspinal one says nothing about a point left of the
+midline inside the lumbosacral footprint. A region inside another that lies
+(partly) under a third says so itself, with ``inside`` or ``overlaps``.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ class _MapFile(_Model):
 @dataclass(frozen=True)
 class BodyMap:
     """The map, with the relations closed over (containers of containers, both sides
-    of an overlap) so that the checks only look them up."""
+    of an overlap) and its patches of skin, so that the checks only look them up."""
 
     id: str
     version: int
@@ -76,25 +83,69 @@ class BodyMap:
     regions: Mapping[str, BodyRegion]
     containers: Mapping[str, frozenset[str]]
     overlaps: Mapping[str, frozenset[str]]
+    patches: Mapping[str, frozenset[str]]
+    """Patch name -> the regions whose steps land on it (a region's own name, or the
+    overlapping regions' names joined with " ∩ ")."""
 
     def __contains__(self, region_id: object) -> bool:
         return region_id in self.regions
 
+    def up(self, region: str) -> frozenset[str]:
+        """The region and every region it lies inside."""
+        return frozenset({region}) | self.containers[region]
+
     def reaching(self, patch: str) -> frozenset[str]:
-        """Every region whose light lands on (some of) patch: the sum of their
-        doses is the dose on the patch."""
-        out = {patch} | self.containers[patch]
-        for other in self.overlaps[patch]:
-            out |= {other} | self.containers[other]
-        return frozenset(out)
+        """The regions whose steps land on a patch: the sum of their doses is its dose."""
+        return self.patches[patch]
 
     def reached_by(self, region: str) -> frozenset[str]:
-        """The patches a step on `region` adds dose to (the inverse of `reaching`)."""
-        return frozenset(p for p in self.regions if region in self.reaching(p))
+        """The patches a step on `region` adds dose to."""
+        return frozenset(p for p, regions in self.patches.items() if region in regions)
 
     def share_skin(self, a: str, b: str) -> bool:
         """Whether an applicator on `a` and one on `b` may lie on the same skin."""
-        return b in self.reaching(a) or a in self.reaching(b)
+        return any(a in regions and b in regions for regions in self.patches.values())
+
+    def label(self, patch: str) -> str:
+        """A patch in the map's words."""
+        return " ∩ ".join(self.regions[r].label for r in patch.split(" ∩ "))
+
+    def area_cm2(self, patch: str) -> float:
+        """A patch's area as far as the map knows it: its smallest region's."""
+        return min(self.regions[r].area_cm2 for r in patch.split(" ∩ "))
+
+
+def _cliques(graph: Mapping[str, frozenset[str]]) -> list[frozenset[str]]:
+    """The maximal cliques of an undirected graph (Bron–Kerbosch with pivoting)."""
+    out: list[frozenset[str]] = []
+
+    def extend(clique: frozenset[str], candidates: set[str], excluded: set[str]) -> None:
+        if not candidates and not excluded:
+            out.append(clique)
+            return
+        pivot = max(candidates | excluded, key=lambda v: len(graph[v] & candidates))
+        for v in sorted(candidates - graph[pivot]):
+            extend(clique | {v}, candidates & graph[v], excluded & graph[v])
+            candidates = candidates - {v}
+            excluded = excluded | {v}
+
+    extend(frozenset(), set(graph), set())
+    return out
+
+
+def _patches(
+    regions: Mapping[str, BodyRegion],
+    containers: Mapping[str, frozenset[str]],
+    overlaps: Mapping[str, frozenset[str]],
+) -> dict[str, frozenset[str]]:
+    def up(region: str) -> frozenset[str]:
+        return frozenset({region}) | containers[region]
+
+    patches = {rid: up(rid) for rid in regions}
+    for clique in _cliques(overlaps):
+        if len(clique) > 1:
+            patches[" ∩ ".join(sorted(clique))] = frozenset().union(*(up(r) for r in clique))
+    return patches
 
 
 def parse_body_map(data: bytes, source: str = "body_map.toml") -> BodyMap:
@@ -136,13 +187,24 @@ def parse_body_map(data: bytes, source: str = "body_map.toml") -> BodyMap:
         for other in region.overlaps:
             overlaps[rid].add(other)
             overlaps[other].add(rid)
+    closed = {rid: frozenset(o) for rid, o in overlaps.items()}
+    for rid in regions:
+        for a in containers[rid]:
+            for b in containers[rid]:
+                related = a == b or a in containers[b] or b in containers[a] or b in closed[a]
+                if not related:
+                    raise BodyMapError(
+                        f"{source}: region {rid!r} lies inside {a!r} and {b!r}, which the map "
+                        "does not say overlap: declare the overlap"
+                    )
     return BodyMap(
         id=raw.id,
         version=raw.version,
         sha256=hashlib.sha256(data).hexdigest(),
         regions=regions,
         containers=containers,
-        overlaps={rid: frozenset(o) for rid, o in overlaps.items()},
+        overlaps=closed,
+        patches=_patches(regions, containers, closed),
     )
 
 

@@ -136,15 +136,30 @@ def _print_protocol(console: Console, path: Path, loaded: LoadedProtocol, signed
         console.print(f"  {evidence.ref}: {evidence.relevance}", highlight=False, markup=False)
     for number, port in sorted(protocol.ports.items()):
         for index, step in enumerate(port.steps):
-            if step.sources:
-                said = f"{', '.join(step.sources)}: {step.basis}"
-            elif step.assumption:
-                said = f"assumption: {step.assumption}"
-            else:
+            parts = [f"{', '.join(step.sources)}: {step.basis}"] if step.sources else []
+            if step.assumption:
+                parts.append(f"assumption: {step.assumption}")
+            if not parts:
                 continue
+            said = "; ".join(parts)
             console.print(
                 f"  port {number} step {index + 1} dose — {said}", highlight=False, markup=False
             )
+    for total in protocol.totals:
+        parts = [f"{', '.join(total.sources)}: {total.basis}"] if total.sources else []
+        if total.assumption:
+            parts.append(f"assumption: {total.assumption}")
+        stated = ", ".join(
+            text
+            for text in (
+                None if total.energy_j is None else f"{total.energy_j:g} J",
+                None if total.points is None else f"{total.points} points",
+            )
+            if text
+        )
+        console.print(
+            f"  total {total.label}: {stated} — {'; '.join(parts)}", highlight=False, markup=False
+        )
     for line in loaded.v1_reading:
         console.print(f"[yellow]{line}[/]", highlight=False)
 

@@ -156,6 +156,12 @@ class Session:
             port: PortRunner(self, port_map[port], list(port_steps))
             for port, port_steps in sorted(steps.items())
         }
+        # Which steps reach each patch of skin at each wavelength (read on every sample).
+        self._on_skin: dict[tuple[str, int], list[StepProgress]] = {}
+        for runner in self.runners.values():
+            for prog in runner.progress:
+                for patch in prog.order.skin:
+                    self._on_skin.setdefault((patch, prog.order.wavelength_nm), []).append(prog)
         self._listeners: Listeners[SessionEvent] = Listeners("session event", log=log)
         self._done = asyncio.Event()
         self.aborting = False
@@ -189,11 +195,8 @@ class Session:
         highest = 0.0
         for patch in order.skin:
             total = 0.0
-            for runner in self.runners.values():
-                for prog in runner.progress:
-                    o = prog.order
-                    if o.wavelength_nm == order.wavelength_nm and patch in o.skin:
-                        total += prog.integrator.fluence_j_cm2
+            for prog in self._on_skin[(patch, order.wavelength_nm)]:
+                total += prog.integrator.fluence_j_cm2
             highest = max(highest, total)
         return highest
 

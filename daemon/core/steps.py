@@ -4,6 +4,7 @@ events and the recorder it writes to. Shared by the session and its port runners
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,10 +84,10 @@ class StepOrder:
     patches: frozenset[str] = frozenset()
     """The patches of skin whose fluence this step adds to (empty: its site's name)."""
 
-    @property
+    @functools.cached_property
     def skin(self) -> frozenset[str]:
         """The patches of skin the fluence ceiling is counted on."""
-        return self.patches or frozenset({self.site})
+        return self.patches or frozenset((self.site,))
 
     """Host backup timer (the step's max_time_s); None: planned time + 20 %."""
 

@@ -144,8 +144,7 @@ def skin(session: Mapping[str, Any]) -> tuple[ReportSkinPatch, ...]:
     }
 
     def area(patch: str) -> float:
-        region = the_map.regions.get(patch)
-        return region.area_cm2 if region is not None else 0.0
+        return the_map.area_cm2(patch) if patch in the_map.patches else 0.0
 
     out: list[ReportSkinPatch] = []
     seen: set[frozenset[tuple[int, int]]] = set()
@@ -163,12 +162,12 @@ def skin(session: Mapping[str, Any]) -> tuple[ReportSkinPatch, ...]:
             for nm, r in sorted(by_nm.items())
         )
         delivered = [d.fluence_delivered_j_cm2 for d in doses]
-        region = the_map.regions.get(patch)
+        on_map = patch in the_map.patches
         out.append(
             ReportSkinPatch(
                 patch=patch,
-                label=region.label if region is not None else labels.get(patch, patch),
-                body_region=region is not None,
+                label=the_map.label(patch) if on_map else labels.get(patch, patch),
+                body_region=on_map,
                 steps=tuple(f"port {s['port']} step {int(s['step_index']) + 1}" for s in rows),
                 by_wavelength=doses,
                 fluence_prescribed_j_cm2=sum(d.fluence_prescribed_j_cm2 for d in doses),
@@ -176,9 +175,7 @@ def skin(session: Mapping[str, Any]) -> tuple[ReportSkinPatch, ...]:
                     None if any(v is None for v in delivered) else sum(v or 0.0 for v in delivered)
                 ),
                 ceiling_per_wavelength_j_cm2=limits.get("fluence_ceiling_j_cm2"),
-                ceiling_total_j_cm2=limits.get("total_fluence_ceiling_j_cm2")
-                if region is not None
-                else None,
+                ceiling_total_j_cm2=limits.get("total_fluence_ceiling_j_cm2") if on_map else None,
                 ceiling_source=limits.get("fluence_ceiling_source"),
             )
         )

@@ -16,7 +16,8 @@ from trip_checks import expect_stays_dark, expect_trip
 from pbmd.daemon.core.session import PortState, SessionState
 from pbmd.daemon.services.report import build_report
 from pbmd.drivers import codec
-from pbmd.protocols.loader import parse_protocol
+from pbmd.protocols.library import DIRECTORY as LIBRARY_DIR
+from pbmd.protocols.loader import load_protocol, parse_protocol
 from pbmd.protocols.plan import plan
 
 PADS = (1, 2, 3)
@@ -136,3 +137,33 @@ async def test_a_trip_in_the_first_phase_ends_the_session_before_the_probe(
         await expect_trip(rig, session, "E401", observed_at=t0)
         assert starts_on(rig, PROBE) == []
         await expect_stays_dark(rig)
+
+
+CHRONIC = LIBRARY_DIR / "lumbar-chronic-nonspecific.toml"
+CHRONIC_LOADED = load_protocol(CHRONIC)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHRONIC_LOADED.protocol.schema_version == 1,
+    reason="the shipped chronic-lumbar file is still format version 1 (one phase)",
+)
+async def test_shipped_chronic_lumbar_probe_starts_after_the_pads(tmp_path: Path) -> None:
+    """The shipped program on the simulator at x60: by the controller's own log of the
+    commands it received and the events it sent, port 4's first EMIT_START comes after
+    the last pad emission ended."""
+    async with Rig(tmp_path, time_scale=60.0) as rig:
+        the_plan = plan(CHRONIC_LOADED.protocol, rig.port_map.applicators(), skin_type="III")
+        probe_phase = next(p for p in the_plan.phases if PROBE in p.ports)
+        assert probe_phase.index > 0 and set(PADS).isdisjoint(probe_phase.ports)
+        session = await rig.start(
+            the_plan,
+            CHRONIC_LOADED,
+            contraindications={c.value: False for c in CHRONIC_LOADED.protocol.contraindications},
+        )
+        device_s = the_plan.expected_duration_ms / 1000.0
+        state = await asyncio.wait_for(session.wait(), device_s / 60.0 + 60.0)
+        assert state is SessionState.COMPLETED, session.cause_message
+        pads = tuple(p.port for p in the_plan.ports if p.port != PROBE)
+        assert ends_on(rig, pads) and starts_on(rig, PROBE)
+        assert max(ends_on(rig, pads)) < min(starts_on(rig, PROBE))

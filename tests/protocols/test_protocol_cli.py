@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,39 @@ def test_the_example_in_the_documentation_validates(
     path.write_text(example, encoding="utf-8")
     code, out = run(["protocol", "validate", str(path)], capsys)
     assert code == 0, out
-    assert "session: 25 min 00 s" in out
+    assert "session: 34 min 20 s" in out
+    # the annotated example is the test fixture, comments aside
+    fixture = Path(__file__).resolve().parent / "v2-example.toml"
+    assert tomllib.loads(example) == tomllib.loads(fixture.read_text(encoding="utf-8"))
+
+
+def test_validate_shows_the_timeline_and_each_dose_source(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fixture = Path(__file__).resolve().parent / "v2-example.toml"
+    code, out = run(["protocol", "validate", str(fixture)], capsys)
+    assert code == 0, out
+    assert "phase 1 'pads': 0:00:00–0:33:20, ports 1" in out
+    assert "phase 2 'probe': 0:33:20–0:34:20, ports 4" in out
+    assert "0:33:20–0:34:20  port 4  step 1:" in out
+    assert "walt-2010: Lumbar spine dose table." in out  # the sources
+    assert "port 1 step 1 dose — assumption: No source gives" in out
+    assert "port 4 step 1 dose — glazov-2016: Benefit in low-back-pain trials" in out
+    assert "; assumption: The trials used other wavelengths" in out
+    assert "total Probe energy: 3 J, 1 points — assumption: Example only." in out
+    assert "version 1 file" not in out
+
+
+def test_validate_says_what_a_v1_file_means_in_v2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "base.toml"
+    path.write_text(BASE, encoding="utf-8")
+    code, out = run(["protocol", "validate", str(path)], capsys)
+    assert code == 0, out
+    assert "version 1 file, read as version 2: one phase, 'all'" in out
+    assert "the probe on port 4 runs while the pads on port 1 run" in out
+    assert "phase 1 'all': 0:00:00–0:10:00, ports 1, 4" in out
 
 
 def test_deeply_nested_input_is_refused_not_crashed_on(

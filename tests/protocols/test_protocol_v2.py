@@ -21,6 +21,7 @@ from fixtures.protocols import (
 from protocol_helpers import icd_applicators
 
 from pbmd.protocols.body_map import BodyMapError, body_map, parse_body_map
+from pbmd.protocols.cli import schema
 from pbmd.protocols.errors import ProtocolInvalid, Severity
 from pbmd.protocols.limits import Limits
 from pbmd.protocols.loader import load_protocol, parse_protocol
@@ -48,7 +49,7 @@ def test_the_example_in_the_docs_and_notes_is_valid_and_runs_in_two_phases() -> 
     assert [p.id for p in timeline.phases] == ["pads", "probe"]
     pads, probe = timeline.phases
     assert probe.start_s == pads.end_s == pytest.approx(2000.0)
-    assert loaded.session_time_s == pytest.approx(2040.0)
+    assert loaded.session_time_s == pytest.approx(2060.0)
     assert loaded.v1_reading == []
 
 
@@ -204,6 +205,12 @@ def test_mpe_sum_over_one_is_refused() -> None:
         ),
         (lambda t: t.replace('body_map = "pbmd-body-map"', 'body_map = "other"'), "body-map"),
         (
+            lambda t: t.replace(
+                'body_region = "lumbar-paraspinal-left"', 'body_region = "l2-l3-facet-left"'
+            ),
+            "site-area",
+        ),
+        (
             lambda t: (
                 t + '\n[[totals]]\nlabel = "Probe"\nphase = "probe"\nenergy_j = 16.0\n'
                 'assumption = "Tests."\n'
@@ -299,3 +306,49 @@ def test_the_body_map_is_consistent_and_relations_are_closed() -> None:
     loop += b'area_cm2 = 1.0\narea_basis = "x"\ninside = ["aaa"]\n'
     with pytest.raises(BodyMapError, match="loop"):
         parse_body_map(loop)
+
+
+def test_the_json_schema_describes_version_2() -> None:
+    doc = schema()
+    assert doc["properties"]["schema_version"]["enum"] == [1, 2]
+    assert {"phases", "body_map", "totals"} <= set(doc["properties"])
+    defs = doc["$defs"]
+    assert "body_region" in defs["Site"]["properties"]
+    assert {"phase", "sources", "basis", "assumption"} <= set(defs["Step"]["properties"])
+    assert "Phase" in defs and "Total" in defs
+
+
+def test_patches_add_only_regions_that_may_share_skin() -> None:
+    """Both paraspinal pads overlap the segment bands and the lumbosacral footprint,
+    not each other: no patch carries both; the bands, which pairwise overlap, share one."""
+    the_map = body_map()
+    both = {"lumbar-paraspinal-left", "lumbar-paraspinal-right"}
+    assert not any(both <= regions for regions in the_map.patches.values())
+    bands = {f"lumbar-segment-{lvl}" for lvl in ("l3-l4", "l4-l5", "l5-s1")}
+    assert any(bands <= regions for regions in the_map.patches.values())
+    quadrants = {
+        f"lumbar-multilevel-{h}-{s}" for h in ("upper", "lower") for s in ("left", "right")
+    }
+    assert not any(
+        len(quadrants & regions) > 1 for regions in the_map.patches.values()
+    )  # four pads side by side
+    text = protocol_v2(
+        PHASES,
+        {
+            1: [pad_step(site="left", irradiance=10.0, fluence=6.0, phase="pads", assumption="T.")],
+            2: [
+                pad_step(site="right", irradiance=10.0, fluence=6.0, phase="probe", assumption="T.")
+            ],
+        },
+        V2_SITES,
+    )
+    assert rules(text) == {}
+
+
+def test_a_map_with_a_region_inside_two_unrelated_ones_is_refused() -> None:
+    text = b'id = "m-x"\nversion = 1\n'
+    for name, extra in (("aaa", ""), ("bbb", ""), ("ccc", 'inside = ["aaa", "bbb"]\n')):
+        text += f'[regions.{name}]\nlabel = "x"\nzone = "lumbar"\narea_cm2 = 1.0\n'.encode()
+        text += f'area_basis = "x"\n{extra}'.encode()
+    with pytest.raises(BodyMapError, match="declare the overlap"):
+        parse_body_map(text)

@@ -43,6 +43,15 @@ def test_status_and_shipped_library(daemon: Daemon) -> None:
     shown = pbmctl_json(daemon.socket_path, "protocol", "show", "lumbar-chronic-nonspecific")
     assert shown["runnable"]["ok"] is True
     assert {c["name"] for c in shown["contraindications"]} == set(SCREENING_CHRONIC)
+    # the plan view: the timeline (which port does what when) and the sources
+    proto = shown["protocol"]
+    assert proto["phases"] and proto["phases"][-1]["end_s"] == proto["session_time_s"]
+    assert {slot["port"] for slot in proto["timeline"]} == {1, 2, 3, 4}
+    assert {e["ref"] for e in proto["evidence"]} >= {"walt-2010"}
+    view = pbmctl(daemon.socket_path, "protocol", "show", "lumbar-chronic-nonspecific")
+    assert view.returncode == 0
+    assert "timeline" in view.stdout and "sources" in view.stdout
+    assert "port 4 step 1:" in view.stdout
     human = pbmctl(daemon.socket_path, "status")
     assert human.returncode == 0
     assert "ready for a session: yes" in human.stdout
@@ -134,7 +143,7 @@ def test_sigterm_during_session_closes_it_with_its_record(make_daemon: DaemonFac
                 "watch": True,
             },
         )
-        confirm_first_placements(client, (1, 2, 3, 4))
+        confirm_first_placements(client, (1, 2, 3))  # the pads: the probe may be a later phase
         d.wait_log(
             lambda r: r.event == "session.event" and r.data.get("kind") == "emission_started"
         )

@@ -15,6 +15,9 @@ import termios
 import time
 from pathlib import Path
 
+from pbmd.protocols.library import DIRECTORY
+from pbmd.protocols.loader import load_protocol
+
 from .conftest import DaemonFactory
 from .harness import (
     PBMCTL,
@@ -25,6 +28,7 @@ from .harness import (
     write_protocol,
 )
 
+CHRONIC = DIRECTORY / "lumbar-chronic-nonspecific.toml"
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -84,7 +88,7 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     finally:
         shutil.rmtree(state, ignore_errors=True)
     assert outcome == "completed" and operator
-    assert len(steps) == 12
+    assert len(steps) == len(load_protocol(CHRONIC).doses)
     assert all(o == "completed" for o, _, _ in steps)
     errors = [(delivered - prescribed) / prescribed for _, delivered, prescribed in steps]
     assert max(abs(e) for e in errors) < 0.02, errors
@@ -95,6 +99,7 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
     assert "lumbar-chronic-nonspecific" in text
     assert "PHOTOBIOMODULATION TREATMENT REPORT" in text
     assert "Outcome           COMPLETED" in text
+    assert "Fitzpatrick III" in text  # the skin type, asked at start and recorded
     assert "pbmd stopped cleanly (exit 0)" in text
 
 
@@ -120,6 +125,7 @@ def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdi
     os.close(slave)
     out = bytearray()
     prompts = 0
+    asked = False
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -133,6 +139,9 @@ def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdi
             if not chunk:
                 break
             out += chunk
+            if not asked and b"skin type" in ANSI.sub(b"", bytes(out)):
+                asked = True
+                os.write(master, b"v\n")  # asked like the screening, on the terminal
             if b"[enter]" in ANSI.sub(b"", chunk):
                 prompts += 1
                 os.write(master, b"\n")  # the clinician confirms the placement
@@ -147,3 +156,9 @@ def test_live_view_prompts_and_enter_confirms(make_daemon: DaemonFactory, workdi
     assert "confirm placement at" in text and prompts >= 3
     assert "placement at" in text and "confirmed" in text
     assert "ended: COMPLETED" in text
+    assert "Fitzpatrick skin type of the patient" in text
+    db = sqlite3.connect(d.state_dir / "records.sqlite")
+    try:
+        assert db.execute("SELECT skin_type FROM sessions").fetchall() == [("V",)]
+    finally:
+        db.close()

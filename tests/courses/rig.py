@@ -4,7 +4,10 @@ JSON-RPC client on the real control socket, run in a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,6 +15,9 @@ from typing import Any
 
 from fixtures.protocols import header, pad_step, port, site
 from service.harness import RawClient, toml_config, write_protocol
+
+from pbmd.daemon.services import config as cfg
+from pbmd.daemon.services.service import Service
 
 COURSE_SCREENING = {"cancer": False, "pregnancy": False}
 STEP_FLUENCE_J_CM2 = 0.3
@@ -116,3 +122,16 @@ def run_course_session(client: RawClient, params: dict[str, Any]) -> tuple[str, 
                 status = p.get("status") or {}
                 state += f" ({status.get('cause_code')}: {status.get('cause_message')})"
             return session_id, state, result["course"]
+
+
+async def run_service(home: Home, clock: ManualClock, scenario: Callable[[], Any]) -> Any:
+    """Start the service in this process on `home`'s configuration with `clock`, run the
+    blocking `scenario` in a worker thread, stop the service."""
+    config, source = cfg.load(home.config)
+    service = Service(config, source, clock=clock)
+    try:
+        await service.start()
+        return await asyncio.to_thread(scenario)
+    finally:
+        await service.stop()
+        gc.unfreeze()  # the service froze the heap at start, as a daemon does for life

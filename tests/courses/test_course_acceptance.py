@@ -8,9 +8,7 @@ between visits by moving that clock, never by sleeping.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import gc
 import io
 import json
 import sqlite3
@@ -24,9 +22,7 @@ import pypdfium2
 from fhir.resources.R4B.bundle import Bundle
 from service.harness import RawClient, pbmctl
 
-from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services.courses import dose
-from pbmd.daemon.services.service import Service
 
 from .rig import (
     COURSE_SCREENING,
@@ -37,6 +33,7 @@ from .rig import (
     install,
     make_home,
     run_course_session,
+    run_service,
 )
 
 INVALID_PARAMS = -32602
@@ -213,22 +210,11 @@ def _scenario(home: Home, clock: ManualClock, out: dict[str, Any]) -> None:
     out["pbmctl_png"] = png.read_bytes()
 
 
-async def _run_service(home: Home, clock: ManualClock, scenario: Any) -> Any:
-    config, source = cfg.load(home.config)
-    service = Service(config, source, clock=clock)
-    try:
-        await service.start()
-        return await asyncio.to_thread(scenario)
-    finally:
-        await service.stop()
-        gc.unfreeze()  # the service froze the heap at start, as a daemon does for life
-
-
 async def test_course_of_twelve_sessions_end_to_end(workdir: Path) -> None:
     home = make_home(workdir, "screening_max_age_days = 13")
     clock = ManualClock(START)
     out: dict[str, Any] = {}
-    await _run_service(home, clock, lambda: _scenario(home, clock, out))
+    await run_service(home, clock, lambda: _scenario(home, clock, out))
     course_id = out["course_id"]
 
     # The report says where the session stands in its course.
@@ -315,7 +301,7 @@ async def test_course_of_twelve_sessions_end_to_end(workdir: Path) -> None:
         with RawClient(home.socket) as c:
             return dict(c.call("course.show", {"course_id": course_id})["summary"])
 
-    again = await _run_service(home, clock, after_restart)
+    again = await run_service(home, clock, after_restart)
     assert again == out["closed"]
     assert again["course"]["state"] == "closed" and again["sessions_given"] == 12
     assert json.dumps(again["outcomes"]) == json.dumps(summary["outcomes"])

@@ -20,12 +20,13 @@ from pbmd.daemon.services import config as cfg
 from pbmd.daemon.services.service import Service
 
 COURSE_SCREENING = {"cancer": False, "pregnancy": False}
-STEP_FLUENCE_J_CM2 = 0.3
+STEP_FLUENCE_J_CM2 = 1.0
 
 
 def course_protocol(version: int = 1) -> str:
-    """One pad on the lower back, 660 then 830 nm, 0.3 J/cm² each (30 s of device time
-    each, 1 s at ×30): a short stand-in of the chronic lumbar course's pad part."""
+    """Two pads on the lower back at once, 660 nm on the left and 830 nm on the right,
+    1 J/cm² each at 10 mW/cm² (100 s of device time, 3.3 s at ×30, as the service
+    tests' pads): a short stand-in of the chronic lumbar course's pad part."""
     text = (
         header(
             "course-lumbar",
@@ -34,15 +35,10 @@ def course_protocol(version: int = 1) -> str:
             sessions=12,
             interval_days=2,
         )
-        + site("back", "Lumbar paraspinal muscles", "lumbar", 180.0)
-        + port(
-            1,
-            "pad",
-            [
-                pad_step(site="back", nm=660, irradiance=10.0, fluence=STEP_FLUENCE_J_CM2),
-                pad_step(site="back", nm=830, irradiance=10.0, fluence=STEP_FLUENCE_J_CM2),
-            ],
-        )
+        + site("back", "Left lumbar paraspinal muscles", "lumbar", 180.0)
+        + site("back-right", "Right lumbar paraspinal muscles", "lumbar", 180.0)
+        + port(1, "pad", [pad_step(site="back", nm=660, irradiance=10.0, fluence=1.0)])
+        + port(2, "pad", [pad_step(site="back-right", nm=830, irradiance=10.0, fluence=1.0)])
     )
     return text.replace("\nversion = 1\n", f"\nversion = {version}\n", 1)
 

@@ -235,9 +235,9 @@ async def test_course_of_twelve_sessions_end_to_end(workdir: Path) -> None:
     first_odi = summary["outcomes"][0]
     assert first_odi["odi_percent"] == 44.0  # 22 of 50 points
     assert first_odi["odi_sections"] == [3, 3, 2, 2, 3, 2, 2, 1, 2, 2]
-    # Cumulative dose on the one patch of skin, per wavelength: 12 × 0.3 J/cm² as delivered.
+    # Cumulative dose per patch of skin and wavelength: 12 × 1 J/cm² as delivered.
     doses = {(d["patch"], d["wavelength_nm"]): d for d in summary["cumulative_dose"]}
-    assert set(doses) == {("back", 660), ("back", 830)}
+    assert set(doses) == {("back", 660), ("back-right", 830)}
     for d in doses.values():
         assert d["sessions"] == 12
         assert abs(d["delivered_j_cm2"] - 12 * STEP_FLUENCE_J_CM2) < 12 * STEP_FLUENCE_J_CM2 * 0.05
@@ -245,7 +245,7 @@ async def test_course_of_twelve_sessions_end_to_end(workdir: Path) -> None:
     patch_doses = [
         dose.PatchDose(k[0], "", k[1], v["delivered_j_cm2"], 12) for k, v in doses.items()
     ]
-    over = dose.ceiling_refusal(patch_doses, {("back", 660): 0.3}, ceiling_j_cm2=3.7)
+    over = dose.ceiling_refusal(patch_doses, {("back", 660): 1.0}, ceiling_j_cm2=12.5)
     assert over is not None and over.code == "course_ceiling" and not over.overridable
 
     # The plot, read back: points per series as recorded.

@@ -23,7 +23,7 @@ from .rig import (
 
 
 async def test_the_course_ceiling_refuses_the_session_that_would_pass_it(workdir: Path) -> None:
-    home = make_home(workdir, "course_fluence_ceiling_j_cm2 = 0.5")
+    home = make_home(workdir, "course_fluence_ceiling_j_cm2 = 1.5")
     clock = ManualClock(datetime(2026, 3, 2, 8, 0, tzinfo=UTC))
 
     def scenario() -> dict[str, Any]:
@@ -73,9 +73,9 @@ async def test_the_course_ceiling_refuses_the_session_that_would_pass_it(workdir
     assert out["first"].returncode == 0, out["first"].stdout + out["first"].stderr
     (refusal,) = out["err"]["data"]["refusals"]
     assert refusal["code"] == "course_ceiling" and not refusal["overridable"]
-    assert "ceiling of 0.5 J/cm²" in refusal["message"]
+    assert "ceiling of 1.5 J/cm²" in refusal["message"]
     summary = out["summary"]
-    assert summary["sessions_given"] == 1 and summary["course_ceiling_j_cm2"] == 0.5
+    assert summary["sessions_given"] == 1 and summary["course_ceiling_j_cm2"] == 1.5
     doses = {d["wavelength_nm"]: d["delivered_j_cm2"] for d in summary["cumulative_dose"]}
     assert set(doses) == {660, 830}
     assert all(abs(v - STEP_FLUENCE_J_CM2) < 0.05 * STEP_FLUENCE_J_CM2 for v in doses.values())

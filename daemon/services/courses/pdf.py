@@ -8,6 +8,7 @@ are written in plain equivalents.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -145,8 +146,6 @@ def _course_part(doc: _Report, summary: Mapping[str, Any], with_plot: bool) -> N
     if with_plot:
         doc.add_page()
         doc.heading("Trend as measured")
-        import io
-
         doc.image(io.BytesIO(plot.render(summary, "png")), w=180)
 
 

@@ -120,7 +120,8 @@ async def run(rounds: int, time_scale: float, realtime: bool) -> int:
         )
         print(
             f"{'round':>5} {'arming s':>9} {'realised s':>11} {'session s':>10} "
-            f"{'vs planned %':>13} {'vs realised %':>14} {'phase 2 late s':>15}"
+            f"{'vs planned %':>13} {'vs realised %':>14} {'phase 2 late s':>15} "
+            f"{'clock ratio':>12}"
         )
         for n in range(1, rounds + 1):
             t0 = time.monotonic()
@@ -149,7 +150,7 @@ async def run(rounds: int, time_scale: float, realtime: bool) -> int:
             print(
                 f"{n:5d} {(running - t0) * ratio:9.2f} {realised_s:11.2f} {session_s:10.2f} "
                 f"{(session_s / planned_s - 1) * 100:+13.3f} {over * 100:+14.3f} "
-                f"{(phase2 - running) * ratio - phase2_at_s:+15.3f}"
+                f"{(phase2 - running) * ratio - phase2_at_s:+15.3f} {ratio:12.4f}"
             )
     if overs:
         print(

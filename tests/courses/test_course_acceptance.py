@@ -193,6 +193,7 @@ def _scenario(home: Home, clock: ManualClock, out: dict[str, Any]) -> None:
         out["sessions"] = sessions
         out["report5"] = c.call("report.get", {"session_id": sessions[4], "format": "text"})
         out["listed"] = c.call("records.list", {"patient_ref": PATIENT, "limit": 100})
+        out["record5"] = c.call("records.show", {"session_id": sessions[4]})["session"]
         for fmt in ("json", "png", "svg", "plot-pdf", "pdf", "fhir"):
             out[fmt] = c.call("course.report", {"course_id": course_id, "format": fmt})
         out["session_fhir"] = c.call("session.export", {"session_id": sessions[4]})
@@ -222,6 +223,10 @@ async def test_course_of_twelve_sessions_end_to_end(workdir: Path) -> None:
     assert "Session 5 of 12 of course " + course_id in text, text
     assert out["report5"]["course"]["session_number"] == 5
     assert {s["id"] for s in out["listed"]["sessions"]} == set(out["sessions"])
+    # A course's session runs with the patient's skin type and screening answers.
+    record = out["record5"]
+    assert record["patient_ref"] == PATIENT and record["skin_type"] == "III"
+    assert record["contraindications"] == COURSE_SCREENING
 
     summary = out["json"]["summary"]
     assert summary["sessions_given"] == 12

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from pbmd.daemon.clients import ctl_scan
+from pbmd.daemon.clients import ctl_courses, ctl_scan
 from pbmd.daemon.clients import ctl_view as view
 from pbmd.daemon.clients.ctl_client import (
     EXIT_CODES,
@@ -201,6 +201,11 @@ async def cmd_session_start(args: argparse.Namespace, client: Client, out: Out) 
         out.err.print(f"pbmctl: {exc}")
         return EXIT_USAGE
     watch = args.watch or args.auto_confirm
+    if args.course is not None:
+        return await _course_session_start(args, client, out, answers, ports, watch)
+    if args.patient is None or args.protocol is None:
+        out.err.print("pbmctl: give PROTOCOL and --patient REF, or --course COURSE")
+        return EXIT_USAGE
     params: dict[str, Any] = {
         "protocol": args.protocol,
         "patient_ref": args.patient,
@@ -230,6 +235,38 @@ async def cmd_session_start(args: argparse.Namespace, client: Client, out: Out) 
             lambda c: c.print(
                 f"session [bold]{res['session_id']}[/] started ({args.protocol}, patient "
                 f"{args.patient}); follow it with `pbmctl session watch`"
+            ),
+        )
+        return EXIT_OK
+    return await follow(client, out, res["session_id"], res["status"], args.auto_confirm)
+
+
+async def _course_session_start(
+    args: argparse.Namespace,
+    client: Client,
+    out: Out,
+    answers: dict[str, bool],
+    ports: list[int] | None,
+    watch: bool,
+) -> int:
+    """`session start --course`: the course's protocol, patient and skin type."""
+    params: dict[str, Any] = {
+        "course_id": args.course,
+        "contraindications": answers,
+        "watch": watch,
+    }
+    if ports:
+        params["ports"] = ports
+    if args.override_reason:
+        params["override_reason"] = args.override_reason
+    res = await client.call("course.session_start", params)
+    place = res["course"]
+    if not watch:
+        out.result(
+            res,
+            lambda c: c.print(
+                f"session [bold]{res['session_id']}[/] started: session {place['number']} of "
+                f"{place['of']} of course {place['course_id']}"
             ),
         )
         return EXIT_OK
@@ -461,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_session_commands(sub, add)
     _add_records_commands(sub, add)
     _add_upkeep_commands(sub, add)
+    ctl_courses.register(sub, add)
     return parser
 
 
@@ -518,8 +556,15 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
     session = sub.add_parser("session", help="treatment sessions")
     ssub = session.add_subparsers(dest="session_command", required=True, metavar="COMMAND")
     p = add(ssub, "start", cmd_session_start, "start a protocol for a patient (clinician)")
-    p.add_argument("protocol", metavar="PROTOCOL")
-    p.add_argument("--patient", required=True, metavar="REF", help="the patient's reference")
+    p.add_argument("protocol", metavar="PROTOCOL", nargs="?", help="not with --course")
+    p.add_argument("--patient", metavar="REF", help="the patient's reference")
+    p.add_argument(
+        "--course",
+        metavar="COURSE",
+        help="the next session of this course (its patient, "
+        "protocol and skin type; the plan is checked first)",
+    )
+    p.add_argument("--override-reason", metavar="TEXT", help="override the course plan's refusal")
     p.add_argument("--ports", metavar="LIST", help="a subset of the protocol's ports, e.g. 1,2")
     p.add_argument(
         "--contraindication",
@@ -541,6 +586,7 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> 
         action="store_true",
         help="confirm every gated placement automatically (demonstration only; implies --watch)",
     )
+    ctl_courses.register_session_export(ssub, add)
     p = add(ssub, "watch", cmd_session_watch, "follow the running session live")
     p.add_argument(
         "session", nargs="?", metavar="SESSION", help="its id or a unique prefix (default: current)"
@@ -601,7 +647,7 @@ def _clinic_flags(p: argparse.ArgumentParser, *, patient: bool) -> None:
         help="read the clinic database: every workstation's sessions",
     )
     if patient:
-        p.add_argument("--patient", metavar="REF", help="only this patient's sessions (--clinic)")
+        p.add_argument("--patient", metavar="REF", help="only this patient's sessions")
 
 
 def _add_upkeep_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:

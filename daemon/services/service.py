@@ -61,6 +61,7 @@ from pbmd.daemon.services.api import (
 )
 from pbmd.daemon.services.api.status import port_json
 from pbmd.daemon.services.controller_link import DEVICE_WAIT_EXTEND_S, ControllerLink
+from pbmd.daemon.services.courses import CourseService, WallClock
 from pbmd.daemon.services.errors import StartupError
 from pbmd.daemon.services.loop_monitor import LoopMonitor
 from pbmd.daemon.services.records import RecordsError, RecordStore
@@ -101,7 +102,12 @@ class Service:
     """The running daemon (one per state directory)."""
 
     def __init__(
-        self, config: cfg.Config, source: str, reload_config: ConfigLoader | None = None
+        self,
+        config: cfg.Config,
+        source: str,
+        reload_config: ConfigLoader | None = None,
+        *,
+        clock: WallClock | None = None,
     ) -> None:
         self.config = config
         self.source = source
@@ -135,6 +141,8 @@ class Service:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconciled: list[str] = []
+        self._clock = clock
+        self._courses: CourseService | None = None
 
     # -- parts (set once started)
 
@@ -147,6 +155,11 @@ class Service:
     def library(self) -> ProtocolLibrary:
         assert self._library is not None, "protocol library not open"
         return self._library
+
+    @property
+    def courses(self) -> CourseService:
+        assert self._courses is not None, "records store not open"
+        return self._courses
 
     @property
     def engine(self) -> Engine:
@@ -173,6 +186,14 @@ class Service:
         except RecordsError as exc:
             raise StartupError(str(exc)) from exc
         log.info("records.opened", path=str(cfg_.records_path))
+        self._courses = CourseService(
+            self.store,
+            lambda: self.library,
+            lambda: self.engine,
+            cfg_.courses,
+            cfg_.limits.fluence_ceiling_j_cm2,
+            self._clock,
+        )
         await asyncio.to_thread(self._open_library)
         for link in self.links:
             # USB and serial controllers not there yet are waited for (controller_link.py)

@@ -133,7 +133,7 @@ async def test_a_newer_server_schema_is_refused_and_nothing_is_written(
         st = await rep.wait_until(_stopped, TIMEOUT_S)
     finally:
         await rep.close()
-    assert "schema version 99, newer than this pbmd knows (1)" in st["reason"]
+    assert "schema version 99, newer than this pbmd knows (2)" in st["reason"]
     assert "upgrade pbmd" in st["reason"]
     tables = clinic_server.query("SELECT to_regclass('record_rows') IS NULL")
     assert tables == [(True,)]
@@ -152,7 +152,7 @@ async def test_without_migrate_an_empty_server_waits_for_pbmd_clinic_db_migrate(
         async with await psycopg.AsyncConnection.connect(
             clinic_server.url, autocommit=True
         ) as conn:
-            assert await schema.migrate(conn) == [1]
+            assert await schema.migrate(conn) == [1, 2]
             assert await schema.migrate(conn) == []
         await rep.wait_until(_caught_up, TIMEOUT_S)
     finally:

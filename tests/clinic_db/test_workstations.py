@@ -215,10 +215,10 @@ def test_pbmd_clinic_db_migrate_and_check(
     code, _, err = run("clinic-db", "check")
     assert code == 1 and "pbmd clinic-db migrate" in err
     code, out, _ = run("clinic-db", "migrate")
-    assert code == 0 and "migrated to version 1" in out
-    assert "already at version 1" in run("clinic-db", "migrate")[1]
+    assert code == 0 and "migrated to version 2" in out
+    assert "already at version 2" in run("clinic-db", "migrate")[1]
     assert run("clinic-db", "check")[0] == 0
-    clinic_server.execute("INSERT INTO pbmd_schema VALUES (2, now(), 'future')")
+    clinic_server.execute("INSERT INTO pbmd_schema VALUES (3, now(), 'future')")
     code, _, err = run("clinic-db", "migrate")
     assert code == 1 and "newer than this pbmd knows" in err
     bad = workdir / "bad.toml"

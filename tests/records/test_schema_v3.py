@@ -78,7 +78,7 @@ async def test_version_2_database_is_migrated_keeping_every_row(db_path: Path) -
     store = await RecordStore.open(db_path, sync_interval_s=3600.0, min_free_bytes=0)
     try:
         assert _rows(db_path, columns) == before  # every row, its values, its keys
-        assert _pragma(db_path, "user_version") == [(SCHEMA_VERSION,)] == [(4,)]
+        assert _pragma(db_path, "user_version") == [(SCHEMA_VERSION,)] == [(5,)]
         assert _pragma(db_path, "application_id") == [(APPLICATION_ID,)]
         assert _pragma(db_path, "integrity_check") == [("ok",)]
         for table, parent in (("steps", "sessions"), ("emissions", "sessions"),

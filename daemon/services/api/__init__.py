@@ -24,7 +24,8 @@ Where things live: `roles` (who is calling), `registry` (endpoints, errors,
 JSON encoding), `server` (the socket, connections, budgets), `watch` (session
 streams); the endpoints by domain, each with a `register(registry, service)`:
 `status`, `protocols`, `sessions`, `records` (and reports), `technician`
-(calibration, controller faults, the service latch). Endpoints only adapt: the
+(calibration, controller faults, the service latch), `courses` (patients, courses,
+outcomes, FHIR and PDF exports). Endpoints only adapt: the
 engine's use cases decide.
 """
 
@@ -32,7 +33,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pbmd.daemon.services.api import protocols, records, sessions, status, technician
+from pbmd.daemon.services.api import (
+    courses,
+    protocols,
+    records,
+    sessions,
+    status,
+    technician,
+)
 from pbmd.daemon.services.api.registry import (
     ERROR_NAMES,
     INTERNAL_ERROR,
@@ -125,6 +133,6 @@ __all__ = [
 def build_registry(service: Service) -> Registry:
     """Every method of the control API, each domain registering its own endpoints."""
     reg = Registry(service.roles.role_help)
-    for domain in (status, protocols, sessions, records, technician):
+    for domain in (status, protocols, sessions, records, technician, courses):
         domain.register(reg, service)
     return reg

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import structlog
 from pydantic import AfterValidator, Field, StringConstraints
 
+from pbmd.daemon.services.api.courses import sees_outcomes
 from pbmd.daemon.services.api.registry import NOT_FOUND, REFUSED, Caller, Params, Registry, RpcError
 from pbmd.daemon.services.api.roles import STAFF, TECHNICIAN
 from pbmd.daemon.services.clinic_db import ClinicReads, ClinicUnavailable
+from pbmd.daemon.services.courses.text import course_text
 from pbmd.daemon.services.records import RecordsError
 from pbmd.daemon.services.report import build_report, render_text
 
@@ -52,7 +54,7 @@ class RecordsListParams(ClinicParam):
     offset: Annotated[int, Field(ge=0)] = 0
     since_utc: Since | None = None
     patient_ref: PatientRef | None = None
-    """Only this patient's sessions (clinic reads only)."""
+    """Only this patient's sessions."""
 
 
 class SessionIdParams(ClinicParam):
@@ -75,7 +77,7 @@ def _clinic(service: Service, p: ClinicParam) -> ClinicReads | None:
     """The clinic database's reads when asked for (REFUSED if none is configured)."""
     patient = getattr(p, "patient_ref", None)
     if not p.clinic:
-        if patient is not None:
+        if patient is not None and not isinstance(p, RecordsListParams):
             raise RpcError(REFUSED, "patient_ref filters clinic reads: add clinic = true")
         return None
     if service.config.clinic_db is None:
@@ -155,7 +157,9 @@ def register(reg: Registry, service: Service) -> None:
             if clinic is not None:
                 rows = await clinic.list_sessions(p.limit, p.offset, p.since_utc, p.patient_ref)
             else:
-                rows = await service.store.list_sessions(p.limit, p.offset, p.since_utc)
+                rows = await service.store.list_sessions(
+                    p.limit, p.offset, p.since_utc, p.patient_ref
+                )
         except (RecordsError, ClinicUnavailable) as exc:
             raise RpcError(REFUSED, str(exc)) from None
         return {"sessions": rows}
@@ -204,6 +208,10 @@ def register(reg: Registry, service: Service) -> None:
     @reg.add("report.get", ReportParams, STAFF, "A session's treatment report.", heavy=True)
     async def report_get(caller: Caller, p: ReportParams) -> Any:
         row = await _session_row(service, p)
+        # Its course, when it has one: "session n of N" and the course so far.
+        course = None if p.clinic else await service.courses.session_context(p.session_id)
+        if course is not None and not sees_outcomes(service, caller):
+            course = {**course, "outcomes": [], "outcomes_hidden": True}
 
         def build() -> dict[str, Any]:
             report = build_report(row)
@@ -212,6 +220,10 @@ def register(reg: Registry, service: Service) -> None:
                 out["report"] = report.to_dict()
             if p.format in ("text", "both"):
                 out["text"] = render_text(report)
+            if course is not None:
+                out["course"] = course
+                if "text" in out:
+                    out["text"] = course_text(course, course["session_number"]) + out["text"]
             return out
 
         return await asyncio.to_thread(build)

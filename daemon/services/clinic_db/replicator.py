@@ -34,12 +34,13 @@ log = structlog.get_logger()
 
 _UPSERT = """
 INSERT INTO record_rows AS r
-    (workstation_id, tbl, local_key, change_seq, session_id, patient_ref, started_utc, row)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)
+    (workstation_id, tbl, local_key, change_seq, session_id, patient_ref, started_utc, row,
+     course_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)
 ON CONFLICT (workstation_id, tbl, local_key) DO UPDATE SET
     change_seq = EXCLUDED.change_seq, session_id = EXCLUDED.session_id,
     patient_ref = EXCLUDED.patient_ref, started_utc = EXCLUDED.started_utc,
-    row = EXCLUDED.row, replicated_at = now()
+    row = EXCLUDED.row, course_id = EXCLUDED.course_id, replicated_at = now()
 """
 
 
@@ -54,6 +55,27 @@ class ReplicationStopped(Exception):
     """Replication cannot go on until someone acts (the message says what to do)."""
 
 
+_TIME_COLUMNS = (
+    "started_utc",
+    "utc",
+    "visit_utc",
+    "recorded_utc",
+    "opened_utc",
+    "created_utc",
+    "answered_utc",
+)
+"""The column each table's rows are dated by (the first a row has)."""
+
+
+def _patient_of(table: str, row: dict[str, Any]) -> Any:
+    """The patient a row names: sessions by patient_ref, the course tables by patient id."""
+    if table == "sessions":
+        return row.get("patient_ref")
+    if table == "patients":
+        return row.get("id")
+    return row.get("patient_id")
+
+
 def _params(workstation_id: str, changes: Sequence[Change]) -> list[tuple[Any, ...]]:
     """The upsert parameters of a batch (JSON encoded; run off the loop)."""
     out = []
@@ -62,7 +84,7 @@ def _params(workstation_id: str, changes: Sequence[Change]) -> list[tuple[Any, .
         if row is None:
             continue
         session_id = row.get("id") if c.table == "sessions" else row.get("session_id")
-        started = row.get("started_utc") if "started_utc" in row else row.get("utc")
+        started = next((row[k] for k in _TIME_COLUMNS if row.get(k) is not None), None)
         out.append(
             (
                 workstation_id,
@@ -70,9 +92,10 @@ def _params(workstation_id: str, changes: Sequence[Change]) -> list[tuple[Any, .
                 c.key,
                 c.seq,
                 session_id,
-                row.get("patient_ref") if c.table == "sessions" else None,
+                _patient_of(c.table, row),
                 started,
                 json.dumps(row, ensure_ascii=False, allow_nan=False),
+                row.get("id") if c.table == "courses" else row.get("course_id"),
             )
         )
     return out

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psycopg
 
-SERVER_SCHEMA_VERSION = 1
+SERVER_SCHEMA_VERSION = 2
 """The clinic schema this pbmd writes and reads."""
 
 _LOCK_ID = 0x70626D64  # "pbmd": one migration at a time across workstations
@@ -53,6 +53,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """
         CREATE INDEX record_rows_patient ON record_rows (patient_ref, started_utc)
             WHERE tbl = 'sessions'
+        """,
+    ),
+    # 1 -> 2: patients, courses, course visits and outcomes (records schema 4) arrive as
+    # new tbl values; a course's rows are found by its id, a patient's by patient_ref.
+    1: (
+        "ALTER TABLE record_rows ADD COLUMN course_id text",
+        "CREATE INDEX record_rows_course ON record_rows (course_id, tbl) "
+        "WHERE course_id IS NOT NULL",
+        """
+        CREATE INDEX record_rows_patient_records ON record_rows (patient_ref, tbl)
+            WHERE tbl IN ('patients', 'patient_screening', 'courses')
         """,
     ),
 }

@@ -293,6 +293,30 @@ class CalibrationConfig(_Section):
     )
 
 
+class CoursesConfig(_Section):
+    """Treatment courses, patients and outcomes (docs/courses.md)."""
+
+    screening_max_age_days: float = Field(
+        default=30.0,
+        gt=0,
+        le=3650,
+        description="A contraindication answer older than this is asked again before a "
+        "session of a course.",
+    )
+    course_fluence_ceiling_j_cm2: float | None = Field(
+        default=None,
+        gt=0,
+        le=10000,
+        description="Most fluence a course may put on one patch of skin at one wavelength, "
+        "summed over its sessions. Default: the per-session ceiling ([limits] "
+        "fluence_ceiling_j_cm2) times the course's planned sessions.",
+    )
+    technicians_see_outcomes: bool = Field(
+        default=False,
+        description="Technicians may read outcome measures (pain, ODI); clinicians always may.",
+    )
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -327,6 +351,7 @@ class Config(_Section):
     limits: Limits = Field(default_factory=Limits)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    courses: CoursesConfig = Field(default_factory=CoursesConfig)
     mqtt: dict[str, Any] | None = Field(
         default=None, description="The MQTT publisher; see docs/configuration.md."
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,6 +85,17 @@ class MqttConfig(_Config):
         default=3.0, gt=0, le=60, description="Bound on the flush at shutdown."
     )
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    patient_ids: Literal["omit", "hash"] = Field(
+        default="omit",
+        description='Patient identifiers on MQTT: "omit" (none, the default) or "hash" (a '
+        "keyed hash, HMAC-SHA256 with patient_hash_key_file, so that one dashboard can tell "
+        "a patient's sessions apart without learning who it is).",
+    )
+    patient_hash_key_file: Path | None = Field(
+        default=None,
+        description='The clinic\'s secret key of patient_ids = "hash" (at least 16 bytes); '
+        "without the key nobody can test a guessed identifier against the hash.",
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -101,6 +113,11 @@ class MqttConfig(_Config):
             raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file needs a username")
+        if self.patient_ids == "hash" and self.patient_hash_key_file is None:
+            raise ValueError(
+                'patient_ids = "hash" needs patient_hash_key_file (a file holding the '
+                'clinic\'s secret key); or set patient_ids = "omit"'
+            )
         return self
 
     def resolved_device_id(self, default: str) -> str:

@@ -6,6 +6,8 @@ a ``SessionStatus``) or from a records outbox row; the shapes are documented in 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from collections.abc import Mapping
@@ -67,7 +69,12 @@ def dose_payload(
     return payload
 
 
-def session_payload(st: SessionStatus | None) -> dict[str, Any]:
+def patient_hash(patient_ref: str, key: bytes) -> str:
+    """The keyed hash a clinic may publish instead of a patient's identifier."""
+    return hmac.new(key, patient_ref.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def session_payload(st: SessionStatus | None, patient_key: bytes | None = None) -> dict[str, Any]:
     if st is None:
         return {
             "session_id": None, "state": "idle", "protocol_id": None,
@@ -75,8 +82,13 @@ def session_payload(st: SessionStatus | None) -> dict[str, Any]:
             "ended_utc": None, "cause_code": None, "cause_message": None, "trip": None,
             "ports": [],
         }  # fmt: skip
-    # Never the patient reference: dashboards are not the clinical record.
+    # Never the patient reference: dashboards are not the clinical record. At most its
+    # keyed hash, where the clinic chose that ([mqtt] patient_ids = "hash").
+    hashed = (
+        {} if patient_key is None else {"patient_hash": patient_hash(st.patient_ref, patient_key)}
+    )
     return {
+        **hashed,
         "session_id": st.session_id,
         "state": st.state.value,
         "protocol_id": st.protocol_id,
@@ -101,11 +113,20 @@ def _session_port(p: RunnerStatus) -> dict[str, Any]:
     }
 
 
-def event_payload(row: Mapping[str, Any]) -> dict[str, Any]:
-    """One recorded event (``events``), from its outbox row."""
-    return {
+def event_payload(row: Mapping[str, Any], patient_key: bytes | None = None) -> dict[str, Any]:
+    """One recorded event (``events``), from its outbox row; a patient reference in its
+    data (a refused start names the patient) is left out, or hashed where configured."""
+    out = {
         "ts": row["utc"],
         "seq": int(row["outbox_seq"]),
         "id": str(row["id"]),
         **{k: row[k] for k in _EVENT_KEYS},
     }
+    data = out.get("data")
+    if isinstance(data, Mapping) and "patient_ref" in data:
+        data = {k: v for k, v in data.items() if k != "patient_ref"}
+        ref = row["data"]["patient_ref"]
+        if patient_key is not None and isinstance(ref, str):
+            data["patient_hash"] = patient_hash(ref, patient_key)
+        out["data"] = data
+    return out

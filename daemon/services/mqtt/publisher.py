@@ -84,6 +84,7 @@ class MqttPublisher:
         self.config = config
         self.store = store
         self.engine = engine
+        self.patient_key = _patient_key(config)
         self.replication_status: Callable[[], Mapping[str, Any]] | None = None
         """The clinic database replicator's status (the ``replication`` object of
         ``state``); set by the service when ``[clinic_db]`` is configured."""
@@ -302,7 +303,7 @@ class MqttPublisher:
             if replication is not None:
                 state["replication"] = dict(replication)
             self._set_retained(topic, {"ts": utc_text(), "seq": self._next_seq(topic), **state})
-        session = session_payload(status)
+        session = session_payload(status, self.patient_key)
         if force or session != self._session_value:
             self._session_value = session
             topic = self.session_topic
@@ -591,7 +592,9 @@ class MqttPublisher:
             CorrelationData=event_id.encode("ascii"),
             UserProperty=("event_id", event_id),
         )
-        await client.publish(self.events_topic, encode(event_payload(row)), qos=1, properties=props)
+        await client.publish(
+            self.events_topic, encode(event_payload(row, self.patient_key)), qos=1, properties=props
+        )
 
     async def _mark_acked(self) -> None:
         if not self._unmarked:
@@ -609,3 +612,28 @@ def _identity(ctrl: ControllerHandle) -> ControllerIdentity:
     except Exception:  # not connected yet: the card shows the name only
         return ControllerIdentity(ctrl.name)
     return ControllerIdentity(ctrl.name, info.serial or None, info.firmware or None)
+
+
+def _patient_key(config: MqttConfig) -> bytes | None:
+    """The clinic's key of hashed patient identifiers; None publishes none. A key that
+    cannot be read publishes none either (logged): identifiers are never sent in clear."""
+    if config.patient_ids != "hash" or config.patient_hash_key_file is None:
+        return None
+    try:
+        key = config.patient_hash_key_file.read_bytes().strip()
+    except OSError as exc:
+        log.error(
+            "mqtt.patient_key_unreadable",
+            path=str(config.patient_hash_key_file),
+            error=str(exc),
+            effect="patient identifiers omitted",
+        )
+        return None
+    if len(key) < 16:
+        log.error(
+            "mqtt.patient_key_too_short",
+            path=str(config.patient_hash_key_file),
+            effect="patient identifiers omitted",
+        )
+        return None
+    return key

@@ -22,11 +22,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pbmd.daemon.services.records.records_courses import COURSE_KEYS
+
 KEYS: Mapping[str, tuple[str, ...]] = {
     "sessions": ("id",),
     "steps": ("session_id", "port", "step_index"),
     "emissions": ("seq",),
     "events": ("id",),
+    **COURSE_KEYS,
 }
 """The logged tables, in the order a first log lists their rows, and each one's key
 columns (joined with '/' into the logged key)."""

@@ -68,9 +68,14 @@ class RecordReads:
         return await asyncio.to_thread(run)
 
     async def list_sessions(
-        self, limit: int = 50, offset: int = 0, since_utc: UtcTime = None
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        since_utc: UtcTime = None,
+        patient_ref: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Sessions, newest first, with their step count and delivered totals."""
+        """Sessions, newest first, with their step count and delivered totals (only one
+        patient's with ``patient_ref``)."""
         since = utc_text(since_utc) if since_utc is not None else None
 
         def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -87,11 +92,11 @@ class RecordReads:
                     (SELECT SUM(t.delivered_controller_j) FROM steps t
                         WHERE t.session_id = s.id) AS delivered_controller_j
                 FROM sessions s
-                WHERE (? IS NULL OR s.started_utc >= ?)
+                WHERE (? IS NULL OR s.started_utc >= ?) AND (? IS NULL OR s.patient_ref = ?)
                 ORDER BY s.started_utc DESC, s.id
                 LIMIT ? OFFSET ?
                 """,
-                (since, since, int(limit), int(offset)),
+                (since, since, patient_ref, patient_ref, int(limit), int(offset)),
             ).fetchall()
             return [dict(r) for r in rows]
 

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pbmd.daemon.core.recording import RecordsError, UtcTime
+from pbmd.daemon.services.records.records_courses import COURSE_TABLES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Kept in ``PRAGMA user_version``; a newer file is refused, version 0 gets the schema,
 an older one is migrated (`MIGRATIONS`) when it is opened."""
 
@@ -190,6 +191,7 @@ SCHEMA: tuple[str, ...] = (
     _outbox_table("outbox"),
     _OUTBOX_INDEX,
     f"PRAGMA application_id = {APPLICATION_ID}",
+    *COURSE_TABLES,
 )
 """A new database: every table at SCHEMA_VERSION."""
 
@@ -230,6 +232,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 3 -> 4: the patient's Fitzpatrick skin type, asked at session start (NULL: a
     # session recorded before it was asked).
     3: ("ALTER TABLE sessions ADD COLUMN " + SKIN_TYPE_COLUMN,),
+    # 4 -> 5: patients, their screening answers, treatment courses, the sessions of a
+    # course and the outcomes measured (records_courses.py).
+    4: COURSE_TABLES,
 }
 """From a version to the next: the statements, run in one transaction at open."""
 

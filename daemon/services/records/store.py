@@ -305,6 +305,36 @@ class RecordStore(RecordReads, RecordSink):
 
         return int(await self._call(apply))
 
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer's connection in one transaction with foreign keys
+        enforced, after everything queued before it is committed: the rows the clinic
+        writes itself (patients, courses, outcomes), which must refer to committed
+        sessions and must say at once when they are refused. Returns fn's result;
+        fn's exception rolls the transaction back and is raised here."""
+        await self.sync()
+
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("PRAGMA foreign_keys = ON")
+            factory, conn.row_factory = conn.row_factory, sqlite3.Row
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.row_factory = factory
+            conn.execute("COMMIT")
+            return result
+
+        result = await self._call(run)
+        self._notify_commit(1)
+        return result
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on a read-only connection in a worker thread, on one snapshot."""
+        return await self._read(fn)
+
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
             raise RecordsUnavailable(f"The records store {self.path} is closed.")

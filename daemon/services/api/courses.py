@@ -28,7 +28,7 @@ from pbmd.daemon.services.api.registry import (
     Registry,
     RpcError,
 )
-from pbmd.daemon.services.api.roles import CLINICIAN, STAFF, Role
+from pbmd.daemon.services.api.roles import CLINICIAN, STAFF, sees_outcomes
 from pbmd.daemon.services.api.sessions import PatientRef, PortNumber, refused
 from pbmd.daemon.services.api.watch import session_json
 from pbmd.daemon.services.courses import (
@@ -145,13 +145,6 @@ def _errors() -> Iterator[None]:
         raise RpcError(REFUSED, str(exc)) from None
     except RecordsError as exc:
         raise RpcError(REFUSED, str(exc)) from None
-
-
-def sees_outcomes(service: Service, caller: Caller) -> bool:
-    roles = caller.peer.roles
-    if Role.CLINICIAN in roles:
-        return True
-    return Role.TECHNICIAN in roles and service.config.courses.technicians_see_outcomes
 
 
 def _shown(summary: dict[str, Any], visible: bool) -> dict[str, Any]:

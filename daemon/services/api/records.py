@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import structlog
 from pydantic import AfterValidator, Field, StringConstraints
 
-from pbmd.daemon.services.api.courses import sees_outcomes
 from pbmd.daemon.services.api.registry import NOT_FOUND, REFUSED, Caller, Params, Registry, RpcError
-from pbmd.daemon.services.api.roles import STAFF, TECHNICIAN
+from pbmd.daemon.services.api.roles import STAFF, TECHNICIAN, sees_outcomes
 from pbmd.daemon.services.clinic_db import ClinicReads, ClinicUnavailable
 from pbmd.daemon.services.courses.text import course_text
 from pbmd.daemon.services.records import RecordsError

@@ -12,7 +12,11 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pbmd.daemon.services.api.registry import Caller
+    from pbmd.daemon.services.service import Service
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux ≥ 4.13
 
@@ -142,3 +146,12 @@ def peer_credentials(sock: Any) -> tuple[int, int, int, frozenset[int]]:
             name = pwd.getpwuid(uid).pw_name
             groups = frozenset(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
     return pid, uid, gid, groups
+
+
+def sees_outcomes(service: Service, caller: Caller) -> bool:
+    """Outcome measures are clinical: clinicians see them, technicians only where the
+    clinic allows it (``[courses] technicians_see_outcomes``)."""
+    roles = caller.peer.roles
+    if Role.CLINICIAN in roles:
+        return True
+    return Role.TECHNICIAN in roles and service.config.courses.technicians_see_outcomes

@@ -47,6 +47,7 @@ async def test_probe_phase_starts_after_the_last_pad_emission_ended(tmp_path: Pa
     async with Rig(tmp_path, time_scale=TIME_SCALE) as rig:
         loaded = parse_protocol(pads_then_probe())
         the_plan = plan(loaded.protocol, rig.port_map.applicators(), skin_type="IV")
+        await rig.next_samples(2)  # the link is fresh when the start checks it
         session = await rig.start(the_plan, loaded)
         state = await asyncio.wait_for(session.wait(), 30.0)
         assert state is SessionState.COMPLETED, session.cause_message
@@ -88,6 +89,7 @@ async def test_probe_phase_starts_after_the_last_pad_emission_ended(tmp_path: Pa
 async def test_a_pause_in_the_first_phase_holds_the_next(tmp_path: Path) -> None:
     async with Rig(tmp_path, time_scale=TIME_SCALE) as rig:
         the_plan, loaded = rig.plan(pads_then_probe())
+        await rig.next_samples(2)  # the link is fresh when the start checks it
         session = await rig.start(the_plan, loaded)
         await rig.emitting(1)
         session.pause(1)
@@ -113,6 +115,7 @@ async def test_a_pause_in_the_first_phase_holds_the_next(tmp_path: Path) -> None
 async def test_abort_while_the_next_phase_waits_ends_the_session(tmp_path: Path) -> None:
     async with Rig(tmp_path, time_scale=TIME_SCALE) as rig:
         the_plan, loaded = rig.plan(pads_then_probe())
+        await rig.next_samples(2)  # the link is fresh when the start checks it
         session = await rig.start(the_plan, loaded)
         await rig.emitting(1)
         await rig.next_samples(3)
@@ -132,6 +135,7 @@ async def test_a_trip_in_the_first_phase_ends_the_session_before_the_probe(
 ) -> None:
     async with Rig(tmp_path, time_scale=TIME_SCALE) as rig:
         the_plan, loaded = rig.plan(pads_then_probe())
+        await rig.next_samples(2)  # the link is fresh when the start checks it
         session = await rig.start(the_plan, loaded)
         await rig.emitting(1)
         await rig.next_samples(3)
@@ -159,6 +163,7 @@ async def test_shipped_chronic_lumbar_probe_starts_after_the_pads(tmp_path: Path
         the_plan = plan(CHRONIC_LOADED.protocol, rig.port_map.applicators(), skin_type="III")
         probe_phase = next(p for p in the_plan.phases if PROBE in p.ports)
         assert probe_phase.index > 0 and set(PADS).isdisjoint(probe_phase.ports)
+        await rig.next_samples(2)  # the link is fresh when the start checks it
         session = await rig.start(
             the_plan,
             CHRONIC_LOADED,

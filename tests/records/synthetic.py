@@ -171,45 +171,22 @@ def write_faulted(store: RecordStore, session_id: str) -> None:
     store.session_started(session_start(session_id, signing_key_id=None))
     run_step(store, session_id, PAD_660, T0_S + 10, host_j=720.0, ctrl_j=720.1)
     run_step(
-        store,
-        session_id,
-        PROBE_905,
-        T0_S + 10,
-        host_j=3.70,
-        ctrl_j=4.20,
-        stop_reason=codec.StopReason.ENERGY_BUDGET,
-        host_cause="ended by the controller",
-        outcome="faulted",
-        cause_code="E404",
+        store, session_id, PROBE_905, T0_S + 10, host_j=3.70, ctrl_j=4.20,
+        stop_reason=codec.StopReason.ENERGY_BUDGET, host_cause="ended by the controller",
+        outcome="faulted", cause_code="E404",
         cause_message="A backup dose channel ended an emission before the prescribed dose.",
     )
     store.event(
-        "trip",
-        E105,
-        code="E105",
-        session_id=session_id,
-        port=1,
-        severity="error",
+        "trip", E105, code="E105", session_id=session_id, port=1, severity="error",
         utc=T0_S + 500,
     )
     run_step(
-        store,
-        session_id,
-        PAD_830,
-        T0_S + 420,
-        host_j=180.0,
-        ctrl_j=190.0,
-        stop_reason=codec.StopReason.ALL_OFF,
-        host_cause="trip E105",
-        outcome="faulted",
-        cause_code="E105",
-        cause_message=E105,
+        store, session_id, PAD_830, T0_S + 420, host_j=180.0, ctrl_j=190.0,
+        stop_reason=codec.StopReason.ALL_OFF, host_cause="trip E105",
+        outcome="faulted", cause_code="E105", cause_message=E105,
     )
     store.session_ended(
-        session_id,
-        outcome="faulted",
-        stop_cause_code="E105",
-        stop_cause_message=E105,
+        session_id, outcome="faulted", stop_cause_code="E105", stop_cause_message=E105,
         utc=T0_S + 501,
     )
 

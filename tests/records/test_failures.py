@@ -111,7 +111,9 @@ async def test_disk_full_holds_records_refuses_sessions_and_writes_all_after(
 
 async def test_the_next_periodic_commit_recovers_by_itself(db_path: Path) -> None:
     spy = FailureSpy()
-    store = await RecordStore.open(db_path, on_failure=spy, sync_interval_s=0.05, min_free_bytes=0)
+    store = await RecordStore.open(
+        db_path, on_failure=spy, sync_interval_s=0.05, min_free_bytes=0
+    )
     try:
         await store.debug_limit_pages(0)
         for k in range(100):

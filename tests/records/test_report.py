@@ -25,43 +25,16 @@ REPORT_KEYS = [
     "skin_type", "phases", "skin_patches",
 ]
 STEP_KEYS = [
-    "port",
-    "step_index",
-    "site",
-    "site_label",
-    "region",
-    "points_at_site",
-    "area_covered_cm2",
-    "technique",
-    "wavelength_nm",
-    "mode",
-    "average_power_setpoint_mw",
-    "average_power_delivered_mw",
-    "peak_power_mw",
-    "pulse_hz",
-    "pulse_width_ns",
-    "duty_percent",
-    "beam_area_cm2",
-    "irradiance_setpoint_mw_cm2",
-    "irradiance_delivered_mw_cm2",
-    "target_kind",
-    "target_value",
-    "exposure_time_planned_s",
-    "exposure_time_delivered_s",
-    "energy_prescribed_j",
-    "energy_host_j",
-    "energy_controller_j",
-    "energy_host_vs_prescribed_percent",
-    "energy_controller_vs_prescribed_percent",
-    "controller_channel_final",
-    "fluence_prescribed_j_cm2",
-    "fluence_delivered_j_cm2",
-    "outcome",
-    "stop_cause_code",
-    "stop_cause_message",
-    "started_utc",
-    "ended_utc",
-    "emissions",
+    "port", "step_index", "site", "site_label", "region", "points_at_site",
+    "area_covered_cm2", "technique", "wavelength_nm", "mode", "average_power_setpoint_mw",
+    "average_power_delivered_mw", "peak_power_mw", "pulse_hz", "pulse_width_ns",
+    "duty_percent", "beam_area_cm2", "irradiance_setpoint_mw_cm2",
+    "irradiance_delivered_mw_cm2", "target_kind", "target_value", "exposure_time_planned_s",
+    "exposure_time_delivered_s", "energy_prescribed_j", "energy_host_j",
+    "energy_controller_j", "energy_host_vs_prescribed_percent",
+    "energy_controller_vs_prescribed_percent", "controller_channel_final",
+    "fluence_prescribed_j_cm2", "fluence_delivered_j_cm2", "outcome", "stop_cause_code",
+    "stop_cause_message", "started_utc", "ended_utc", "emissions",
 ]
 
 
@@ -84,21 +57,12 @@ async def test_completed_session_json(store: RecordStore) -> None:
     assert doc["plan_hash"] == "b" * 64 and doc["patient_ref"] == "PAT-0042"
     assert doc["duration_s"] == pytest.approx(700.0)
     assert doc["contraindications"] == [
-        {
-            "name": "cancer",
-            "present": None,
-            "description": "histologically proven cancer at or near the treated site",
-        },
-        {
-            "name": "epilepsy",
-            "present": False,
-            "description": "epilepsy (pulsed red light at 5–10 Hz can trigger seizures)",
-        },
-        {
-            "name": "pregnancy",
-            "present": False,
-            "description": "pregnancy, when treating the abdomen, low back or pelvis",
-        },
+        {"name": "cancer", "present": None,
+         "description": "histologically proven cancer at or near the treated site"},
+        {"name": "epilepsy", "present": False,
+         "description": "epilepsy (pulsed red light at 5–10 Hz can trigger seizures)"},
+        {"name": "pregnancy", "present": False,
+         "description": "pregnancy, when treating the abdomen, low back or pelvis"},
     ]
 
     red, infrared, probe = doc["steps"]
@@ -222,7 +186,7 @@ async def test_text_report_layout(store: RecordStore) -> None:
         if line.startswith("  --"):
             header, rule = lines[i - 1], line
             assert len(header.rstrip()) <= len(rule)
-            for row in lines[i + 1 :]:
+            for row in lines[i + 1:]:
                 if not row.startswith("  ") or not row.strip():
                     break
                 assert len(row) <= len(rule), row
@@ -231,11 +195,11 @@ async def test_text_report_layout(store: RecordStore) -> None:
                  + 3]
     assert beam.split()[:7] == ["1", "1", "Lumbar,", "L1–S1", "contact", "1", "660"]
     assert DASH in beam  # no pulse parameters for a continuous step
-    probe = lines[lines.index("Beam and exposure parameters per step (Jenkins & Carroll 2011)") + 5]
+    probe = lines[lines.index("Beam and exposure parameters per step (Jenkins & Carroll 2011)")
+                  + 5]
     assert "100000.0" in probe and "200" in probe and "0.20" in probe
-    dose = lines[
-        lines.index("Dose per step: prescribed vs delivered (host and controller channels)") + 3
-    ]
+    dose = lines[lines.index(
+        "Dose per step: prescribed vs delivered (host and controller channels)") + 3]
     assert "720.000" in dose and "720.360" in dose and "+0.05" in dose and "-0.05" in dose
     total = next(line for line in lines if line.startswith("  all"))
     assert "1444.000" in total and "3/3" in total
@@ -253,16 +217,9 @@ def test_missing_values_are_dashes_never_invented() -> None:
         "ports": [],
         "steps": [
             {
-                "port": 2,
-                "step_index": 0,
-                "site": "knee",
-                "wavelength_nm": 830,
-                "mode": "pulsed",
-                "power_setpoint_mw": 100.0,
-                "area_cm2": 0.5,
-                "target_kind": "energy_j",
-                "target_value": 4.0,
-                "pulse_hz": 1000.0,
+                "port": 2, "step_index": 0, "site": "knee", "wavelength_nm": 830,
+                "mode": "pulsed", "power_setpoint_mw": 100.0, "area_cm2": 0.5,
+                "target_kind": "energy_j", "target_value": 4.0, "pulse_hz": 1000.0,
             }
         ],
         "emissions": [],
@@ -272,19 +229,10 @@ def test_missing_values_are_dashes_never_invented() -> None:
     doc = report.to_dict()
     step = doc["steps"][0]
     for key in (
-        "energy_prescribed_j",
-        "energy_host_j",
-        "energy_controller_j",
-        "energy_host_vs_prescribed_percent",
-        "average_power_delivered_mw",
-        "pulse_width_ns",
-        "duty_percent",
-        "peak_power_mw",
-        "exposure_time_delivered_s",
-        "fluence_delivered_j_cm2",
-        "outcome",
-        "technique",
-        "controller_channel_final",
+        "energy_prescribed_j", "energy_host_j", "energy_controller_j",
+        "energy_host_vs_prescribed_percent", "average_power_delivered_mw",
+        "pulse_width_ns", "duty_percent", "peak_power_mw", "exposure_time_delivered_s",
+        "fluence_delivered_j_cm2", "outcome", "technique", "controller_channel_final",
     ):
         assert step[key] is None, key
     assert doc["duration_s"] is None and doc["protocol_id"] is None
@@ -292,11 +240,8 @@ def test_missing_values_are_dashes_never_invented() -> None:
     text = render_text(report)
     assert "UNFINISHED" in text
     assert "Patient           —" in text and "Protocol SHA-256  —" in text
-    beam, dose = [
-        line
-        for line in text.splitlines()
-        if line.split()[:3] == ["2", "1", "knee"] or line.split()[:3] == ["2", "1", "energy_j"]
-    ]
+    beam, dose = [line for line in text.splitlines() if line.split()[:3] == ["2", "1", "knee"]
+                  or line.split()[:3] == ["2", "1", "energy_j"]]
     assert beam.count(DASH) == 7 and dose.count(DASH) == 11
     assert "0.0" not in dose.replace("100.0", "")  # no zero stands in for an unknown
 
@@ -305,12 +250,8 @@ async def test_dose_recovered_from_counters_is_reported(store: RecordStore) -> N
     """An emission whose step row was lost: its dose is shown, not dropped."""
     store.session_started(syn.session_start("r"))
     store.reconcile_port("r", 4, controller_session_delivered_uj=2_500_000)
-    store.session_ended(
-        "r",
-        outcome="interrupted",
-        stop_cause_code="E902",
-        stop_cause_message="daemon restarted during the session",
-    )
+    store.session_ended("r", outcome="interrupted", stop_cause_code="E902",
+                        stop_cause_message="daemon restarted during the session")
     await store.sync()
     s = await store.get_session("r")
     assert s is not None

@@ -133,12 +133,9 @@ async def test_step_totals_are_summed_from_emissions_when_not_given(store: Recor
     for part_j in (300.0, 420.0):  # paused once: two emissions
         seq = store.emission_started("s", 0, syn.emit_request(syn.PAD_660))
         store.emission_ended(
-            seq,
-            host_stop_cause="paused" if part_j == 300.0 else "dose reached",
-            host_energy_uj=part_j * 1e6 + 100,
-            controller_energy_uj=part_j * 1e6,
-            duration_ms=round(part_j / 1.8 * 1000),
-            stop_reason=codec.StopReason.HOST_STOP,
+            seq, host_stop_cause="paused" if part_j == 300.0 else "dose reached",
+            host_energy_uj=part_j * 1e6 + 100, controller_energy_uj=part_j * 1e6,
+            duration_ms=round(part_j / 1.8 * 1000), stop_reason=codec.StopReason.HOST_STOP,
         )
     store.step_ended("s", 1, 0, outcome="completed")
     await store.sync()
@@ -237,14 +234,8 @@ async def test_progress_updates_of_an_emission_coalesce(store: RecordStore) -> N
     assert em["progress_device_time_us"] == 20_000_000
     # a progress update never overwrites the end that follows it in the batch
     store.emission_progress(seq, host_energy_uj=5, controller_energy_uj=5)
-    store.emission_ended(
-        seq,
-        host_stop_cause="dose reached",
-        host_energy_uj=2e6,
-        controller_energy_uj=2e6,
-        duration_ms=1000,
-        stop_reason=1,
-    )
+    store.emission_ended(seq, host_stop_cause="dose reached", host_energy_uj=2e6,
+                         controller_energy_uj=2e6, duration_ms=1000, stop_reason=1)
     store.emission_progress(seq, host_energy_uj=7, controller_energy_uj=7)
     await store.sync()
     s = await store.get_session("s")
@@ -291,10 +282,8 @@ async def test_a_burst_of_writes_does_not_stall_the_event_loop(store: RecordStor
 
     per_write_us = enqueue_s / 10_000 * 1e6
     longest_ms = max(gaps_s) * 1e3
-    print(
-        f"enqueue {per_write_us:.1f} us/record, commit {commit_s * 1e3:.0f} ms, "
-        f"longest loop stall {longest_ms:.1f} ms over {len(gaps_s)} ticks"
-    )
+    print(f"enqueue {per_write_us:.1f} us/record, commit {commit_s * 1e3:.0f} ms, "
+          f"longest loop stall {longest_ms:.1f} ms over {len(gaps_s)} ticks")
     # O(1) enqueueing. A commit on the loop thread would stall it for the whole commit
     # (hundreds of ms for 10 000 records on a busy CI box); here the loop keeps ticking.
     # The bound is loose because a machine saturated by other processes deschedules the
@@ -323,9 +312,8 @@ async def test_unfinished_sessions_are_reconciled_and_closed_as_interrupted(
     syn.run_step(store, "s", syn.PAD_660, syn.T0_S + 10, host_j=720.0, ctrl_j=720.2)
     store.step_started(syn.step_start("s", syn.PAD_830, syn.T0_S + 420))
     seq = store.emission_started("s", 1, syn.emit_request(syn.PAD_830), device_time_us=0)
-    store.emission_progress(
-        seq, host_energy_uj=300e6, controller_energy_uj=299.5e6, device_time_us=111_000_000
-    )
+    store.emission_progress(seq, host_energy_uj=300e6, controller_energy_uj=299.5e6,
+                            device_time_us=111_000_000)
     store.step_started(syn.step_start("s", syn.PROBE_905, syn.T0_S + 10))
     await store.sync()
     await store.close()
@@ -342,20 +330,13 @@ async def test_unfinished_sessions_are_reconciled_and_closed_as_interrupted(
         # What GET_COUNTERS said after the restart:
         # port 1: this emission delivered 318.2 J in total (watchdog stopped it), and the
         # port delivered 720.2 + 318.2 J since ARM; port 4: 2.5 J nobody recorded.
-        store.reconcile_emission(
-            seq,
-            controller_energy_uj=318_200_000,
-            duration_ms=117_850,
-            stop_reason=codec.StopReason.WATCHDOG,
-        )
-        store.reconcile_port("s", 1, controller_session_delivered_uj=1_038_400_000, step_index=1)
+        store.reconcile_emission(seq, controller_energy_uj=318_200_000, duration_ms=117_850,
+                                 stop_reason=codec.StopReason.WATCHDOG)
+        store.reconcile_port("s", 1, controller_session_delivered_uj=1_038_400_000,
+                             step_index=1)
         store.reconcile_port("s", 4, controller_session_delivered_uj=2_500_000, step_index=0)
-        store.session_ended(
-            "s",
-            outcome="interrupted",
-            stop_cause_code="E902",
-            stop_cause_message="daemon restarted during the session",
-        )
+        store.session_ended("s", outcome="interrupted", stop_cause_code="E902",
+                            stop_cause_message="daemon restarted during the session")
         await store.sync()
 
         assert await store.unfinished_sessions() == []
@@ -391,10 +372,7 @@ CRASH_CHILD = Path(__file__).with_name("crash_child.py")
 @pytest.mark.parametrize("how", ["sigkill", "os_exit"])
 async def test_killed_mid_stream_keeps_everything_synced(db_path: Path, how: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(CRASH_CHILD),
-        str(db_path),
-        how,
+        sys.executable, str(CRASH_CHILD), str(db_path), how,
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None

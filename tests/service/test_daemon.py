@@ -59,7 +59,9 @@ def test_status_and_shipped_library(daemon: Daemon) -> None:
     assert "ready for a session: yes" in human.stdout
 
 
-def test_session_end_to_end_through_pbmctl_json(make_daemon: DaemonFactory, workdir: Path) -> None:
+def test_session_end_to_end_through_pbmctl_json(
+    make_daemon: DaemonFactory, workdir: Path
+) -> None:
     """What a script does with `pbmctl --json`: install, start with --auto-confirm and
     follow to the end, read the record and the report. (The four-port lumbar session
     runs end to end through `pbmd demo` in test_demo.py.)"""
@@ -162,7 +164,8 @@ def test_sigterm_during_session_closes_it_with_its_record(make_daemon: DaemonFac
     assert not d.socket_path.exists(), "the control socket is removed"
     db = sqlite3.connect(d.state_dir / "records.sqlite")
     outcome, code, cause, ended = db.execute(
-        "SELECT outcome, stop_cause_code, stop_cause_message, ended_utc FROM sessions WHERE id = ?",
+        "SELECT outcome, stop_cause_code, stop_cause_message, ended_utc FROM sessions "
+        "WHERE id = ?",
         (result["session_id"],),
     ).fetchone()
     # Nobody chose to end this treatment: it is interrupted, not aborted.

@@ -75,7 +75,7 @@ def test_pbmd_demo_runs_the_lumbar_session_live_and_reports() -> None:
         assert rc == 0, text[-3000:]
         db = sqlite3.connect(state / "records.sqlite")
         try:
-            ((session_id, outcome, operator),) = db.execute(
+            (session_id, outcome, operator), = db.execute(
                 "SELECT id, outcome, operator FROM sessions"
             ).fetchall()
             steps = db.execute(

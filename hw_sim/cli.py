@@ -178,7 +178,11 @@ one on the same machine must not either, or its own stalls read as link faults."
 
 
 def _realtime() -> None:
-    """SCHED_FIFO for this process (threads it starts later inherit it)."""
+    """SCHED_FIFO for this process (threads it starts later inherit it). A process
+    that already runs real-time (the daemon's child under pbmd.service, which may
+    forbid asking: RestrictRealtime=) keeps what it inherited."""
+    if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
     except OSError as exc:

@@ -552,11 +552,19 @@ def _add_protocol_commands(sub: argparse._SubParsersAction[Any], add: _Adder) ->
     p.add_argument("--signature", type=Path, metavar="SIG", help="default: FILE.minisig")
 
 
+def _session_start_usage(args: argparse.Namespace) -> str | None:
+    """What a `session start` command line lacks, found before pbmd is asked."""
+    if args.course is None and (args.protocol is None or args.patient is None):
+        return "give PROTOCOL and --patient REF, or --course COURSE"
+    return None
+
+
 def _add_session_commands(sub: argparse._SubParsersAction[Any], add: _Adder) -> None:
     session = sub.add_parser("session", help="treatment sessions")
     ssub = session.add_subparsers(dest="session_command", required=True, metavar="COMMAND")
     p = add(ssub, "start", cmd_session_start, "start a protocol for a patient (clinician)")
     p.add_argument("protocol", metavar="PROTOCOL", nargs="?", help="not with --course")
+    p.set_defaults(usage_parser=p, usage_check=_session_start_usage)
     p.add_argument("--patient", metavar="REF", help="the patient's reference")
     p.add_argument(
         "--course",
@@ -692,6 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        check = getattr(args, "usage_check", None)
+        if check is not None and (problem := check(args)) is not None:
+            args.usage_parser.error(problem)
     except UsageError as exc:
         if "--json" in argv:
             Out(True).error(exc)

@@ -649,6 +649,10 @@ class Session:
                 else None
             )
             try:
+                if not em.acked and (provisional or em.seen_emitting or delivered):
+                    # Its reply never came, yet it may have run (or did): it is
+                    # recorded, so its energy is not lost from the record.
+                    self.recorder.emission_started(self, prog.order, em.number, em.request, None)
                 self.recorder.emission_ended(
                     self, prog.order, em.number, host_uj, stopped, cause, provisional=provisional
                 )

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import protocol, quiet_logs
-from campaign.sim_child import SimChild, SimError
+from campaign.sim_child import SimChild
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest, StartRefused
@@ -303,7 +303,9 @@ def check_emissions(log: SessionLog, budgets: dict[int, list[int]]) -> list[str]
         if e["uj"] > e["budget_uj"]:
             bad.append(f"port {e['port']}: delivered {e['uj']} µJ over its budget {e['budget_uj']}")
         if e["t"] > log.stop_s + bound:
-            bad.append(f"port {e['port']}: emission ended {e['t'] - log.stop_s:.3f} s after the stop")
+            bad.append(
+                f"port {e['port']}: emission ended {e['t'] - log.stop_s:.3f} s after the stop"
+            )
     for port, planned in budgets.items():
         total = sum(e["uj"] for e in ends if e["port"] == port)
         if total > sum(planned):
@@ -386,9 +388,7 @@ def report_late(out: Outcome, late: list[str]) -> None:
 
 
 def plan_budgets(the_plan: Plan) -> dict[int, list[int]]:
-    return {
-        pp.port: [e.energy_budget_uj for e in pp.emissions] for pp in the_plan.ports
-    }
+    return {pp.port: [e.energy_budget_uj for e in pp.emissions] for pp in the_plan.ports}
 
 
 # ------------------------------------------------------- the engine in-process
@@ -728,14 +728,19 @@ reconnect_min_s = 0.2
 reconnect_max_s = 1.0
 
 [logging]
-level = "warning"
+level = "info"
 format = "json"
 """,
             encoding="utf-8",
         )
         self._daemon_cls = Daemon
         self._sign = sign
-        self.daemon = self._start()
+        try:
+            self.daemon = self._start()
+        except BaseException:
+            self.broker.close()
+            self.records.close()
+            raise
         self.time_scale = time_scale
         self.pending: Callable[[], None] | None = None
         """The last session's record check (see EngineRig.pending); the last one is
@@ -816,8 +821,6 @@ format = "json"
 
 def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
     """One session in `pbmd run`: one process fault (and maybe a controller fault)."""
-    from harness import run_session_confirming
-
     spec = draw_protocol(rng, index)
     wall_s = spec.device_s / rig.time_scale + 2.0 / rig.time_scale
     kinds = [k for k in DAEMON_KINDS if k != "disk_full" or rig.records.mounted]
@@ -827,15 +830,12 @@ def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
         faults[0].steps.append((rng.uniform(0.1, 0.6), "broker_up", {}))
     if rng.random() < 0.3:
         extra = rng.choice(ENGINE_KINDS[:-1])  # no host stall: the host is another process
-        faults.append(Injection(rng.uniform(0.0, wall_s), extra, _sim_fault(extra, rng, spec.ports)))
+        faults.append(
+            Injection(rng.uniform(0.0, wall_s), extra, _sim_fault(extra, rng, spec.ports))
+        )
     out = Outcome(index, "daemon", sorted(faults, key=lambda f: f.at_s))
     protocol_id = rig.install(spec, index)
-    with rig.client() as c:
-        loaded = parse_protocol(spec.text)
-        applicators = {
-            int(p["port"]): p for p in c.call("status")["ports"] if p.get("applicator")
-        }
-        del applicators
+    loaded = parse_protocol(spec.text)
     the_plan_budgets = _daemon_budgets(spec, rig)
     before = rig.sim.mark()
     touched: set[int] = set()
@@ -890,7 +890,7 @@ def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
     state = ""
     try:
         with rig.client(timeout_s=wall_s * 4 + 30.0) as c:
-            state = _watch_confirming(c, run_session_confirming)
+            state = _watch_confirming(c)
     except (EOFError, OSError, AssertionError):
         state = "killed"
     ended_s = time.monotonic()
@@ -902,7 +902,9 @@ def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
         rig.daemon.wait_exit()
         rig.restart()
         ended_s = killed_at[0]
-    if "broker_down" in out.injected and (rig.broker.proc is None or rig.broker.proc.poll() is not None):
+    if "broker_down" in out.injected and (
+        rig.broker.proc is None or rig.broker.proc.poll() is not None
+    ):
         rig.broker.start()
     end_mark = rig.sim.mark()
     rig.repair(touched)
@@ -933,7 +935,7 @@ def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
     return out
 
 
-def _watch_confirming(c: Any, _unused: Callable[..., Any]) -> str:
+def _watch_confirming(c: Any) -> str:
     """Watch the running session, confirming each placement prompt; its final state."""
     result = c.call("session.watch")
     status = result.get("status") or {}
@@ -941,10 +943,12 @@ def _watch_confirming(c: Any, _unused: Callable[..., Any]) -> str:
     while True:
         for p in status.get("ports") or []:
             key = (int(p["port"]), int(p["step"]) if p.get("step") is not None else -1)
-            if p.get("state") == "gated" and "confirm placement" in (p.get("wait_reason") or ""):
-                if key not in confirmed:
-                    confirmed.add(key)
-                    c.request("session.confirm", {"port": key[0]})
+            gated = p.get("state") == "gated" and "confirm placement" in (
+                p.get("wait_reason") or ""
+            )
+            if gated and key not in confirmed:
+                confirmed.add(key)
+                c.request("session.confirm", {"port": key[0]})
         if not result.get("watching", True):
             return str(status.get("state") or "")
         msg = c.next_notification()

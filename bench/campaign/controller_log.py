@@ -83,7 +83,7 @@ def _tap(sim: Simulator) -> None:
                     "port": slot.number,
                     "token": ctl.session_token,
                     "reason": int(reason),
-                    "uj": int(round(em.energy_uj)),
+                    "uj": max(0, round(em.energy_uj)),
                     "budget_uj": em.energy_budget_uj,
                 }
             )

@@ -480,8 +480,10 @@ class Engine:
         except (ClientError, RecordsError) as exc:
             log.error("sessions.reconcile_failed", error=str(exc))
             return
-        if isinstance(recorder, StoreRecorder) and prev is not None and (
-            prev.id in settled or prev.id not in self.unreconciled
+        if (
+            isinstance(recorder, StoreRecorder)
+            and prev is not None
+            and (prev.id in settled or prev.id not in self.unreconciled)
         ):
             recorder.provisional.clear()
 

@@ -770,9 +770,13 @@ format = "json"
             )
         return f"campaign-{index}"
 
-    def record(self, session_id: str) -> dict[str, Any]:
+    def record(self, session_id: str) -> dict[str, Any] | None:
+        """The session's record, or None when the records hold no such session."""
         with self.client() as c:
-            return dict(c.call("records.show", {"session_id": session_id})["session"])
+            reply = c.request("records.show", {"session_id": session_id})
+        if "error" in reply:
+            return None
+        return dict(reply["result"]["session"])
 
     def check_pending(self) -> None:
         pending, self.pending = self.pending, None
@@ -805,7 +809,7 @@ format = "json"
                 c.request("controller.clear_fault", {"controller": "main"})
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"pbmd did not become ready: {ready}")
-                c.call("status")  # one more round trip before asking again
+                time.sleep(0.05)  # the daemon reconnects and reads again meanwhile
 
     def close(self) -> None:
         if self.pending is not None:
@@ -900,6 +904,9 @@ def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
         timer.cancel()
     if killed_at:
         rig.daemon.wait_exit()
+        # A link fault still injected would fail the restart's handshake (pbmd then
+        # refuses to start, and says why): the controller's faults go first.
+        rig.sim.call("clear")
         rig.restart()
         ended_s = killed_at[0]
     if "broker_down" in out.injected and (
@@ -910,7 +917,7 @@ def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
     rig.repair(touched)
     after = rig.sim.mark()
     counters = rig.sim.counters()
-    record = rig.record(session_id)
+    record = rig.record(session_id) or {}
     out.state = str(record.get("outcome") or state)
     stopped = out.state != "completed"
     if stopped:

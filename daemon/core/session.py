@@ -745,6 +745,11 @@ class Session:
         self.ended_utc = time.time()
         self._set_state(final, self.cause_message or final.value)
         try:
+            if self.started_utc is None:
+                # Stopped before its record began (a trip while the clock settled):
+                # the session the operator started still gets its record and cause.
+                self.started_utc = self.ended_utc
+                self.recorder.session_started(self)
             self.recorder.session_ended(self)
             await self.recorder.sync()
         except RecordingFailed as exc:

@@ -93,3 +93,17 @@ async def test_provisional_energy_is_settled_before_the_next_start(tmp_path: Pat
         assert em["controller_energy_source"] == "provisional"
         assert not rig.engine.unreconciled  # the link stayed up: no reconnection reads them
         await _next_start_settles(rig, session_id)
+
+
+async def test_a_session_stopped_before_its_record_began_is_recorded(tmp_path: Path) -> None:
+    """A session that stops before its record began (aborted at once here; in the
+    campaign, telemetry stalled while a freshly connected clock was settling) still
+    has its record with its cause: the operator saw it start and stop."""
+    async with Rig(tmp_path) as rig:
+        p, loaded = rig.plan(LONG)
+        session = await rig.start(p, loaded)
+        await session.abort("changed my mind")
+        assert await session.wait() is SessionState.ABORTED
+        record = await rig.records(session.id)
+        assert record["outcome"] == "aborted" and record["stop_cause_code"] == "A001"
+        assert record["emissions"] == []

@@ -506,6 +506,9 @@ async def repair_engine(rig: EngineRig, touched: set[int]) -> None:
                 with contextlib.suppress(StartRefused):
                     engine.check_ready()
                     break
+                if engine.unreconciled:  # as a start would (Engine._settle_previous)
+                    with contextlib.suppress(Exception):
+                        await engine.reconcile()
                 if engine.service_required:
                     engine.clear_service_required("campaign", "fault removed", lambda: None)
                 awaiting = engine.acknowledgements.awaiting
@@ -515,15 +518,61 @@ async def repair_engine(rig: EngineRig, touched: set[int]) -> None:
                     engine.check_ready()
                     break
         if time.monotonic() > deadline:
-            raise RuntimeError("the controller could not be brought back to standby")
+            t = rig.handle.telemetry if rig.handle is not None else None
+            try:
+                engine.check_ready()
+                refusal = "none"
+            except StartRefused as exc:
+                refusal = str(exc)
+            raise RepairFailed(
+                f"not back to standby within 20 s: telemetry state "
+                f"{t.state if t else None} fault {t.fault_code if t else None}, lit "
+                f"{sorted(rig.handle.lit_ports()) if rig.handle else None}, link open "
+                f"{rig.handle.client.is_open if rig.handle else None}, start refused: {refusal}"
+            )
 
 
-async def engine_session(rig: EngineRig, index: int, rng: random.Random,
-                         time_scale: float) -> Outcome:  # fmt: skip
-    """One session on the in-process engine, with its faults, repair and checks."""
+class RepairFailed(RuntimeError):
+    """The campaign could not put the system back (said with what it found)."""
+
+
+@dataclass
+class Draw:
+    """One session as drawn from the seed: where it runs, its protocol, its faults."""
+
+    index: int
+    where: str
+    spec: Spec
+    faults: list[Injection]
+
+    def wall_s(self, time_scale: float) -> float:
+        return self.spec.device_s / time_scale + 2.0 / time_scale
+
+
+def draw_session(rng: random.Random, index: int, time_scale: float, in_daemon: bool) -> Draw:
+    """Everything random about a session, drawn before it runs: the same seed gives
+    the same sessions whatever happened in the earlier ones (``--from``)."""
     spec = draw_protocol(rng, index)
     wall_s = spec.device_s / time_scale + 2.0 / time_scale
-    faults = draw_faults(rng, ENGINE_KINDS, spec.ports, wall_s * 1.2, 3)
+    if not in_daemon:
+        faults = draw_faults(rng, ENGINE_KINDS, spec.ports, wall_s * 1.2, 3)
+        return Draw(index, "engine", spec, faults)
+    own = rng.choice(DAEMON_KINDS)
+    faults = [Injection(rng.uniform(0.05, wall_s * 0.9), own, [(0.0, own, {})])]
+    if own == "broker_down":
+        faults[0].steps.append((rng.uniform(0.1, 0.6), "broker_up", {}))
+    if rng.random() < 0.3:
+        extra = rng.choice(ENGINE_KINDS[:-1])  # no host stall: the host is another process
+        faults.append(
+            Injection(rng.uniform(0.0, wall_s), extra, _sim_fault(extra, rng, spec.ports))
+        )
+    return Draw(index, "daemon", spec, sorted(faults, key=lambda f: f.at_s))
+
+
+async def engine_session(rig: EngineRig, drawn: Draw, time_scale: float) -> Outcome:
+    """One session on the in-process engine, with its faults, repair and checks."""
+    index, spec, faults = drawn.index, drawn.spec, drawn.faults
+    wall_s = drawn.wall_s(time_scale)
     out = Outcome(index, "engine", faults)
     engine, sim = rig.engine, rig.sim
     assert engine is not None
@@ -587,7 +636,10 @@ async def engine_session(rig: EngineRig, index: int, rng: random.Random,
     if stopped and (session.cause_code not in REGISTERED or not session.cause_message):
         out.violations.append(f"stopped without a cause: {session.cause_code!r}")
     end_mark = await asyncio.to_thread(sim.mark)
-    await repair_engine(rig, touched)
+    try:
+        await repair_engine(rig, touched)
+    except RepairFailed as exc:
+        out.violations.append(f"the repair after the session failed: {exc}")
     after = await asyncio.to_thread(sim.mark)
     counters = await asyncio.to_thread(sim.counters)
     await rig.store.sync()
@@ -823,21 +875,14 @@ format = "json"
         self.records.close()
 
 
-def daemon_session(rig: DaemonRig, index: int, rng: random.Random) -> Outcome:
+def daemon_session(rig: DaemonRig, drawn: Draw) -> Outcome:
     """One session in `pbmd run`: one process fault (and maybe a controller fault)."""
-    spec = draw_protocol(rng, index)
-    wall_s = spec.device_s / rig.time_scale + 2.0 / rig.time_scale
-    kinds = [k for k in DAEMON_KINDS if k != "disk_full" or rig.records.mounted]
-    own = rng.choice(kinds)
-    faults = [Injection(rng.uniform(0.05, wall_s * 0.9), own, [(0.0, own, {})])]
-    if own == "broker_down":
-        faults[0].steps.append((rng.uniform(0.1, 0.6), "broker_up", {}))
-    if rng.random() < 0.3:
-        extra = rng.choice(ENGINE_KINDS[:-1])  # no host stall: the host is another process
-        faults.append(
-            Injection(rng.uniform(0.0, wall_s), extra, _sim_fault(extra, rng, spec.ports))
-        )
-    out = Outcome(index, "daemon", sorted(faults, key=lambda f: f.at_s))
+    index, spec = drawn.index, drawn.spec
+    wall_s = drawn.wall_s(rig.time_scale)
+    faults = [
+        f for f in drawn.faults if f.kind != "disk_full" or rig.records.mounted
+    ]  # disk full needs the tmpfs (root)
+    out = Outcome(index, "daemon", faults)
     protocol_id = rig.install(spec, index)
     loaded = parse_protocol(spec.text)
     the_plan_budgets = _daemon_budgets(spec, rig)
@@ -988,9 +1033,10 @@ def _daemon_budgets(spec: Spec, rig: DaemonRig) -> dict[int, list[int]]:
 
 
 def command_line(args: argparse.Namespace) -> str:
+    start = f" --from {args.start_at}" if args.start_at > 1 else ""
     return (
         f"python bench/fault_campaign.py --sessions {args.sessions} --seed {args.seed} "
-        f"--time-scale {args.time_scale:g} --daemon-every {args.daemon_every}"
+        f"--time-scale {args.time_scale:g} --daemon-every {args.daemon_every}{start}"
     )
 
 
@@ -1036,6 +1082,9 @@ def report(args: argparse.Namespace, outcomes: list[Outcome], wall_s: float) -> 
         print(f"| {code} | {n} |")
     if violations:
         print(f"\n{len(violations)} invariant violation(s); reproduce with: {command_line(args)}")
+        for o in sorted({o.index: o for o, _ in violations}.values(), key=lambda o: o.index):
+            one = argparse.Namespace(**{**vars(args), "sessions": o.index, "start_at": o.index})
+            print(f"  session {o.index} alone: {command_line(one)} -v --evidence")
         return 1
     return 0
 
@@ -1056,6 +1105,9 @@ async def run(args: argparse.Namespace) -> int:
             await rig.connect()
             for i in range(1, args.sessions + 1):
                 in_daemon = args.daemon_every > 0 and i % args.daemon_every == 0
+                drawn = draw_session(rng, i, args.time_scale, in_daemon)
+                if i < args.start_at:
+                    continue  # drawn, not run: the later sessions stay the same
                 if in_daemon:
                     if daemon is None:
                         daemon_sim = SimChild(args.time_scale, args.seed + 1)
@@ -1065,9 +1117,9 @@ async def run(args: argparse.Namespace) -> int:
                         )
                         if not daemon.records.mounted:
                             print("disk full is not injected: mounting a tmpfs needs root")
-                    o = await asyncio.to_thread(daemon_session, daemon, i, rng)
+                    o = await asyncio.to_thread(daemon_session, daemon, drawn)
                 else:
-                    o = await engine_session(rig, i, rng, args.time_scale)
+                    o = await engine_session(rig, drawn, args.time_scale)
                 outcomes.append(o)
                 if args.verbose or o.violations:
                     print(f"session {i}: {o.where} faults [{', '.join(o.injected)}] -> "
@@ -1103,6 +1155,14 @@ def main() -> None:
         type=int,
         default=10,
         help="every Nth session runs in `pbmd run` (SIGKILL, disk full, broker; 0: none)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="start_at",
+        type=int,
+        default=1,
+        metavar="N",
+        help="draw sessions 1..N-1 but run from session N (to repeat a failing one)",
     )
     parser.add_argument(
         "--evidence", action="store_true", help="with a violation, the record and the log"

@@ -497,7 +497,7 @@ async def repair_engine(rig: EngineRig, touched: set[int]) -> None:
         with contextlib.suppress(Exception):
             t = await rig.handle.next_sample(1.0)
             ready = (
-                t.state == codec.ControllerState.STANDBY
+                t.state != codec.ControllerState.FAULT  # left armed: the next start disarms
                 and not t.fault_code
                 and not rig.handle.lit_ports()
                 and rig.handle.client.is_open
@@ -885,7 +885,7 @@ def daemon_session(rig: DaemonRig, drawn: Draw) -> Outcome:
     out = Outcome(index, "daemon", faults)
     protocol_id = rig.install(spec, index)
     loaded = parse_protocol(spec.text)
-    the_plan_budgets = _daemon_budgets(spec, rig)
+    the_plan_budgets = _daemon_budgets(spec)
     before = rig.sim.mark()
     touched: set[int] = set()
     done = threading.Event()
@@ -1015,11 +1015,10 @@ def _watch_confirming(c: Any) -> str:
                 c.request("session.confirm", {"port": int(ev.get("port") or 0)})
 
 
-def _daemon_budgets(spec: Spec, rig: DaemonRig) -> dict[int, list[int]]:
+def _daemon_budgets(spec: Spec) -> dict[int, list[int]]:
     """The plan's budgets as pbmd makes them, on the simulator's default applicators."""
     from pbmd.hw_sim.applicators import APPLICATORS
 
-    del rig
     loaded = parse_protocol(spec.text)
     infos = {}
     for port, name in DEFAULT_APPLICATORS.items():

@@ -102,6 +102,7 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 RECANCEL_INTERVAL_S = 0.25
+_ARMED = (codec.ControllerState.ARMED_DELAY, codec.ControllerState.ARMED_READY)
 """While a trip or an abort waits for the session's work to stop, how often the
 work is cancelled again (emission is already off: this bounds a hang, not a dose)."""
 
@@ -486,6 +487,11 @@ class Session:
     async def _arm(self, ctrl: ControllerHandle) -> None:
         """ARM one controller. An ARM left unanswered is never sent again blindly:
         the counters say whether it took effect; if not, it is asked once more."""
+        t = ctrl.telemetry
+        if t is not None and t.state in _ARMED:
+            # Still armed: a previous session's DISARM did not land (its reply was
+            # lost). ARM while armed would not restart the emission delay (ICD §5a).
+            await self.command(ctrl.client.disarm())
         for attempt in (1, 2):
             try:
                 await self.command(ctrl.client.arm(self.token))

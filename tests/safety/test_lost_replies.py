@@ -107,3 +107,24 @@ async def test_a_session_stopped_before_its_record_began_is_recorded(tmp_path: P
         record = await rig.records(session.id)
         assert record["outcome"] == "aborted" and record["stop_cause_code"] == "A001"
         assert record["emissions"] == []
+
+
+async def test_a_controller_left_armed_is_disarmed_before_the_next_arm(tmp_path: Path) -> None:
+    """A session whose DISARM was lost leaves the controller armed (found by the
+    campaign: replies dropped, then the link cut). The next session disarms it
+    first, so that its own ARM runs the whole emission delay (ICD §5a: an ARM while
+    armed restarts nothing)."""
+    async with Rig(tmp_path) as rig:
+        ctl = rig.sim.controller
+        await rig.client.arm(0xBAD)  # left armed, as by a lost DISARM
+        while (await rig.handle.next_sample(2.0)).state != codec.ControllerState.ARMED_READY:
+            pass
+        left_armed_at_s = ctl.arm_t
+        p, loaded = rig.plan(LONG)
+        session = await rig.start(p, loaded)
+        await rig.emitting(1)
+        assert ctl.arm_t > left_armed_at_s  # a fresh delay: armed from standby again
+        armed_s = ctl.arm_t
+        assert ctl.slot(1).phys.emission.t_start_s - armed_s >= 2.0  # the whole delay
+        await session.abort("test done")
+        await session.wait()

@@ -404,6 +404,9 @@ class EngineRig:
         self.engine: Engine | None = None
         self.handle: ControllerHandle | None = None
         self.confirm_tasks: set[asyncio.Task[None]] = set()
+        self.quiet_from = 0
+        """Index in the simulator's log where the last repair ended: from there to the
+        next start nothing may arm or emit."""
         self.pending: Callable[[], Awaitable[None]] | None = None
         """The last session's record check: made once the next session has started (a
         session closed with provisional energy is settled from the counters before
@@ -579,6 +582,7 @@ async def engine_session(rig: EngineRig, drawn: Draw, time_scale: float) -> Outc
     loaded = parse_protocol(spec.text)
     the_plan = plan(loaded.protocol, engine.port_map.applicators())
     before = await asyncio.to_thread(sim.mark)
+    out.violations += check_quiet(sim.lines[rig.quiet_from : before], "between sessions")
     loop = asyncio.get_running_loop()
     touched: set[int] = set()
     try:
@@ -641,6 +645,7 @@ async def engine_session(rig: EngineRig, drawn: Draw, time_scale: float) -> Outc
     except RepairFailed as exc:
         out.violations.append(f"the repair after the session failed: {exc}")
     after = await asyncio.to_thread(sim.mark)
+    rig.quiet_from = after
     counters = await asyncio.to_thread(sim.counters)
     await rig.store.sync()
     record = await rig.store.get_session(session.id)
@@ -794,6 +799,7 @@ format = "json"
             self.records.close()
             raise
         self.time_scale = time_scale
+        self.quiet_from = 0
         self.pending: Callable[[], None] | None = None
         """The last session's record check (see EngineRig.pending); the last one is
         made after a restart, which reconciles."""
@@ -887,6 +893,7 @@ def daemon_session(rig: DaemonRig, drawn: Draw) -> Outcome:
     loaded = parse_protocol(spec.text)
     the_plan_budgets = _daemon_budgets(spec)
     before = rig.sim.mark()
+    out.violations += check_quiet(rig.sim.lines[rig.quiet_from : before], "between sessions")
     touched: set[int] = set()
     done = threading.Event()
     killed_at: list[float] = []
@@ -961,6 +968,7 @@ def daemon_session(rig: DaemonRig, drawn: Draw) -> Outcome:
     end_mark = rig.sim.mark()
     rig.repair(touched)
     after = rig.sim.mark()
+    rig.quiet_from = after
     counters = rig.sim.counters()
     record = rig.record(session_id) or {}
     out.state = str(record.get("outcome") or state)

@@ -102,9 +102,9 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 RECANCEL_INTERVAL_S = 0.25
-_ARMED = (codec.ControllerState.ARMED_DELAY, codec.ControllerState.ARMED_READY)
 """While a trip or an abort waits for the session's work to stop, how often the
 work is cancelled again (emission is already off: this bounds a hang, not a dose)."""
+_ARMED = (codec.ControllerState.ARMED_DELAY, codec.ControllerState.ARMED_READY)
 
 
 class Session:

@@ -116,8 +116,9 @@ async def test_a_controller_left_armed_is_disarmed_before_the_next_arm(tmp_path:
     armed restarts nothing)."""
     async with Rig(tmp_path) as rig:
         ctl = rig.sim.controller
+        await rig.handle.wait_clock_settled(10.0)  # the session need not wait for it
         await rig.client.arm(0xBAD)  # left armed, as by a lost DISARM
-        while (await rig.handle.next_sample(2.0)).state != codec.ControllerState.ARMED_READY:
+        while (await rig.handle.next_sample(2.0)).state == codec.ControllerState.STANDBY:
             pass
         left_armed_at_s = ctl.arm_t
         p, loaded = rig.plan(LONG)

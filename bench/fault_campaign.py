@@ -253,6 +253,8 @@ class Outcome:
     first_fault_s: float | None = None
     stop_s: float | None = None
     violations: list[str] = field(default_factory=list)
+    refused: int = 0
+    """Starts refused before this one was accepted (pressed again)."""
     evidence: list[str] = field(default_factory=list)
     """The record's emissions and the controller's log, printed with a violation."""
 
@@ -585,21 +587,27 @@ async def engine_session(rig: EngineRig, drawn: Draw, time_scale: float) -> Outc
     out.violations += check_quiet(sim.lines[rig.quiet_from : before], "between sessions")
     loop = asyncio.get_running_loop()
     touched: set[int] = set()
-    try:
-        session = await engine.start_session(
-            SessionRequest(
-                plan=the_plan,
-                patient_ref=f"CAMPAIGN-{index}",
-                contraindications={},
-                contraindicated_by_protocol=frozenset(
-                    c.value for c in loaded.protocol.contraindications
-                ),
-            )
-        )
-    except StartRefused as exc:
-        out.state, out.cause = "refused", str(exc)
-        out.violations.append(f"start refused after the repair: {exc}")
-        return out
+    request = SessionRequest(
+        plan=the_plan,
+        patient_ref=f"CAMPAIGN-{index}",
+        contraindications={},
+        contraindicated_by_protocol=frozenset(c.value for c in loaded.protocol.contraindications),
+    )
+    refusals: list[str] = []
+    while True:  # a refusal (a momentary stale sample) is pressed again, as an operator would
+        try:
+            session = await engine.start_session(request)
+            break
+        except StartRefused as exc:
+            refusals.append(str(exc))
+            if len(refusals) >= 20:
+                out.state, out.cause = "refused", str(exc)
+                out.violations.append(f"start refused 20 times after the repair: {exc}")
+                return out
+            assert rig.handle is not None
+            with contextlib.suppress(TimeoutError):
+                await rig.handle.next_sample(1.0)
+    out.refused = len(refusals)
     await rig.check_pending()
     t0 = time.monotonic()
     handles: list[asyncio.TimerHandle] = []
@@ -1076,6 +1084,9 @@ def report(args: argparse.Namespace, outcomes: list[Outcome], wall_s: float) -> 
         f"| {states.get('completed', 0)} | {len(outcomes) - states.get('completed', 0)} "
         f"| {len(violations)} | {len(spurious)} | {wall_s:.0f} s |"
     )
+    print()
+    refused = sum(o.refused for o in outcomes)
+    print(f"Starts refused and pressed again: {refused}")
     print()
     print("| fault kind | injected |")
     print("|---|---|")

@@ -27,7 +27,7 @@ import structlog
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.plan_steps import REGIONS_BLOCKED, applicator_mismatch, steps_from_plan
 from pbmd.daemon.core.reconciliation import reconcile_sessions
-from pbmd.daemon.core.recording import RecordSink, RecordsUnavailable, StoreRecorder
+from pbmd.daemon.core.recording import RecordsError, RecordSink, RecordsUnavailable, StoreRecorder
 from pbmd.daemon.core.safety import (
     Acknowledged,
     AcknowledgementGate,
@@ -459,12 +459,36 @@ class Engine:
         saved = dict(structlog.contextvars.get_contextvars())
         structlog.contextvars.clear_contextvars()
         try:
+            await self._settle_previous()
             return self._start_session(request)
         except StartRefused as exc:
             self._record_refusal(request, exc)
             raise
         finally:
             structlog.contextvars.bind_contextvars(**saved)
+
+    async def _settle_previous(self) -> None:
+        """The last session closed with provisional energy (a lost reply leaves one on a
+        link that stays up, not only a lost link): read the counters now, before this
+        start's ARM resets them; if they cannot be read, it stays in ``unreconciled``
+        and the start is refused."""
+        prev = self.session
+        recorder = prev.recorder if prev is not None and prev.closed else None
+        waiting = isinstance(recorder, StoreRecorder) and bool(recorder.provisional)
+        if not waiting and not self.unreconciled:
+            return
+        try:
+            await self.store.sync()
+            settled = await self.reconcile()
+        except (ClientError, RecordsError) as exc:
+            log.error("sessions.reconcile_failed", error=str(exc))
+            return
+        if (
+            isinstance(recorder, StoreRecorder)
+            and prev is not None
+            and (prev.id in settled or prev.id not in self.unreconciled)
+        ):
+            recorder.provisional.clear()
 
     def _record_refusal(self, request: SessionRequest, exc: StartRefused) -> None:
         cause = exc.cause

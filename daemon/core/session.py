@@ -105,6 +105,7 @@ T = TypeVar("T")
 RECANCEL_INTERVAL_S = 0.25
 """While a trip or an abort waits for the session's work to stop, how often the
 work is cancelled again (emission is already off: this bounds a hang, not a dose)."""
+_ARMED = (codec.ControllerState.ARMED_DELAY, codec.ControllerState.ARMED_READY)
 
 
 class Session:
@@ -506,6 +507,11 @@ class Session:
     async def _arm(self, ctrl: ControllerHandle) -> None:
         """ARM one controller. An ARM left unanswered is never sent again blindly:
         the counters say whether it took effect; if not, it is asked once more."""
+        t = ctrl.telemetry
+        if t is not None and t.state in _ARMED:
+            # Still armed: a previous session's DISARM did not land (its reply was
+            # lost). ARM while armed would not restart the emission delay (ICD §5a).
+            await self.command(ctrl.client.disarm())
         for attempt in (1, 2):
             try:
                 await self.command(ctrl.client.arm(self.token))
@@ -669,6 +675,10 @@ class Session:
                 else None
             )
             try:
+                if not em.acked and (provisional or em.seen_emitting or delivered):
+                    # Its reply never came, yet it may have run (or did): it is
+                    # recorded, so its energy is not lost from the record.
+                    self.recorder.emission_started(self, prog.order, em.number, em.request, None)
                 self.recorder.emission_ended(
                     self, prog.order, em.number, host_uj, stopped, cause, provisional=provisional
                 )
@@ -761,6 +771,11 @@ class Session:
         self.ended_utc = time.time()
         self._set_state(final, self.cause_message or final.value)
         try:
+            if self.started_utc is None:
+                # Stopped before its record began (a trip while the clock settled):
+                # the session the operator started still gets its record and cause.
+                self.started_utc = self.ended_utc
+                self.recorder.session_started(self)
             self.recorder.session_ended(self)
             await self.recorder.sync()
         except RecordingFailed as exc:

@@ -264,7 +264,7 @@ def test_live_view_keys_under_a_real_terminal(daemon: Daemon, workdir: Path) -> 
     """Echo off and single keys while the live view runs (p, r, Enter, a typed word);
     the paused state shown whole; the terminal's mode back as it was when pbmctl ends."""
     _installed(daemon, workdir)
-    args = ["session", "start", "service-short", "--patient", "PTY-1"]
+    args = ["session", "start", "service-short", "--patient", "PTY-1", "--skin-type", "III"]
     with pbmctl_on_terminal(daemon, *args, *screening_args(SHORT_SCREENING), "--watch") as (
         term,
         proc,

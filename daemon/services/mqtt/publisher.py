@@ -332,22 +332,22 @@ class MqttPublisher:
 
     async def _publish_discovery(self, client: aiomqtt.Client, props: Any) -> None:
         """Clear what an earlier run published and this one does not (an empty retained
-        payload), publish the configs, then remember them for the next run."""
+        payload), remember this run's configs for the next run, then publish them (so a
+        run that stops half-way still leaves the next one the list to clear)."""
         for topic in sorted(self._stale_discovery):
             await client.publish(topic, b"", qos=1, retain=True)
-            self._stats.discovery_published += 1
-        for topic, payload in self._discovery.items():
-            await client.publish(topic, payload, qos=1, retain=True, properties=props)
             self._stats.discovery_published += 1
         if self._stale_discovery:
             log.info("mqtt.discovery_cleared", topics=sorted(self._stale_discovery))
             self._stale_discovery = set()
-        if self._discovery_memory is None:
-            return
-        try:
-            await asyncio.to_thread(self._discovery_memory.save, self._discovery)
-        except OSError as exc:  # only the next run's clean-up is at stake
-            log.warning("mqtt.discovery_not_remembered", error=str(exc))
+        if self._discovery_memory is not None:
+            try:
+                await asyncio.to_thread(self._discovery_memory.save, self._discovery)
+            except OSError as exc:  # only the next run's clean-up is at stake
+                log.warning("mqtt.discovery_not_remembered", error=str(exc))
+        for topic, payload in self._discovery.items():
+            await client.publish(topic, payload, qos=1, retain=True, properties=props)
+            self._stats.discovery_published += 1
 
     # ----------------------------------------------------------------- connection
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -272,8 +273,8 @@ def register(reg: Registry, service: Service) -> None:
             )
             if p.format == "fhir":
                 return {"format": "fhir", "bundle": await _course_bundle(service, summary)}
-        # matplotlib and fpdf2 are loaded at the first figure or PDF, not at start-up.
-        from pbmd.daemon.services.courses import pdf, plot
+        await asyncio.to_thread(_load_renderers)
+        from pbmd.daemon.services.courses import pdf, plot  # loaded: no wait here
 
         if p.format == "json":
             return {"format": "json", "summary": summary, "series": plot.series(summary)}
@@ -311,10 +312,18 @@ def register(reg: Registry, service: Service) -> None:
                     "format": "fhir",
                     "bundle": await _session_bundle(service, session, context),
                 }
-        from pbmd.daemon.services.courses import pdf
+        await asyncio.to_thread(_load_renderers)
+        from pbmd.daemon.services.courses import pdf  # loaded: no wait here
 
         content = await asyncio.to_thread(pdf.session_pdf, session, context)
         return {"format": "pdf", "content_base64": base64.b64encode(content).decode()}
+
+
+def _load_renderers() -> None:
+    """Import the PDF and plot modules in a worker thread: matplotlib and fpdf2 take
+    most of a second to load the first time, and on the event loop that would stop
+    the controller's heartbeat (its 250 ms watchdog ended a session, E401)."""
+    importlib.import_module("pbmd.daemon.services.courses.pdf")
 
 
 async def _birth_year(service: Service, patient_id: str) -> int | None:

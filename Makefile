@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := mosquitto minisign socat libusb-1.0-0 chromium chromium-driver
+SYSTEM_PACKAGES := mosquitto minisign socat libusb-1.0-0 chromium chromium-driver systemd libseccomp2
 PACKAGES := pbmd.daemon pbmd.drivers pbmd.protocols pbmd.hw_sim
 
 .PHONY: run test setup system-deps dashboard lint typecheck pytest bench clean

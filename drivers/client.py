@@ -483,10 +483,6 @@ class ControllerClient(AsyncClosing):
                         self._log.info("link.request_hedged", request=type(msg).__name__)
                         futures.append(await self._submit(msg, timeout_s, urgent))
                 return await self._first_reply(futures)
-            except asyncio.CancelledError:
-                for future in futures:
-                    self._abandon(future)
-                raise
             except ReplyMissed as missed:
                 if attempt < attempts and not (give_up is not None and give_up()):
                     self._log.info(
@@ -501,6 +497,10 @@ class ControllerClient(AsyncClosing):
                 # The retry budget is spent: a link fault even if replies to
                 # other requests (heartbeats) came in between.
                 raise self._link_fault(msg, missed.seq, missed.timeout_s) from None
+            except BaseException:  # cancelled, or the hedge copy could not be sent
+                for future in futures:
+                    self._abandon(future)
+                raise
         raise AssertionError("unreachable")
 
     async def _first_reply(self, futures: list[asyncio.Future[Message]]) -> Message:

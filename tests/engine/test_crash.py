@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sim_process import SimProcess
+from fixtures.sim_process import SimProcess
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, StartRefused

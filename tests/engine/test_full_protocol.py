@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.sim_process import SimProcess
 from fixtures.simulator import usb_device
-from sim_process import SimProcess
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
 from pbmd.daemon.core.engine import Engine, SessionRequest

@@ -21,7 +21,7 @@ from .rig import Rig, protocol_text
 
 
 async def main(port: int, directory: Path, device_id: str) -> None:
-    rig = await Rig.open(directory, time_scale=10.0)
+    rig = await Rig.open(directory, time_scale=10.0, own_process=False)
     config = MqttConfig(
         host="127.0.0.1", port=port, device_id=device_id, reconnect_min_s=0.05,
         reconnect_max_s=0.5,

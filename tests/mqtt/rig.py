@@ -1,5 +1,9 @@
 """The treatment side of the MQTT tests: hw_sim, the real driver, Engine and RecordStore.
 
+The simulated controller runs in a process of its own (`pbmd sim --realtime`), as a
+real controller has a processor of its own: a stall of the test's process is then
+the host's lateness, met by the controller's own limits, not a pause of the device.
+
 Protocols are generated small and synthetic (fixtures.protocols.mqtt_protocol,
 here as `protocol_text`) so that a whole session runs in about a second at the
 simulator's time scale.
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures.protocols import mqtt_protocol
+from fixtures.sim_process import SimProcess
 from fixtures.simulator import connect, start_simulator
 
 from pbmd.daemon.core.controllers import ControllerHandle, PortMap
@@ -21,7 +26,7 @@ from pbmd.daemon.core.engine import Engine, SessionRequest
 from pbmd.daemon.core.session import Session
 from pbmd.daemon.services.records import RecordStore
 from pbmd.drivers import codec
-from pbmd.drivers.client import ControllerClient
+from pbmd.drivers.client import ControllerClient, open_controller
 from pbmd.hw_sim import SimConfig, Simulator
 from pbmd.protocols.loader import parse_protocol
 from pbmd.protocols.plan import Plan, plan
@@ -35,7 +40,7 @@ protocol_text = mqtt_protocol
 class Rig:
     """A simulated controller behind the real driver, an Engine and its records."""
 
-    sim: Simulator
+    sim: SimProcess | Simulator
     client: ControllerClient
     handle: ControllerHandle
     engine: Engine
@@ -44,12 +49,23 @@ class Rig:
     closed: bool = False
 
     @classmethod
-    async def open(cls, directory: Path, *, time_scale: float, seed: int = 7) -> Rig:
-        sim = await start_simulator(SimConfig(time_scale=time_scale, seed=seed))
+    async def open(
+        cls, directory: Path, *, time_scale: float, seed: int = 7, own_process: bool = True
+    ) -> Rig:
+        """``own_process=False`` keeps the simulator in this process: for a rig that is
+        itself killed with SIGKILL, which would leave a simulator process behind."""
+        sim: SimProcess | Simulator
         client: ControllerClient | None = None
+        if own_process:
+            sim = await SimProcess(time_scale=time_scale, seed=seed).__aenter__()
+        else:
+            sim = await start_simulator(SimConfig(time_scale=time_scale, seed=seed))
         store: RecordStore | None = None
         try:
-            _, client = await connect(sim, telemetry_hz=TELEMETRY_HZ)
+            if isinstance(sim, SimProcess):
+                client = await open_controller(sim.url, telemetry_hz=TELEMETRY_HZ)
+            else:
+                _, client = await connect(sim, telemetry_hz=TELEMETRY_HZ)
             handle = ControllerHandle("main", client)
             path = directory / "records.sqlite"
             store = await RecordStore.open(path)
@@ -61,7 +77,7 @@ class Rig:
                 await store.close()
             if client is not None:
                 await client.close()
-            await sim.close()
+            await _stop(sim)
             raise
         return cls(sim, client, handle, engine, store, path)
 
@@ -119,4 +135,11 @@ class Rig:
         await self.store.close()
         self.handle.detach()
         await self.client.close()
-        await self.sim.close()
+        await _stop(self.sim)
+
+
+async def _stop(sim: SimProcess | Simulator) -> None:
+    if isinstance(sim, SimProcess):
+        await sim.stop()
+    else:
+        await sim.close()

@@ -4,6 +4,7 @@ JSON for scripts, warnings, and the report of a session cut short."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import fcntl
@@ -245,7 +246,7 @@ def pbmctl_on_terminal(
     env = {**os.environ, "TERM": "xterm-256color"}
     env.pop("COLUMNS", None)
     proc = subprocess.Popen(
-        [*PBMCTL, "--socket", str(daemon.socket_path), *args],
+        [PBMCTL[0], "-X", "faulthandler", *PBMCTL[1:], "--socket", str(daemon.socket_path), *args],
         stdin=term.slave,
         stdout=term.slave,
         stderr=term.slave,
@@ -308,7 +309,16 @@ def test_live_view_restores_the_terminal_when_stopped(make_daemon: DaemonFactory
                     term.wait_for("p: pause all")
                     assert not term.lflags() & termios.ECHO
                     proc.send_signal(sig)
-                    assert proc.wait(TIMEOUT_S) == 130, term.text[-2000:]
+                    try:
+                        code = proc.wait(TIMEOUT_S)
+                    except subprocess.TimeoutExpired:
+                        proc.send_signal(signal.SIGABRT)  # faulthandler: where it hangs
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            proc.wait(5)
+                        raise AssertionError(
+                            f"{sig.name} did not end pbmctl: {term.text[-4000:]}"
+                        ) from None
+                    assert code == 130, term.text[-2000:]
                     assert termios.tcgetattr(term.slave) == term.saved, sig
                     term.wait_for("the session goes on" if sig == signal.SIGTERM else "interrupted")
         finally:

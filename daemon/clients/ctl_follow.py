@@ -43,7 +43,7 @@ state prints at once."""
 
 
 class Interrupted(CtlError):
-    """pbmctl was told to stop (SIGTERM, SIGHUP) while following a session."""
+    """pbmctl was told to stop (Ctrl-C, SIGTERM, SIGHUP) while following a session."""
 
     exit_code = EXIT_INTERRUPTED
 
@@ -185,7 +185,7 @@ class _Follow:
         self.line_mode = not out.json and not out.console.is_terminal
         self.progress = ProgressLines()
         self.keys = KeyInput(sv, self.spawn, self.say)
-        self.stopped_by: str | None = None
+        self.stopped_by: signal.Signals | None = None
 
     def say(self, text: str, style: str = "") -> None:
         self.sv.note(text, style)
@@ -241,31 +241,43 @@ class _Follow:
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
-        """SIGTERM and SIGHUP end the view as Ctrl-C does: through the finally blocks that
-        put the terminal back, never by dying in cbreak mode."""
+        """Ctrl-C (SIGINT), SIGTERM and SIGHUP end the view through the finally blocks
+        that put the terminal back, never by dying in cbreak mode. The view promises
+        "Ctrl-C: leave this view", so it takes these signals even when pbmctl was
+        started with them ignored or blocked (a launcher's inherited mask)."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous_sigint = signal.getsignal(signal.SIGINT)
+        blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, signals) & set(signals)
 
-        def stop(name: str) -> None:
-            self.stopped_by = name
+        def stop(sig: signal.Signals) -> None:
+            self.stopped_by = sig
             task.cancel()
 
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop, sig.name)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop, sig)
         try:
             yield
         except asyncio.CancelledError:
             if self.stopped_by is None:
                 raise
             task.uncancel()
-            raise Interrupted(
-                f"stopped by {self.stopped_by}; the session goes on in pbmd (follow it with "
-                "`pbmctl session watch`, stop it with `pbmctl session abort`)"
-            ) from None
+            goes_on = (
+                "the session goes on in pbmd (follow it with `pbmctl session watch`, stop "
+                "it with `pbmctl session abort`)"
+            )
+            if self.stopped_by == signal.SIGINT:
+                raise Interrupted(f"interrupted (Ctrl-C); {goes_on}") from None
+            raise Interrupted(f"stopped by {self.stopped_by.name}; {goes_on}") from None
         finally:
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
+            if previous_sigint is not None:
+                signal.signal(signal.SIGINT, previous_sigint)
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
 
     async def _run(self, session_id: str, status: Mapping[str, Any], *, interactive: bool) -> str:
         out = self.out

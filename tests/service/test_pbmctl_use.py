@@ -240,8 +240,10 @@ class Terminal:
 
 @contextmanager
 def pbmctl_on_terminal(
-    daemon: Daemon, *args: str
+    daemon: Daemon, *args: str, deaf: bool = False
 ) -> Iterator[tuple[Terminal, subprocess.Popen[bytes]]]:
+    """``deaf``: started as a launcher may start it, SIGINT ignored and the stop
+    signals blocked (both are inherited across exec)."""
     term = Terminal()
     env = {**os.environ, "TERM": "xterm-256color"}
     env.pop("COLUMNS", None)
@@ -251,6 +253,7 @@ def pbmctl_on_terminal(
         stdout=term.slave,
         stderr=term.slave,
         env=env,
+        preexec_fn=_deafen if deaf else None,
     )
     try:
         yield term, proc
@@ -259,6 +262,11 @@ def pbmctl_on_terminal(
             proc.kill()
         proc.wait(10)
         term.close()
+
+
+def _deafen() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def test_live_view_keys_under_a_real_terminal(daemon: Daemon, workdir: Path) -> None:
@@ -292,7 +300,8 @@ def test_live_view_keys_under_a_real_terminal(daemon: Daemon, workdir: Path) -> 
 
 
 def test_live_view_restores_the_terminal_when_stopped(make_daemon: DaemonFactory) -> None:
-    """SIGTERM and Ctrl-C (SIGINT) while following: exit 130, the terminal as it was."""
+    """SIGTERM and Ctrl-C (SIGINT) while following: exit 130, the terminal as it was;
+    Ctrl-C also when pbmctl was started with SIGINT ignored and blocked."""
     daemon = make_daemon(time_scale=1.0).start()
     with RawClient(daemon.socket_path) as client:
         client.call(
@@ -304,8 +313,12 @@ def test_live_view_restores_the_terminal_when_stopped(make_daemon: DaemonFactory
             },
         )
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with pbmctl_on_terminal(daemon, "session", "watch") as (term, proc):
+            for sig, deaf in (
+                (signal.SIGTERM, False),
+                (signal.SIGINT, False),
+                (signal.SIGINT, True),
+            ):
+                with pbmctl_on_terminal(daemon, "session", "watch", deaf=deaf) as (term, proc):
                     term.wait_for("p: pause all")
                     assert not term.lflags() & termios.ECHO
                     proc.send_signal(sig)

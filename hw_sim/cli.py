@@ -178,14 +178,19 @@ one on the same machine must not either, or its own stalls read as link faults."
 
 
 def _realtime() -> None:
-    """SCHED_FIFO for this process (threads it starts later inherit it). A process
-    that already runs real-time (the daemon's child under pbmd.service, which may
-    forbid asking: RestrictRealtime=) keeps what it inherited."""
-    if os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
+    """SCHED_FIFO at REALTIME_PRIORITY for this process (threads it starts later
+    inherit it). A process that already runs real-time below it (the daemon's child:
+    FIFO 10 inherited) is raised to it, so that the daemon's own threads never delay
+    the controller; where that is refused (pbmd.service may forbid asking:
+    RestrictRealtime=), it keeps what it inherited."""
+    inherited_rt = os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR)
+    if inherited_rt and os.sched_getparam(0).sched_priority >= REALTIME_PRIORITY:
         return
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
     except OSError as exc:
+        if inherited_rt:
+            return
         print(
             f"pbmd sim: --realtime refused ({exc.strerror or exc}; needs root or "
             "CAP_SYS_NICE); running at normal priority",

@@ -4,6 +4,7 @@ JSON for scripts, warnings, and the report of a session cut short."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import datetime as dt
@@ -203,6 +204,10 @@ class Terminal:
         self._thread.start()
 
     def _read(self) -> None:
+        # A read may end inside a UTF-8 character or an escape sequence: both are
+        # completed by the next read before they are kept.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
         while True:
             try:
                 chunk = os.read(self.master, 1 << 16)
@@ -210,9 +215,15 @@ class Terminal:
                 chunk = b""
             with self._cond:
                 if not chunk:
+                    self.text += _ANSI.sub("", pending + decoder.decode(b"", final=True))
                     self._cond.notify_all()
                     return
-                self.text += _ANSI.sub("", chunk.decode(errors="replace"))
+                pending += decoder.decode(chunk)
+                cut = pending.rfind("\x1b")
+                if cut < 0 or _ANSI.match(pending, cut) or len(pending) - cut > 32:
+                    cut = len(pending)
+                self.text += _ANSI.sub("", pending[:cut])
+                pending = pending[cut:]
                 self._cond.notify_all()
 
     def wait_for(self, text: str, after: int = 0, timeout_s: float = TIMEOUT_S) -> int:

@@ -258,6 +258,12 @@ class Outcome:
     evidence: list[str] = field(default_factory=list)
     """The record's emissions and the controller's log, printed with a violation."""
 
+    def fault_began(self, kind: str) -> None:
+        """The first step of a fault of ``kind`` was injected now."""
+        self.injected.append(kind)
+        if self.first_fault_s is None:
+            self.first_fault_s = time.monotonic()
+
     @property
     def spurious(self) -> bool:
         if self.state == "completed":
@@ -617,9 +623,7 @@ async def engine_session(rig: EngineRig, drawn: Draw, time_scale: float) -> Outc
             return
         _, op, args = step
         if step is f.steps[0]:
-            out.injected.append(f.kind)
-            if out.first_fault_s is None:
-                out.first_fault_s = time.monotonic()
+            out.fault_began(f.kind)
         if op == "host_stall":
             time.sleep(float(args["s"]))  # the engine's loop blocked: a stalled host
             return
@@ -913,9 +917,7 @@ def daemon_session(rig: DaemonRig, drawn: Draw) -> Outcome:
                 return
             _, op, args = step
             if step is f.steps[0]:
-                out.injected.append(f.kind)
-                if out.first_fault_s is None:
-                    out.first_fault_s = time.monotonic()
+                out.fault_began(f.kind)
             if op == "sigkill":
                 killed_at.append(time.monotonic())
                 rig.daemon.kill()

@@ -57,7 +57,7 @@ class Rig:
         sim: SimProcess | Simulator
         client: ControllerClient | None = None
         if own_process:
-            sim = await SimProcess(time_scale=time_scale, seed=seed).__aenter__()
+            sim = await SimProcess(time_scale=time_scale, seed=seed).start()
         else:
             sim = await start_simulator(SimConfig(time_scale=time_scale, seed=seed))
         store: RecordStore | None = None

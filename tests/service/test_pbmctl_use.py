@@ -16,6 +16,7 @@ import re
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -258,13 +259,14 @@ def pbmctl_on_terminal(
     term = Terminal()
     env = {**os.environ, "TERM": "xterm-256color"}
     env.pop("COLUMNS", None)
+    argv = [PBMCTL[0], "-X", "faulthandler", *PBMCTL[1:], "--socket", str(daemon.socket_path)]
+    launcher = [sys.executable, "-c", _DEAF_LAUNCHER] if deaf else []
     proc = subprocess.Popen(
-        [PBMCTL[0], "-X", "faulthandler", *PBMCTL[1:], "--socket", str(daemon.socket_path), *args],
+        [*launcher, *argv, *args],
         stdin=term.slave,
         stdout=term.slave,
         stderr=term.slave,
         env=env,
-        preexec_fn=_deafen if deaf else None,
     )
     try:
         yield term, proc
@@ -275,9 +277,14 @@ def pbmctl_on_terminal(
         term.close()
 
 
-def _deafen() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+_DEAF_LAUNCHER = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+"""Execs its arguments with SIGINT ignored and the stop signals blocked, as a launcher
+may (both survive exec; the same pid, so the test signals pbmctl itself)."""
 
 
 def test_live_view_keys_under_a_real_terminal(daemon: Daemon, workdir: Path) -> None:
